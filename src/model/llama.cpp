@@ -1,0 +1,115 @@
+// Llama family: Llama-2/3.x, Mistral, Qwen2. RMSNorm pre-norm blocks, RoPE (rotate-half), GQA, SwiGLU MLP;
+// q/k/v biases for Qwen2, optional o/MLP biases, tied or untied lm_head.
+#include <cmath>
+
+#include <fmt/format.h>
+
+#include "model/model.h"
+
+namespace polar {
+
+namespace {
+
+struct LlamaLayer {
+  Tensor attn_norm, wq, bq, wk, bk, wv, bv, wo, bo, mlp_norm, w_gate, b_gate, w_up, b_up, w_down, b_down;
+};
+
+class Llama final : public Model {
+ public:
+  Llama(const Checkpoint& ck, Backend& backend) : Model(ck.config, backend) {
+    const ModelConfig& c = config_;
+    const DType dt = backend.activation_dtype();
+    auto load = [&](const std::string& name, const Shape& shape) { return backend.upload(ck.get(name, shape), dt); };
+    auto load_opt = [&](bool present, const std::string& name, const Shape& shape) {
+      return present ? load(name, shape) : Tensor();
+    };
+    embed_ = load("model.embed_tokens.weight", {c.vocab_size, c.hidden});
+    for (int64_t l = 0; l < c.n_layers; ++l) {
+      const std::string p = fmt::format("model.layers.{}.", l);
+      LlamaLayer L;
+      L.attn_norm = load(p + "input_layernorm.weight", {c.hidden});
+      L.wq = load(p + "self_attn.q_proj.weight", {c.q_dim(), c.hidden});
+      L.wk = load(p + "self_attn.k_proj.weight", {c.kv_dim(), c.hidden});
+      L.wv = load(p + "self_attn.v_proj.weight", {c.kv_dim(), c.hidden});
+      L.bq = load_opt(c.qkv_bias, p + "self_attn.q_proj.bias", {c.q_dim()});
+      L.bk = load_opt(c.qkv_bias, p + "self_attn.k_proj.bias", {c.kv_dim()});
+      L.bv = load_opt(c.qkv_bias, p + "self_attn.v_proj.bias", {c.kv_dim()});
+      L.wo = load(p + "self_attn.o_proj.weight", {c.hidden, c.q_dim()});
+      L.bo = load_opt(c.o_bias, p + "self_attn.o_proj.bias", {c.hidden});
+      L.mlp_norm = load(p + "post_attention_layernorm.weight", {c.hidden});
+      L.w_gate = load(p + "mlp.gate_proj.weight", {c.ffn, c.hidden});
+      L.w_up = load(p + "mlp.up_proj.weight", {c.ffn, c.hidden});
+      L.w_down = load(p + "mlp.down_proj.weight", {c.hidden, c.ffn});
+      L.b_gate = load_opt(c.mlp_bias, p + "mlp.gate_proj.bias", {c.ffn});
+      L.b_up = load_opt(c.mlp_bias, p + "mlp.up_proj.bias", {c.ffn});
+      L.b_down = load_opt(c.mlp_bias, p + "mlp.down_proj.bias", {c.hidden});
+      layers_.push_back(std::move(L));
+    }
+    final_norm_ = load("model.norm.weight", {c.hidden});
+    lm_head_ = c.tie_embeddings && !ck.tensors.count("lm_head.weight") ? embed_ : load("lm_head.weight", {c.vocab_size, c.hidden});
+    std::vector<float> inv = rope_inv_freq(c);
+    Tensor host = Tensor::empty(DType::F32, {static_cast<int64_t>(inv.size())});
+    std::copy(inv.begin(), inv.end(), host.data<float>());
+    inv_freq_ = backend.upload(host, DType::F32);
+  }
+
+  Tensor forward(const StepInput& in, std::vector<KVLayer>& cache, Probe* probe) override {
+    const ModelConfig& c = config_;
+    Backend& be = backend_;
+    const DType dt = be.activation_dtype();
+    const int64_t T = in.ids.numel();
+    const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+    auto ptr = [](const Tensor& t) { return t.defined() ? &t : nullptr; };
+
+    Tensor x = be.alloc(dt, {T, c.hidden});
+    Tensor h = be.alloc(dt, {T, c.hidden});
+    Tensor q = be.alloc(dt, {T, c.n_heads, c.head_dim});
+    Tensor k = be.alloc(dt, {T, c.n_kv_heads, c.head_dim});
+    Tensor v = be.alloc(dt, {T, c.n_kv_heads, c.head_dim});
+    Tensor attn = be.alloc(dt, {T, c.n_heads, c.head_dim});
+    Tensor gate = be.alloc(dt, {T, c.ffn});
+    Tensor up = be.alloc(dt, {T, c.ffn});
+
+    be.embedding(embed_, in.ids, x);
+    if (probe) probe->hidden(0, be.to_host_f32(x));
+    for (int64_t l = 0; l < c.n_layers; ++l) {
+      const LlamaLayer& L = layers_[l];
+      be.rms_norm(x, L.attn_norm, static_cast<float>(c.norm_eps), h);
+      if (probe) probe->attn_in(static_cast<int>(l), be.to_host_f32(h));
+      be.linear(h, L.wq, ptr(L.bq), q);
+      be.linear(h, L.wk, ptr(L.bk), k);
+      be.linear(h, L.wv, ptr(L.bv), v);
+      be.rope(q, in.layout.positions, inv_freq_);
+      be.rope(k, in.layout.positions, inv_freq_);
+      be.kv_append(cache[l], k, v, in.layout);
+      be.attention(q, cache[l], in.layout, scale, c.sliding_window, attn);
+      if (probe) report_head_norms(probe, static_cast<int>(l), attn);
+      be.linear(attn.reshape({T, c.q_dim()}), L.wo, ptr(L.bo), x, /*accumulate=*/true);
+      be.rms_norm(x, L.mlp_norm, static_cast<float>(c.norm_eps), h);
+      be.linear(h, L.w_gate, ptr(L.b_gate), gate);
+      be.linear(h, L.w_up, ptr(L.b_up), up);
+      be.silu_mul(gate, up, gate);
+      if (probe) probe->mlp_act(static_cast<int>(l), be.to_host_f32(gate));
+      be.linear(gate, L.w_down, ptr(L.b_down), x, /*accumulate=*/true);
+      if (probe && l + 1 < c.n_layers) probe->hidden(static_cast<int>(l + 1), be.to_host_f32(x));
+    }
+    be.rms_norm(x, final_norm_, static_cast<float>(c.norm_eps), x);
+    if (probe) probe->hidden(static_cast<int>(c.n_layers), be.to_host_f32(x));
+    const int64_t R = in.logit_rows.numel();
+    Tensor rows = be.alloc(dt, {R, c.hidden});
+    be.embedding(x, in.logit_rows, rows);
+    Tensor logits = be.alloc(dt, {R, c.vocab_size});
+    be.linear(rows, lm_head_, nullptr, logits);
+    return logits;
+  }
+
+ private:
+  Tensor embed_, final_norm_, lm_head_, inv_freq_;
+  std::vector<LlamaLayer> layers_;
+};
+
+}  // namespace
+
+std::unique_ptr<Model> make_llama(const Checkpoint& ck, Backend& backend) { return std::make_unique<Llama>(ck, backend); }
+
+}  // namespace polar

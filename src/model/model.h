@@ -1,0 +1,53 @@
+// A loaded model on a backend. Architectures are written once over the ops interface (backend.h): one
+// file per family (opt.cpp, llama.cpp), chosen by ModelConfig::family.
+#pragma once
+#include <memory>
+#include <vector>
+
+#include "io/checkpoint.h"
+#include "ops/backend.h"
+
+namespace polar {
+
+// Observes internal activations during a forward pass (calibration, tests). Tensors are fp32 on the host,
+// one row per token of the step, valid only during the call.
+class Probe {
+ public:
+  virtual ~Probe() = default;
+  // transformers' output_hidden_states: 0 = embeddings (after positions / projection), i = output of layer
+  // i - 1 for i < n_layers, n_layers = final output after the last norm (and OPT's project_out).
+  virtual void hidden(int index, const Tensor& x) { (void)index, (void)x; }
+  virtual void attn_in(int layer, const Tensor& x) { (void)layer, (void)x; }   // [T, d] input of q_proj
+  virtual void head_norms(int layer, const Tensor& n) { (void)layer, (void)n; }  // [T, H] L2 over dh
+  virtual void mlp_act(int layer, const Tensor& a) { (void)layer, (void)a; }   // [T, ffn] input of down proj
+};
+
+// One forward step over T tokens from S sequences.
+struct StepInput {
+  Tensor ids;        // [T] I32 on the backend
+  StepLayout layout;
+  Tensor logit_rows;  // [R] I32 on the backend: rows of T whose logits are wanted
+};
+
+class Model {
+ public:
+  virtual ~Model() = default;
+  const ModelConfig& config() const { return config_; }
+  Backend& backend() const { return backend_; }
+  // Logits [R, vocab] for the requested rows; K/V of every token are appended to the cache.
+  virtual Tensor forward(const StepInput& in, std::vector<KVLayer>& cache, Probe* probe) = 0;
+
+ protected:
+  Model(const ModelConfig& config, Backend& backend) : config_(config), backend_(backend) {}
+  // Reports per-head L2 norms of attn [T, H, dh] to the probe.
+  void report_head_norms(Probe* probe, int layer, const Tensor& attn) const;
+  ModelConfig config_;
+  Backend& backend_;
+};
+
+std::unique_ptr<Model> make_opt(const Checkpoint& ck, Backend& backend);
+std::unique_ptr<Model> make_llama(const Checkpoint& ck, Backend& backend);
+// Builds the family's model, validating every tensor's shape against the config.
+std::unique_ptr<Model> make_model(const Checkpoint& ck, Backend& backend);
+
+}  // namespace polar

@@ -1,0 +1,143 @@
+// OPT: LayerNorm blocks (pre-LN, or post-LN as in OPT-350m), learned positions stored offset by 2,
+// ReLU MLP (fc1/fc2), biases everywhere, MHA, optional project_in/out when word_embed_proj_dim != hidden,
+// lm_head tied to the token embedding.
+#include <cmath>
+
+#include <fmt/format.h>
+
+#include "model/model.h"
+
+namespace polar {
+
+namespace {
+
+struct OptLayer {
+  Tensor ln1_w, ln1_b, wq, bq, wk, bk, wv, bv, wo, bo, ln2_w, ln2_b, w1, b1, w2, b2;
+};
+
+class Opt final : public Model {
+ public:
+  Opt(const Checkpoint& ck, Backend& backend) : Model(ck.config, backend) {
+    const ModelConfig& c = config_;
+    const DType dt = backend.activation_dtype();
+    auto load = [&](const std::string& name, const Shape& shape) { return backend.upload(ck.get(name, shape), dt); };
+    auto load_opt = [&](bool present, const std::string& name, const Shape& shape) {
+      return present ? load(name, shape) : Tensor();
+    };
+    const std::string d = "model.decoder.";
+    const int64_t e = c.embed_dim();
+    embed_ = load(d + "embed_tokens.weight", {c.vocab_size, e});
+    positions_ = load(d + "embed_positions.weight", {c.max_positions + c.position_offset, c.hidden});
+    if (c.word_embed_proj_dim) {
+      project_in_ = load(d + "project_in.weight", {c.hidden, e});
+      project_out_ = load(d + "project_out.weight", {e, c.hidden});
+    }
+    for (int64_t l = 0; l < c.n_layers; ++l) {
+      const std::string p = fmt::format("{}layers.{}.", d, l);
+      OptLayer L;
+      L.ln1_w = load(p + "self_attn_layer_norm.weight", {c.hidden});
+      L.ln1_b = load(p + "self_attn_layer_norm.bias", {c.hidden});
+      L.wq = load(p + "self_attn.q_proj.weight", {c.hidden, c.hidden});
+      L.wk = load(p + "self_attn.k_proj.weight", {c.hidden, c.hidden});
+      L.wv = load(p + "self_attn.v_proj.weight", {c.hidden, c.hidden});
+      L.wo = load(p + "self_attn.out_proj.weight", {c.hidden, c.hidden});
+      L.bq = load_opt(c.qkv_bias, p + "self_attn.q_proj.bias", {c.hidden});
+      L.bk = load_opt(c.qkv_bias, p + "self_attn.k_proj.bias", {c.hidden});
+      L.bv = load_opt(c.qkv_bias, p + "self_attn.v_proj.bias", {c.hidden});
+      L.bo = load_opt(c.o_bias, p + "self_attn.out_proj.bias", {c.hidden});
+      L.ln2_w = load(p + "final_layer_norm.weight", {c.hidden});
+      L.ln2_b = load(p + "final_layer_norm.bias", {c.hidden});
+      L.w1 = load(p + "fc1.weight", {c.ffn, c.hidden});
+      L.b1 = load_opt(c.mlp_bias, p + "fc1.bias", {c.ffn});
+      L.w2 = load(p + "fc2.weight", {c.hidden, c.ffn});
+      L.b2 = load_opt(c.mlp_bias, p + "fc2.bias", {c.hidden});
+      layers_.push_back(std::move(L));
+    }
+    if (c.final_norm) {
+      final_w_ = load(d + "final_layer_norm.weight", {c.hidden});
+      final_b_ = load(d + "final_layer_norm.bias", {c.hidden});
+    }
+  }
+
+  Tensor forward(const StepInput& in, std::vector<KVLayer>& cache, Probe* probe) override {
+    const ModelConfig& c = config_;
+    Backend& be = backend_;
+    const DType dt = be.activation_dtype();
+    const int64_t T = in.ids.numel(), e = c.embed_dim();
+    const float eps = static_cast<float>(c.norm_eps);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+    auto ptr = [](const Tensor& t) { return t.defined() ? &t : nullptr; };
+
+    Tensor x = be.alloc(dt, {T, c.hidden});
+    Tensor h = be.alloc(dt, {T, c.hidden});
+    Tensor q = be.alloc(dt, {T, c.n_heads, c.head_dim});
+    Tensor k = be.alloc(dt, {T, c.n_heads, c.head_dim});
+    Tensor v = be.alloc(dt, {T, c.n_heads, c.head_dim});
+    Tensor attn = be.alloc(dt, {T, c.n_heads, c.head_dim});
+    Tensor act = be.alloc(dt, {T, c.ffn});
+
+    if (c.word_embed_proj_dim) {
+      Tensor tok = be.alloc(dt, {T, e});
+      be.embedding(embed_, in.ids, tok);
+      be.linear(tok, project_in_, nullptr, x);
+    } else {
+      be.embedding(embed_, in.ids, x);
+    }
+    be.embedding(positions_, in.layout.positions, h, c.position_offset);
+    be.add(x, h, x);
+    if (probe) probe->hidden(0, be.to_host_f32(x));
+    for (int64_t l = 0; l < c.n_layers; ++l) {
+      const OptLayer& L = layers_[l];
+      // Attention block. Post-LN: the norm follows the residual add instead of preceding q/k/v.
+      const Tensor* attn_in = &x;
+      if (c.pre_norm) {
+        be.layer_norm(x, L.ln1_w, L.ln1_b, eps, h);
+        attn_in = &h;
+      }
+      if (probe) probe->attn_in(static_cast<int>(l), be.to_host_f32(*attn_in));
+      be.linear(*attn_in, L.wq, ptr(L.bq), q);
+      be.linear(*attn_in, L.wk, ptr(L.bk), k);
+      be.linear(*attn_in, L.wv, ptr(L.bv), v);
+      be.kv_append(cache[l], k, v, in.layout);
+      be.attention(q, cache[l], in.layout, scale, 0, attn);
+      if (probe) report_head_norms(probe, static_cast<int>(l), attn);
+      be.linear(attn.reshape({T, c.hidden}), L.wo, ptr(L.bo), x, /*accumulate=*/true);
+      if (!c.pre_norm) be.layer_norm(x, L.ln1_w, L.ln1_b, eps, x);
+      // MLP block.
+      const Tensor* mlp_in = &x;
+      if (c.pre_norm) {
+        be.layer_norm(x, L.ln2_w, L.ln2_b, eps, h);
+        mlp_in = &h;
+      }
+      be.linear(*mlp_in, L.w1, ptr(L.b1), act);
+      be.relu(act);
+      if (probe) probe->mlp_act(static_cast<int>(l), be.to_host_f32(act));
+      be.linear(act, L.w2, ptr(L.b2), x, /*accumulate=*/true);
+      if (!c.pre_norm) be.layer_norm(x, L.ln2_w, L.ln2_b, eps, x);
+      if (probe && l + 1 < c.n_layers) probe->hidden(static_cast<int>(l + 1), be.to_host_f32(x));
+    }
+    if (c.final_norm) be.layer_norm(x, final_w_, final_b_, eps, x);
+    Tensor out = x;
+    if (c.word_embed_proj_dim) {
+      out = be.alloc(dt, {T, e});
+      be.linear(x, project_out_, nullptr, out);
+    }
+    if (probe) probe->hidden(static_cast<int>(c.n_layers), be.to_host_f32(out));
+    const int64_t R = in.logit_rows.numel();
+    Tensor rows = be.alloc(dt, {R, e});
+    be.embedding(out, in.logit_rows, rows);
+    Tensor logits = be.alloc(dt, {R, c.vocab_size});
+    be.linear(rows, embed_, nullptr, logits);
+    return logits;
+  }
+
+ private:
+  Tensor embed_, positions_, project_in_, project_out_, final_w_, final_b_;
+  std::vector<OptLayer> layers_;
+};
+
+}  // namespace
+
+std::unique_ptr<Model> make_opt(const Checkpoint& ck, Backend& backend) { return std::make_unique<Opt>(ck, backend); }
+
+}  // namespace polar

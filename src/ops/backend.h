@@ -1,0 +1,73 @@
+// The op interface. Model code is written once against Backend; the CPU backend (ops/cpu) is the plain
+// fp32 reference and the oracle for the CUDA backend (ops/cuda). All tensors passed to a backend live on
+// its device, are row-major and contiguous. Shapes below: T = tokens in the step (all sequences
+// flattened), d = model width, H / Hkv = query / KV heads, dh = head dim, S = sequences in the step.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace polar {
+
+// Paged KV cache of one layer: K and V as [num_blocks, block_size, Hkv, dh]. A sequence's token at
+// position p lives in block block_table[seq][p / block_size], row p % block_size.
+struct KVLayer {
+  Tensor k;
+  Tensor v;
+};
+
+// Where each token of a step sits, on the backend's device (all I32).
+struct StepLayout {
+  Tensor positions;    // [T] position of the token in its sequence
+  Tensor token_seq;    // [T] row of its sequence in block_tables
+  Tensor slots;        // [T] physical cache row (block * block_size + offset) the token's K/V go to
+  Tensor block_tables; // [S, max_blocks] physical block ids of each sequence
+  int64_t block_size = 0;
+  int64_t max_ctx = 0;  // longest context (position + 1) of any token in the step
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual Device device() const = 0;
+  virtual std::string name() const = 0;
+
+  // Memory. alloc returns uninitialised memory; upload converts a host fp32/i32 tensor to `dtype`.
+  virtual Tensor alloc(DType dtype, Shape shape) = 0;
+  virtual Tensor upload(const Tensor& host, DType dtype) = 0;
+  virtual Tensor to_host_f32(const Tensor& t) = 0;  // float tensors -> fp32 host copy (a view on CPU)
+  virtual DType activation_dtype() const = 0;      // dtype of activations and weights on this backend
+  virtual void synchronize() {}
+
+  // out[T, d] = table[ids[t] + id_offset, :] (also used to gather rows of activations). Ids outside the
+  // table are a polar::Error.
+  virtual void embedding(const Tensor& table, const Tensor& ids, Tensor& out, int64_t id_offset = 0) = 0;
+  // y[T, n] = x[T, k] · w[n, k]ᵀ (+ bias[n]) (+ y if accumulate)
+  virtual void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y, bool accumulate = false) = 0;
+  // out = a + b, elementwise over equal shapes; out may alias a or b.
+  virtual void add(const Tensor& a, const Tensor& b, Tensor& out) = 0;
+  // Row-wise norms over the last dim d: LayerNorm (weight, bias) and RMSNorm (weight). out may alias x.
+  virtual void layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, float eps, Tensor& out) = 0;
+  virtual void rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& out) = 0;
+  // In place on x[T, heads, dh], rotate-half convention: (x[i], x[i + dh/2]) rotated by positions[t] · inv_freq[i].
+  virtual void rope(Tensor& x, const Tensor& positions, const Tensor& inv_freq) = 0;
+  // Writes k, v [T, Hkv, dh] into the cache rows given by layout.slots.
+  virtual void kv_append(KVLayer& cache, const Tensor& k, const Tensor& v, const StepLayout& layout) = 0;
+  // Causal attention of q[T, H, dh] over each token's own sequence in the cache, keys at positions
+  // [max(0, pos - window + 1), pos] (window 0 = unlimited). GQA: query head h reads KV head h / (H / Hkv).
+  // out[T, H, dh] = softmax(q·kᵀ · scale) · v.
+  virtual void attention(const Tensor& q, const KVLayer& cache, const StepLayout& layout, float scale, int64_t window,
+                         Tensor& out) = 0;
+  virtual void relu(Tensor& x) = 0;
+  // out[T, f] = silu(gate) * up
+  virtual void silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) = 0;
+};
+
+std::unique_ptr<Backend> make_cpu_backend();
+// "cpu" or "cuda[:N]"; a CUDA device on a build or machine without one is a polar::Error.
+std::unique_ptr<Backend> make_backend(const std::string& device);
+
+}  // namespace polar

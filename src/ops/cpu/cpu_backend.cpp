@@ -1,0 +1,207 @@
+// The CPU backend: plain fp32 reference implementations, OpenBLAS for GEMM and OpenMP across rows.
+// Obviously-correct first: every CUDA kernel is tested against these.
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "ops/backend.h"
+
+namespace polar {
+
+namespace {
+
+void expect_f32(const Tensor& t, const char* what) {
+  check(t.dtype() == DType::F32, "cpu backend: {} must be f32, got {}", what, dtype_name(t.dtype()));
+}
+
+class CpuBackend final : public Backend {
+ public:
+  Device device() const override { return Device::CPU; }
+  std::string name() const override { return "cpu"; }
+  DType activation_dtype() const override { return DType::F32; }
+
+  Tensor alloc(DType dtype, Shape shape) override { return Tensor::empty(dtype, std::move(shape)); }
+
+  Tensor upload(const Tensor& host, DType dtype) override {
+    check(dtype == host.dtype(), "cpu backend: upload cannot convert {} to {}", dtype_name(host.dtype()), dtype_name(dtype));
+    return host;
+  }
+
+  Tensor to_host_f32(const Tensor& t) override {
+    expect_f32(t, "to_host_f32 input");
+    return t;
+  }
+
+  void embedding(const Tensor& table, const Tensor& ids, Tensor& out, int64_t id_offset) override {
+    const int64_t vocab = table.dim(0), d = table.dim(1), n = ids.numel();
+    check(out.dim(0) == n && out.dim(1) == d, "embedding: output shape {} for {} ids of width {}", shape_str(out.shape()), n, d);
+    const int32_t* id = ids.data<int32_t>();
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t row = id[t] + id_offset;
+      check(row >= 0 && row < vocab, "id {} is out of range for a table of {} rows", row, vocab);
+      std::memcpy(out.data<float>() + t * d, table.data<float>() + row * d, d * sizeof(float));
+    }
+  }
+
+  void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y, bool accumulate) override {
+    const int64_t k = w.dim(1), n = w.dim(0), m = x.numel() / k;
+    check(x.numel() == m * k && y.numel() == m * n, "linear: x {} w {} y {} do not agree", shape_str(x.shape()),
+          shape_str(w.shape()), shape_str(y.shape()));
+    float* out = y.data<float>();
+    if (bias) {
+      const float* b = bias->data<float>();
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < n; ++j) out[i * n + j] = (accumulate ? out[i * n + j] : 0.0f) + b[j];
+    }
+    if (m == 0) return;
+    float beta = (bias || accumulate) ? 1.0f : 0.0f;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(m), int(n), int(k), 1.0f, x.data<float>(), int(k),
+                w.data<float>(), int(k), beta, out, int(n));
+  }
+
+  void add(const Tensor& a, const Tensor& b, Tensor& out) override {
+    check(a.numel() == b.numel() && a.numel() == out.numel(), "add: shapes {} and {} differ", shape_str(a.shape()),
+          shape_str(b.shape()));
+    const float *pa = a.data<float>(), *pb = b.data<float>();
+    float* po = out.data<float>();
+    const int64_t n = a.numel();
+#pragma omp parallel for schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; ++i) po[i] = pa[i] + pb[i];
+  }
+
+  void layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, float eps, Tensor& out) override {
+    const int64_t d = x.dim(-1), rows = x.numel() / d;
+    const float *px = x.data<float>(), *pw = w.data<float>(), *pb = b.data<float>();
+    float* po = out.data<float>();
+#pragma omp parallel for schedule(static) if (rows > 16)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* xi = px + r * d;
+      double mean = 0, var = 0;
+      for (int64_t i = 0; i < d; ++i) mean += xi[i];
+      mean /= d;
+      for (int64_t i = 0; i < d; ++i) var += (xi[i] - mean) * (xi[i] - mean);
+      var /= d;
+      const float inv = static_cast<float>(1.0 / std::sqrt(var + eps));
+      for (int64_t i = 0; i < d; ++i) po[r * d + i] = (xi[i] - static_cast<float>(mean)) * inv * pw[i] + pb[i];
+    }
+  }
+
+  void rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& out) override {
+    const int64_t d = x.dim(-1), rows = x.numel() / d;
+    const float *px = x.data<float>(), *pw = w.data<float>();
+    float* po = out.data<float>();
+#pragma omp parallel for schedule(static) if (rows > 16)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* xi = px + r * d;
+      double ss = 0;
+      for (int64_t i = 0; i < d; ++i) ss += double(xi[i]) * xi[i];
+      const float inv = static_cast<float>(1.0 / std::sqrt(ss / d + eps));
+      for (int64_t i = 0; i < d; ++i) po[r * d + i] = pw[i] * (xi[i] * inv);
+    }
+  }
+
+  void rope(Tensor& x, const Tensor& positions, const Tensor& inv_freq) override {
+    const int64_t T = x.dim(0), heads = x.dim(1), dh = x.dim(2), half = dh / 2;
+    check(inv_freq.numel() == half, "rope: {} frequencies for head_dim {}", inv_freq.numel(), dh);
+    const int32_t* pos = positions.data<int32_t>();
+    const float* f = inv_freq.data<float>();
+    float* px = x.data<float>();
+#pragma omp parallel for schedule(static) if (T > 4)
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t i = 0; i < half; ++i) {
+        // float32 angle, as transformers computes it
+        const float angle = static_cast<float>(pos[t]) * f[i];
+        const float c = std::cos(angle), s = std::sin(angle);
+        for (int64_t h = 0; h < heads; ++h) {
+          float* row = px + (t * heads + h) * dh;
+          const float a = row[i], b = row[i + half];
+          row[i] = a * c - b * s;
+          row[i + half] = b * c + a * s;
+        }
+      }
+    }
+  }
+
+  void kv_append(KVLayer& cache, const Tensor& k, const Tensor& v, const StepLayout& layout) override {
+    const int64_t T = k.dim(0), row = k.numel() / std::max<int64_t>(T, 1);
+    const int64_t slots_total = cache.k.dim(0) * cache.k.dim(1);
+    const int32_t* slot = layout.slots.data<int32_t>();
+    for (int64_t t = 0; t < T; ++t) {
+      check(slot[t] >= 0 && slot[t] < slots_total, "kv_append: slot {} outside the cache", slot[t]);
+      std::memcpy(cache.k.data<float>() + int64_t(slot[t]) * row, k.data<float>() + t * row, row * sizeof(float));
+      std::memcpy(cache.v.data<float>() + int64_t(slot[t]) * row, v.data<float>() + t * row, row * sizeof(float));
+    }
+  }
+
+  void attention(const Tensor& q, const KVLayer& cache, const StepLayout& layout, float scale, int64_t window,
+                 Tensor& out) override {
+    const int64_t T = q.dim(0), H = q.dim(1), dh = q.dim(2);
+    const int64_t Hkv = cache.k.dim(2), group = H / Hkv, bs = layout.block_size;
+    const int64_t max_blocks = layout.block_tables.dim(1);
+    const int32_t* pos = layout.positions.data<int32_t>();
+    const int32_t* seq = layout.token_seq.data<int32_t>();
+    const int32_t* tables = layout.block_tables.data<int32_t>();
+    const float *pq = q.data<float>(), *pk = cache.k.data<float>(), *pv = cache.v.data<float>();
+    float* po = out.data<float>();
+#pragma omp parallel
+    {
+      std::vector<float> scores;
+      std::vector<double> acc(dh);
+#pragma omp for collapse(2) schedule(dynamic)
+      for (int64_t t = 0; t < T; ++t) {
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t first = window > 0 ? std::max<int64_t>(0, pos[t] - window + 1) : 0;
+          const int64_t n = pos[t] + 1 - first;
+          const int32_t* table = tables + int64_t(seq[t]) * max_blocks;
+          const float* qv = pq + (t * H + h) * dh;
+          const int64_t kvh = h / group;
+          auto kv_row = [&](const float* base, int64_t p) {
+            return base + ((int64_t(table[p / bs]) * bs + p % bs) * Hkv + kvh) * dh;
+          };
+          scores.resize(n);
+          float mx = -INFINITY;
+          for (int64_t j = 0; j < n; ++j) {
+            const float* kr = kv_row(pk, first + j);
+            float s = 0;
+            for (int64_t i = 0; i < dh; ++i) s += qv[i] * kr[i];
+            scores[j] = s * scale;
+            mx = std::max(mx, scores[j]);
+          }
+          double sum = 0;
+          for (int64_t j = 0; j < n; ++j) sum += (scores[j] = std::exp(scores[j] - mx));
+          std::fill(acc.begin(), acc.end(), 0.0);
+          for (int64_t j = 0; j < n; ++j) {
+            const float* vr = kv_row(pv, first + j);
+            for (int64_t i = 0; i < dh; ++i) acc[i] += double(scores[j]) * vr[i];
+          }
+          float* o = po + (t * H + h) * dh;
+          for (int64_t i = 0; i < dh; ++i) o[i] = static_cast<float>(acc[i] / sum);
+        }
+      }
+    }
+  }
+
+  void relu(Tensor& x) override {
+    float* p = x.data<float>();
+    const int64_t n = x.numel();
+#pragma omp parallel for schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; ++i) p[i] = std::max(p[i], 0.0f);
+  }
+
+  void silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) override {
+    const float *g = gate.data<float>(), *u = up.data<float>();
+    float* o = out.data<float>();
+    const int64_t n = gate.numel();
+#pragma omp parallel for schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
+
+}  // namespace polar

@@ -1,0 +1,46 @@
+#include "ops/kv_cache.h"
+
+namespace polar {
+
+KVCache::KVCache(Backend& backend, int64_t n_layers, int64_t n_kv_heads, int64_t head_dim, int64_t num_blocks,
+                 int64_t block_size, DType dtype)
+    : num_blocks_(num_blocks), block_size_(block_size) {
+  check(num_blocks > 0 && block_size > 0, "KV cache needs a positive block count and size");
+  for (int64_t l = 0; l < n_layers; ++l)
+    layers_.push_back({backend.alloc(dtype, {num_blocks, block_size, n_kv_heads, head_dim}),
+                       backend.alloc(dtype, {num_blocks, block_size, n_kv_heads, head_dim})});
+  // Hand out low block ids first (pop from the back).
+  for (int64_t b = num_blocks - 1; b >= 0; --b) free_.push_back(static_cast<int32_t>(b));
+}
+
+void KVCache::reserve(int64_t seq, int64_t n_tokens) {
+  std::vector<int32_t>& mine = owned_[seq];
+  const int64_t need = (n_tokens + block_size_ - 1) / block_size_ - static_cast<int64_t>(mine.size());
+  check(need <= free_blocks(), "KV cache exhausted: sequence {} needs {} more blocks of {} tokens, {} free of {}", seq,
+        need, block_size_, free_blocks(), num_blocks_);
+  for (int64_t i = 0; i < need; ++i) {
+    mine.push_back(free_.back());
+    free_.pop_back();
+  }
+}
+
+void KVCache::release(int64_t seq) {
+  auto it = owned_.find(seq);
+  if (it == owned_.end()) return;
+  free_.insert(free_.end(), it->second.rbegin(), it->second.rend());
+  owned_.erase(it);
+}
+
+const std::vector<int32_t>& KVCache::blocks(int64_t seq) const {
+  auto it = owned_.find(seq);
+  check(it != owned_.end(), "KV cache: unknown sequence {}", seq);
+  return it->second;
+}
+
+int32_t KVCache::slot(int64_t seq, int64_t p) const {
+  const std::vector<int32_t>& b = blocks(seq);
+  check(p / block_size_ < static_cast<int64_t>(b.size()), "KV cache: position {} of sequence {} is not reserved", p, seq);
+  return static_cast<int32_t>(b[p / block_size_] * block_size_ + p % block_size_);
+}
+
+}  // namespace polar

@@ -1,0 +1,38 @@
+// Paged KV cache: per layer, K and V as [num_blocks, block_size, Hkv, dh] on the backend's device, and a
+// host-side block allocator that gives each sequence the blocks it needs as it grows. Sequences of any
+// length share the pool and can join or leave between steps.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <vector>
+
+#include "ops/backend.h"
+
+namespace polar {
+
+class KVCache {
+ public:
+  KVCache(Backend& backend, int64_t n_layers, int64_t n_kv_heads, int64_t head_dim, int64_t num_blocks,
+          int64_t block_size, DType dtype);
+
+  std::vector<KVLayer>& layers() { return layers_; }
+  int64_t block_size() const { return block_size_; }
+  int64_t num_blocks() const { return num_blocks_; }
+  int64_t free_blocks() const { return static_cast<int64_t>(free_.size()); }
+
+  // Makes sure sequence `seq` owns enough blocks for n_tokens positions. Fails (polar::Error) when the pool
+  // is exhausted, leaving the sequence's existing blocks untouched.
+  void reserve(int64_t seq, int64_t n_tokens);
+  void release(int64_t seq);
+  const std::vector<int32_t>& blocks(int64_t seq) const;
+  // Physical row of position p of sequence seq.
+  int32_t slot(int64_t seq, int64_t p) const;
+
+ private:
+  std::vector<KVLayer> layers_;
+  int64_t num_blocks_, block_size_;
+  std::vector<int32_t> free_;
+  std::map<int64_t, std::vector<int32_t>> owned_;
+};
+
+}  // namespace polar

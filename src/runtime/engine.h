@@ -1,0 +1,48 @@
+// Engine: runs a Model over a paged KV cache for many sequences at once. A step feeds each listed sequence
+// its next chunk of tokens (a whole prompt at prefill, one token at decode, any mix in between) in one
+// forward pass. Sequences join (add_sequence) and leave (remove_sequence) between steps.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "model/model.h"
+#include "ops/kv_cache.h"
+
+namespace polar {
+
+struct EngineOptions {
+  int64_t kv_tokens = 0;    // KV cache capacity in tokens over all sequences (rounded up to blocks)
+  int64_t block_size = 16;  // tokens per KV block
+};
+
+struct SeqChunk {
+  int64_t seq;
+  std::span<const int32_t> tokens;
+};
+
+class Engine {
+ public:
+  Engine(Model& model, EngineOptions options);
+
+  const ModelConfig& config() const { return model_.config(); }
+  int64_t add_sequence();
+  void remove_sequence(int64_t seq);
+  int64_t length(int64_t seq) const;  // tokens already in the cache
+
+  // One forward pass. Returns fp32 host logits: with all_logits, one row per fed token in chunk order;
+  // otherwise one row per chunk (its last token). Token ids outside the vocabulary, empty chunks, unknown
+  // sequences and sequences that would exceed the model's context or the cache are polar::Errors, raised
+  // before anything is computed.
+  Tensor step(const std::vector<SeqChunk>& chunks, bool all_logits, Probe* probe = nullptr);
+
+ private:
+  Model& model_;
+  KVCache cache_;
+  std::map<int64_t, int64_t> lengths_;
+  int64_t next_seq_ = 0;
+};
+
+}  // namespace polar
