@@ -2,6 +2,13 @@
 
 namespace polar::cli {
 
-std::vector<Command> all_commands() { return {}; }
+Command generate_command();
+Command logits_command();
+Command perplexity_command();
+Command info_command();
+
+std::vector<Command> all_commands() {
+  return {generate_command(), logits_command(), perplexity_command(), info_command()};
+}
 
 }  // namespace polar::cli

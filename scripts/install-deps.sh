@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs what polar needs to build and test, from Debian's packages (run as root, as on this machine kind).
+set -euo pipefail
+packages=(cmake ninja-build g++ pkg-config libopenblas-dev nlohmann-json3-dev libcli11-dev libgtest-dev libfmt-dev
+          libpcre2-dev gnuplot-nox python3 python3-pip)
+missing=()
+for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi

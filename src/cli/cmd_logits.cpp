@@ -1,0 +1,41 @@
+// polar logits: run exactly the given token ids (no BOS added) and save the logits of every position.
+#include <fmt/core.h>
+
+#include "cli/commands.h"
+#include "cli/common.h"
+#include "io/safetensors.h"
+#include "runtime/engine.h"
+
+namespace polar::cli {
+
+namespace {
+struct LogitsArgs {
+  ModelOptions model;
+  std::string tokens;
+  std::string out;
+};
+
+int run_logits(const LogitsArgs& a) {
+  std::vector<int32_t> ids = parse_token_list(a.tokens);
+  LoadedModel m = load_model(a.model);
+  Engine engine(*m.model, {.kv_tokens = static_cast<int64_t>(ids.size()) + 16});
+  Tensor logits = engine.step({{engine.add_sequence(), ids}}, /*all_logits=*/true);
+  safetensors::write(a.out, {{"logits", logits}}, {{"tokens", a.tokens}, {"model", a.model.model}});
+  fmt::print(stderr, "wrote logits [{}, {}] to {}\n", logits.dim(0), logits.dim(1), a.out);
+  return 0;
+}
+}  // namespace
+
+Command logits_command() {
+  auto a = std::make_shared<LogitsArgs>();
+  return {"logits",
+          [a](CLI::App& app) {
+            auto* c = app.add_subcommand("logits", "Run token ids and write the logits of every position (safetensors)");
+            a->model.add(*c);
+            c->add_option("--tokens", a->tokens, "Comma-separated token ids, e.g. 5,17,42 (no BOS is added)")->required();
+            c->add_option("--out,-o", a->out, "Output file: one float32 tensor 'logits' of shape [T, vocab]")->required();
+          },
+          [a] { return run_logits(*a); }};
+}
+
+}  // namespace polar::cli

@@ -1,0 +1,59 @@
+#include "cli/common.h"
+
+#include <charconv>
+#include <chrono>
+#include <fstream>
+#include <iterator>
+
+#include <fmt/core.h>
+
+namespace polar::cli {
+
+void ModelOptions::add(CLI::App& app) {
+  app.add_option("--model,-m", model, "Model: a Hugging Face directory or a GGUF file")->required();
+  app.add_option("--device", device, "cpu or cuda[:N]")->capture_default_str();
+}
+
+const Tokenizer& LoadedModel::tokenizer() const {
+  check(checkpoint.tokenizer != nullptr, "{} has no tokenizer (use a GGUF file, or a directory with tokenizer.json)",
+        checkpoint.path);
+  return *checkpoint.tokenizer;
+}
+
+LoadedModel load_model(const ModelOptions& opt) {
+  auto t0 = std::chrono::steady_clock::now();
+  LoadedModel m;
+  m.backend = make_backend(opt.device);
+  m.checkpoint = load_checkpoint(opt.model);
+  m.model = make_model(m.checkpoint, *m.backend);
+  double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  fmt::print(stderr, "loaded {} ({}, {}) on {} in {:.2f} s\n", opt.model, m.checkpoint.config.model_type,
+             m.checkpoint.weight_types, m.backend->name(), s);
+  return m;
+}
+
+std::vector<int32_t> parse_token_list(const std::string& s) {
+  std::vector<int32_t> out;
+  size_t pos = 0;
+  while (pos <= s.size()) {
+    size_t end = s.find(',', pos);
+    if (end == std::string::npos) end = s.size();
+    std::string_view item(s.data() + pos, end - pos);
+    while (!item.empty() && item.front() == ' ') item.remove_prefix(1);
+    while (!item.empty() && item.back() == ' ') item.remove_suffix(1);
+    int32_t v = 0;
+    auto [p, ec] = std::from_chars(item.data(), item.data() + item.size(), v);
+    check(!item.empty() && ec == std::errc() && p == item.data() + item.size(), "invalid token id '{}' in '{}'", item, s);
+    out.push_back(v);
+    pos = end + 1;
+  }
+  return out;
+}
+
+std::string read_text_file(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  check(f.good(), "cannot read {}", path);
+  return std::string(std::istreambuf_iterator<char>(f), {});
+}
+
+}  // namespace polar::cli

@@ -1,0 +1,36 @@
+// Pieces every subcommand shares: loading a model onto a device, token parsing, progress on stderr.
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+
+#include "io/checkpoint.h"
+#include "model/model.h"
+
+namespace polar::cli {
+
+struct ModelOptions {
+  std::string model;
+  std::string device = "cpu";
+  void add(CLI::App& app);  // --model (required), --device
+};
+
+struct LoadedModel {
+  Checkpoint checkpoint;
+  std::unique_ptr<Backend> backend;
+  std::unique_ptr<Model> model;
+  const Tokenizer& tokenizer() const;  // error if the checkpoint carries none
+};
+
+// Loads the checkpoint and builds the model on the device, logging to stderr.
+LoadedModel load_model(const ModelOptions& opt);
+
+// "5,17,42" -> {5, 17, 42}; anything else is a polar::Error.
+std::vector<int32_t> parse_token_list(const std::string& s);
+
+// Reads a whole text file; error naming the path if it cannot be read.
+std::string read_text_file(const std::string& path);
+
+}  // namespace polar::cli
