@@ -6,9 +6,10 @@ Command generate_command();
 Command logits_command();
 Command perplexity_command();
 Command info_command();
+Command bench_command();
 
 std::vector<Command> all_commands() {
-  return {generate_command(), logits_command(), perplexity_command(), info_command()};
+  return {generate_command(), logits_command(), perplexity_command(), info_command(), bench_command()};
 }
 
 }  // namespace polar::cli

@@ -18,10 +18,9 @@ class Llama final : public Model {
  public:
   Llama(const Checkpoint& ck, Backend& backend) : Model(ck.config, backend) {
     const ModelConfig& c = config_;
-    const DType dt = backend.activation_dtype();
-    auto load = [&](const std::string& name, const Shape& shape) { return backend.upload(ck.get(name, shape), dt); };
+    auto load = [&](const std::string& name, const Shape& shape) { return load_weight(ck, name, shape); };
     auto load_opt = [&](bool present, const std::string& name, const Shape& shape) {
-      return present ? load(name, shape) : Tensor();
+      return load_weight_if(present, ck, name, shape);
     };
     embed_ = load("model.embed_tokens.weight", {c.vocab_size, c.hidden});
     for (int64_t l = 0; l < c.n_layers; ++l) {
@@ -46,7 +45,12 @@ class Llama final : public Model {
       layers_.push_back(std::move(L));
     }
     final_norm_ = load("model.norm.weight", {c.hidden});
-    lm_head_ = c.tie_embeddings && !ck.tensors.count("lm_head.weight") ? embed_ : load("lm_head.weight", {c.vocab_size, c.hidden});
+    if (c.tie_embeddings && !ck.tensors.count("lm_head.weight")) {
+      lm_head_ = embed_;
+    } else {
+      lm_head_ = load("lm_head.weight", {c.vocab_size, c.hidden});
+      gathered_bytes_ += static_cast<int64_t>(embed_.nbytes());
+    }
     std::vector<float> inv = rope_inv_freq(c);
     Tensor host = Tensor::empty(DType::F32, {static_cast<int64_t>(inv.size())});
     std::copy(inv.begin(), inv.end(), host.data<float>());

@@ -4,6 +4,12 @@
 
 namespace polar {
 
+Tensor Model::load_weight(const Checkpoint& ck, const std::string& name, const Shape& shape) {
+  Tensor t = backend_.upload(ck.get(name, shape), backend_.activation_dtype());
+  weight_bytes_ += static_cast<int64_t>(t.nbytes());
+  return t;
+}
+
 void Model::report_head_norms(Probe* probe, int layer, const Tensor& attn) const {
   Tensor a = backend_.to_host_f32(attn);
   const int64_t T = a.dim(0), H = a.dim(1), dh = a.dim(2);

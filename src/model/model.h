@@ -36,13 +36,24 @@ class Model {
   Backend& backend() const { return backend_; }
   // Logits [R, vocab] for the requested rows; K/V of every token are appended to the cache.
   virtual Tensor forward(const StepInput& in, std::vector<KVLayer>& cache, Probe* probe) = 0;
+  // Bytes of weights resident on the device, and the part a decode step must read in full (everything
+  // but tables that are only gathered by row: an untied token embedding, OPT's positions).
+  int64_t weight_bytes() const { return weight_bytes_; }
+  int64_t step_weight_bytes() const { return weight_bytes_ - gathered_bytes_; }
 
  protected:
   Model(const ModelConfig& config, Backend& backend) : config_(config), backend_(backend) {}
+  // Uploads checkpoint tensor `name` (which must have `shape`) in the backend's dtype, counting its bytes.
+  Tensor load_weight(const Checkpoint& ck, const std::string& name, const Shape& shape);
+  Tensor load_weight_if(bool present, const Checkpoint& ck, const std::string& name, const Shape& shape) {
+    return present ? load_weight(ck, name, shape) : Tensor();
+  }
   // Reports per-head L2 norms of attn [T, H, dh] to the probe.
   void report_head_norms(Probe* probe, int layer, const Tensor& attn) const;
   ModelConfig config_;
   Backend& backend_;
+  int64_t weight_bytes_ = 0;
+  int64_t gathered_bytes_ = 0;
 };
 
 std::unique_ptr<Model> make_opt(const Checkpoint& ck, Backend& backend);

@@ -19,15 +19,15 @@ class Opt final : public Model {
  public:
   Opt(const Checkpoint& ck, Backend& backend) : Model(ck.config, backend) {
     const ModelConfig& c = config_;
-    const DType dt = backend.activation_dtype();
-    auto load = [&](const std::string& name, const Shape& shape) { return backend.upload(ck.get(name, shape), dt); };
+    auto load = [&](const std::string& name, const Shape& shape) { return load_weight(ck, name, shape); };
     auto load_opt = [&](bool present, const std::string& name, const Shape& shape) {
-      return present ? load(name, shape) : Tensor();
+      return load_weight_if(present, ck, name, shape);
     };
     const std::string d = "model.decoder.";
     const int64_t e = c.embed_dim();
     embed_ = load(d + "embed_tokens.weight", {c.vocab_size, e});
     positions_ = load(d + "embed_positions.weight", {c.max_positions + c.position_offset, c.hidden});
+    gathered_bytes_ += static_cast<int64_t>(positions_.nbytes());
     if (c.word_embed_proj_dim) {
       project_in_ = load(d + "project_in.weight", {c.hidden, e});
       project_out_ = load(d + "project_out.weight", {e, c.hidden});
