@@ -26,6 +26,9 @@ int main(int argc, char** argv) {
   } catch (const std::bad_alloc&) {
     fmt::print(stderr, "error: out of memory\n");
     return 1;
+  } catch (const std::exception& e) {  // a bug or an input no check caught: still a message, not an abort
+    fmt::print(stderr, "error: internal error: {}\n", e.what());
+    return 1;
   }
   return 1;
 }

@@ -31,6 +31,11 @@ struct Fields {
     check(j[key].is_number(), "{}: field '{}' must be a number", source, key);
     return j[key].get<double>();
   }
+  std::string string_or(const char* key, const std::string& dflt) const {
+    if (!has(key)) return dflt;
+    check(j[key].is_string(), "{}: field '{}' must be a string", source, key);
+    return j[key].get<std::string>();
+  }
   bool boolean_or(const char* key, bool dflt) const {
     if (!has(key)) return dflt;
     check(j[key].is_boolean(), "{}: field '{}' must be true or false", source, key);
@@ -52,7 +57,7 @@ RopeConfig parse_rope(const Fields& f) {
   if (f.has("rope_parameters")) {
     const json& p = f.j["rope_parameters"];
     check(p.is_object(), "{}: rope_parameters must be an object", f.source);
-    if (p.contains("rope_theta")) r.theta = p["rope_theta"].get<double>();
+    r.theta = Fields{p, f.source}.number_or("rope_theta", r.theta);
     scaling = &p;
   } else {
     r.theta = f.number_or("rope_theta", 10000.0);
@@ -60,8 +65,8 @@ RopeConfig parse_rope(const Fields& f) {
   }
   if (!scaling) return r;
   check(scaling->is_object(), "{}: rope scaling must be an object", f.source);
-  std::string type = scaling->value("rope_type", scaling->value("type", std::string("default")));
   Fields s{*scaling, f.source};
+  std::string type = s.string_or("rope_type", s.string_or("type", "default"));
   if (type == "default") return r;
   if (type == "linear") {
     r.scaling = RopeScaling::Linear;
@@ -112,7 +117,7 @@ ModelConfig config_from_hf(const json& cfg, const std::string& source) {
     c.qkv_bias = c.o_bias = c.mlp_bias = bias;
     check(f.boolean_or("layer_norm_elementwise_affine", true), "{}: OPT without LayerNorm affine parameters is not supported",
           source);
-    std::string act = cfg.value("activation_function", std::string("relu"));
+    std::string act = f.string_or("activation_function", "relu");
     check(act == "relu", "{}: OPT activation '{}' is not supported (only relu)", source, act);
     c.word_embed_proj_dim = f.integer_or("word_embed_proj_dim", c.hidden);
     if (c.word_embed_proj_dim == c.hidden) c.word_embed_proj_dim = 0;
@@ -127,7 +132,7 @@ ModelConfig config_from_hf(const json& cfg, const std::string& source) {
     c.ffn = f.integer("intermediate_size");
     c.max_positions = f.integer("max_position_embeddings");
     c.norm_eps = f.number_or("rms_norm_eps", 1e-6);
-    std::string act = cfg.value("hidden_act", std::string("silu"));
+    std::string act = f.string_or("hidden_act", "silu");
     check(act == "silu", "{}: activation '{}' is not supported (only silu)", source, act);
     if (c.model_type == "qwen2") {
       c.qkv_bias = true;

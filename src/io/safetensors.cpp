@@ -95,13 +95,15 @@ File File::open(const std::string& path) {
     t.nbytes = e - b;
     f.tensors_.push_back(std::move(t));
   }
-  // Overlap check on the sorted byte ranges.
+  // Overlap check on the sorted byte ranges of the non-empty tensors (an empty tensor occupies no bytes, and
+  // skipping it keeps it from hiding an overlap between its neighbours).
   std::vector<const TensorInfo*> order;
-  for (auto& t : f.tensors_) order.push_back(&t);
+  for (auto& t : f.tensors_)
+    if (t.nbytes > 0) order.push_back(&t);
   std::sort(order.begin(), order.end(), [](auto* a, auto* b) { return a->begin < b->begin; });
   for (size_t i = 1; i < order.size(); ++i)
-    check(order[i - 1]->begin + order[i - 1]->nbytes <= order[i]->begin || order[i]->nbytes == 0 || order[i - 1]->nbytes == 0,
-          "{}: tensors '{}' and '{}' overlap", path, order[i - 1]->name, order[i]->name);
+    check(order[i - 1]->begin + order[i - 1]->nbytes <= order[i]->begin, "{}: tensors '{}' and '{}' overlap", path,
+          order[i - 1]->name, order[i]->name);
   return f;
 }
 

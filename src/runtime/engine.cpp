@@ -1,6 +1,7 @@
 #include "runtime/engine.h"
 
 #include <algorithm>
+#include <set>
 
 namespace polar {
 
@@ -31,8 +32,11 @@ Tensor Engine::step(const std::vector<SeqChunk>& chunks, bool all_logits, Probe*
   Backend& be = model_.backend();
   check(!chunks.empty(), "empty step: no sequences given");
   int64_t T = 0, max_ctx = 0, max_blocks = 0;
+  std::set<int64_t> seen;
   for (const SeqChunk& ch : chunks) {
     const int64_t len = length(ch.seq);
+    // Two chunks of one sequence would both be placed at its current length, overwriting each other's K/V.
+    check(seen.insert(ch.seq).second, "sequence {} appears more than once in one step", ch.seq);
     check(!ch.tokens.empty(), "sequence {}: no tokens to process (empty prompt?)", ch.seq);
     for (int32_t id : ch.tokens)
       check(id >= 0 && id < c.vocab_size, "token id {} is out of range for a vocabulary of {}", id, c.vocab_size);
