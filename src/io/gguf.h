@@ -13,6 +13,8 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -27,6 +29,9 @@ enum class GGMLType : uint32_t {
   F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q8_1 = 9,
   Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14, Q8_K = 15, BF16 = 30,
 };
+// Every ggml type has a name and block size (files holding types we cannot dequantise still open);
+// type_block_* and type_nbytes throw polar::Error for a value ggml does not define, and type_name's
+// "type 99" for such a value lasts until the calling thread's next type_name call.
 const char* type_name(GGMLType t);            // "Q4_K", or "type 99" for an unknown value
 bool type_supported(GGMLType t);              // F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q4_K Q5_K Q6_K
 int64_t type_block_elems(GGMLType t);         // elements per block (1 for float types, 32, 256)
@@ -76,9 +81,12 @@ class File {
   uint32_t version_ = 0;
   nlohmann::json metadata_ = nlohmann::json::object();
   std::vector<TensorInfo> tensors_;
+  std::unordered_map<std::string, size_t> index_;  // name -> position in tensors_
 };
 
-// Writes GGUF v3 files: used by tests (synthetic blocks, malformed files) and by tools.
+// Writes GGUF v3 files: used by tests (synthetic blocks, malformed files) and by tools. Entries are
+// written in the order given and keys or names are not deduplicated, so tests can build invalid files.
+// Tensor data is aligned to 32 bytes, or to general.alignment when that is set with set_u32.
 class Writer {
  public:
   void set_u32(const std::string& key, uint32_t v);
@@ -93,21 +101,20 @@ class Writer {
   // Raw data must be type_nbytes(type, numel) bytes; ne in GGUF order (ne[0] fastest).
   void add_tensor(const std::string& name, GGMLType type, std::vector<int64_t> ne, std::vector<uint8_t> data);
   void add_f32_tensor(const std::string& name, std::vector<int64_t> ne, const std::vector<float>& values);
-  // The whole file as bytes (alignment 32), or written to path.
+  // The whole file as bytes, or written to path.
   std::vector<uint8_t> bytes() const;
   void write(const std::string& path) const;
 
  private:
-  struct KV;
-  struct PendingTensor;
-  std::vector<std::shared_ptr<KV>> kvs_;
-  std::vector<PendingTensor> tensors_;
   struct PendingTensor {
     std::string name;
     GGMLType type;
     std::vector<int64_t> ne;
     std::vector<uint8_t> data;
   };
+  std::vector<std::pair<std::string, std::vector<uint8_t>>> kvs_;  // key, encoded value type + value
+  std::vector<PendingTensor> tensors_;
+  uint32_t alignment_ = 32;
 };
 
 }  // namespace polar::gguf
