@@ -78,18 +78,22 @@ class Llama final : public Model {
     if (probe) probe->hidden(0, be.to_host_f32(x));
     for (int64_t l = 0; l < c.n_layers; ++l) {
       const LlamaLayer& L = layers_[l];
+      be.region("other");
       be.rms_norm(x, L.attn_norm, static_cast<float>(c.norm_eps), h);
       if (probe) probe->attn_in(static_cast<int>(l), be.to_host_f32(h));
+      be.region("qkv_o");
       be.linear(h, L.wq, ptr(L.bq), q);
       be.linear(h, L.wk, ptr(L.bk), k);
       be.linear(h, L.wv, ptr(L.bv), v);
-      be.rope(q, in.layout.positions, inv_freq_);
-      be.rope(k, in.layout.positions, inv_freq_);
-      be.kv_append(cache[l], k, v, in.layout);
+      be.region("attention");
+      be.rope_kv_append(q, k, v, cache[l], in.layout, inv_freq_);
       be.attention(q, cache[l], in.layout, scale, c.sliding_window, attn);
       if (probe) report_head_norms(probe, static_cast<int>(l), attn);
+      be.region("qkv_o");
       be.linear(attn.reshape({T, c.q_dim()}), L.wo, ptr(L.bo), x, /*accumulate=*/true);
+      be.region("other");
       be.rms_norm(x, L.mlp_norm, static_cast<float>(c.norm_eps), h);
+      be.region("mlp");
       be.linear(h, L.w_gate, ptr(L.b_gate), gate);
       be.linear(h, L.w_up, ptr(L.b_up), up);
       be.silu_mul(gate, up, gate);
@@ -97,6 +101,7 @@ class Llama final : public Model {
       be.linear(gate, L.w_down, ptr(L.b_down), x, /*accumulate=*/true);
       if (probe && l + 1 < c.n_layers) probe->hidden(static_cast<int>(l + 1), be.to_host_f32(x));
     }
+    be.region("other");
     be.rms_norm(x, final_norm_, static_cast<float>(c.norm_eps), x);
     if (probe) probe->hidden(static_cast<int>(c.n_layers), be.to_host_f32(x));
     const int64_t R = in.logit_rows.numel();

@@ -89,19 +89,24 @@ class Opt final : public Model {
     for (int64_t l = 0; l < c.n_layers; ++l) {
       const OptLayer& L = layers_[l];
       // Attention block. Post-LN: the norm follows the residual add instead of preceding q/k/v.
+      be.region("other");
       const Tensor* attn_in = &x;
       if (c.pre_norm) {
         be.layer_norm(x, L.ln1_w, L.ln1_b, eps, h);
         attn_in = &h;
       }
       if (probe) probe->attn_in(static_cast<int>(l), be.to_host_f32(*attn_in));
+      be.region("qkv_o");
       be.linear(*attn_in, L.wq, ptr(L.bq), q);
       be.linear(*attn_in, L.wk, ptr(L.bk), k);
       be.linear(*attn_in, L.wv, ptr(L.bv), v);
+      be.region("attention");
       be.kv_append(cache[l], k, v, in.layout);
       be.attention(q, cache[l], in.layout, scale, 0, attn);
       if (probe) report_head_norms(probe, static_cast<int>(l), attn);
+      be.region("qkv_o");
       be.linear(attn.reshape({T, c.hidden}), L.wo, ptr(L.bo), x, /*accumulate=*/true);
+      be.region("other");
       if (!c.pre_norm) be.layer_norm(x, L.ln1_w, L.ln1_b, eps, x);
       // MLP block.
       const Tensor* mlp_in = &x;
@@ -109,13 +114,16 @@ class Opt final : public Model {
         be.layer_norm(x, L.ln2_w, L.ln2_b, eps, h);
         mlp_in = &h;
       }
+      be.region("mlp");
       be.linear(*mlp_in, L.w1, ptr(L.b1), act);
       be.relu(act);
       if (probe) probe->mlp_act(static_cast<int>(l), be.to_host_f32(act));
       be.linear(act, L.w2, ptr(L.b2), x, /*accumulate=*/true);
+      be.region("other");
       if (!c.pre_norm) be.layer_norm(x, L.ln2_w, L.ln2_b, eps, x);
       if (probe && l + 1 < c.n_layers) probe->hidden(static_cast<int>(l + 1), be.to_host_f32(x));
     }
+    be.region("other");
     if (c.final_norm) be.layer_norm(x, final_w_, final_b_, eps, x);
     Tensor out = x;
     if (c.word_embed_proj_dim) {

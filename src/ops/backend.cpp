@@ -4,6 +4,27 @@
 
 namespace polar {
 
+void Backend::set_profiling(bool on) {
+  profiling_ = on;
+  marks_.clear();
+  reset_markers();
+}
+
+void Backend::region(const char* name) {
+  if (profiling_) marks_.emplace_back(name, time_marker());
+}
+
+std::map<std::string, double> Backend::take_profile() {
+  std::map<std::string, double> ms;
+  if (!profiling_ || marks_.empty()) return ms;
+  region("");  // closes the last region
+  synchronize();
+  for (size_t i = 0; i + 1 < marks_.size(); ++i) ms[marks_[i].first] += marker_ms(marks_[i].second, marks_[i + 1].second);
+  marks_.clear();
+  reset_markers();
+  return ms;
+}
+
 #ifndef POLAR_HAVE_CUDA
 std::vector<CudaDevice> cuda_devices(std::string* why) {
   if (why) *why = "this build of polar has no CUDA support (nvcc was not found when it was configured)";

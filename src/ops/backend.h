@@ -4,6 +4,7 @@
 // flattened), d = model width, H / Hkv = query / KV heads, dh = head dim, S = sequences in the step.
 #pragma once
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -25,8 +26,10 @@ struct StepLayout {
   Tensor token_seq;    // [T] row of its sequence in block_tables
   Tensor slots;        // [T] physical cache row (block * block_size + offset) the token's K/V go to
   Tensor block_tables; // [S, max_blocks] physical block ids of each sequence
+  Tensor seq_starts;   // [S + 1] chunk s is tokens [seq_starts[s], seq_starts[s + 1]) of the step
   int64_t block_size = 0;
-  int64_t max_ctx = 0;  // longest context (position + 1) of any token in the step
+  int64_t max_ctx = 0;    // upper bound on the context (position + 1) of any token in the step
+  int64_t max_chunk = 0;  // upper bound on the tokens of any one chunk (1 in a pure decode step)
 };
 
 class Backend {
@@ -42,6 +45,11 @@ class Backend {
   virtual DType activation_dtype() const = 0;      // dtype of activations and weights on this backend
   virtual void synchronize() {}
 
+  // A new tensor of `shape` filled with uniform values in [lo, hi): element i gets
+  // lo + (hi - lo) * uniform_hash(seed, i) (core/random.h), so every backend draws the same numbers.
+  // Synthetic benchmark models and test inputs are made this way without a host copy.
+  virtual Tensor random_uniform(DType dtype, Shape shape, float lo, float hi, uint64_t seed) = 0;
+
   // out[T, d] = table[ids[t] + id_offset, :] (also used to gather rows of activations). Ids outside the
   // table are a polar::Error.
   virtual void embedding(const Tensor& table, const Tensor& ids, Tensor& out, int64_t id_offset = 0) = 0;
@@ -56,6 +64,13 @@ class Backend {
   virtual void rope(Tensor& x, const Tensor& positions, const Tensor& inv_freq) = 0;
   // Writes k, v [T, Hkv, dh] into the cache rows given by layout.slots.
   virtual void kv_append(KVLayer& cache, const Tensor& k, const Tensor& v, const StepLayout& layout) = 0;
+  // rope(q), rope(k), kv_append(k, v) in one: backends fuse it (one pass over q/k/v instead of three).
+  virtual void rope_kv_append(Tensor& q, Tensor& k, const Tensor& v, KVLayer& cache, const StepLayout& layout,
+                              const Tensor& inv_freq) {
+    rope(q, layout.positions, inv_freq);
+    rope(k, layout.positions, inv_freq);
+    kv_append(cache, k, v, layout);
+  }
   // Causal attention of q[T, H, dh] over each token's own sequence in the cache, keys at positions
   // [max(0, pos - window + 1), pos] (window 0 = unlimited). GQA: query head h reads KV head h / (H / Hkv).
   // out[T, H, dh] = softmax(q·kᵀ · scale) · v.
@@ -64,6 +79,24 @@ class Backend {
   virtual void relu(Tensor& x) = 0;
   // out[T, f] = silu(gate) * up
   virtual void silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) = 0;
+
+  // Profiling by region. Model code names the part of the step its next ops belong to ("attention",
+  // "qkv_o", "mlp", "other"); while profiling is on, the backend attributes the time from one region mark
+  // to the next to the earlier region (device events on CUDA, the host clock on CPU, whose ops are
+  // synchronous). take_profile() synchronises and returns milliseconds per region since the last call.
+  void region(const char* name);
+  void set_profiling(bool on);
+  std::map<std::string, double> take_profile();
+
+ protected:
+  // A point in the backend's stream of work, and the milliseconds between two such points once reached.
+  virtual int64_t time_marker() = 0;
+  virtual double marker_ms(int64_t from, int64_t to) = 0;
+  virtual void reset_markers() {}
+
+ private:
+  bool profiling_ = false;
+  std::vector<std::pair<std::string, int64_t>> marks_;
 };
 
 std::unique_ptr<Backend> make_cpu_backend();

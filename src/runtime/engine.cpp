@@ -31,7 +31,7 @@ Tensor Engine::step(const std::vector<SeqChunk>& chunks, bool all_logits, Probe*
   const ModelConfig& c = model_.config();
   Backend& be = model_.backend();
   check(!chunks.empty(), "empty step: no sequences given");
-  int64_t T = 0, max_ctx = 0, max_blocks = 0;
+  int64_t T = 0, max_ctx = 0, max_blocks = 0, max_chunk = 0;
   std::set<int64_t> seen;
   for (const SeqChunk& ch : chunks) {
     const int64_t len = length(ch.seq);
@@ -44,6 +44,7 @@ Tensor Engine::step(const std::vector<SeqChunk>& chunks, bool all_logits, Probe*
     check(end <= c.max_positions, "sequence of {} tokens exceeds the model's context length of {}", end, c.max_positions);
     T += static_cast<int64_t>(ch.tokens.size());
     max_ctx = std::max(max_ctx, end);
+    max_chunk = std::max(max_chunk, static_cast<int64_t>(ch.tokens.size()));
   }
   for (const SeqChunk& ch : chunks) {
     cache_.reserve(ch.seq, length(ch.seq) + static_cast<int64_t>(ch.tokens.size()));
@@ -53,12 +54,14 @@ Tensor Engine::step(const std::vector<SeqChunk>& chunks, bool all_logits, Probe*
   Tensor ids = Tensor::empty(DType::I32, {T}), pos = Tensor::empty(DType::I32, {T});
   Tensor seq = Tensor::empty(DType::I32, {T}), slots = Tensor::empty(DType::I32, {T});
   Tensor tables = Tensor::zeros(DType::I32, {S, max_blocks});
+  Tensor starts = Tensor::empty(DType::I32, {S + 1});
   Tensor rows = Tensor::empty(DType::I32, {all_logits ? T : S});
   int64_t t = 0;
   for (int64_t s = 0; s < S; ++s) {
     const SeqChunk& ch = chunks[s];
     const int64_t len = length(ch.seq);
     const std::vector<int32_t>& blocks = cache_.blocks(ch.seq);
+    starts.data<int32_t>()[s] = static_cast<int32_t>(t);
     std::copy(blocks.begin(), blocks.end(), tables.data<int32_t>() + s * max_blocks);
     for (size_t i = 0; i < ch.tokens.size(); ++i, ++t) {
       ids.data<int32_t>()[t] = ch.tokens[i];
@@ -69,10 +72,12 @@ Tensor Engine::step(const std::vector<SeqChunk>& chunks, bool all_logits, Probe*
     }
     if (!all_logits) rows.data<int32_t>()[s] = static_cast<int32_t>(t - 1);
   }
+  starts.data<int32_t>()[S] = static_cast<int32_t>(T);
   StepInput in;
   in.ids = be.upload(ids, DType::I32);
-  in.layout = {be.upload(pos, DType::I32), be.upload(seq, DType::I32), be.upload(slots, DType::I32),
-               be.upload(tables, DType::I32), cache_.block_size(), max_ctx};
+  in.layout = {be.upload(pos, DType::I32),    be.upload(seq, DType::I32),    be.upload(slots, DType::I32),
+               be.upload(tables, DType::I32), be.upload(starts, DType::I32), cache_.block_size(),
+               max_ctx,                       max_chunk};
   in.logit_rows = be.upload(rows, DType::I32);
   Tensor logits = model_.forward(in, cache_.layers(), probe);
   for (const SeqChunk& ch : chunks) lengths_[ch.seq] += static_cast<int64_t>(ch.tokens.size());

@@ -3,10 +3,12 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <vector>
 
+#include "core/random.h"
 #include "ops/backend.h"
 
 namespace polar {
@@ -32,6 +34,16 @@ class CpuBackend final : public Backend {
 
   Tensor to_host_f32(const Tensor& t) override {
     expect_f32(t, "to_host_f32 input");
+    return t;
+  }
+
+  Tensor random_uniform(DType dtype, Shape shape, float lo, float hi, uint64_t seed) override {
+    check(dtype == DType::F32, "cpu backend: random_uniform makes f32 tensors, not {}", dtype_name(dtype));
+    Tensor t = Tensor::empty(dtype, std::move(shape));
+    float* p = t.data<float>();
+    const int64_t n = t.numel();
+#pragma omp parallel for schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; ++i) p[i] = lo + (hi - lo) * uniform_hash(seed, static_cast<uint64_t>(i));
     return t;
   }
 
@@ -198,6 +210,20 @@ class CpuBackend final : public Backend {
 #pragma omp parallel for schedule(static) if (n > 65536)
     for (int64_t i = 0; i < n; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
   }
+
+ protected:
+  // CPU ops finish before they return, so the host clock at a region mark is the device time.
+  int64_t time_marker() override {
+    times_.push_back(std::chrono::steady_clock::now());
+    return static_cast<int64_t>(times_.size()) - 1;
+  }
+  double marker_ms(int64_t from, int64_t to) override {
+    return std::chrono::duration<double, std::milli>(times_.at(to) - times_.at(from)).count();
+  }
+  void reset_markers() override { times_.clear(); }
+
+ private:
+  std::vector<std::chrono::steady_clock::time_point> times_;
 };
 
 }  // namespace
