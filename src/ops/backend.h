@@ -79,6 +79,11 @@ class Backend {
   virtual void relu(Tensor& x) = 0;
   // out[T, f] = silu(gate) * up
   virtual void silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) = 0;
+  // out[R] (I32) = index of the largest of each row of logits [R, V] (the first one on ties).
+  virtual void argmax(const Tensor& logits, Tensor& out) = 0;
+
+  // Device memory: bytes free now and in total (host RAM for the CPU backend).
+  virtual std::pair<int64_t, int64_t> memory_info() = 0;
 
   // Profiling by region. Model code names the part of the step its next ops belong to ("attention",
   // "qkv_o", "mlp", "other"); while profiling is on, the backend attributes the time from one region mark

@@ -24,6 +24,13 @@ void KVCache::reserve(int64_t seq, int64_t n_tokens) {
   }
 }
 
+void KVCache::fill_random(Backend& backend, uint64_t seed) {
+  for (KVLayer& l : layers_) {
+    l.k = backend.random_uniform(l.k.dtype(), l.k.shape(), -1.0f, 1.0f, seed++);
+    l.v = backend.random_uniform(l.v.dtype(), l.v.shape(), -1.0f, 1.0f, seed++);
+  }
+}
+
 void KVCache::release(int64_t seq) {
   auto it = owned_.find(seq);
   if (it == owned_.end()) return;

@@ -24,6 +24,9 @@ class KVCache {
   // is exhausted, leaving the sequence's existing blocks untouched.
   void reserve(int64_t seq, int64_t n_tokens);
   void release(int64_t seq);
+  // Fills every layer's K and V with uniform values in [-1, 1) (benchmarks time decode over a cache that
+  // was never computed; see Engine::extend_uncomputed).
+  void fill_random(Backend& backend, uint64_t seed);
   const std::vector<int32_t>& blocks(int64_t seq) const;
   // Physical row of position p of sequence seq.
   int32_t slot(int64_t seq, int64_t p) const;

@@ -27,7 +27,19 @@ int64_t Engine::length(int64_t seq) const {
   return it->second;
 }
 
+void Engine::extend_uncomputed(int64_t seq, int64_t n) {
+  const int64_t end = length(seq) + n;
+  check(n >= 0 && end <= config().max_positions, "sequence of {} tokens exceeds the model's context length of {}", end,
+        config().max_positions);
+  cache_.reserve(seq, end);
+  lengths_[seq] = end;
+}
+
 Tensor Engine::step(const std::vector<SeqChunk>& chunks, bool all_logits, Probe* probe) {
+  return model_.backend().to_host_f32(forward(chunks, all_logits, probe));
+}
+
+Tensor Engine::forward(const std::vector<SeqChunk>& chunks, bool all_logits, Probe* probe) {
   const ModelConfig& c = model_.config();
   Backend& be = model_.backend();
   check(!chunks.empty(), "empty step: no sequences given");
@@ -81,7 +93,7 @@ Tensor Engine::step(const std::vector<SeqChunk>& chunks, bool all_logits, Probe*
   in.logit_rows = be.upload(rows, DType::I32);
   Tensor logits = model_.forward(in, cache_.layers(), probe);
   for (const SeqChunk& ch : chunks) lengths_[ch.seq] += static_cast<int64_t>(ch.tokens.size());
-  return be.to_host_f32(logits);
+  return logits;
 }
 
 }  // namespace polar

@@ -37,6 +37,12 @@ class Engine {
   // sequences and sequences that would exceed the model's context or the cache are polar::Errors, raised
   // before anything is computed.
   Tensor step(const std::vector<SeqChunk>& chunks, bool all_logits, Probe* probe = nullptr);
+  // The same step, leaving the logits on the backend's device in its activation dtype.
+  Tensor forward(const std::vector<SeqChunk>& chunks, bool all_logits, Probe* probe = nullptr);
+  // Benchmarks: grows sequence `seq` by n positions whose K/V are whatever the cache holds (random after
+  // KVCache::fill_random), without computing them, so decode can be timed at any context quickly.
+  void extend_uncomputed(int64_t seq, int64_t n);
+  KVCache& cache() { return cache_; }
 
  private:
   Model& model_;

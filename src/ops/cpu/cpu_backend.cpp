@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <unistd.h>
 #include <vector>
 
 #include "core/random.h"
@@ -209,6 +210,20 @@ class CpuBackend final : public Backend {
     const int64_t n = gate.numel();
 #pragma omp parallel for schedule(static) if (n > 65536)
     for (int64_t i = 0; i < n; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  }
+
+  void argmax(const Tensor& logits, Tensor& out) override {
+    const int64_t R = logits.dim(0), V = logits.dim(1);
+    check(out.numel() == R && out.dtype() == DType::I32, "argmax: output must be I32 [{}]", R);
+    for (int64_t r = 0; r < R; ++r) {
+      const float* row = logits.data<float>() + r * V;
+      out.data<int32_t>()[r] = static_cast<int32_t>(std::max_element(row, row + V) - row);
+    }
+  }
+
+  std::pair<int64_t, int64_t> memory_info() override {
+    const int64_t page = sysconf(_SC_PAGESIZE);
+    return {int64_t(sysconf(_SC_AVPHYS_PAGES)) * page, int64_t(sysconf(_SC_PHYS_PAGES)) * page};
   }
 
  protected:

@@ -1,0 +1,50 @@
+// Paged attention kernels of the CUDA backend (attention.cu). Raw pointers, shapes and strides only; the
+// backend (cuda_backend.cu) validates tensors and picks the kernel. Layouts:
+//   q, out        [T, H, dh]                          activation dtype (f16 or bf16), row-major
+//   k/v cache     [num_blocks, block_size, Hkv, dh]   same dtype; token p of sequence s lives in block
+//                 block_tables[s * max_blocks + p / block_size], row p % block_size
+//   positions     [T]    position of each query token in its sequence (its context is positions[t] + 1)
+//   token_seq     [T]    row of the token's sequence in block_tables
+//   seq_starts    [S+1]  chunk s is tokens [seq_starts[s], seq_starts[s+1]) and has consecutive positions
+// Query token t attends causally to keys [max(0, positions[t] - window + 1), positions[t]] of its own
+// sequence (window 0 = unlimited); query head h reads KV head h / (H / Hkv). Softmax in fp32.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace polar::cuda {
+
+struct PagedAttention {
+  const void* q = nullptr;
+  const void* k_cache = nullptr;
+  const void* v_cache = nullptr;
+  const int32_t* positions = nullptr;
+  const int32_t* token_seq = nullptr;
+  const int32_t* block_tables = nullptr;
+  const int32_t* seq_starts = nullptr;
+  void* out = nullptr;
+  int T = 0, S = 0, H = 0, Hkv = 0, dh = 0;
+  int block_size = 0, max_blocks = 0;
+  int max_ctx = 0;    // upper bound on positions[t] + 1 over the step (sizes the split-K grid)
+  int max_chunk = 0;  // upper bound on seq_starts[s+1] - seq_starts[s] (sizes the prefill grid)
+  int window = 0;
+  float scale = 1.0f;
+  bool bf16 = false;  // element type of q, caches and out: false = f16
+};
+
+// Head dims the kernels are built for; others are rejected by the backend with a clear error.
+bool attention_supports_head_dim(int dh);
+
+// Scratch bytes paged_attention needs for these arguments on a device with `num_sms` SMs (split-K
+// partial results). Depends only on T, H, dh, max_ctx and num_sms, never on the data.
+size_t attention_workspace_bytes(const PagedAttention& a, int num_sms);
+
+// Enqueues the attention on `stream`. Every launch shape is a function of the arguments' sizes, never of
+// data on the device, so the call can be captured in a CUDA graph and replayed with new positions and
+// block tables (as long as max_ctx and max_chunk still bound them). Decode steps (max_chunk == 1) run the
+// split-K flash-decoding kernel; steps with longer chunks run the tiled causal prefill kernel.
+void paged_attention(const PagedAttention& a, void* workspace, size_t workspace_bytes, int num_sms, cudaStream_t stream);
+
+}  // namespace polar::cuda
