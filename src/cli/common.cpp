@@ -12,7 +12,12 @@ namespace polar::cli {
 void ModelOptions::add(CLI::App& app) {
   app.add_option("--model,-m", model, "Model: a Hugging Face directory or a GGUF file")->required();
   app.add_option("--device", device, "cpu or cuda[:N]")->capture_default_str();
+  app.add_option("--dtype", dtype, "Weights/activations/KV on CUDA: f16 or bf16 (the CPU computes in f32)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"f16", "bf16"}));
 }
+
+DType ModelOptions::activation_dtype() const { return dtype == "bf16" ? DType::BF16 : DType::F16; }
 
 const Tokenizer& LoadedModel::tokenizer() const {
   check(checkpoint.tokenizer != nullptr, "{} has no tokenizer (use a GGUF file, or a directory with tokenizer.json)",
@@ -23,7 +28,7 @@ const Tokenizer& LoadedModel::tokenizer() const {
 LoadedModel load_model(const ModelOptions& opt) {
   auto t0 = std::chrono::steady_clock::now();
   LoadedModel m;
-  m.backend = make_backend(opt.device);
+  m.backend = make_backend(opt.device, opt.activation_dtype());
   m.checkpoint = load_checkpoint(opt.model);
   m.model = make_model(m.checkpoint, *m.backend);
   double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -14,7 +14,9 @@ namespace polar::cli {
 struct ModelOptions {
   std::string model;
   std::string device = "cpu";
-  void add(CLI::App& app);  // --model (required), --device
+  std::string dtype = "f16";
+  void add(CLI::App& app);  // --model (required), --device, --dtype
+  DType activation_dtype() const;
 };
 
 struct LoadedModel {

@@ -1,6 +1,9 @@
 #include "ops/backend.h"
 
 #include "ops/cuda_devices.h"
+#ifdef POLAR_HAVE_CUDA
+#include "ops/cuda/cuda_backend.h"
+#endif
 
 namespace polar {
 
@@ -32,14 +35,24 @@ std::vector<CudaDevice> cuda_devices(std::string* why) {
 }
 #endif
 
-std::unique_ptr<Backend> make_backend(const std::string& device) {
+std::unique_ptr<Backend> make_backend(const std::string& device, DType dtype) {
   if (device == "cpu") return make_cpu_backend();
   if (device.rfind("cuda", 0) == 0) {
+    int index = 0;
+    if (device.size() > 4) {
+      check(device[4] == ':' && device.size() > 5 && device.find_first_not_of("0123456789", 5) == std::string::npos,
+            "device '{}': expected cuda or cuda:N", device);
+      index = std::stoi(device.substr(5));
+    }
     std::string why;
     std::vector<CudaDevice> devices = cuda_devices(&why);
     if (devices.empty()) fail("device '{}': {}", device, why);
-    fail("device '{}': the CUDA backend is not part of this version of polar yet ({} CUDA device(s) visible); use --device cpu",
-         device, devices.size());
+    check(index < static_cast<int>(devices.size()), "device '{}': only {} CUDA device(s) visible", device, devices.size());
+#ifdef POLAR_HAVE_CUDA
+    return make_cuda_backend(index, dtype);
+#else
+    (void)dtype;
+#endif
   }
   fail("unknown device '{}' (expected cpu or cuda[:N])", device);
 }

@@ -41,7 +41,8 @@ class Backend {
   // Memory. alloc returns uninitialised memory; upload converts a host fp32/i32 tensor to `dtype`.
   virtual Tensor alloc(DType dtype, Shape shape) = 0;
   virtual Tensor upload(const Tensor& host, DType dtype) = 0;
-  virtual Tensor to_host_f32(const Tensor& t) = 0;  // float tensors -> fp32 host copy (a view on CPU)
+  // Float tensors -> fp32 host copy, I32 -> I32 host copy (a view on CPU). Synchronises.
+  virtual Tensor to_host_f32(const Tensor& t) = 0;
   virtual DType activation_dtype() const = 0;      // dtype of activations and weights on this backend
   virtual void synchronize() {}
 
@@ -65,6 +66,7 @@ class Backend {
   // Writes k, v [T, Hkv, dh] into the cache rows given by layout.slots.
   virtual void kv_append(KVLayer& cache, const Tensor& k, const Tensor& v, const StepLayout& layout) = 0;
   // rope(q), rope(k), kv_append(k, v) in one: backends fuse it (one pass over q/k/v instead of three).
+  // k is consumed: what its buffer holds afterwards is unspecified (the cache holds the rotated keys).
   virtual void rope_kv_append(Tensor& q, Tensor& k, const Tensor& v, KVLayer& cache, const StepLayout& layout,
                               const Tensor& inv_freq) {
     rope(q, layout.positions, inv_freq);
@@ -105,7 +107,8 @@ class Backend {
 };
 
 std::unique_ptr<Backend> make_cpu_backend();
-// "cpu" or "cuda[:N]"; a CUDA device on a build or machine without one is a polar::Error.
-std::unique_ptr<Backend> make_backend(const std::string& device);
+// "cpu" or "cuda[:N]"; a CUDA device on a build or machine without one is a polar::Error. `dtype` is the
+// CUDA backend's weight/activation/KV type (F16 or BF16); the CPU reference always computes in F32.
+std::unique_ptr<Backend> make_backend(const std::string& device, DType dtype = DType::F16);
 
 }  // namespace polar
