@@ -84,6 +84,12 @@ Tensor Tensor::reshape(Shape shape) const {
   return Tensor(storage_, offset_, dtype_, std::move(shape));
 }
 
+Tensor Tensor::view(int64_t offset, Shape shape) const {
+  check(offset >= 0 && offset + polar::numel(shape) <= numel(), "view of {} elements at {} outside a tensor of {}",
+        polar::numel(shape), offset, numel());
+  return Tensor(storage_, offset_ + offset * dtype_size(dtype_), dtype_, std::move(shape));
+}
+
 Tensor Tensor::slice_rows(int64_t begin, int64_t end) const {
   check(ndim() >= 1 && 0 <= begin && begin <= end && end <= shape_[0], "row slice [{}, {}) out of range for {}", begin, end,
         shape_str(shape_));

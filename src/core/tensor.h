@@ -57,6 +57,8 @@ class Tensor {
 
   // Same bytes, another shape with the same number of elements.
   Tensor reshape(Shape shape) const;
+  // `shape` worth of elements starting at element `offset` of this tensor's bytes, sharing storage.
+  Tensor view(int64_t offset, Shape shape) const;
   // Rows [begin, end) of the first dimension, sharing storage.
   Tensor slice_rows(int64_t begin, int64_t end) const;
 

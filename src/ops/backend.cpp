@@ -7,6 +7,9 @@
 
 namespace polar {
 
+void Backend::begin_capture() { fail("the {} backend cannot record graphs", name()); }
+std::unique_ptr<Graph> Backend::end_capture() { fail("the {} backend cannot record graphs", name()); }
+
 void Backend::set_profiling(bool on) {
   profiling_ = on;
   marks_.clear();

@@ -32,6 +32,14 @@ struct StepLayout {
   int64_t max_chunk = 0;  // upper bound on the tokens of any one chunk (1 in a pure decode step)
 };
 
+// A recorded sequence of device work that can be run again (a CUDA graph). It owns the memory allocated
+// while it was recorded, so the buffers it reads and writes stay valid as long as it lives.
+class Graph {
+ public:
+  virtual ~Graph() = default;
+  virtual void replay() = 0;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -84,6 +92,16 @@ class Backend {
   // out[R] (I32) = index of the largest of each row of logits [R, V] (the first one on ties).
   virtual void argmax(const Tensor& logits, Tensor& out) = 0;
 
+  // Copies a host tensor into an existing device tensor of the same dtype and size (no allocation, so
+  // buffers a graph reads can be refilled between replays).
+  virtual void copy_to_device(const Tensor& host, Tensor& dst) = 0;
+
+  // Graph capture: work issued between begin_capture() and end_capture() is recorded, not run; replaying
+  // the graph runs it again with whatever the recorded buffers hold then. Backends without graphs say so.
+  virtual bool supports_graphs() const { return false; }
+  virtual void begin_capture();
+  virtual std::unique_ptr<Graph> end_capture();
+
   // Device memory: bytes free now and in total (host RAM for the CPU backend).
   virtual std::pair<int64_t, int64_t> memory_info() = 0;
 
@@ -93,6 +111,7 @@ class Backend {
   // synchronous). take_profile() synchronises and returns milliseconds per region since the last call.
   void region(const char* name);
   void set_profiling(bool on);
+  bool profiling() const { return profiling_; }
   std::map<std::string, double> take_profile();
 
  protected:

@@ -19,6 +19,8 @@ class KVCache {
   int64_t block_size() const { return block_size_; }
   int64_t num_blocks() const { return num_blocks_; }
   int64_t free_blocks() const { return static_cast<int64_t>(free_.size()); }
+  // A block no sequence ever owns: padding rows of a fixed-size (graph) batch write their K/V there.
+  int32_t scratch_block() const { return static_cast<int32_t>(num_blocks_); }
 
   // Makes sure sequence `seq` owns enough blocks for n_tokens positions. Fails (polar::Error) when the pool
   // is exhausted, leaving the sequence's existing blocks untouched.

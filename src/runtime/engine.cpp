@@ -5,8 +5,30 @@
 
 namespace polar {
 
+namespace {
+
+// Batch sizes decode graphs are recorded for: exact up to 8, then steps of 8 to 64, 16 to 256, 64 beyond,
+// so padding wastes at most 1/8 of the rows once batches are large (and decode is bound by weight reads,
+// which padding does not add to).
+int64_t batch_bucket(int64_t b) {
+  if (b <= 2) return b;
+  if (b <= 4) return 4;
+  if (b <= 8) return 8;
+  const int64_t step = b <= 64 ? 8 : (b <= 256 ? 16 : 64);
+  return (b + step - 1) / step * step;
+}
+
+int64_t pow2_at_least(int64_t x) {
+  int64_t p = 1;
+  while (p < x) p *= 2;
+  return p;
+}
+
+}  // namespace
+
 Engine::Engine(Model& model, EngineOptions options)
     : model_(model),
+      options_(options),
       cache_(model.backend(), model.config().n_layers, model.config().n_kv_heads, model.config().head_dim,
              std::max<int64_t>(1, (options.kv_tokens + options.block_size - 1) / options.block_size), options.block_size,
              model.backend().activation_dtype()) {}
@@ -62,6 +84,8 @@ Tensor Engine::forward(const std::vector<SeqChunk>& chunks, bool all_logits, Pro
     cache_.reserve(ch.seq, length(ch.seq) + static_cast<int64_t>(ch.tokens.size()));
     max_blocks = std::max<int64_t>(max_blocks, static_cast<int64_t>(cache_.blocks(ch.seq).size()));
   }
+  if (max_chunk == 1 && probe == nullptr && options_.graphs && be.supports_graphs() && !be.profiling())
+    return decode_with_graph(chunks);
   const int64_t S = static_cast<int64_t>(chunks.size());
   Tensor ids = Tensor::empty(DType::I32, {T}), pos = Tensor::empty(DType::I32, {T});
   Tensor seq = Tensor::empty(DType::I32, {T}), slots = Tensor::empty(DType::I32, {T});
@@ -94,6 +118,73 @@ Tensor Engine::forward(const std::vector<SeqChunk>& chunks, bool all_logits, Pro
   Tensor logits = model_.forward(in, cache_.layers(), probe);
   for (const SeqChunk& ch : chunks) lengths_[ch.seq] += static_cast<int64_t>(ch.tokens.size());
   return logits;
+}
+
+Tensor Engine::decode_inputs(const DecodeGraph& g, const std::vector<SeqChunk>& chunks) const {
+  const int64_t B = g.batch, S = static_cast<int64_t>(chunks.size());
+  Tensor host = Tensor::zeros(DType::I32, {6 * B + 1 + B * g.max_blocks});
+  int32_t* ids = host.data<int32_t>();
+  int32_t *pos = ids + B, *seq = pos + B, *slots = seq + B, *rows = slots + B, *starts = rows + B;
+  int32_t* tables = starts + B + 1;
+  const int32_t scratch = cache_.scratch_block();
+  for (int64_t r = 0; r < B; ++r) {
+    seq[r] = rows[r] = starts[r] = static_cast<int32_t>(r);
+    if (r < S) {
+      const SeqChunk& ch = chunks[r];
+      const int64_t len = length(ch.seq);
+      const std::vector<int32_t>& blocks = cache_.blocks(ch.seq);
+      ids[r] = ch.tokens[0];
+      pos[r] = static_cast<int32_t>(len);
+      slots[r] = cache_.slot(ch.seq, len);
+      std::copy(blocks.begin(), blocks.end(), tables + r * g.max_blocks);
+    } else {  // padding: token 0 at position 0 of the scratch block
+      slots[r] = static_cast<int32_t>(scratch * cache_.block_size());
+      std::fill(tables + r * g.max_blocks, tables + (r + 1) * g.max_blocks, scratch);
+    }
+  }
+  starts[B] = static_cast<int32_t>(B);
+  return host;
+}
+
+Tensor Engine::decode_with_graph(const std::vector<SeqChunk>& chunks) {
+  Backend& be = model_.backend();
+  const int64_t S = static_cast<int64_t>(chunks.size()), bs = cache_.block_size();
+  int64_t max_blocks = 1;
+  for (const SeqChunk& ch : chunks)
+    max_blocks = std::max<int64_t>(max_blocks, static_cast<int64_t>(cache_.blocks(ch.seq).size()));
+  const int64_t model_blocks = (config().max_positions + bs - 1) / bs;
+  const int64_t B = batch_bucket(S), M = std::min(pow2_at_least(max_blocks), std::max(model_blocks, max_blocks));
+  auto [it, fresh] = graphs_.try_emplace({B, M});
+  DecodeGraph& g = it->second;
+  Tensor logits;
+  if (fresh) {
+    g.batch = B;
+    g.max_blocks = M;
+    g.inputs = be.alloc(DType::I32, {6 * B + 1 + B * M});
+    g.in.ids = g.inputs.view(0, {B});
+    g.in.layout = {g.inputs.view(B, {B}),         g.inputs.view(2 * B, {B}),         g.inputs.view(3 * B, {B}),
+                   g.inputs.view(6 * B + 1, {B, M}), g.inputs.view(5 * B, {B + 1}), bs,
+                   M * bs,                         1};
+    g.in.logit_rows = g.inputs.view(4 * B, {B});
+    be.copy_to_device(decode_inputs(g, chunks), g.inputs);
+    // This step runs op by op (it also warms up GEMM plans and the allocator); the graph is recorded after.
+    logits = model_.forward(g.in, cache_.layers(), nullptr);
+    be.begin_capture();
+    try {
+      g.logits = model_.forward(g.in, cache_.layers(), nullptr);
+    } catch (...) {
+      be.end_capture();
+      graphs_.erase(it);
+      throw;
+    }
+    g.graph = be.end_capture();
+  } else {
+    be.copy_to_device(decode_inputs(g, chunks), g.inputs);
+    g.graph->replay();
+    logits = g.logits;
+  }
+  for (const SeqChunk& ch : chunks) lengths_[ch.seq] += 1;
+  return logits.slice_rows(0, S);
 }
 
 }  // namespace polar

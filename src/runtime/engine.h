@@ -16,6 +16,9 @@ namespace polar {
 struct EngineOptions {
   int64_t kv_tokens = 0;    // KV cache capacity in tokens over all sequences (rounded up to blocks)
   int64_t block_size = 16;  // tokens per KV block
+  // Decode steps (one token per sequence) replay a graph captured per (batch bucket, context bucket) on
+  // backends that support graphs; steps with a probe or while profiling always run op by op.
+  bool graphs = true;
 };
 
 struct SeqChunk {
@@ -37,7 +40,10 @@ class Engine {
   // sequences and sequences that would exceed the model's context or the cache are polar::Errors, raised
   // before anything is computed.
   Tensor step(const std::vector<SeqChunk>& chunks, bool all_logits, Probe* probe = nullptr);
-  // The same step, leaving the logits on the backend's device in its activation dtype.
+  // Graphs captured so far (one per batch bucket and context bucket met).
+  size_t graph_count() const { return graphs_.size(); }
+  // The same step, leaving the logits on the backend's device in its activation dtype (valid until the
+  // next step: a decode graph reuses its output buffer).
   Tensor forward(const std::vector<SeqChunk>& chunks, bool all_logits, Probe* probe = nullptr);
   // Benchmarks: grows sequence `seq` by n positions whose K/V are whatever the cache holds (random after
   // KVCache::fill_random), without computing them, so decode can be timed at any context quickly.
@@ -45,10 +51,27 @@ class Engine {
   KVCache& cache() { return cache_; }
 
  private:
+  // A decode step recorded for `batch` rows (the real sequences, then padding rows that write to the
+  // cache's scratch block) and block tables `max_blocks` wide. Its inputs live in one I32 buffer that is
+  // refilled before each replay: ids | positions | token_seq | slots | logit_rows [batch each],
+  // seq_starts [batch + 1], block_tables [batch, max_blocks].
+  struct DecodeGraph {
+    int64_t batch = 0, max_blocks = 0;
+    Tensor inputs;  // I32 on the device
+    StepInput in;   // views into inputs
+    Tensor logits;  // [batch, vocab], written by the graph
+    std::unique_ptr<Graph> graph;
+  };
+  Tensor decode_with_graph(const std::vector<SeqChunk>& chunks);
+  // The inputs of a decode step over `chunks` padded to g's batch and table width, as a host I32 tensor.
+  Tensor decode_inputs(const DecodeGraph& g, const std::vector<SeqChunk>& chunks) const;
+
   Model& model_;
+  EngineOptions options_;
   KVCache cache_;
   std::map<int64_t, int64_t> lengths_;
   int64_t next_seq_ = 0;
+  std::map<std::pair<int64_t, int64_t>, DecodeGraph> graphs_;
 };
 
 }  // namespace polar

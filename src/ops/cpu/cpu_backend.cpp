@@ -221,6 +221,12 @@ class CpuBackend final : public Backend {
     }
   }
 
+  void copy_to_device(const Tensor& host, Tensor& dst) override {
+    check(host.dtype() == dst.dtype() && host.numel() == dst.numel(), "copy_to_device: {} {} into {} {}",
+          dtype_name(host.dtype()), shape_str(host.shape()), dtype_name(dst.dtype()), shape_str(dst.shape()));
+    std::memcpy(dst.raw(), host.raw(), host.nbytes());
+  }
+
   std::pair<int64_t, int64_t> memory_info() override {
     const int64_t page = sysconf(_SC_PAGESIZE);
     return {int64_t(sysconf(_SC_AVPHYS_PAGES)) * page, int64_t(sysconf(_SC_PHYS_PAGES)) * page};

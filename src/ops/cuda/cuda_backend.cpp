@@ -1,0 +1,525 @@
+// The CUDA backend: fp16 or bf16 weights, activations and KV cache with fp32 accumulation. GEMMs go to
+// cuBLASLt; everything else is polar's own kernels (kernels.cu, attention.cu). All work is enqueued on one
+// stream; host synchronisation happens only where the host needs data back (to_host_f32, synchronize).
+#include <cublasLt.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <unordered_map>
+
+#include <fmt/format.h>
+
+#include "core/half.h"
+#include "ops/backend.h"
+#include "ops/cuda/attention.h"
+#include "ops/cuda/cuda_backend.h"
+#include "ops/cuda/kernels.h"
+
+namespace polar {
+
+namespace {
+
+void cuda_check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) fail("CUDA error in {}: {}", what, cudaGetErrorString(err));
+}
+
+void lt_check(cublasStatus_t st, const char* what) {
+  if (st != CUBLAS_STATUS_SUCCESS) fail("cuBLASLt error in {}: status {}", what, static_cast<int>(st));
+}
+
+// Caching device allocator: freed blocks are kept by exact (rounded) size and handed out again, so the
+// steady state of a decode loop, which asks for the same sizes every step, never calls cudaMalloc. All
+// work runs on one stream, so a block freed on the host can be reused by the next op in stream order.
+class DeviceAllocator {
+ public:
+  ~DeviceAllocator() { release_cached(); }
+
+  void* get(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = free_.find(bytes);
+    if (it != free_.end() && !it->second.empty()) {
+      void* p = it->second.back();
+      it->second.pop_back();
+      cached_bytes_ -= bytes;
+      return p;
+    }
+    void* p = nullptr;
+    if (cudaMalloc(&p, bytes) != cudaSuccess) {
+      cudaGetLastError();  // clear the sticky-free error state of the failed allocation
+      release_cached_locked();
+      if (cudaMalloc(&p, bytes) != cudaSuccess) {
+        cudaGetLastError();
+        size_t free_b = 0, total_b = 0;
+        cudaMemGetInfo(&free_b, &total_b);
+        fail("out of GPU memory allocating {:.1f} MiB ({:.1f} MiB free of {:.1f} MiB)", bytes / 1048576.0,
+             free_b / 1048576.0, total_b / 1048576.0);
+      }
+    }
+    return p;
+  }
+
+  void put(void* p, size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    free_[bytes].push_back(p);
+    cached_bytes_ += bytes;
+  }
+
+  size_t cached_bytes() const { return cached_bytes_; }
+  void release_cached() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    release_cached_locked();
+  }
+
+ private:
+  void release_cached_locked() {
+    for (auto& [size, blocks] : free_)
+      for (void* p : blocks) cudaFree(p);
+    free_.clear();
+    cached_bytes_ = 0;
+  }
+  std::mutex mutex_;
+  std::unordered_map<size_t, std::vector<void*>> free_;
+  size_t cached_bytes_ = 0;
+};
+
+class DeviceStorage final : public Storage {
+ public:
+  DeviceStorage(std::shared_ptr<DeviceAllocator> alloc, size_t bytes)
+      : alloc_(std::move(alloc)), capacity_(std::max<size_t>(256, (bytes + 255) / 256 * 256)), size_(bytes) {
+    ptr_ = alloc_->get(capacity_);
+  }
+  ~DeviceStorage() override { alloc_->put(ptr_, capacity_); }
+  void* data() override { return ptr_; }
+  size_t size() const override { return size_; }
+  Device device() const override { return Device::CUDA; }
+
+ private:
+  std::shared_ptr<DeviceAllocator> alloc_;
+  void* ptr_ = nullptr;
+  size_t capacity_, size_;
+};
+
+// A cuBLASLt plan for one GEMM shape: descriptors plus the algorithm the heuristic chose, cached so the
+// per-call host cost is a descriptor attribute update and the matmul launch.
+struct GemmPlan {
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+};
+
+int alignment_of(const void* p) {
+  const auto v = reinterpret_cast<uintptr_t>(p);
+  for (int a : {256, 128, 64, 32, 16, 8, 4}) if (v % a == 0) return a;
+  return 2;
+}
+
+// A captured CUDA graph plus every device buffer allocated while it was captured.
+class CudaGraph final : public Graph {
+ public:
+  CudaGraph(cudaGraphExec_t exec, cudaStream_t stream, std::vector<std::shared_ptr<Storage>> keep)
+      : exec_(exec), stream_(stream), keep_(std::move(keep)) {}
+  ~CudaGraph() override { cudaGraphExecDestroy(exec_); }
+  void replay() override { cuda_check(cudaGraphLaunch(exec_, stream_), "cudaGraphLaunch"); }
+
+ private:
+  cudaGraphExec_t exec_;
+  cudaStream_t stream_;
+  std::vector<std::shared_ptr<Storage>> keep_;
+};
+
+class CudaBackend final : public Backend {
+ public:
+  CudaBackend(int device, DType dtype) : device_(device), dtype_(dtype) {
+    check(dtype == DType::F16 || dtype == DType::BF16, "cuda backend: activations must be f16 or bf16, not {}",
+          dtype_name(dtype));
+    cuda_check(cudaSetDevice(device), "cudaSetDevice");
+    cudaDeviceProp prop{};
+    cuda_check(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
+    name_ = fmt::format("cuda:{} ({})", device, prop.name);
+    num_sms_ = prop.multiProcessorCount;
+    cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+    lt_check(cublasLtCreate(&lt_), "cublasLtCreate");
+    alloc_ = std::make_shared<DeviceAllocator>();
+    workspace_ = alloc(DType::U8, {kGemmWorkspace});
+    error_flag_ = alloc(DType::I32, {1});
+    cuda_check(cudaMemsetAsync(error_flag_.raw(), 0, 4, stream_), "cudaMemset");
+  }
+
+  ~CudaBackend() override {
+    cudaStreamSynchronize(stream_);
+    for (auto& [key, plan] : plans_) {
+      cublasLtMatrixLayoutDestroy(plan.a);
+      cublasLtMatrixLayoutDestroy(plan.b);
+      cublasLtMatrixLayoutDestroy(plan.c);
+      cublasLtMatmulDescDestroy(plan.desc);
+    }
+    for (cudaEvent_t e : events_) cudaEventDestroy(e);
+    cublasLtDestroy(lt_);
+    cudaStreamDestroy(stream_);
+  }
+
+  Device device() const override { return Device::CUDA; }
+  std::string name() const override { return name_; }
+  DType activation_dtype() const override { return dtype_; }
+  cudaStream_t stream() const { return stream_; }
+
+  Tensor alloc(DType dtype, Shape shape) override {
+    const size_t bytes = static_cast<size_t>(polar::numel(shape)) * dtype_size(dtype);
+    auto storage = std::make_shared<DeviceStorage>(alloc_, bytes);
+    if (capturing_) captured_.push_back(storage);  // the graph will own it
+    return Tensor(storage, 0, dtype, std::move(shape));
+  }
+
+  void copy_to_device(const Tensor& host, Tensor& dst) override {
+    expect_device(dst, "copy_to_device target");
+    check(host.device() == Device::CPU && host.dtype() == dst.dtype() && host.numel() == dst.numel(),
+          "copy_to_device: {} {} into {} {}", dtype_name(host.dtype()), shape_str(host.shape()), dtype_name(dst.dtype()),
+          shape_str(dst.shape()));
+    // Pageable source: the call returns once the bytes are staged, so `host` may be reused at once.
+    cuda_check(cudaMemcpyAsync(dst.raw(), host.raw(), host.nbytes(), cudaMemcpyHostToDevice, stream_), "copy_to_device");
+  }
+
+  bool supports_graphs() const override { return true; }
+
+  // Relaxed mode: allocations (cudaMalloc on an allocator miss) are legal while capturing.
+  void begin_capture() override {
+    check(!capturing_, "cuda backend: a graph capture is already in progress");
+    cuda_check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed), "cudaStreamBeginCapture");
+    capturing_ = true;
+  }
+
+  std::unique_ptr<Graph> end_capture() override {
+    check(capturing_, "cuda backend: end_capture without begin_capture");
+    capturing_ = false;
+    cudaGraph_t graph = nullptr;
+    cuda_check(cudaStreamEndCapture(stream_, &graph), "cudaStreamEndCapture");
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
+    cudaGraphDestroy(graph);
+    cuda_check(err, "cudaGraphInstantiate");
+    return std::make_unique<CudaGraph>(exec, stream_, std::move(captured_));
+  }
+
+  Tensor upload(const Tensor& host, DType dtype) override {
+    check(host.device() == Device::CPU, "cuda backend: upload takes a host tensor");
+    Tensor staged = host;
+    if (host.dtype() == DType::F32 && (dtype == DType::F16 || dtype == DType::BF16)) {
+      staged = Tensor::empty(dtype, host.shape());
+      const float* src = host.data<float>();
+      uint16_t* dst = staged.data<uint16_t>();
+      const int64_t n = host.numel();
+      const bool bf16 = dtype == DType::BF16;
+#pragma omp parallel for schedule(static) if (n > 65536)
+      for (int64_t i = 0; i < n; ++i) dst[i] = bf16 ? f32_to_bf16(src[i]) : f32_to_f16(src[i]);
+    } else {
+      check(host.dtype() == dtype, "cuda backend: upload cannot convert {} to {}", dtype_name(host.dtype()),
+            dtype_name(dtype));
+    }
+    Tensor out = alloc(dtype, host.shape());
+    cuda_check(cudaMemcpyAsync(out.raw(), staged.raw(), staged.nbytes(), cudaMemcpyHostToDevice, stream_), "upload");
+    // `staged` may be a temporary: wait until the copy has read it.
+    cuda_check(cudaStreamSynchronize(stream_), "upload");
+    return out;
+  }
+
+  Tensor to_host_f32(const Tensor& t) override {
+    expect_device(t, "to_host_f32 input");
+    Tensor raw = Tensor::empty(t.dtype(), t.shape());
+    cuda_check(cudaMemcpyAsync(raw.raw(), t.raw(), t.nbytes(), cudaMemcpyDeviceToHost, stream_), "to_host");
+    synchronize();
+    if (t.dtype() == DType::F32 || t.dtype() == DType::I32) return raw;
+    check(t.dtype() == DType::F16 || t.dtype() == DType::BF16, "to_host_f32: cannot convert {}", dtype_name(t.dtype()));
+    Tensor out = Tensor::empty(DType::F32, t.shape());
+    const uint16_t* src = raw.data<uint16_t>();
+    float* dst = out.data<float>();
+    const bool bf16 = t.dtype() == DType::BF16;
+    const int64_t n = t.numel();
+    for (int64_t i = 0; i < n; ++i) dst[i] = bf16 ? bf16_to_f32(src[i]) : f16_to_f32(src[i]);
+    return out;
+  }
+
+  void synchronize() override {
+    int32_t flag = 0;
+    cuda_check(cudaMemcpyAsync(&flag, error_flag_.raw(), 4, cudaMemcpyDeviceToHost, stream_), "error flag");
+    cuda_check(cudaStreamSynchronize(stream_), "synchronize");
+    if (flag != 0) {
+      cuda_check(cudaMemsetAsync(error_flag_.raw(), 0, 4, stream_), "error flag reset");
+      if (flag & cuda::kErrorIdOutOfRange) fail("embedding: a token or row id was out of range of its table");
+      fail("kv_append: a cache slot was out of range (corrupt block table)");
+    }
+  }
+
+  Tensor random_uniform(DType dtype, Shape shape, float lo, float hi, uint64_t seed) override {
+    check(dtype == DType::F32 || dtype == dtype_, "cuda backend: random_uniform makes f32 or {} tensors, not {}",
+          dtype_name(dtype_), dtype_name(dtype));
+    Tensor t = alloc(dtype, std::move(shape));
+    cuda::random_uniform(t.raw(), t.numel(), dtype == DType::F32, elem(), lo, hi, seed, stream_);
+    return t;
+  }
+
+  void embedding(const Tensor& table, const Tensor& ids, Tensor& out, int64_t id_offset) override {
+    expect_act(table, "embedding table");
+    expect_act(out, "embedding output");
+    expect_i32(ids, "embedding ids");
+    const int64_t d = table.dim(1), n = ids.numel();
+    check(out.numel() == n * d, "embedding: output shape {} for {} ids of width {}", shape_str(out.shape()), n, d);
+    cuda::embedding(table.raw(), table.dim(0), d, ids.data<int32_t>(), n, id_offset, out.raw(),
+                    error_flag_.data<int32_t>(), elem(), stream_);
+  }
+
+  // y[m, n] = x[m, k] · w[n, k]ᵀ (+ bias) (+ y). Row-major y is column-major yᵀ [n, m] = w · xᵀ, so cuBLASLt
+  // computes D = op(A)·B with A = w (column-major [k, n], transposed), B = x (column-major [k, m]).
+  void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y, bool accumulate) override {
+    expect_act(x, "linear input");
+    expect_act(w, "linear weight");
+    expect_act(y, "linear output");
+    const int64_t k = w.dim(1), n = w.dim(0), m = x.numel() / std::max<int64_t>(k, 1);
+    check(x.numel() == m * k && y.numel() == m * n, "linear: x {} w {} y {} do not agree", shape_str(x.shape()),
+          shape_str(w.shape()), shape_str(y.shape()));
+    if (bias) {
+      expect_act(*bias, "linear bias");
+      check(bias->numel() == n, "linear: bias of {} for {} outputs", bias->numel(), n);
+    }
+    if (m == 0) return;
+    GemmPlan& plan = gemm_plan(m, n, k, bias != nullptr, accumulate, x.raw(), w.raw(), y.raw());
+    if (bias) {
+      const void* bp = bias->raw();
+      lt_check(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp, sizeof(bp)), "bias");
+    }
+    const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+    lt_check(cublasLtMatmul(lt_, plan.desc, &alpha, w.raw(), plan.a, x.raw(), plan.b, &beta, y.raw(), plan.c, y.raw(),
+                            plan.c, &plan.algo, workspace_.raw(), kGemmWorkspace, stream_),
+             "cublasLtMatmul");
+  }
+
+  void add(const Tensor& a, const Tensor& b, Tensor& out) override {
+    expect_act(a, "add input");
+    expect_act(b, "add input");
+    expect_act(out, "add output");
+    check(a.numel() == b.numel() && a.numel() == out.numel(), "add: shapes {} and {} differ", shape_str(a.shape()),
+          shape_str(b.shape()));
+    cuda::add(a.raw(), b.raw(), out.raw(), a.numel(), elem(), stream_);
+  }
+
+  void layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, float eps, Tensor& out) override {
+    norm(x, w, &b, eps, out);
+  }
+  void rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& out) override { norm(x, w, nullptr, eps, out); }
+
+  void rope(Tensor& x, const Tensor& positions, const Tensor& inv_freq) override {
+    expect_act(x, "rope input");
+    expect_i32(positions, "rope positions");
+    const int64_t T = x.dim(0), heads = x.dim(1), dh = x.dim(2);
+    check(inv_freq.dtype() == DType::F32 && inv_freq.numel() == dh / 2 && dh % 2 == 0,
+          "rope: {} f32 frequencies expected for head_dim {}", dh / 2, dh);
+    check(positions.numel() == T, "rope: {} positions for {} tokens", positions.numel(), T);
+    cuda::rope(x.raw(), positions.data<int32_t>(), inv_freq.data<float>(), T, heads, dh, elem(), stream_);
+  }
+
+  void kv_append(KVLayer& cache, const Tensor& k, const Tensor& v, const StepLayout& layout) override {
+    append(nullptr, cache, k, v, layout, nullptr);
+  }
+
+  void rope_kv_append(Tensor& q, Tensor& k, const Tensor& v, KVLayer& cache, const StepLayout& layout,
+                      const Tensor& inv_freq) override {
+    expect_act(q, "rope q");
+    check(inv_freq.dtype() == DType::F32 && inv_freq.numel() * 2 == q.dim(2), "rope: {} f32 frequencies expected",
+          q.dim(2) / 2);
+    check(q.dim(0) == k.dim(0) && q.dim(2) == k.dim(2) && q.dim(1) % k.dim(1) == 0,
+          "rope_kv_append: q {} and k {} do not agree", shape_str(q.shape()), shape_str(k.shape()));
+    append(&q, cache, k, v, layout, &inv_freq);
+  }
+
+  void attention(const Tensor& q, const KVLayer& cache, const StepLayout& layout, float scale, int64_t window,
+                 Tensor& out) override {
+    expect_act(q, "attention q");
+    expect_act(out, "attention output");
+    expect_act(cache.k, "K cache");
+    expect_act(cache.v, "V cache");
+    cuda::PagedAttention a;
+    a.T = static_cast<int>(q.dim(0));
+    a.H = static_cast<int>(q.dim(1));
+    a.dh = static_cast<int>(q.dim(2));
+    a.Hkv = static_cast<int>(cache.k.dim(2));
+    a.S = static_cast<int>(layout.block_tables.dim(0));
+    check(cuda::attention_supports_head_dim(a.dh), "cuda attention: head_dim {} is not supported", a.dh);
+    check(a.Hkv > 0 && a.H % a.Hkv == 0, "attention: {} query heads over {} KV heads", a.H, a.Hkv);
+    check(cache.k.dim(3) == a.dh && out.numel() == q.numel(), "attention: q {} cache {} out {} do not agree",
+          shape_str(q.shape()), shape_str(cache.k.shape()), shape_str(out.shape()));
+    check(layout.seq_starts.numel() == a.S + 1 && layout.max_chunk >= 1 && layout.max_ctx >= 1,
+          "attention: step layout lacks seq_starts / max_chunk / max_ctx");
+    if (a.T == 0) return;
+    a.q = q.raw();
+    a.k_cache = cache.k.raw();
+    a.v_cache = cache.v.raw();
+    a.positions = layout.positions.data<int32_t>();
+    a.token_seq = layout.token_seq.data<int32_t>();
+    a.block_tables = layout.block_tables.data<int32_t>();
+    a.seq_starts = layout.seq_starts.data<int32_t>();
+    a.out = out.raw();
+    a.block_size = static_cast<int>(layout.block_size);
+    a.max_blocks = static_cast<int>(layout.block_tables.dim(1));
+    a.max_ctx = static_cast<int>(layout.max_ctx);
+    a.max_chunk = static_cast<int>(layout.max_chunk);
+    a.window = static_cast<int>(window);
+    a.scale = scale;
+    a.bf16 = dtype_ == DType::BF16;
+    const size_t ws = cuda::attention_workspace_bytes(a, num_sms_);
+    Tensor workspace = alloc(DType::U8, {static_cast<int64_t>(std::max<size_t>(ws, 1))});
+    cuda::paged_attention(a, workspace.raw(), ws, num_sms_, stream_);
+  }
+
+  void relu(Tensor& x) override {
+    expect_act(x, "relu input");
+    cuda::relu(x.raw(), x.numel(), elem(), stream_);
+  }
+
+  void silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) override {
+    expect_act(gate, "silu_mul gate");
+    expect_act(up, "silu_mul up");
+    expect_act(out, "silu_mul output");
+    check(gate.numel() == up.numel() && gate.numel() == out.numel(), "silu_mul: shapes {} and {} differ",
+          shape_str(gate.shape()), shape_str(up.shape()));
+    cuda::silu_mul(gate.raw(), up.raw(), out.raw(), gate.numel(), elem(), stream_);
+  }
+
+  void argmax(const Tensor& logits, Tensor& out) override {
+    expect_act(logits, "argmax input");
+    expect_i32(out, "argmax output");
+    check(logits.ndim() == 2 && out.numel() == logits.dim(0), "argmax: logits {} output {}", shape_str(logits.shape()),
+          shape_str(out.shape()));
+    cuda::argmax(logits.raw(), logits.dim(0), logits.dim(1), out.data<int32_t>(), elem(), stream_);
+  }
+
+  std::pair<int64_t, int64_t> memory_info() override {
+    size_t free_b = 0, total_b = 0;
+    cuda_check(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
+    // Blocks cached by the allocator are as good as free.
+    return {static_cast<int64_t>(free_b + alloc_->cached_bytes()), static_cast<int64_t>(total_b)};
+  }
+
+ protected:
+  int64_t time_marker() override {
+    if (next_event_ == events_.size()) {
+      cudaEvent_t e;
+      cuda_check(cudaEventCreate(&e), "cudaEventCreate");
+      events_.push_back(e);
+    }
+    cuda_check(cudaEventRecord(events_[next_event_], stream_), "cudaEventRecord");
+    return static_cast<int64_t>(next_event_++);
+  }
+  double marker_ms(int64_t from, int64_t to) override {
+    float ms = 0;
+    cuda_check(cudaEventElapsedTime(&ms, events_.at(from), events_.at(to)), "cudaEventElapsedTime");
+    return ms;
+  }
+  void reset_markers() override { next_event_ = 0; }
+
+ private:
+  static constexpr int64_t kGemmWorkspace = 32 << 20;
+
+  cuda::Elem elem() const { return dtype_ == DType::BF16 ? cuda::Elem::BF16 : cuda::Elem::F16; }
+
+  void expect_device(const Tensor& t, const char* what) const {
+    check(t.defined() && t.device() == Device::CUDA, "cuda backend: {} is not a CUDA tensor", what);
+  }
+  void expect_act(const Tensor& t, const char* what) const {
+    expect_device(t, what);
+    check(t.dtype() == dtype_, "cuda backend: {} must be {}, got {}", what, dtype_name(dtype_), dtype_name(t.dtype()));
+  }
+  void expect_i32(const Tensor& t, const char* what) const {
+    expect_device(t, what);
+    check(t.dtype() == DType::I32, "cuda backend: {} must be i32, got {}", what, dtype_name(t.dtype()));
+  }
+
+  void norm(const Tensor& x, const Tensor& w, const Tensor* b, float eps, Tensor& out) {
+    expect_act(x, "norm input");
+    expect_act(w, "norm weight");
+    expect_act(out, "norm output");
+    if (b) expect_act(*b, "norm bias");
+    const int64_t d = x.dim(-1);
+    check(w.numel() == d && out.numel() == x.numel() && (!b || b->numel() == d), "norm: x {} weight {} do not agree",
+          shape_str(x.shape()), shape_str(w.shape()));
+    cuda::norm(x.raw(), w.raw(), b ? b->raw() : nullptr, eps, b == nullptr, x.numel() / std::max<int64_t>(d, 1), d,
+               out.raw(), elem(), stream_);
+  }
+
+  // kv_append, with q and k rotated first when q is given.
+  void append(Tensor* q, KVLayer& cache, const Tensor& k, const Tensor& v, const StepLayout& layout,
+              const Tensor* inv_freq) {
+    expect_act(k, "kv_append k");
+    expect_act(v, "kv_append v");
+    expect_act(cache.k, "K cache");
+    expect_act(cache.v, "V cache");
+    expect_i32(layout.slots, "kv_append slots");
+    const int64_t T = k.dim(0), Hkv = k.dim(1), dh = k.dim(2);
+    check(v.shape() == k.shape() && cache.k.dim(2) == Hkv && cache.k.dim(3) == dh && dh % 2 == 0,
+          "kv_append: k {} v {} cache {} do not agree", shape_str(k.shape()), shape_str(v.shape()),
+          shape_str(cache.k.shape()));
+    check(layout.slots.numel() == T, "kv_append: {} slots for {} tokens", layout.slots.numel(), T);
+    cuda::rope_kv_append(q ? q->raw() : nullptr, q ? q->dim(1) : 0, k.raw(), v.raw(), layout.positions.data<int32_t>(),
+                         inv_freq ? inv_freq->data<float>() : nullptr, layout.slots.data<int32_t>(), T, Hkv, dh,
+                         cache.k.raw(), cache.v.raw(), cache.k.dim(0) * cache.k.dim(1), error_flag_.data<int32_t>(),
+                         elem(), stream_);
+  }
+
+  GemmPlan& gemm_plan(int64_t m, int64_t n, int64_t k, bool bias, bool accumulate, const void* x, const void* w,
+                      const void* y) {
+    const auto key = std::make_tuple(m, n, k, bias, accumulate, alignment_of(x), alignment_of(w), alignment_of(y));
+    auto it = plans_.find(key);
+    if (it != plans_.end()) return it->second;
+    const cudaDataType_t t = dtype_ == DType::BF16 ? CUDA_R_16BF : CUDA_R_16F;
+    GemmPlan p;
+    lt_check(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "matmul desc");
+    const cublasOperation_t trans = CUBLAS_OP_T, no_trans = CUBLAS_OP_N;
+    lt_check(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &trans, sizeof(trans)), "transa");
+    lt_check(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &no_trans, sizeof(no_trans)), "transb");
+    const cublasLtEpilogue_t epi = bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
+    lt_check(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)), "epilogue");
+    lt_check(cublasLtMatrixLayoutCreate(&p.a, t, k, n, k), "layout a");
+    lt_check(cublasLtMatrixLayoutCreate(&p.b, t, k, m, k), "layout b");
+    lt_check(cublasLtMatrixLayoutCreate(&p.c, t, n, m, n), "layout c");
+    cublasLtMatmulPreference_t pref;
+    lt_check(cublasLtMatmulPreferenceCreate(&pref), "preference");
+    const uint64_t ws = kGemmWorkspace;
+    lt_check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)), "ws");
+    const uint32_t aw = alignment_of(w), ax = alignment_of(x), ay = alignment_of(y);
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &aw, sizeof(aw));
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &ax, sizeof(ax));
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &ay, sizeof(ay));
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &ay, sizeof(ay));
+    cublasLtMatmulHeuristicResult_t result{};
+    int found = 0;
+    const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(lt_, p.desc, p.a, p.b, p.c, p.c, pref, 1, &result, &found);
+    cublasLtMatmulPreferenceDestroy(pref);
+    if (st != CUBLAS_STATUS_SUCCESS || found == 0)
+      fail("cuBLASLt has no algorithm for a {} GEMM of m={} n={} k={}", dtype_name(dtype_), m, n, k);
+    p.algo = result.algo;
+    return plans_.emplace(key, p).first->second;
+  }
+
+  int device_;
+  DType dtype_;
+  std::string name_;
+  int num_sms_ = 0;
+  cudaStream_t stream_ = nullptr;
+  cublasLtHandle_t lt_ = nullptr;
+  std::shared_ptr<DeviceAllocator> alloc_;
+  Tensor workspace_, error_flag_;
+  std::map<std::tuple<int64_t, int64_t, int64_t, bool, bool, int, int, int>, GemmPlan> plans_;
+  std::vector<cudaEvent_t> events_;
+  size_t next_event_ = 0;
+  bool capturing_ = false;
+  std::vector<std::shared_ptr<Storage>> captured_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cuda_backend(int device, DType dtype) {
+  return std::make_unique<CudaBackend>(device, dtype);
+}
+
+}  // namespace polar

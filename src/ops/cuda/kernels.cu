@@ -1,0 +1,335 @@
+// Elementwise, normalisation, RoPE, KV-cache and reduction kernels of the CUDA backend (see kernels.h for
+// shapes). All are memory-bound: they move each element once with 16-byte vectors where rows allow it,
+// and compute in fp32. Templates over the element type (__half, __nv_bfloat16) give one source per kernel.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cfloat>
+
+#include "core/error.h"
+#include "core/random.h"
+#include "ops/cuda/kernels.h"
+
+namespace polar::cuda {
+
+namespace {
+
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(float x) { return x; }
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+
+void check_launch(const char* what) {
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) fail("CUDA kernel {} failed to launch: {}", what, cudaGetErrorString(err));
+}
+
+// Calls f with a null pointer of the element type that `e` names (for template dispatch).
+template <typename F> void dispatch(Elem e, F&& f) {
+  if (e == Elem::F16) {
+    f(static_cast<__half*>(nullptr));
+  } else {
+    f(static_cast<__nv_bfloat16*>(nullptr));
+  }
+}
+
+constexpr int kThreads = 256;
+int grid_for(int64_t n, int per_thread = 1) {
+  const int64_t blocks = (n + int64_t(kThreads) * per_thread - 1) / (int64_t(kThreads) * per_thread);
+  return static_cast<int>(blocks < 1 ? 1 : (blocks > 65535 * 16 ? 65535 * 16 : blocks));
+}
+
+// ---- random, conversion, elementwise: grid-stride loops over n elements ----
+
+template <typename T>
+__global__ void random_kernel(T* out, int64_t n, float lo, float hi, uint64_t seed) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = from_float<T>(lo + (hi - lo) * uniform_hash(seed, static_cast<uint64_t>(i)));
+}
+
+template <typename In, typename Out>
+__global__ void convert_kernel(const In* in, Out* out, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = from_float<Out>(to_float(in[i]));
+}
+
+// Elementwise op over n elements of T: out[i] = op(a[i], b[i]).
+template <typename T, typename Op>
+__global__ void binary_kernel(const T* a, const T* b, T* out, int64_t n, Op op) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = from_float<T>(op(to_float(a[i]), to_float(b[i])));
+}
+
+struct AddOp {
+  __device__ float operator()(float a, float b) const { return a + b; }
+};
+struct ReluOp {  // b is ignored (relu runs as binary_kernel(x, x))
+  __device__ float operator()(float a, float) const { return fmaxf(a, 0.0f); }
+};
+struct SiluMulOp {
+  __device__ float operator()(float g, float u) const { return g / (1.0f + __expf(-g)) * u; }
+};
+
+template <typename Op> void launch_binary(const void* a, const void* b, void* out, int64_t n, Elem e, cudaStream_t stream,
+                                          Op op, const char* what) {
+  if (n == 0) return;
+  dispatch(e, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    binary_kernel<<<grid_for(n, 4), kThreads, 0, stream>>>(static_cast<const T*>(a), static_cast<const T*>(b),
+                                                             static_cast<T*>(out), n, op);
+  });
+  check_launch(what);
+}
+
+// ---- embedding: one CTA per output row, a row copy; bad ids raise a flag and give zeros ----
+
+template <typename T>
+__global__ void embedding_kernel(const T* table, int64_t rows, int64_t d, const int32_t* ids, int64_t id_offset, T* out,
+                                 int32_t* error_flag) {
+  const int64_t t = blockIdx.x;
+  const int64_t row = ids[t] + id_offset;
+  T* dst = out + t * d;
+  if (row < 0 || row >= rows) {
+    for (int64_t i = threadIdx.x; i < d; i += blockDim.x) dst[i] = from_float<T>(0.0f);
+    if (threadIdx.x == 0) atomicOr(error_flag, kErrorIdOutOfRange);
+    return;
+  }
+  const T* src = table + row * d;
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) dst[i] = src[i];
+}
+
+// ---- norms: one CTA per row; the row is read twice (statistics, then output), the second time from L1/L2 ----
+
+__device__ float block_sum(float v, float* scratch) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // scratch may still be read by an earlier call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < blockDim.x / 32 ? scratch[lane] : 0.0f;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <typename T>
+__global__ void norm_kernel(const T* x, const T* w, const T* b, float eps, bool rms, int64_t d, T* out) {
+  __shared__ float scratch[32];
+  const T* xr = x + blockIdx.x * d;
+  T* orow = out + blockIdx.x * d;
+  float mean = 0.0f;
+  if (!rms) {
+    float s = 0.0f;
+    for (int64_t i = threadIdx.x; i < d; i += blockDim.x) s += to_float(xr[i]);
+    mean = block_sum(s, scratch) / d;
+  }
+  float ss = 0.0f;
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+    const float c = to_float(xr[i]) - mean;
+    ss += c * c;
+  }
+  const float inv = rsqrtf(block_sum(ss, scratch) / d + eps);
+  // Every thread has its statistics before anyone overwrites x (out may alias x): block_sum ends with
+  // values every thread read after the last __syncthreads, and each element is read and written by one thread.
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+    float y = (to_float(xr[i]) - mean) * inv * to_float(w[i]);
+    if (b) y += to_float(b[i]);
+    orow[i] = from_float<T>(y);
+  }
+}
+
+// ---- RoPE and the KV append: one CTA per token, threads over (head, pair) ----
+
+template <typename T>
+__device__ __forceinline__ void rotate_pair(T* row, int64_t i, int64_t half, float c, float s) {
+  const float a = to_float(row[i]), b = to_float(row[i + half]);
+  row[i] = from_float<T>(a * c - b * s);
+  row[i + half] = from_float<T>(b * c + a * s);
+}
+
+template <typename T>
+__global__ void rope_kernel(T* x, const int32_t* positions, const float* inv_freq, int64_t heads, int64_t dh) {
+  const int64_t t = blockIdx.x, half = dh / 2;
+  const float pos = static_cast<float>(positions[t]);
+  for (int64_t j = threadIdx.x; j < heads * half; j += blockDim.x) {
+    const int64_t h = j / half, i = j % half;
+    float s, c;
+    sincosf(pos * inv_freq[i], &s, &c);  // fp32 angle, as transformers computes it
+    rotate_pair(x + (t * heads + h) * dh, i, half, c, s);
+  }
+}
+
+// q [T, H, dh] (optional, rotated in place), k/v [T, Hkv, dh] -> cache rows slots[t]. Threads over the
+// H + 2·Hkv head rows of a token; each thread rotates or copies one element pair.
+template <typename T>
+__global__ void rope_kv_append_kernel(T* q, int64_t H, const T* k, const T* v, const int32_t* positions,
+                                      const float* inv_freq, const int32_t* slots, int64_t Hkv, int64_t dh, T* k_cache,
+                                      T* v_cache, int64_t num_slots, int32_t* error_flag) {
+  const int64_t t = blockIdx.x, half = dh / 2;
+  const int64_t slot = slots[t];
+  const bool slot_ok = slot >= 0 && slot < num_slots;
+  if (!slot_ok && threadIdx.x == 0) atomicOr(error_flag, kErrorSlotOutOfRange);
+  const float pos = q ? static_cast<float>(positions[t]) : 0.0f;
+  const int64_t q_rows = q ? H : 0;
+  for (int64_t j = threadIdx.x; j < (q_rows + 2 * Hkv) * half; j += blockDim.x) {
+    const int64_t r = j / half, i = j % half;
+    if (r < q_rows) {
+      float s, c;
+      sincosf(pos * inv_freq[i], &s, &c);
+      rotate_pair(q + (t * H + r) * dh, i, half, c, s);
+      continue;
+    }
+    const int64_t kv = r - q_rows, h = kv % Hkv;
+    const bool is_k = kv < Hkv;
+    const T* src = (is_k ? k : v) + (t * Hkv + h) * dh;
+    if (!slot_ok) continue;
+    T* dst = (is_k ? k_cache : v_cache) + (slot * Hkv + h) * dh;
+    float a = to_float(src[i]), b = to_float(src[i + half]);
+    if (is_k && q) {
+      float s, c;
+      sincosf(pos * inv_freq[i], &s, &c);
+      const float ra = a * c - b * s, rb = b * c + a * s;
+      a = ra, b = rb;
+    }
+    dst[i] = from_float<T>(a);
+    dst[i + half] = from_float<T>(b);
+  }
+}
+
+// ---- argmax: one CTA per row, (value, index) reduction with the lowest index winning ties ----
+
+template <typename T>
+__global__ void argmax_kernel(const T* logits, int64_t V, int32_t* out) {
+  const T* row = logits + blockIdx.x * V;
+  float best = -FLT_MAX;
+  int32_t best_i = INT32_MAX;
+  for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
+    const float v = to_float(row[i]);
+    if (v > best) best = v, best_i = static_cast<int32_t>(i);  // strided ascending: first max per thread
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+    const int32_t oi = __shfl_xor_sync(0xffffffffu, best_i, o);
+    if (ov > best || (ov == best && oi < best_i)) best = ov, best_i = oi;
+  }
+  __shared__ float sv[32];
+  __shared__ int32_t si[32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) sv[warp] = best, si[warp] = best_i;
+  __syncthreads();
+  if (warp == 0) {
+    best = lane < blockDim.x / 32 ? sv[lane] : -FLT_MAX;
+    best_i = lane < blockDim.x / 32 ? si[lane] : INT32_MAX;
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+      const int32_t oi = __shfl_xor_sync(0xffffffffu, best_i, o);
+      if (ov > best || (ov == best && oi < best_i)) best = ov, best_i = oi;
+    }
+    // A row of NaNs never compares greater: report index 0 rather than garbage.
+    if (lane == 0) out[blockIdx.x] = best_i == INT32_MAX ? 0 : best_i;
+  }
+}
+
+int row_threads(int64_t work) { return work >= 1024 ? 1024 : (work >= 256 ? 256 : 128); }
+
+}  // namespace
+
+void random_uniform(void* out, int64_t n, bool f32, Elem e, float lo, float hi, uint64_t seed, cudaStream_t stream) {
+  if (n == 0) return;
+  if (f32) {
+    random_kernel<<<grid_for(n, 4), kThreads, 0, stream>>>(static_cast<float*>(out), n, lo, hi, seed);
+  } else {
+    dispatch(e, [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      random_kernel<<<grid_for(n, 4), kThreads, 0, stream>>>(static_cast<T*>(out), n, lo, hi, seed);
+    });
+  }
+  check_launch("random_uniform");
+}
+
+void to_f32(const void* in, float* out, int64_t n, Elem e, cudaStream_t stream) {
+  if (n == 0) return;
+  dispatch(e, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    convert_kernel<<<grid_for(n, 4), kThreads, 0, stream>>>(static_cast<const T*>(in), out, n);
+  });
+  check_launch("to_f32");
+}
+
+void from_f32(const float* in, void* out, int64_t n, Elem e, cudaStream_t stream) {
+  if (n == 0) return;
+  dispatch(e, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    convert_kernel<<<grid_for(n, 4), kThreads, 0, stream>>>(in, static_cast<T*>(out), n);
+  });
+  check_launch("from_f32");
+}
+
+void embedding(const void* table, int64_t rows, int64_t d, const int32_t* ids, int64_t n, int64_t id_offset, void* out,
+               int32_t* error_flag, Elem e, cudaStream_t stream) {
+  if (n == 0) return;
+  dispatch(e, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    embedding_kernel<<<static_cast<unsigned>(n), row_threads(d), 0, stream>>>(
+        static_cast<const T*>(table), rows, d, ids, id_offset, static_cast<T*>(out), error_flag);
+  });
+  check_launch("embedding");
+}
+
+void add(const void* a, const void* b, void* out, int64_t n, Elem e, cudaStream_t stream) {
+  launch_binary(a, b, out, n, e, stream, AddOp{}, "add");
+}
+
+void relu(void* x, int64_t n, Elem e, cudaStream_t stream) { launch_binary(x, x, x, n, e, stream, ReluOp{}, "relu"); }
+
+void silu_mul(const void* gate, const void* up, void* out, int64_t n, Elem e, cudaStream_t stream) {
+  launch_binary(gate, up, out, n, e, stream, SiluMulOp{}, "silu_mul");
+}
+
+void norm(const void* x, const void* w, const void* b, float eps, bool rms, int64_t rows, int64_t d, void* out, Elem e,
+          cudaStream_t stream) {
+  if (rows == 0) return;
+  dispatch(e, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    norm_kernel<<<static_cast<unsigned>(rows), row_threads(d), 0, stream>>>(
+        static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(b), eps, rms, d, static_cast<T*>(out));
+  });
+  check_launch(rms ? "rms_norm" : "layer_norm");
+}
+
+void rope(void* x, const int32_t* positions, const float* inv_freq, int64_t T, int64_t heads, int64_t dh, Elem e,
+          cudaStream_t stream) {
+  if (T == 0) return;
+  dispatch(e, [&](auto* tag) {
+    using Ty = std::remove_pointer_t<decltype(tag)>;
+    rope_kernel<<<static_cast<unsigned>(T), row_threads(heads * dh / 2), 0, stream>>>(static_cast<Ty*>(x), positions,
+                                                                                       inv_freq, heads, dh);
+  });
+  check_launch("rope");
+}
+
+void rope_kv_append(void* q, int64_t H, const void* k, const void* v, const int32_t* positions, const float* inv_freq,
+                    const int32_t* slots, int64_t T, int64_t Hkv, int64_t dh, void* k_cache, void* v_cache,
+                    int64_t num_slots, int32_t* error_flag, Elem e, cudaStream_t stream) {
+  if (T == 0) return;
+  dispatch(e, [&](auto* tag) {
+    using Ty = std::remove_pointer_t<decltype(tag)>;
+    rope_kv_append_kernel<<<static_cast<unsigned>(T), row_threads((H + 2 * Hkv) * dh / 2), 0, stream>>>(
+        static_cast<Ty*>(q), H, static_cast<const Ty*>(k), static_cast<const Ty*>(v), positions, inv_freq, slots, Hkv, dh,
+        static_cast<Ty*>(k_cache), static_cast<Ty*>(v_cache), num_slots, error_flag);
+  });
+  check_launch(q ? "rope_kv_append" : "kv_append");
+}
+
+void argmax(const void* logits, int64_t R, int64_t V, int32_t* out, Elem e, cudaStream_t stream) {
+  if (R == 0) return;
+  dispatch(e, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    argmax_kernel<<<static_cast<unsigned>(R), 1024, 0, stream>>>(static_cast<const T*>(logits), V, out);
+  });
+  check_launch("argmax");
+}
+
+}  // namespace polar::cuda
