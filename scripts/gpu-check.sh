@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The GPU round, on a machine with an NVIDIA Hopper GPU and the CUDA toolkit: builds polar with CUDA for
+# sm_90a, runs every test (the CUDA parity and end-to-end tests included), runs the benchmarks, and writes
+# logs, CSVs and plots to a results folder; a short summary table comes last.
+#
+#   scripts/gpu-check.sh [STAGE ...]      stages: build test bench (default: all three, in that order)
+#
+# Environment:
+#   RESULTS         results folder (default: $OUT if set, else out/gpu-check)
+#   BUILD_DIR       build folder (default: build-gpu)
+#   POLAR_SHARED    the shared fixtures/models (default ../shared beside the repo)
+#   POLAR_DEPS_DIR  a folder with Debian packages unpacked into it (dpkg -x), for machines that lack
+#                   headers polar needs (PCRE2); its pkg-config files are used with their prefix moved there
+#   BENCH_SHAPES    shapes for the decode sweep (default "llama-2-7b opt-6.7b")
+#   BENCH_BATCHES   default 1,8,32,64,128,256;  BENCH_CTX  default 512,1024,2048,4096
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RESULTS=${RESULTS:-${OUT:-out/gpu-check}}
+BUILD_DIR=${BUILD_DIR:-build-gpu}
+BENCH_SHAPES=${BENCH_SHAPES:-"llama-2-7b opt-6.7b"}
+BENCH_BATCHES=${BENCH_BATCHES:-1,8,32,64,128,256}
+BENCH_CTX=${BENCH_CTX:-512,1024,2048,4096}
+mkdir -p "$RESULTS"
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(build test bench)
+has_stage() { local s; for s in "${stages[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
+log() { echo "[gpu-check] $*" >&2; }
+
+if [ -n "${POLAR_DEPS_DIR:-}" ]; then
+  pc_dir="$RESULTS/.pkgconfig"
+  mkdir -p "$pc_dir"
+  deps=$(cd "$POLAR_DEPS_DIR" && pwd)
+  for pc in "$deps"/usr/lib/x86_64-linux-gnu/pkgconfig/*.pc; do
+    sed "s|^prefix=.*|prefix=$deps/usr|" "$pc" > "$pc_dir/$(basename "$pc")"
+  done
+  export PKG_CONFIG_PATH="$(cd "$pc_dir" && pwd)${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
+  export LD_LIBRARY_PATH="$deps/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv > "$RESULTS/gpu.csv"
+log "GPU: $(tail -1 "$RESULTS/gpu.csv")"
+
+if has_stage build; then
+  log "configuring and building in $BUILD_DIR"
+  nvcc=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+  cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DPOLAR_CUDA=ON -DCMAKE_CUDA_COMPILER="$nvcc" \
+    -DCMAKE_CUDA_ARCHITECTURES=90a > "$RESULTS/configure.log" 2>&1 || { tail -30 "$RESULTS/configure.log"; exit 1; }
+  cmake --build "$BUILD_DIR" -j"$(nproc)" > "$RESULTS/build.log" 2>&1 || { grep -E "error" -A5 "$RESULTS/build.log" | head -60; exit 1; }
+  log "build ok"
+fi
+
+test_summary="not run"
+if has_stage test; then
+  log "running the tests"
+  # CPU tests in parallel, GPU tests one at a time so they do not share the device.
+  export OMP_WAIT_POLICY=passive OPENBLAS_NUM_THREADS=2
+  set +e
+  (cd "$BUILD_DIR" && ctest -j8 -E 'Cuda' --output-on-failure) > "$RESULTS/tests-cpu.log" 2>&1
+  cpu_rc=$?
+  (cd "$BUILD_DIR" && ctest -j1 -R 'Cuda' --output-on-failure) > "$RESULTS/tests-gpu.log" 2>&1
+  gpu_rc=$?
+  set -e
+  cpu_line=$(grep -E "tests passed" "$RESULTS/tests-cpu.log" || echo "cpu tests: no summary")
+  gpu_line=$(grep -E "tests passed" "$RESULTS/tests-gpu.log" || echo "gpu tests: no summary")
+  test_summary="cpu: $cpu_line | gpu: $gpu_line"
+  [ $cpu_rc -ne 0 ] && grep -E "Failed|FAILED|Failure|Expected|Which is|rel_err|error" "$RESULTS/tests-cpu.log" | head -40
+  [ $gpu_rc -ne 0 ] && grep -E "FAILED|Failure|Expected|Which is|Value of|actual|error|Trace|step|row" "$RESULTS/tests-gpu.log" | head -80
+fi
+
+if has_stage bench; then
+  log "decode benchmarks: $BENCH_SHAPES, batch $BENCH_BATCHES, ctx $BENCH_CTX"
+  for shape in $BENCH_SHAPES; do
+    "$BUILD_DIR/src/polar" bench --device cuda --shape "$shape" --batch "$BENCH_BATCHES" --ctx "$BENCH_CTX" \
+      --csv "$RESULTS/bench-$shape.csv" > "$RESULTS/bench-$shape.txt" 2> "$RESULTS/bench-$shape.log" ||
+      { tail -20 "$RESULTS/bench-$shape.log"; }
+  done
+fi
+
+echo
+echo "== gpu-check summary ($(date -u +%Y-%m-%d), $(tail -1 "$RESULTS/gpu.csv" | cut -d, -f1)) =="
+echo "tests: $test_summary"
+if has_stage bench; then
+  for shape in $BENCH_SHAPES; do
+    [ -f "$RESULTS/bench-$shape.txt" ] && { echo "-- $shape"; cat "$RESULTS/bench-$shape.txt"; }
+  done
+fi
