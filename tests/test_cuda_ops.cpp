@@ -148,6 +148,29 @@ TEST_P(CudaOps, ArgmaxAndRandomMatchCpu) {
   EXPECT_EQ(rel_err(b, a), 0.0);
 }
 
+// Sampling on the device picks the CPU reference's token for the same uniform numbers, for every mix of
+// temperature, top-k and top-p (the logits are rounded to the CUDA dtype first, so both see equal inputs).
+TEST_P(CudaOps, SampleMatchesCpu) {
+  const std::vector<SamplingParams> params = {{0.0f}, {1.0f}, {0.7f, 40}, {1.3f, 0, 0.9f}, {0.8f, 50, 0.95f},
+                                              {1.0f, 1}, {2.0f, 0, 0.05f}, {1.0f, 100000}};
+  for (auto [R, V] : {std::pair<int64_t, int64_t>{1, 13}, {17, 32000}, {5, 151936}}) {
+    Tensor logits = host_random({R, V}, -8, 8);
+    Tensor uniforms = Tensor::empty(DType::F32, {R});
+    std::uniform_real_distribution<float> u(0, 1);
+    for (const SamplingParams& p : params) {
+      SCOPED_TRACE(testing::Message() << "R=" << R << " V=" << V << " T=" << p.temperature << " k=" << p.top_k
+                                      << " p=" << p.top_p);
+      for (int64_t r = 0; r < R; ++r) uniforms.data<float>()[r] = u(rng_);
+      Tensor ref = Tensor::empty(DType::I32, {R});
+      cpu_->sample(logits, p, uniforms, ref);
+      Tensor got = cuda_->alloc(DType::I32, {R});
+      cuda_->sample(dev(logits), p, cuda_->upload(uniforms, DType::F32), got);
+      Tensor g = back(got);
+      for (int64_t r = 0; r < R; ++r) EXPECT_EQ(g.data<int32_t>()[r], ref.data<int32_t>()[r]) << "row " << r;
+    }
+  }
+}
+
 // A paged cache of S sequences with the given contexts (after this step's tokens), blocks scattered.
 struct PagedCase {
   std::vector<int32_t> ctx;    // context of each sequence after the step

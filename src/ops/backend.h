@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "core/tensor.h"
+#include "ops/sampling.h"
 
 namespace polar {
 
@@ -102,8 +103,17 @@ class Backend {
   virtual void begin_capture();
   virtual std::unique_ptr<Graph> end_capture();
 
+  // out[r] (I32) = the token the rule of ops/sampling.h picks from row r of logits [R, V] with the
+  // uniform number uniforms[r] (F32 [R]); no host synchronisation.
+  virtual void sample(const Tensor& logits, const SamplingParams& p, const Tensor& uniforms, Tensor& out) = 0;
+
   // Device memory: bytes free now and in total (host RAM for the CPU backend).
   virtual std::pair<int64_t, int64_t> memory_info() = 0;
+  // The memory bandwidth the device reaches now, in GB/s (1e9 bytes/s), measured with buffers far larger
+  // than any cache, best of several passes: on CUDA a device-to-device copy (bytes read + bytes written
+  // per second), on the CPU a parallel streaming read. Decode's byte floor is the bytes a step must move
+  // over this. Takes up to about a second; its buffers are released before it returns.
+  virtual double measure_memory_gbps() = 0;
 
   // Profiling by region. Model code names the part of the step its next ops belong to ("attention",
   // "qkv_o", "mlp", "other"); while profiling is on, the backend attributes the time from one region mark

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <numeric>
 
 namespace polar {
 
@@ -38,13 +39,26 @@ std::vector<std::vector<int32_t>> generate(Model& model, const std::vector<std::
   std::vector<std::vector<int32_t>> out(n);
   std::vector<int32_t> next(n, -1);
   std::vector<bool> done(n, opt.max_new_tokens == 0);
-  auto emit = [&](size_t i, const float* logits) {
-    int32_t tok = samplers[i].sample(logits, c.vocab_size);
-    out[i].push_back(tok);
-    next[i] = tok;
-    ++st.generated_tokens;
-    if (on_token) on_token(i, tok);
-    if ((opt.is_stop && opt.is_stop(tok)) || static_cast<int64_t>(out[i].size()) >= opt.max_new_tokens) done[i] = true;
+  // Tokens are drawn on the backend's device from its logits (ops/sampling.h), so only the chosen ids,
+  // never the [rows, vocab] logits, come back to the host.
+  Backend& be = model.backend();
+  auto emit_all = [&](const Tensor& logits, const std::vector<size_t>& owners, const std::vector<size_t>& rows) {
+    if (owners.empty()) return;
+    const int64_t R = logits.dim(0);
+    Tensor uniforms = Tensor::zeros(DType::F32, {R});
+    for (size_t j = 0; j < owners.size(); ++j) uniforms.data<float>()[rows[j]] = samplers[owners[j]].next_uniform();
+    Tensor ids = be.alloc(DType::I32, {R});
+    be.sample(logits, opt.sampling, be.upload(uniforms, DType::F32), ids);
+    Tensor host_ids = be.to_host_f32(ids);
+    for (size_t j = 0; j < owners.size(); ++j) {
+      const size_t i = owners[j];
+      const int32_t tok = host_ids.data<int32_t>()[rows[j]];
+      out[i].push_back(tok);
+      next[i] = tok;
+      ++st.generated_tokens;
+      if (on_token) on_token(i, tok);
+      if ((opt.is_stop && opt.is_stop(tok)) || static_cast<int64_t>(out[i].size()) >= opt.max_new_tokens) done[i] = true;
+    }
   };
 
   // Prefill: pack prompt chunks into steps of at most max_step_tokens tokens.
@@ -62,10 +76,14 @@ std::vector<std::vector<int32_t>> generate(Model& model, const std::vector<std::
       budget -= static_cast<int64_t>(take);
       if (fed[i] == prompts[i].size()) ++i;
     }
-    Tensor logits = engine.step(chunks, false);
+    Tensor logits = engine.forward(chunks, false);
+    std::vector<size_t> finished, rows;  // prompts complete in this step, and their logit rows
     for (size_t r = 0; r < owners.size(); ++r)
-      if (fed[owners[r]] == prompts[owners[r]].size() && !done[owners[r]])
-        emit(owners[r], logits.data<float>() + r * c.vocab_size);
+      if (fed[owners[r]] == prompts[owners[r]].size() && !done[owners[r]]) {
+        finished.push_back(owners[r]);
+        rows.push_back(r);
+      }
+    emit_all(logits, finished, rows);
   }
   st.prefill_seconds = seconds_since(t0);
 
@@ -80,9 +98,11 @@ std::vector<std::vector<int32_t>> generate(Model& model, const std::vector<std::
         owners.push_back(i);
       }
     if (chunks.empty()) break;
-    Tensor logits = engine.step(chunks, false);
+    Tensor logits = engine.forward(chunks, false);
     ++st.decode_steps;
-    for (size_t r = 0; r < owners.size(); ++r) emit(owners[r], logits.data<float>() + r * c.vocab_size);
+    std::vector<size_t> rows(owners.size());
+    std::iota(rows.begin(), rows.end(), size_t{0});
+    emit_all(logits, owners, rows);
   }
   st.decode_seconds = seconds_since(t0);
   if (stats) *stats = st;

@@ -34,7 +34,8 @@ class CpuBackend final : public Backend {
   }
 
   Tensor to_host_f32(const Tensor& t) override {
-    expect_f32(t, "to_host_f32 input");
+    check(t.dtype() == DType::F32 || t.dtype() == DType::I32, "cpu backend: to_host_f32 of a {} tensor",
+          dtype_name(t.dtype()));
     return t;
   }
 
@@ -227,9 +228,42 @@ class CpuBackend final : public Backend {
     std::memcpy(dst.raw(), host.raw(), host.nbytes());
   }
 
+  void sample(const Tensor& logits, const SamplingParams& p, const Tensor& uniforms, Tensor& out) override {
+    expect_f32(logits, "sample logits");
+    const int64_t R = logits.dim(0), V = logits.dim(1);
+    check(uniforms.numel() == R && out.numel() == R && out.dtype() == DType::I32, "sample: {} rows, {} uniforms, {} outputs",
+          R, uniforms.numel(), out.numel());
+    for (int64_t r = 0; r < R; ++r)
+      out.data<int32_t>()[r] = sample_row(logits.data<float>() + r * V, V, p, uniforms.data<float>()[r]);
+  }
+
   std::pair<int64_t, int64_t> memory_info() override {
     const int64_t page = sysconf(_SC_PAGESIZE);
     return {int64_t(sysconf(_SC_AVPHYS_PAGES)) * page, int64_t(sysconf(_SC_PHYS_PAGES)) * page};
+  }
+
+  double measure_memory_gbps() override {
+    // 1 GiB of floats, summed in parallel; best of 5 passes after a first touch. Each 4096-float chunk is
+    // summed in float with SIMD lanes (exact for ones) so the loop is bound by memory, not by a serial add.
+    const int64_t count = int64_t(1) << 28, chunk = 4096;
+    std::vector<float> buf(count, 1.0f);
+    double best = 0;
+    for (int rep = 0; rep < 5; ++rep) {
+      const auto t0 = std::chrono::steady_clock::now();
+      double sum = 0;
+#pragma omp parallel for reduction(+ : sum) schedule(static)
+      for (int64_t c0 = 0; c0 < count; c0 += chunk) {
+        float part = 0;
+        const float* p = buf.data() + c0;
+#pragma omp simd reduction(+ : part)
+        for (int64_t i = 0; i < chunk; ++i) part += p[i];
+        sum += part;
+      }
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (sum != double(count)) fail("bandwidth probe: bad sum");
+      best = std::max(best, count * 4.0 / s / 1e9);
+    }
+    return best;
   }
 
  protected:

@@ -394,11 +394,51 @@ class CudaBackend final : public Backend {
     cuda::argmax(logits.raw(), logits.dim(0), logits.dim(1), out.data<int32_t>(), elem(), stream_);
   }
 
+  void sample(const Tensor& logits, const SamplingParams& p, const Tensor& uniforms, Tensor& out) override {
+    validate(p);
+    expect_act(logits, "sample logits");
+    expect_i32(out, "sample output");
+    expect_device(uniforms, "sample uniforms");
+    check(logits.ndim() == 2 && uniforms.dtype() == DType::F32 && uniforms.numel() == logits.dim(0) &&
+              out.numel() == logits.dim(0),
+          "sample: logits {} uniforms {} output {}", shape_str(logits.shape()), shape_str(uniforms.shape()),
+          shape_str(out.shape()));
+    if (p.temperature == 0.0f) return argmax(logits, out);
+    cuda::sample(logits.raw(), logits.dim(0), logits.dim(1), p.temperature, p.top_k, p.top_p, uniforms.data<float>(),
+                 out.data<int32_t>(), elem(), stream_);
+  }
+
   std::pair<int64_t, int64_t> memory_info() override {
     size_t free_b = 0, total_b = 0;
     cuda_check(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
     // Blocks cached by the allocator are as good as free.
     return {static_cast<int64_t>(free_b + alloc_->cached_bytes()), static_cast<int64_t>(total_b)};
+  }
+
+  // A device-to-device copy of 1 GiB (a quarter of the free memory on smaller devices), timed by events,
+  // best of 5 after a warm-up; a copy reads and writes every byte once.
+  double measure_memory_gbps() override {
+    const int64_t bytes = std::min<int64_t>(int64_t(1) << 30, memory_info().first / 4);
+    // Random contents: never time on uninitialised or zero memory.
+    Tensor src = random_uniform(DType::F32, {bytes / 4}, -1, 1, 7), dst = alloc(DType::F32, {bytes / 4});
+    cudaEvent_t start = nullptr, stop = nullptr;
+    cuda_check(cudaEventCreate(&start), "cudaEventCreate");
+    cuda_check(cudaEventCreate(&stop), "cudaEventCreate");
+    double best = 0;
+    for (int rep = 0; rep < 6; ++rep) {
+      cuda_check(cudaEventRecord(start, stream_), "cudaEventRecord");
+      cuda_check(cudaMemcpyAsync(dst.raw(), src.raw(), bytes, cudaMemcpyDeviceToDevice, stream_), "bandwidth copy");
+      cuda_check(cudaEventRecord(stop, stream_), "cudaEventRecord");
+      cuda_check(cudaEventSynchronize(stop), "cudaEventSynchronize");
+      float ms = 0;
+      cuda_check(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
+      if (rep > 0) best = std::max(best, 2.0 * bytes / (ms * 1e-3) / 1e9);
+    }
+    cudaEventDestroy(start);
+    cudaEventDestroy(stop);
+    src = dst = Tensor();
+    alloc_->release_cached();  // 2 GiB the allocator would otherwise keep
+    return best;
   }
 
  protected:

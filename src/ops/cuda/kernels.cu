@@ -232,6 +232,148 @@ __global__ void argmax_kernel(const T* logits, int64_t V, int32_t* out) {
   }
 }
 
+// ---- sampling (ops/sampling.h): thresholds found by bisection over order-preserving integer keys of the
+// logits, each probe one pass over the row with a deterministic block reduction, so a seed always gives the
+// same token; the draw is a block scan over contiguous per-thread ranges in index order ----
+
+constexpr int kSampleThreads = 1024;
+
+// Monotone map float -> uint32: a > b  <=>  key(a) > key(b).
+__device__ __forceinline__ uint32_t order_key(float f) {
+  const uint32_t u = __float_as_uint(f);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Deterministic block-wide sums: a fixed shuffle tree inside warps, then over the warps' totals.
+template <typename V> __device__ V block_reduce_sum(V v, V* scratch) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  __syncthreads();
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
+  __syncthreads();
+  v = threadIdx.x < blockDim.x / 32 ? scratch[threadIdx.x] : V(0);
+  if (threadIdx.x < 32)
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if (threadIdx.x == 0) scratch[0] = v;
+  __syncthreads();
+  return scratch[0];
+}
+
+template <typename T>
+__global__ void sample_kernel(const T* logits, int64_t V, float temperature, int64_t top_k, float top_p,
+                              const float* uniforms, int32_t* out) {
+  __shared__ float fscratch[32];
+  __shared__ unsigned long long uscratch[32];
+  __shared__ int32_t chosen;
+  const T* row = logits + blockIdx.x * V;
+  // Row maximum (for a stable exp) as the largest key.
+  unsigned long long mx = 0;
+  for (int64_t i = threadIdx.x; i < V; i += blockDim.x) mx = max(mx, (unsigned long long)order_key(to_float(row[i])));
+  for (int o = 16; o > 0; o >>= 1) mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  __syncthreads();
+  if (threadIdx.x % 32 == 0) uscratch[threadIdx.x / 32] = mx;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < blockDim.x / 32; ++w) mx = max(mx, uscratch[w]);
+    uscratch[0] = mx;
+  }
+  __syncthreads();
+  const uint32_t max_key = static_cast<uint32_t>(uscratch[0]);
+  const uint32_t max_bits = (max_key & 0x80000000u) ? (max_key & 0x7fffffffu) : ~max_key;
+  const float row_max = __uint_as_float(max_bits);
+  const float inv_t = 1.0f / temperature;
+  auto prob = [&](float l) { return __expf((l - row_max) * inv_t); };
+
+  // Largest key threshold tau with pred(tau) true; pred is monotone (true at 0).
+  auto bisect = [&](auto pred) {
+    uint32_t lo = 0, hi = 0xffffffffu;
+    while (lo < hi) {
+      const uint32_t mid = lo + static_cast<uint32_t>((static_cast<uint64_t>(hi) - lo + 1) / 2);
+      if (pred(mid)) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+  };
+  uint32_t keep_key = 0;  // tokens with key >= keep_key are kept
+  if (top_k > 0 && top_k < V) {
+    keep_key = bisect([&](uint32_t tau) {
+      unsigned long long n = 0;
+      for (int64_t i = threadIdx.x; i < V; i += blockDim.x) n += order_key(to_float(row[i])) >= tau;
+      return block_reduce_sum(n, uscratch) >= static_cast<unsigned long long>(top_k);
+    });
+  }
+  auto kept_mass = [&](uint32_t tau) {
+    float m = 0;
+    for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
+      const float l = to_float(row[i]);
+      if (order_key(l) >= tau) m += prob(l);
+    }
+    return block_reduce_sum(m, fscratch);
+  };
+  if (top_p < 1.0f) {
+    const float target = top_p * kept_mass(keep_key);
+    const uint32_t k0 = keep_key;
+    keep_key = bisect([&](uint32_t tau) { return kept_mass(tau > k0 ? tau : k0) >= target; });
+    keep_key = keep_key > k0 ? keep_key : k0;
+  }
+  // Draw: thread t owns the contiguous range [t*C, (t+1)*C); an exclusive scan of the range masses says
+  // which thread holds the crossing of u * total, and that thread walks its range in index order.
+  const int64_t C = (V + blockDim.x - 1) / blockDim.x;
+  const int64_t begin = threadIdx.x * C, end = min(V, begin + C);
+  float mine = 0;
+  int32_t last_kept = -1;
+  for (int64_t i = begin; i < end; ++i) {
+    const float l = to_float(row[i]);
+    if (order_key(l) >= keep_key) mine += prob(l), last_kept = static_cast<int32_t>(i);
+  }
+  // Inclusive scan over the block: within warps by shuffles, then over warp totals.
+  float incl = mine;
+  for (int o = 1; o < 32; o <<= 1) {
+    const float y = __shfl_up_sync(0xffffffffu, incl, o);
+    if (threadIdx.x % 32 >= o) incl += y;
+  }
+  __syncthreads();
+  if (threadIdx.x % 32 == 31) fscratch[threadIdx.x / 32] = incl;
+  if (threadIdx.x == 0) chosen = -1;
+  __syncthreads();
+  float warp_base = 0;
+  for (int w = 0; w < static_cast<int>(threadIdx.x / 32); ++w) warp_base += fscratch[w];
+  float total = 0;
+  for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) total += fscratch[w];
+  // The exclusive prefix is the previous lane's inclusive one, so neighbouring ranges meet exactly and
+  // exactly one thread's [excl, incl) holds the target.
+  float excl = __shfl_up_sync(0xffffffffu, incl, 1);
+  if (threadIdx.x % 32 == 0) excl = 0;
+  incl += warp_base;
+  excl += warp_base;
+  const float target = uniforms[blockIdx.x] * total;
+  if (mine > 0 && target >= excl && target < incl) {
+    float acc = excl;
+    int32_t pick = last_kept;
+    for (int64_t i = begin; i < end; ++i) {
+      const float l = to_float(row[i]);
+      if (order_key(l) < keep_key) continue;
+      acc += prob(l);
+      if (acc > target) {
+        pick = static_cast<int32_t>(i);
+        break;
+      }
+    }
+    chosen = pick;
+  }
+  __syncthreads();
+  if (chosen < 0) {  // target rounded to the full mass: the last kept token
+    unsigned long long last = last_kept < 0 ? 0 : static_cast<unsigned long long>(last_kept);
+    for (int o = 16; o > 0; o >>= 1) last = max(last, __shfl_xor_sync(0xffffffffu, last, o));
+    if (threadIdx.x % 32 == 0) uscratch[threadIdx.x / 32] = last;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      for (int w = 1; w < blockDim.x / 32; ++w) last = max(last, uscratch[w]);
+      chosen = static_cast<int32_t>(max(last, uscratch[0]));
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) out[blockIdx.x] = chosen;
+}
+
 int row_threads(int64_t work) { return work >= 1024 ? 1024 : (work >= 256 ? 256 : 128); }
 
 }  // namespace
@@ -330,6 +472,17 @@ void argmax(const void* logits, int64_t R, int64_t V, int32_t* out, Elem e, cuda
     argmax_kernel<<<static_cast<unsigned>(R), 1024, 0, stream>>>(static_cast<const T*>(logits), V, out);
   });
   check_launch("argmax");
+}
+
+void sample(const void* logits, int64_t R, int64_t V, float temperature, int64_t top_k, float top_p,
+            const float* uniforms, int32_t* out, Elem e, cudaStream_t stream) {
+  if (R == 0) return;
+  dispatch(e, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    sample_kernel<<<static_cast<unsigned>(R), kSampleThreads, 0, stream>>>(static_cast<const T*>(logits), V, temperature,
+                                                                            top_k, top_p, uniforms, out);
+  });
+  check_launch("sample");
 }
 
 }  // namespace polar::cuda

@@ -46,5 +46,9 @@ void relu(void* x, int64_t n, Elem e, cudaStream_t stream);
 void silu_mul(const void* gate, const void* up, void* out, int64_t n, Elem e, cudaStream_t stream);
 // out[r] = argmax of logits[r, 0:V] (lowest index on ties); one CTA per row.
 void argmax(const void* logits, int64_t R, int64_t V, int32_t* out, Elem e, cudaStream_t stream);
+// out[r] = the token the rule of ops/sampling.h picks from logits[r, 0:V] with uniforms[r] (temperature
+// > 0; greedy rows use argmax). One CTA per row.
+void sample(const void* logits, int64_t R, int64_t V, float temperature, int64_t top_k, float top_p,
+            const float* uniforms, int32_t* out, Elem e, cudaStream_t stream);
 
 }  // namespace polar::cuda
