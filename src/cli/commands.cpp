@@ -7,9 +7,11 @@ Command logits_command();
 Command perplexity_command();
 Command info_command();
 Command bench_command();
+Command bench_kernels_command();
 
 std::vector<Command> all_commands() {
-  return {generate_command(), logits_command(), perplexity_command(), info_command(), bench_command()};
+  return {generate_command(), logits_command(), perplexity_command(), info_command(), bench_command(),
+          bench_kernels_command()};
 }
 
 }  // namespace polar::cli

@@ -1,0 +1,125 @@
+#include "bench/kernel_bench.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+
+#include <fmt/format.h>
+
+namespace polar {
+
+namespace {
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
+}
+
+// Runs `body` 3 times untimed, then `reps` times each between two region marks; median ms.
+template <typename F> double time_ms(Backend& be, int reps, F&& body) {
+  for (int i = 0; i < 3; ++i) body(i);
+  be.synchronize();
+  std::vector<double> ms;
+  be.set_profiling(true);
+  for (int i = 0; i < reps; ++i) {
+    be.region("kernel");
+    body(i);
+    ms.push_back(be.take_profile()["kernel"]);
+  }
+  be.set_profiling(false);
+  return median(ms);
+}
+
+Tensor host_i32(const std::vector<int32_t>& v, Shape shape) {
+  Tensor t = Tensor::empty(DType::I32, std::move(shape));
+  std::copy(v.begin(), v.end(), t.data<int32_t>());
+  return t;
+}
+
+KernelRow row(std::string kernel, std::string shape, double ms, double bytes, double copy_gbps) {
+  KernelRow r{std::move(kernel), std::move(shape), ms, bytes};
+  r.gbps = bytes / (ms / 1e3) / 1e9;
+  r.of_copy = r.gbps / copy_gbps;
+  return r;
+}
+
+}  // namespace
+
+std::vector<AttentionShape> default_attention_shapes() {
+  return {{1, 4096, 32, 32, 128},   {8, 4096, 32, 32, 128},  {16, 3968, 32, 32, 128}, {64, 1920, 32, 32, 128},
+          {64, 1920, 72, 72, 128},  {128, 1920, 32, 32, 128}, {256, 1024, 32, 32, 128}, {64, 1920, 32, 8, 128},
+          {128, 4096, 32, 8, 128}, {256, 2048, 28, 4, 128}};
+}
+
+std::vector<GemmShape> default_gemm_shapes() {
+  std::vector<GemmShape> s;
+  for (int64_t m : {1, 8, 32, 64, 128, 256})
+    for (auto [n, k] : {std::pair<int64_t, int64_t>{4096, 4096}, {11008, 4096}, {4096, 11008}}) s.push_back({m, n, k});
+  return s;
+}
+
+std::vector<KernelRow> bench_attention(Backend& be, const std::vector<AttentionShape>& shapes, double copy_gbps,
+                                       const KernelBenchOptions& o,
+                                       const std::function<void(const std::string&)>& progress) {
+  const DType dt = be.activation_dtype();
+  const int64_t bs = 16;
+  std::vector<KernelRow> rows;
+  std::mt19937_64 rng(o.seed);
+  for (const AttentionShape& s : shapes) {
+    const int64_t per_seq = (s.ctx + bs - 1) / bs, blocks = s.batch * per_seq;
+    // Every sequence has the full context; its blocks are scattered over the pool as a long-running
+    // server's would be.
+    std::vector<int32_t> perm(blocks);
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    std::vector<int32_t> pos(s.batch, static_cast<int32_t>(s.ctx - 1)), seq(s.batch), starts(s.batch + 1);
+    std::iota(seq.begin(), seq.end(), 0);
+    std::iota(starts.begin(), starts.end(), 0);
+    StepLayout l;
+    l.positions = be.upload(host_i32(pos, {s.batch}), DType::I32);
+    l.token_seq = be.upload(host_i32(seq, {s.batch}), DType::I32);
+    l.slots = l.token_seq;  // unused by attention
+    l.block_tables = be.upload(host_i32(perm, {s.batch, per_seq}), DType::I32);
+    l.seq_starts = be.upload(host_i32(starts, {s.batch + 1}), DType::I32);
+    l.block_size = bs;
+    l.max_ctx = s.ctx;
+    l.max_chunk = 1;
+    KVLayer kv{be.random_uniform(dt, {blocks, bs, s.kv_heads, s.head_dim}, -1, 1, o.seed + 1),
+               be.random_uniform(dt, {blocks, bs, s.kv_heads, s.head_dim}, -1, 1, o.seed + 2)};
+    Tensor q = be.random_uniform(dt, {s.batch, s.heads, s.head_dim}, -1, 1, o.seed + 3);
+    Tensor out = be.alloc(dt, {s.batch, s.heads, s.head_dim});
+    const float scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
+    const double ms = time_ms(be, o.reps, [&](int) { be.attention(q, kv, l, scale, 0, out); });
+    const double elem = static_cast<double>(dtype_size(dt));
+    const double bytes = 2.0 * s.batch * s.ctx * s.kv_heads * s.head_dim * elem + 2.0 * q.nbytes();
+    rows.push_back(row("attention",
+                       fmt::format("B{} N{} H{}/{} dh{}", s.batch, s.ctx, s.heads, s.kv_heads, s.head_dim), ms, bytes,
+                       copy_gbps));
+    if (progress) progress(fmt::format("attention {}: {:.3f} ms", rows.back().shape, ms));
+  }
+  return rows;
+}
+
+std::vector<KernelRow> bench_gemm(Backend& be, const std::vector<GemmShape>& shapes, double copy_gbps,
+                                  const KernelBenchOptions& o, const std::function<void(const std::string&)>& progress) {
+  const DType dt = be.activation_dtype();
+  std::vector<KernelRow> rows;
+  for (const GemmShape& s : shapes) {
+    // Enough weight copies to exceed a 50 MB L2 several times over, used in turn: each timed run reads its
+    // weights from HBM, as a decode step does.
+    const double w_bytes = static_cast<double>(s.n * s.k * dtype_size(dt));
+    const int copies = static_cast<int>(std::clamp(256e6 / w_bytes, 2.0, 16.0));
+    std::vector<Tensor> w;
+    for (int c = 0; c < copies; ++c) w.push_back(be.random_uniform(dt, {s.n, s.k}, -0.05f, 0.05f, o.seed + 10 + c));
+    Tensor x = be.random_uniform(dt, {s.m, s.k}, -1, 1, o.seed + 5);
+    Tensor y = be.alloc(dt, {s.m, s.n});
+    const double ms = time_ms(be, o.reps, [&](int i) { be.linear(x, w[i % copies], nullptr, y); });
+    const double bytes = w_bytes + static_cast<double>(x.nbytes() + y.nbytes());
+    rows.push_back(row("gemm", fmt::format("m{} n{} k{}", s.m, s.n, s.k), ms, bytes, copy_gbps));
+    if (progress) progress(fmt::format("gemm {}: {:.4f} ms", rows.back().shape, ms));
+  }
+  return rows;
+}
+
+}  // namespace polar

@@ -1,0 +1,108 @@
+// polar bench-kernels: decode attention and decode GEMMs alone, against their byte floors.
+#include <fmt/core.h>
+
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+
+#include "bench/kernel_bench.h"
+#include "cli/commands.h"
+#include "cli/common.h"
+
+namespace polar::cli {
+
+namespace {
+
+struct KernelArgs {
+  std::string device = "cuda";
+  std::string dtype = "f16";
+  std::vector<std::string> attention, gemm;
+  KernelBenchOptions bench;
+  std::string csv;
+  bool json = false;
+};
+
+// "64x1920x32x8x128" -> {64, 1920, 32, 8, 128}; the count of fields must be `n`.
+std::vector<int64_t> parse_dims(const std::string& s, size_t n, const char* what) {
+  std::vector<int64_t> v;
+  size_t pos = 0;
+  while (pos <= s.size()) {
+    const size_t end = std::min(s.find('x', pos), s.size());
+    const std::string part = s.substr(pos, end - pos);
+    check(!part.empty() && part.find_first_not_of("0123456789") == std::string::npos && part.size() < 10,
+          "bad {} shape '{}': expected {} positive integers joined by 'x'", what, s, n);
+    v.push_back(std::stoll(part));
+    check(v.back() > 0, "bad {} shape '{}': dimensions must be positive", what, s);
+    pos = end + 1;
+  }
+  check(v.size() == n, "bad {} shape '{}': expected {} positive integers joined by 'x'", what, s, n);
+  return v;
+}
+
+int run(const KernelArgs& a) {
+  auto be = make_backend(a.device, a.dtype == "bf16" ? DType::BF16 : DType::F16);
+  std::vector<AttentionShape> att;
+  std::vector<GemmShape> gemm;
+  for (const auto& s : a.attention) {
+    auto d = parse_dims(s, 5, "attention");
+    check(d[2] % d[3] == 0, "bad attention shape '{}': heads must be a multiple of KV heads", s);
+    att.push_back({d[0], d[1], d[2], d[3], d[4]});
+  }
+  for (const auto& s : a.gemm) {
+    auto d = parse_dims(s, 3, "gemm");
+    gemm.push_back({d[0], d[1], d[2]});
+  }
+  if (a.attention.empty() && a.gemm.empty()) {
+    att = default_attention_shapes();
+    gemm = default_gemm_shapes();
+  }
+  fmt::print(stderr, "measuring memory bandwidth on {}...\n", be->name());
+  const double copy = be->measure_memory_gbps();
+  fmt::print(stderr, "copy bandwidth {:.0f} GB/s\n", copy);
+  auto progress = [](const std::string& s) { fmt::print(stderr, "{}\n", s); };
+  std::vector<KernelRow> rows = bench_attention(*be, att, copy, a.bench, progress);
+  for (auto& r : bench_gemm(*be, gemm, copy, a.bench, progress)) rows.push_back(r);
+  if (!a.csv.empty()) {
+    std::ofstream f(a.csv);
+    check(f.good(), "cannot write {}", a.csv);
+    f << "kernel,shape,ms,bytes,gb_per_s,of_copy\n";
+    for (auto& r : rows) f << fmt::format("{},{},{:.5f},{:.0f},{:.1f},{:.3f}\n", r.kernel, r.shape, r.ms, r.bytes, r.gbps, r.of_copy);
+    check(f.good(), "writing {} failed", a.csv);
+  }
+  if (a.json) {
+    nlohmann::json j = nlohmann::json::array();
+    for (auto& r : rows)
+      j.push_back({{"kernel", r.kernel}, {"shape", r.shape}, {"ms", r.ms}, {"bytes", r.bytes}, {"gb_per_s", r.gbps},
+                   {"of_copy", r.of_copy}});
+    fmt::print("{}\n", nlohmann::json{{"device", be->name()}, {"copy_gb_per_s", copy}, {"rows", j}}.dump(1));
+    return 0;
+  }
+  fmt::print("{:<10} {:<26} {:>10} {:>10} {:>9}\n", "kernel", "shape", "ms", "GB/s", "of copy");
+  for (auto& r : rows)
+    fmt::print("{:<10} {:<26} {:>10.4f} {:>10.0f} {:>8.0f}%\n", r.kernel, r.shape, r.ms, r.gbps, 100 * r.of_copy);
+  return 0;
+}
+
+}  // namespace
+
+Command bench_kernels_command() {
+  auto a = std::make_shared<KernelArgs>();
+  return {"bench-kernels",
+          [a](CLI::App& app) {
+            auto* c = app.add_subcommand("bench-kernels",
+                                         "Time decode attention and decode GEMMs alone against their byte floors");
+            c->add_option("--device", a->device, "cpu or cuda[:N]")->capture_default_str();
+            c->add_option("--dtype", a->dtype, "f16 or bf16 (CUDA)")->capture_default_str()->check(CLI::IsMember({"f16", "bf16"}));
+            c->add_option("--attention", a->attention, "Attention shapes BxNxHxHkvxDH (default: a built-in table)")
+                ->delimiter(',');
+            c->add_option("--gemm", a->gemm, "GEMM shapes MxNxK, y[M,N] = x[M,K]·w[N,K]ᵀ (default: a built-in table)")
+                ->delimiter(',');
+            c->add_option("--reps", a->bench.reps, "Timed repetitions per shape")->capture_default_str()
+                ->check(CLI::PositiveNumber);
+            c->add_option("--csv", a->csv, "Also write the rows to this CSV file");
+            c->add_flag("--json", a->json, "Print JSON instead of a table");
+          },
+          [a] { return run(*a); }};
+}
+
+}  // namespace polar::cli
