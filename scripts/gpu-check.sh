@@ -3,7 +3,7 @@
 # sm_90a, runs every test (the CUDA parity and end-to-end tests included), runs the benchmarks, and writes
 # logs, CSVs and plots to a results folder; a short summary table comes last.
 #
-#   scripts/gpu-check.sh [STAGE ...]      stages: build test bench (default: all three, in that order)
+#   scripts/gpu-check.sh [STAGE ...]   stages: build test kernels bench (default: all, in that order)
 #
 # Environment:
 #   RESULTS         results folder (default: $OUT if set, else out/gpu-check)
@@ -23,7 +23,7 @@ BENCH_BATCHES=${BENCH_BATCHES:-1,8,32,64,128,256}
 BENCH_CTX=${BENCH_CTX:-512,1024,2048,4096}
 mkdir -p "$RESULTS"
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(build test bench)
+[ ${#stages[@]} -eq 0 ] && stages=(build test kernels bench)
 has_stage() { local s; for s in "${stages[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
 log() { echo "[gpu-check] $*" >&2; }
 
@@ -68,6 +68,14 @@ if has_stage test; then
   [ $gpu_rc -ne 0 ] && grep -E "FAILED|Failure|Expected|Which is|Value of|actual|error|Trace|step|row" "$RESULTS/tests-gpu.log" | head -80
 fi
 
+if has_stage kernels; then
+  log "kernel benchmarks (polar) and the same shapes in PyTorch"
+  "$BUILD_DIR/src/polar" bench-kernels --device cuda --csv "$RESULTS/kernels.csv" > "$RESULTS/kernels.txt" \
+    2> "$RESULTS/kernels.log" || tail -20 "$RESULTS/kernels.log"
+  python3 scripts/torch_reference.py --csv "$RESULTS/kernels-torch.csv" 2> "$RESULTS/kernels-torch.log" ||
+    tail -20 "$RESULTS/kernels-torch.log"
+fi
+
 if has_stage bench; then
   log "decode benchmarks: $BENCH_SHAPES, batch $BENCH_BATCHES, ctx $BENCH_CTX"
   for shape in $BENCH_SHAPES; do
@@ -80,6 +88,20 @@ fi
 echo
 echo "== gpu-check summary ($(date -u +%Y-%m-%d), $(tail -1 "$RESULTS/gpu.csv" | cut -d, -f1)) =="
 echo "tests: $test_summary"
+if [ -f "$RESULTS/kernels.csv" ] && [ -f "$RESULTS/kernels-torch.csv" ]; then
+  echo "-- kernels: polar vs PyTorch (same shapes, same run)"
+  python3 - "$RESULTS/kernels.csv" "$RESULTS/kernels-torch.csv" <<'PY'
+import csv, sys
+ours = {(r["kernel"], r["shape"]): r for r in csv.DictReader(open(sys.argv[1]))}
+ref = {(r["kernel"], r["shape"]): float(r["torch_ms"]) for r in csv.DictReader(open(sys.argv[2]))}
+print(f"{'kernel':<10} {'shape':<24} {'polar ms':>9} {'torch ms':>9} {'torch/polar':>11} {'GB/s':>6} {'of copy':>8}")
+for key, r in ours.items():
+    t = ref.get(key)
+    ms = float(r["ms"])
+    print(f"{key[0]:<10} {key[1]:<24} {ms:>9.4f} {t if t else float('nan'):>9.4f} {(t / ms) if t else float('nan'):>11.2f} "
+          f"{float(r['gb_per_s']):>6.0f} {100 * float(r['of_copy']):>7.0f}%")
+PY
+fi
 if has_stage bench; then
   for shape in $BENCH_SHAPES; do
     [ -f "$RESULTS/bench-$shape.txt" ] && { echo "-- $shape"; cat "$RESULTS/bench-$shape.txt"; }
