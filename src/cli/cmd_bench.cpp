@@ -1,74 +1,254 @@
-// polar bench: prefill and batched decode speed of a model, each next to its hardware floor.
-#include <fmt/core.h>
+// polar bench: batched decode speed over a sweep of batch sizes and contexts, each point next to its byte
+// floor, on a checkpoint (--model) or on a synthetic model of a real shape with random weights (--shape,
+// --config); optionally the prefill of one prompt against the GEMM rate. Table or JSON on stdout, CSV and
+// a gnuplot PNG on request, progress on stderr.
+#include <sys/wait.h>
+#include <unistd.h>
 
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
+#include <map>
+#include <optional>
+
+#include <fmt/core.h>
+#include <fmt/ranges.h>
 
 #include <nlohmann/json.hpp>
 
 #include "bench/decode_bench.h"
+#include "bench/shapes.h"
 #include "cli/commands.h"
 #include "cli/common.h"
 
 namespace polar::cli {
 
 namespace {
+
+namespace fs = std::filesystem;
+
+constexpr int64_t kPrefillReps = 3;
+
 struct BenchArgs {
   ModelOptions model;
-  BenchOptions bench;
+  std::string shape;
+  std::string config;
+  DecodeSweepOptions sweep;
+  int64_t prompt_len = 0;
   std::string csv;
+  std::string plot;
   bool json = false;
 };
 
-int run_bench_cmd(const BenchArgs& a) {
-  check(a.model.device == "cpu", "polar bench runs on --device cpu in this version");
-  LoadedModel m = load_model(a.model);
-  const ModelConfig& c = m.model->config();
-  fmt::print(stderr, "measuring host memory bandwidth and GEMM rate...\n");
-  HostRoofline roof = measure_host_roofline(a.bench.prompt_len, c.ffn, c.hidden);
-  fmt::print(stderr, "read bandwidth {:.1f} GB/s, sgemm {:.1f} GFLOP/s ({}x{}x{})\n", roof.read_gbps, roof.gemm_gflops,
-             a.bench.prompt_len, c.ffn, c.hidden);
-  auto rows = run_bench(*m.model, a.bench, roof, [](const std::string& s) { fmt::print(stderr, "{}\n", s); });
-  if (!a.csv.empty()) {
-    std::ofstream f(a.csv);
-    check(f.good(), "cannot write {}", a.csv);
-    f << "phase,batch,ctx,ms,tokens_per_s,floor_ms,x_floor,achieved\n";
-    for (auto& r : rows)
-      f << fmt::format("{},{},{},{:.4f},{:.2f},{:.4f},{:.3f},{:.2f}\n", r.phase, r.batch, r.ctx, r.ms, r.tokens_per_s,
-                       r.floor_ms, r.x_floor, r.achieved);
+// The result columns after shape, batch and ctx: CSV header and JSON key, and decimals in the table.
+struct Column {
+  const char* name;
+  double DecodePoint::*field;
+  int decimals;
+};
+constexpr Column kColumns[] = {
+    {"density", &DecodePoint::density, 2},        {"step_ms", &DecodePoint::step_ms, 3},
+    {"tokens_per_s", &DecodePoint::tokens_per_s, 1}, {"floor_ms", &DecodePoint::floor_ms, 3},
+    {"x_floor", &DecodePoint::x_floor, 2},        {"gb_per_s", &DecodePoint::gb_per_s, 1},
+    {"attention_ms", &DecodePoint::attention_ms, 3}, {"qkv_o_ms", &DecodePoint::qkv_o_ms, 3},
+    {"mlp_ms", &DecodePoint::mlp_ms, 3},          {"other_ms", &DecodePoint::other_ms, 3},
+    {"profiled_ms", &DecodePoint::profiled_ms, 3},
+};
+int column_width(const Column& c) { return std::max(static_cast<int>(std::strlen(c.name)), 9); }
+
+// What the results call the model: the shape, the folder of a config.json (else the file's stem), or a
+// checkpoint's file or folder name.
+std::string model_label(const BenchArgs& a) {
+  if (!a.shape.empty()) return a.shape;
+  const bool config = !a.config.empty();
+  fs::path p = fs::absolute(config ? a.config : a.model.model).lexically_normal();
+  if (!p.has_filename()) p = p.parent_path();  // a folder given with a trailing slash
+  if (config) return (p.filename() == "config.json" ? p.parent_path().filename() : p.stem()).string();
+  return p.filename().string();
+}
+
+void write_csv(const std::string& path, const std::string& label, const std::vector<DecodePoint>& points) {
+  std::ofstream f(path);
+  check(f.good(), "cannot write {}", path);
+  f << "shape,batch,ctx";
+  for (const Column& c : kColumns) f << ',' << c.name;
+  f << '\n';
+  for (const DecodePoint& p : points) {
+    f << fmt::format("{},{},{}", label, p.batch, p.ctx);
+    for (const Column& c : kColumns) f << fmt::format(",{:.6g}", p.*c.field);
+    f << '\n';
   }
+  check(f.good(), "cannot write {}", path);
+}
+
+// A gnuplot string literal.
+std::string gnuplot_quoted(const std::string& s) {
+  std::string q = "'";
+  for (char ch : s) q += ch == '\'' ? std::string("''") : std::string(1, ch);
+  return q + "'";
+}
+
+// Two panels against batch size (log scale), one line per context: tokens/s, and the attention share of
+// the profiled step. pngcairo where gnuplot has it, else the libgd png terminal.
+void write_plot(const std::string& path, const std::string& title, const std::vector<DecodePoint>& points) {
+  check(!points.empty(), "nothing to plot in {}: every point was skipped", path);
+  std::map<int64_t, std::vector<const DecodePoint*>> by_ctx;
+  for (const DecodePoint& p : points) by_ctx[p.ctx].push_back(&p);
+  std::string script, throughput, attention;
+  for (const auto& [ctx, row] : by_ctx) {
+    script += fmt::format("$ctx{} << EOD\n", ctx);
+    for (const DecodePoint* p : row)
+      script += fmt::format("{} {} {}\n", p->batch, p->tokens_per_s, 100 * p->attention_ms / p->profiled_ms);
+    script += "EOD\n";
+    const std::string sep = throughput.empty() ? "" : ", ";
+    throughput += fmt::format("{}$ctx{} using 1:2 with linespoints title 'ctx {}'", sep, ctx, ctx);
+    attention += fmt::format("{}$ctx{} using 1:3 with linespoints title 'ctx {}'", sep, ctx, ctx);
+  }
+  script += fmt::format(R"(if (strstrt(GPVAL_TERMINALS, "pngcairo") > 0) {{
+  set terminal pngcairo size 1400,520 noenhanced
+}} else {{
+  set terminal png size 1400,520 noenhanced
+}}
+set output {}
+set multiplot layout 1,2 title {}
+set logscale x 2
+set xlabel 'batch size'
+set grid
+set key left top
+set title 'decode throughput'
+set ylabel 'tokens/s'
+plot {}
+set title 'attention share of the profiled step'
+set ylabel 'attention (% of step time)'
+set yrange [0:100]
+plot {}
+unset multiplot
+)",
+                        gnuplot_quoted(path), gnuplot_quoted(title), throughput, attention);
+  const std::string script_path = (fs::temp_directory_path() / fmt::format("polar-plot-{}.gp", getpid())).string();
+  {
+    std::ofstream f(script_path);
+    f << script;
+    check(f.good(), "cannot write {}", script_path);
+  }
+  const int status = std::system(fmt::format("gnuplot {}", script_path).c_str());
+  fs::remove(script_path);
+  check(status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 0,
+        "gnuplot failed to write {} (is gnuplot installed? Debian: gnuplot-nox)", path);
+}
+
+nlohmann::json to_json(const std::string& label, const DecodeSweep& sweep) {
+  nlohmann::json rows = nlohmann::json::array(), skipped = nlohmann::json::array();
+  for (const DecodePoint& p : sweep.points) {
+    nlohmann::json r = {{"shape", label}, {"batch", p.batch}, {"ctx", p.ctx}};
+    for (const Column& c : kColumns) r[c.name] = p.*c.field;
+    rows.push_back(r);
+  }
+  for (const SkippedPoint& s : sweep.skipped) skipped.push_back({{"batch", s.batch}, {"ctx", s.ctx}, {"reason", s.reason}});
+  return {{"rows", rows}, {"skipped", skipped}};
+}
+
+void print_table(const std::string& label, const std::vector<DecodePoint>& points) {
+  const int w = std::max(static_cast<int>(label.size()), 5);
+  fmt::print("{:<{}} {:>5} {:>6}", "shape", w, "batch", "ctx");
+  for (const Column& c : kColumns) fmt::print(" {:>{}}", c.name, column_width(c));
+  fmt::print("\n");
+  for (const DecodePoint& p : points) {
+    fmt::print("{:<{}} {:>5} {:>6}", label, w, p.batch, p.ctx);
+    for (const Column& c : kColumns) fmt::print(" {:>{}.{}f}", p.*c.field, column_width(c), c.decimals);
+    fmt::print("\n");
+  }
+}
+
+int run_bench_cmd(const BenchArgs& a) {
+  check(!a.model.model.empty() || !a.shape.empty() || !a.config.empty(),
+        "polar bench needs a model: --model PATH, --shape NAME or --config FILE");
+  const std::string label = model_label(a);
+  LoadedModel m;
+  if (a.model.model.empty()) {
+    const ModelConfig config = a.shape.empty() ? load_hf_config(a.config) : shape_config(a.shape);
+    m = load_model(a.model, [&] { return synthetic_checkpoint(config, "synthetic " + label, a.sweep.seed); });
+  } else {
+    m = load_model(a.model);
+  }
+  Backend& be = *m.backend;
+  const ModelConfig& c = m.model->config();
+  fmt::print(stderr, "{}: {}\n{:.4g} GB of weights, {:.4g} GB read by every decode step\n", label, c.describe(),
+             m.model->weight_bytes() / 1e9, m.model->step_weight_bytes() / 1e9);
+  fmt::print(stderr, "measuring memory bandwidth...\n");
+  const double gbps = be.measure_memory_gbps();
+  fmt::print(stderr, "memory bandwidth {:.1f} GB/s\n", gbps);
+
+  std::optional<PrefillResult> prefill;
+  double gemm_gflops = 0;
+  if (a.prompt_len > 0) {
+    gemm_gflops = measure_gemm_gflops(be, a.prompt_len, c.ffn, c.hidden);
+    fmt::print(stderr, "GEMM rate {:.1f} GFLOP/s at {}x{}x{}\n", gemm_gflops, a.prompt_len, c.ffn, c.hidden);
+    prefill = run_prefill(*m.model, a.prompt_len, kPrefillReps, gemm_gflops, a.sweep.seed);
+  }
+  const DecodeSweep sweep =
+      run_decode_sweep(*m.model, a.sweep, gbps, [](const std::string& s) { fmt::print(stderr, "{}\n", s); });
+
+  const std::string device = fmt::format("{} ({})", be.name(), dtype_name(be.activation_dtype()));
+  if (!a.csv.empty()) write_csv(a.csv, label, sweep.points);
+  if (!a.plot.empty()) write_plot(a.plot, fmt::format("{} on {}", label, device), sweep.points);
   if (a.json) {
-    nlohmann::json j = nlohmann::json::array();
-    for (auto& r : rows)
-      j.push_back({{"phase", r.phase}, {"batch", r.batch}, {"ctx", r.ctx}, {"ms", r.ms}, {"tokens_per_s", r.tokens_per_s},
-                   {"floor_ms", r.floor_ms}, {"x_floor", r.x_floor},
-                   {r.phase == "decode" ? "gb_per_s" : "gflop_per_s", r.achieved}});
-    fmt::print("{}\n", nlohmann::json{{"model", a.model.model}, {"read_gb_per_s", roof.read_gbps},
-                                      {"sgemm_gflop_per_s", roof.gemm_gflops}, {"weight_bytes_per_step",
-                                      m.model->step_weight_bytes()}, {"rows", j}}.dump(1));
+    nlohmann::json j = to_json(label, sweep);
+    j.update({{"shape", label}, {"config", c.describe()}, {"device", device}, {"memory_gb_per_s", gbps},
+              {"weight_bytes", m.model->weight_bytes()}, {"step_weight_bytes", m.model->step_weight_bytes()},
+              {"warmup_steps", kWarmupSteps}, {"timed_steps", a.sweep.steps}});
+    if (prefill)
+      j["prefill"] = {{"prompt_len", prefill->prompt_len}, {"ms", prefill->ms}, {"tokens_per_s", prefill->tokens_per_s},
+                      {"floor_ms", prefill->floor_ms}, {"x_floor", prefill->x_floor},
+                      {"gflop_per_s", prefill->gflop_per_s}, {"gemm_gflop_per_s", gemm_gflops}};
+    fmt::print("{}\n", j.dump(1));
     return 0;
   }
-  fmt::print("{:<8} {:>5} {:>5} {:>10} {:>10} {:>10} {:>8} {:>12}\n", "phase", "batch", "ctx", "ms", "tok/s", "floor_ms",
-             "x_floor", "achieved");
-  for (auto& r : rows)
-    fmt::print("{:<8} {:>5} {:>5} {:>10.2f} {:>10.1f} {:>10.2f} {:>8.2f} {:>7.1f} {}\n", r.phase, r.batch, r.ctx, r.ms,
-               r.tokens_per_s, r.floor_ms, r.x_floor, r.achieved, r.phase == "decode" ? "GB/s" : "GFLOP/s");
+  if (prefill)
+    fmt::print("prefill of {} tokens: {:.3f} ms, {:.1f} tokens/s, floor {:.3f} ms, x_floor {:.2f}, {:.1f} GFLOP/s\n",
+               prefill->prompt_len, prefill->ms, prefill->tokens_per_s, prefill->floor_ms, prefill->x_floor,
+               prefill->gflop_per_s);
+  print_table(label, sweep.points);
   return 0;
 }
+
 }  // namespace
 
 Command bench_command() {
   auto a = std::make_shared<BenchArgs>();
   return {"bench",
           [a](CLI::App& app) {
-            auto* c = app.add_subcommand("bench", "Measure prefill and batched decode speed against the hardware floor");
-            a->model.add(*c);
-            c->add_option("--batch", a->bench.batches, "Decode batch sizes, e.g. 1,8")->delimiter(',')->capture_default_str();
-            c->add_option("--prompt-len", a->bench.prompt_len, "Prefill length = decode context")->capture_default_str()
+            auto* c = app.add_subcommand("bench", "Time batched decode over batch sizes and contexts against the byte floor");
+            c->footer(
+                "Each point runs --batch sequences whose KV cache holds random values, starting at ctx - (3 warm-up + 1 "
+                "profiled + --steps) positions, so the last timed step attends over ctx positions.\n"
+                "step_ms: median host wall time of a timed step (forward, argmax on the device, the ids on the host).\n"
+                "floor_ms: (weight bytes read in full + KV bytes read) / measured memory bandwidth (CUDA: "
+                "device-to-device copy, read + write); x_floor = step_ms / floor_ms; gb_per_s: those bytes / step_ms.\n"
+                "attention_ms, qkv_o_ms, mlp_ms, other_ms: device time per region of the profiled step, run op by op "
+                "without graphs; they add up to profiled_ms, not to step_ms.\n"
+                "Points beyond the model's context or the free device memory are skipped with a note on stderr.\n");
+            CLI::Option* model = a->model.add(*c);
+            model->required(false);
+            CLI::Option* shape = c->add_option(
+                "--shape", a->shape,
+                fmt::format("Synthetic model with random weights of this shape: {}", fmt::join(shape_names(), ", ")));
+            CLI::Option* config = c->add_option("--config", a->config,
+                                                "Synthetic model with random weights shaped by this Hugging Face config.json");
+            shape->excludes(model)->excludes(config);
+            config->excludes(model);
+            c->add_option("--batch", a->sweep.batches, "Batch sizes, e.g. 1,8,32")->delimiter(',')->capture_default_str();
+            c->add_option("--ctx", a->sweep.contexts, "Context lengths, e.g. 512,1024")->delimiter(',')->capture_default_str();
+            c->add_option("--steps,--decode-steps", a->sweep.steps, "Timed decode steps per point")
+                ->capture_default_str()
                 ->check(CLI::PositiveNumber);
-            c->add_option("--decode-steps", a->bench.decode_steps, "Timed decode steps per batch size")
-                ->capture_default_str()->check(CLI::PositiveNumber);
-            c->add_option("--seed", a->bench.seed, "Seed of the random prompts")->capture_default_str();
+            c->add_option("--prompt-len", a->prompt_len, "Also time the prefill of one prompt this long (0: no prefill)")
+                ->capture_default_str()
+                ->check(CLI::NonNegativeNumber);
+            c->add_option("--seed", a->sweep.seed, "Seed of the random weights, tokens and KV cache")->capture_default_str();
             c->add_option("--csv", a->csv, "Also write the rows to this CSV file");
+            c->add_option("--plot", a->plot, "Also plot tokens/s and the attention share against batch size to this PNG");
             c->add_flag("--json", a->json, "Print JSON instead of a table");
           },
           [a] { return run_bench_cmd(*a); }};

@@ -9,12 +9,14 @@
 
 namespace polar::cli {
 
-void ModelOptions::add(CLI::App& app) {
-  app.add_option("--model,-m", model, "Model: a Hugging Face directory or a GGUF file")->required();
+CLI::Option* ModelOptions::add(CLI::App& app) {
+  CLI::Option* model_option =
+      app.add_option("--model,-m", model, "Model: a Hugging Face directory or a GGUF file")->required();
   app.add_option("--device", device, "cpu or cuda[:N]")->capture_default_str();
   app.add_option("--dtype", dtype, "Weights/activations/KV on CUDA: f16 or bf16 (the CPU computes in f32)")
       ->capture_default_str()
       ->check(CLI::IsMember({"f16", "bf16"}));
+  return model_option;
 }
 
 DType ModelOptions::activation_dtype() const { return dtype == "bf16" ? DType::BF16 : DType::F16; }
@@ -26,13 +28,17 @@ const Tokenizer& LoadedModel::tokenizer() const {
 }
 
 LoadedModel load_model(const ModelOptions& opt) {
+  return load_model(opt, [&] { return load_checkpoint(opt.model); });
+}
+
+LoadedModel load_model(const ModelOptions& opt, const std::function<Checkpoint()>& checkpoint) {
   auto t0 = std::chrono::steady_clock::now();
   LoadedModel m;
   m.backend = make_backend(opt.device, opt.activation_dtype());
-  m.checkpoint = load_checkpoint(opt.model);
+  m.checkpoint = checkpoint();
   m.model = make_model(m.checkpoint, *m.backend);
   double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  fmt::print(stderr, "loaded {} ({}, {}) on {} in {:.2f} s\n", opt.model, m.checkpoint.config.model_type,
+  fmt::print(stderr, "loaded {} ({}, {}) on {} in {:.2f} s\n", m.checkpoint.path, m.checkpoint.config.model_type,
              m.checkpoint.weight_types, m.backend->name(), s);
   return m;
 }

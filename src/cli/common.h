@@ -1,5 +1,6 @@
 // Pieces every subcommand shares: loading a model onto a device, token parsing, progress on stderr.
 #pragma once
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -15,7 +16,8 @@ struct ModelOptions {
   std::string model;
   std::string device = "cpu";
   std::string dtype = "f16";
-  void add(CLI::App& app);  // --model (required), --device, --dtype
+  // --model (required; returned so a command with other model sources can relax that), --device, --dtype
+  CLI::Option* add(CLI::App& app);
   DType activation_dtype() const;
 };
 
@@ -26,8 +28,10 @@ struct LoadedModel {
   const Tokenizer& tokenizer() const;  // error if the checkpoint carries none
 };
 
-// Loads the checkpoint and builds the model on the device, logging to stderr.
+// Loads the checkpoint (opt.model, or what `checkpoint` makes) and builds the model on the device,
+// logging to stderr.
 LoadedModel load_model(const ModelOptions& opt);
+LoadedModel load_model(const ModelOptions& opt, const std::function<Checkpoint()>& checkpoint);
 
 // "5,17,42" -> {5, 17, 42}; anything else is a polar::Error.
 std::vector<int32_t> parse_token_list(const std::string& s);

@@ -33,6 +33,11 @@ Tensor Checkpoint::get_optional(const std::string& name, const Shape& shape) con
   return tensors.count(name) ? get(name, shape) : Tensor();
 }
 
+bool Checkpoint::has(const std::string& name) const {
+  if (synthetic_seed) return name != "lm_head.weight" || !config.tie_embeddings;
+  return tensors.count(name) != 0;
+}
+
 namespace {
 
 json read_json(const fs::path& p) {
@@ -55,7 +60,7 @@ Checkpoint load_hf_dir(const fs::path& dir) {
   Checkpoint ck;
   ck.path = dir.string();
   ck.format = "safetensors";
-  ck.config = config_from_hf(read_json(dir / "config.json"), (dir / "config.json").string());
+  ck.config = load_hf_config((dir / "config.json").string());
   std::vector<fs::path> shards;
   if (fs::exists(dir / "model.safetensors")) {
     shards.push_back(dir / "model.safetensors");
@@ -222,6 +227,18 @@ Checkpoint load_checkpoint(const std::string& path) {
   if (f.gcount() == 4 && std::memcmp(magic, "GGUF", 4) == 0) return load_gguf(path);
   if (p.filename() == "config.json" || p.extension() == ".safetensors") return load_hf_dir(p.parent_path());
   fail("{}: unknown model format (expected a Hugging Face directory or a GGUF file)", path);
+}
+
+ModelConfig load_hf_config(const std::string& path) { return config_from_hf(read_json(path), path); }
+
+Checkpoint synthetic_checkpoint(const ModelConfig& config, const std::string& name, uint64_t seed) {
+  Checkpoint ck;
+  ck.path = name;
+  ck.format = "synthetic";
+  ck.weight_types = fmt::format("random, seed {}", seed);
+  ck.config = config;
+  ck.synthetic_seed = seed;
+  return ck;
 }
 
 }  // namespace polar

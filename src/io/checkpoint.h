@@ -5,6 +5,7 @@
 #pragma once
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "core/tensor.h"
@@ -15,12 +16,19 @@ namespace polar {
 
 struct Checkpoint {
   std::string path;
-  std::string format;        // "safetensors" or "gguf"
+  std::string format;        // "safetensors", "gguf" or "synthetic"
   std::string weight_types;  // e.g. "F32" or "Q4_1 x210, F32 x61, Q8_0 x1"
   ModelConfig config;
   std::map<std::string, Tensor> tensors;  // fp32, canonical names
   std::unique_ptr<Tokenizer> tokenizer;   // null if the checkpoint carries none
+  // Set for a synthetic checkpoint (benchmarks): it holds no tensors; every tensor its config implies is
+  // drawn at random on the device from this seed when a model is built (Model::load_weight).
+  std::optional<uint64_t> synthetic_seed;
   int64_t n_params() const;
+
+  // Whether the checkpoint holds tensor `name`. A synthetic one holds what its config implies: all the
+  // tensors, an lm_head only when the embeddings are untied.
+  bool has(const std::string& name) const;
 
   // The tensor `name` with shape `shape`; a missing tensor or another shape is a polar::Error.
   const Tensor& get(const std::string& name, const Shape& shape) const;
@@ -30,5 +38,12 @@ struct Checkpoint {
 
 // Detects the format from the path: a directory is a HF checkpoint, a file starting with "GGUF" is GGUF.
 Checkpoint load_checkpoint(const std::string& path);
+
+// The ModelConfig of a Hugging Face config.json file.
+ModelConfig load_hf_config(const std::string& path);
+
+// A checkpoint of `config` with random weights drawn from `seed` (see synthetic_seed) and no tokenizer;
+// `name` says in logs what it stands for.
+Checkpoint synthetic_checkpoint(const ModelConfig& config, const std::string& name, uint64_t seed);
 
 }  // namespace polar

@@ -45,7 +45,7 @@ class Llama final : public Model {
       layers_.push_back(std::move(L));
     }
     final_norm_ = load("model.norm.weight", {c.hidden});
-    if (c.tie_embeddings && !ck.tensors.count("lm_head.weight")) {
+    if (c.tie_embeddings && !ck.has("lm_head.weight")) {
       lm_head_ = embed_;
     } else {
       lm_head_ = load("lm_head.weight", {c.vocab_size, c.hidden});
