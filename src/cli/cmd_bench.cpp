@@ -5,6 +5,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -190,9 +191,8 @@ int run_bench_cmd(const BenchArgs& a) {
   const DecodeSweep sweep =
       run_decode_sweep(*m.model, a.sweep, gbps, [](const std::string& s) { fmt::print(stderr, "{}\n", s); });
 
-  const std::string device = fmt::format("{} ({})", be.name(), dtype_name(be.activation_dtype()));
-  if (!a.csv.empty()) write_csv(a.csv, label, sweep.points);
-  if (!a.plot.empty()) write_plot(a.plot, fmt::format("{} on {}", label, device), sweep.points);
+  // Results first, files after: a failing plot must not lose the numbers.
+  const std::string device = fmt::format("{}, {}", be.name(), dtype_name(be.activation_dtype()));
   if (a.json) {
     nlohmann::json j = to_json(label, sweep);
     j.update({{"shape", label}, {"config", c.describe()}, {"device", device}, {"memory_gb_per_s", gbps},
@@ -203,13 +203,16 @@ int run_bench_cmd(const BenchArgs& a) {
                       {"floor_ms", prefill->floor_ms}, {"x_floor", prefill->x_floor},
                       {"gflop_per_s", prefill->gflop_per_s}, {"gemm_gflop_per_s", gemm_gflops}};
     fmt::print("{}\n", j.dump(1));
-    return 0;
+  } else {
+    if (prefill)
+      fmt::print("prefill of {} tokens: {:.3f} ms, {:.1f} tokens/s, floor {:.3f} ms, x_floor {:.2f}, {:.1f} GFLOP/s\n",
+                 prefill->prompt_len, prefill->ms, prefill->tokens_per_s, prefill->floor_ms, prefill->x_floor,
+                 prefill->gflop_per_s);
+    print_table(label, sweep.points);
   }
-  if (prefill)
-    fmt::print("prefill of {} tokens: {:.3f} ms, {:.1f} tokens/s, floor {:.3f} ms, x_floor {:.2f}, {:.1f} GFLOP/s\n",
-               prefill->prompt_len, prefill->ms, prefill->tokens_per_s, prefill->floor_ms, prefill->x_floor,
-               prefill->gflop_per_s);
-  print_table(label, sweep.points);
+  std::fflush(stdout);
+  if (!a.csv.empty()) write_csv(a.csv, label, sweep.points);
+  if (!a.plot.empty()) write_plot(a.plot, fmt::format("{} on {}", label, device), sweep.points);
   return 0;
 }
 
