@@ -38,7 +38,8 @@ struct PagedAttention {
 bool attention_supports_head_dim(int dh);
 
 // Scratch bytes paged_attention needs for these arguments on a device with `num_sms` SMs (split-K
-// partial results). Depends only on T, H, dh, max_ctx and num_sms, never on the data.
+// partial results). Depends only on the sizes (T, H, Hkv, dh, block_size, max_ctx, max_chunk) and num_sms,
+// never on the data.
 size_t attention_workspace_bytes(const PagedAttention& a, int num_sms);
 
 // Enqueues the attention on `stream`. Every launch shape is a function of the arguments' sizes, never of

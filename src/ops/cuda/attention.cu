@@ -1,0 +1,586 @@
+// Paged attention (attention.h): one tensor-core flash-attention kernel body in two modes, plus a split-K
+// combine.
+//
+// Design.
+// - Rows. Every CTA works on up to 64 "rows", each a (query token, query head) pair that shares one KV head,
+//   so K/V rows read from the paged cache serve every query head of the GQA group at once. The MMA is
+//   mma.sync m16n8k16 (f16/bf16 in, fp32 accumulate): a warp owns 16 rows as the M dimension.
+//   * Decode (max_chunk == 1): a CTA is (token t, KV head g, head chunk, split). Its rows are the group's
+//     query heads (at most 16; groups of 1..8 leave rows 8..15 as zero padding, which the tensor cores do
+//     for free). All 4 warps hold the same rows and take different 16-key slices of each 64-key tile; their
+//     (max, sum, acc) are merged through shared memory at the end. Tensor cores rather than CUDA cores
+//     because with 8 heads per KV head the CUDA-core FMAs + shuffles would eat the issue slots an SM has
+//     per byte of HBM traffic; here the math costs ~10 instructions per key and the kernel stays memory
+//     bound.
+//   * Prefill (max_chunk > 1): a CTA is (chunk s, tile of consecutive query tokens, KV head g, head chunk);
+//     rows = token-major (token, head) pairs, 16 per warp; every warp walks all keys of the tile's range and
+//     skips 16-key slices that none of its rows can see (causal / window), so no merge is needed.
+// - Keys stream through a cp.async pipeline (16-byte copies, L2-only, kStages tiles of 64 keys in flight):
+//   the bytes in flight live in shared memory, not registers, which is what keeps HBM busy. Rows outside
+//   the CTA's key range are zero-filled (cp.async src-size 0) so masked P = 0 never meets garbage V.
+// - Softmax: fp32, base 2 (scores prescaled by scale*log2e), online per row; a row that has seen no key
+//   yet keeps m = -inf and uses 0 as its reference so that no -inf - -inf is ever evaluated.
+// - Split-K (decode only): splits are sized on the host from the grid (T*Hkv CTAs vs SMs) and max_ctx;
+//   each split covers a multiple of lcm(64, block_size) keys. Split CTAs write fp32 partials (m, l, acc)
+//   to the workspace, and the combine kernel merges them; empty splits write m = -inf, l = 0.
+// Shared memory rows are padded by 16 bytes so the 8 rows an ldmatrix phase touches fall in distinct banks.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <numeric>
+#include <type_traits>
+
+#include "core/error.h"
+#include "ops/cuda/attention.h"
+
+namespace polar::cuda {
+
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kTileKeys = 64;       // keys per pipeline stage; decode: 16 per warp
+constexpr int kDecodeRows = 16;     // decode: query heads per CTA (the MMA's M; all warps share them)
+constexpr int kPrefillRows = 64;    // prefill: (token, head) rows per CTA, 16 per warp
+// Split-K sizing (decode), tuned on an H100 over batch 1..256, contexts 512..32768, groups 1..8: aim for
+// >= 8 CTAs per SM (2-3 waves at 3 resident CTAs per SM), so tails and uneven contexts even out, but never
+// below 512 keys per split, where the prologue and the combine start to cost more than the balance gains.
+constexpr int kTargetCtasPerSm = 8;
+constexpr int kMinSplitKeys = 512;
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Compile-time sizes for head dim DH. DH = 8 is padded to 16 (the MMA's K) with zero columns.
+template <int DH> struct Dims {
+  static constexpr int kPadded = (DH + 15) / 16 * 16;
+  static constexpr int kKSteps = kPadded / 16;  // MMA k-steps over dh (QK^T), also pairs of dh n-tiles (PV)
+  static constexpr int kNTiles = kPadded / 8;   // 8-wide dh tiles of the output accumulator
+  static constexpr int kPitch = kPadded + 8;    // shared-memory row pitch in elements (+16 B: no bank conflicts)
+  static constexpr int kVecs = DH / 8;          // 16-byte vectors per cache row
+  static constexpr int kTileBytes = 2 * kTileKeys * kPitch * 2;  // one stage: K and V tiles
+  // ~72 KB of pipeline per CTA: 2 stages at dh 128 (3 CTAs per SM), deeper for small heads.
+  static constexpr int kStages = std::clamp(72 * 1024 / kTileBytes, 2, 4);
+  static constexpr int kMergePitch = kPadded + 8;  // fp32 merge rows; float2 stores of a half-warp hit 32 banks
+  static constexpr int kMergeBytes = (2 * kWarps * kDecodeRows + kWarps * kDecodeRows * kMergePitch) * 4;
+  static constexpr int kSmemBytes = std::max(kStages * kTileBytes, kMergeBytes);
+};
+
+// ---- PTX wrappers ----
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy that bypasses L1; src_bytes 0 writes zeros and reads nothing.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+
+// c[16x8] += a[16x16] * b[16x8], fp32 accumulators, a/b in T (f16 or bf16).
+template <typename T> __device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Two floats as a packed pair of T (first in the low half, as MMA fragments expect).
+template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __half>) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+}
+template <typename T> __device__ __forceinline__ T from_float(float x) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __float2half_rn(x);
+  } else {
+    return __float2bfloat16_rn(x);
+  }
+}
+
+__device__ __forceinline__ int window_start(int pos, int window) { return window > 0 ? max(0, pos - window + 1) : 0; }
+
+// ---- the attention kernel ----
+//
+// q, out [T, H, DH]; caches [num_blocks, block_size, Hkv, DH]; all T (f16/bf16), row-major.
+// Decode grid (T, Hkv * head_chunks, splits); prefill grid (query tiles, Hkv * head_chunks, S); 128 threads;
+// Dims<DH>::kSmemBytes of dynamic shared memory: kStages x {K, V} tiles of [64 keys][kPitch].
+// Decode with splits > 1 writes partials instead of out: ws_ml [T*H][splits] (max in log2 units, sum) and
+// ws_o [T*H][splits][DH] (unnormalised fp32 accumulator). keys_per_split is ignored when splits == 1.
+// Fragment layouts (PTX ISA, mma.m16n8k16): lane = 4*r + c holds rows r and r+8; A pairs at k = 2c(+8);
+// B pairs at k = 2c(+8), n = r; C pairs at n = 2c.
+template <typename T, int DH, bool kDecode>
+__global__ void __launch_bounds__(kThreads, 2)
+    attention_kernel(const PagedAttention a, int splits, int keys_per_split, float2* ws_ml, float* ws_o) {
+  using D = Dims<DH>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* k_tiles = reinterpret_cast<T*>(smem);
+  T* v_tiles = k_tiles + D::kStages * kTileKeys * D::kPitch;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int r4 = lane >> 2, c4 = lane & 3;
+
+  // Which KV head and which of its query heads this CTA serves.
+  const int group = a.H / a.Hkv;
+  const int heads_per_cta = min(group, kDecode ? kDecodeRows : kPrefillRows);
+  const int head_chunks = (group + heads_per_cta - 1) / heads_per_cta;
+  const int g = blockIdx.y / head_chunks, chunk = blockIdx.y % head_chunks;
+  const int head0 = g * group + chunk * heads_per_cta;
+  const int heads = min(heads_per_cta, group - chunk * heads_per_cta);
+
+  // Query tokens [tok0, tok0 + ntok) and the key range [klo, khi) that any of them can see.
+  int tok0, ntok, klo, khi;
+  if constexpr (kDecode) {
+    tok0 = blockIdx.x;
+    ntok = 1;
+    const int pos = a.positions[tok0];
+    klo = window_start(pos, a.window);
+    khi = pos + 1;
+    if (splits > 1) {
+      klo = max(klo, int(blockIdx.z) * keys_per_split);
+      khi = min(khi, int(blockIdx.z + 1) * keys_per_split);
+      if (klo >= khi) {  // nothing of this token's context in this split: a neutral partial
+        for (int j = tid; j < heads; j += kThreads)
+          ws_ml[(int64_t(tok0) * a.H + head0 + j) * splits + blockIdx.z] = make_float2(-INFINITY, 0.0f);
+        return;
+      }
+    }
+  } else {
+    const int start = a.seq_starts[blockIdx.z], end = a.seq_starts[blockIdx.z + 1];
+    const int tokens_per_cta = kPrefillRows / heads_per_cta;
+    tok0 = start + int(blockIdx.x) * tokens_per_cta;
+    if (tok0 >= end) return;
+    ntok = min(tokens_per_cta, end - tok0);
+    // Positions within a chunk are consecutive, so the first token has the lowest window start.
+    klo = window_start(a.positions[tok0], a.window);
+    khi = a.positions[tok0 + ntok - 1] + 1;
+  }
+  const int32_t* table = a.block_tables + int64_t(a.token_seq[tok0]) * a.max_blocks;
+
+  // Stage loader: keys [klo + 64*tile, +64) of KV head g into buffer buf; keys >= khi become zeros.
+  const T* k_cache = static_cast<const T*>(a.k_cache);
+  const T* v_cache = static_cast<const T*>(a.v_cache);
+  auto load_tile = [&](int tile, int buf) {
+    T* kd = k_tiles + buf * kTileKeys * D::kPitch;
+    T* vd = v_tiles + buf * kTileKeys * D::kPitch;
+    const int base = klo + tile * kTileKeys;
+    // Partly unrolled: enough lookups in flight, without the registers of all of them (3 CTAs/SM at dh 128).
+#pragma unroll 4
+    for (int i = 0; i < (kTileKeys * D::kVecs + kThreads - 1) / kThreads; ++i) {
+      const int v = tid + i * kThreads;
+      if (kTileKeys * D::kVecs % kThreads == 0 || v < kTileKeys * D::kVecs) {
+        const int row = v / D::kVecs, col = (v % D::kVecs) * 8;
+        const int p = base + row;
+        const bool ok = p < khi;
+        int64_t off = 0;
+        if (ok) off = ((int64_t(table[p / a.block_size]) * a.block_size + p % a.block_size) * a.Hkv + g) * DH + col;
+        cp_async16(kd + row * D::kPitch + col, k_cache + off, ok);
+        cp_async16(vd + row * D::kPitch + col, v_cache + off, ok);
+      }
+    }
+  };
+  const int ntiles = (khi - klo + kTileKeys - 1) / kTileKeys;
+#pragma unroll
+  for (int s = 0; s < D::kStages - 1; ++s) {
+    if (s < ntiles) load_tile(s, s);
+    cp_async_commit();
+  }
+  if constexpr (D::kPadded != DH) {  // zero the padding columns of all K and V rows once; cp.async never writes them
+    for (int i = tid; i < 2 * D::kStages * kTileKeys; i += kThreads)
+      for (int col = DH; col < D::kPadded; ++col) k_tiles[i * D::kPitch + col] = from_float<T>(0.0f);
+  }
+
+  // This thread's two rows (r4 and r4 + 8 of its warp's 16): key bounds, output offset, Q fragments.
+  // Invalid rows (padding) get an empty key range and zero queries.
+  int lo[2], hi[2];
+  int64_t row_off[2];
+  bool valid[2];
+  uint32_t qa[D::kKSteps][4];
+  const T* q = static_cast<const T*>(a.q);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int R = (kDecode ? 0 : warp * 16) + r4 + 8 * i;
+    const int tok = tok0 + R / heads_per_cta, j = R % heads_per_cta;
+    valid[i] = R / heads_per_cta < ntok && j < heads;
+    row_off[i] = (int64_t(tok) * a.H + head0 + j) * DH;
+    lo[i] = INT_MAX;
+    hi[i] = INT_MIN;
+    if (valid[i]) {
+      if constexpr (kDecode) {
+        lo[i] = klo;
+        hi[i] = khi;
+      } else {
+        const int pos = a.positions[tok];
+        lo[i] = window_start(pos, a.window);
+        hi[i] = pos + 1;
+      }
+    }
+  }
+#pragma unroll
+  for (int ks = 0; ks < D::kKSteps; ++ks) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {  // a0/a1: k = 2c, a2/a3: k = 2c + 8
+      const int col = ks * 16 + half * 8 + 2 * c4;
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+        qa[ks][2 * half + i] =
+            valid[i] && col < DH ? __ldg(reinterpret_cast<const unsigned int*>(q + row_off[i] + col)) : 0u;
+    }
+  }
+
+  float o[D::kNTiles][4];
+#pragma unroll
+  for (int n = 0; n < D::kNTiles; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  const float score_scale = a.scale * kLog2e;
+
+  // 16 keys starting at shared row `srow` of buffer `buf` (key index kb) against this warp's 16 rows.
+  auto process = [&](int buf, int srow, int kb) {
+    const T* kt = k_tiles + (buf * kTileKeys + srow) * D::kPitch;
+    const T* vt = v_tiles + (buf * kTileKeys + srow) * D::kPitch;
+    float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    // S = Q K^T: B fragments are K rows (n = key, k = dh), loaded straight by ldmatrix. Matrices:
+    // (keys 0-7, dh +0), (keys 0-7, dh +8), (keys 8-15, dh +0), (keys 8-15, dh +8).
+#pragma unroll
+    for (int ks = 0; ks < D::kKSteps; ++ks) {
+      uint32_t b[4];
+      ldmatrix_x4(b, kt + ((lane & 7) + 8 * (lane >> 4)) * D::kPitch + ks * 16 + 8 * ((lane >> 3) & 1));
+      mma16816<T>(s[0], qa[ks], b[0], b[1]);
+      mma16816<T>(s[1], qa[ks], b[2], b[3]);
+    }
+    // Online softmax per row, in base 2. s[n][2i + e] is row i, key kb + 8n + 2c + e.
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int key = kb + 8 * n + 2 * c4 + e;
+          float& x = s[n][2 * i + e];
+          x = key >= lo[i] && key < hi[i] ? x * score_scale : -INFINITY;
+          mx = fmaxf(mx, x);
+        }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m[i], mx);
+      const float ref = m_new == -INFINITY ? 0.0f : m_new;  // no key seen yet: keep everything at 0
+      const float alpha = exp2f(m[i] - ref);
+      m[i] = m_new;
+      float sum = 0.0f;
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& x = s[n][2 * i + e];
+          x = exp2f(x - ref);
+          sum += x;
+        }
+      l[i] = l[i] * alpha + sum;  // this lane's share; the quad is summed at the end
+#pragma unroll
+      for (int n = 0; n < D::kNTiles; ++n) {
+        o[n][2 * i] *= alpha;
+        o[n][2 * i + 1] *= alpha;
+      }
+    }
+    // O += P V: the S accumulators are already P's A-fragment layout (k = key); B fragments are V rows
+    // transposed by ldmatrix.trans. Matrices: (keys 0-7, dh +0), (keys 8-15, dh +0), (keys 0-7, dh +8), ...
+    const uint32_t pa[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]), pack2<T>(s[1][0], s[1][1]),
+                            pack2<T>(s[1][2], s[1][3])};
+#pragma unroll
+    for (int np = 0; np < D::kKSteps; ++np) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, vt + ((lane & 7) + 8 * ((lane >> 3) & 1)) * D::kPitch + np * 16 + 8 * (lane >> 4));
+      mma16816<T>(o[2 * np], pa, b[0], b[1]);
+      mma16816<T>(o[2 * np + 1], pa, b[2], b[3]);
+    }
+  };
+
+  // Keys this warp's rows can see (prefill skips 16-key slices outside it; decode rows share [klo, khi)).
+  int warp_lo = klo, warp_hi = khi;
+  if constexpr (!kDecode) {
+    warp_lo = __reduce_min_sync(0xffffffffu, min(lo[0], lo[1]));
+    warp_hi = __reduce_max_sync(0xffffffffu, max(hi[0], hi[1]));
+  }
+  for (int it = 0; it < ntiles; ++it) {
+    cp_async_wait<D::kStages - 2>();
+    __syncthreads();  // tile `it` is visible to all, and every warp is done with the buffer refilled below
+    if (it + D::kStages - 1 < ntiles) load_tile(it + D::kStages - 1, (it + D::kStages - 1) % D::kStages);
+    cp_async_commit();
+    const int buf = it % D::kStages, base = klo + it * kTileKeys;
+    if constexpr (kDecode) {
+      if (base + 16 * warp < khi) process(buf, 16 * warp, base + 16 * warp);
+    } else {
+#pragma unroll
+      for (int sl = 0; sl < kTileKeys / 16; ++sl) {
+        const int kb = base + 16 * sl;
+        if (kb < warp_hi && kb + 16 > warp_lo) process(buf, 16 * sl, kb);
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+  }
+
+  if constexpr (!kDecode) {
+    // Each warp owns its rows: normalise and store pairs straight from the accumulators.
+    T* out = static_cast<T*>(a.out);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      if (!valid[i]) continue;
+      const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+#pragma unroll
+      for (int n = 0; n < D::kNTiles; ++n)
+        if (8 * n < DH)
+          *reinterpret_cast<uint32_t*>(out + row_off[i] + 8 * n + 2 * c4) =
+              pack2<T>(o[n][2 * i] * inv, o[n][2 * i + 1] * inv);
+    }
+  } else {
+    // Merge the 4 warps' partial softmaxes over the same rows through shared memory (tiles are free once
+    // every warp has passed the barrier): red_m/red_l [warp][row], red_o [warp][row][kMergePitch].
+    cp_async_wait<0>();
+    __syncthreads();
+    float* red_m = reinterpret_cast<float*>(smem);
+    float* red_l = red_m + kWarps * kDecodeRows;
+    float* red_o = red_l + kWarps * kDecodeRows;
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+      if (c4 == 0) red_m[warp * kDecodeRows + r4 + 8 * i] = m[i];
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int row = r4 + 8 * i;
+      float mx = -INFINITY;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, red_m[w * kDecodeRows + row]);
+      const float f = m[i] == -INFINITY ? 0.0f : exp2f(m[i] - mx);  // this warp's weight in the row
+      if (c4 == 0) red_l[warp * kDecodeRows + row] = l[i] * f;
+      float* dst = red_o + (warp * kDecodeRows + row) * D::kMergePitch + 2 * c4;
+#pragma unroll
+      for (int n = 0; n < D::kNTiles; ++n)
+        *reinterpret_cast<float2*>(dst + 8 * n) = make_float2(o[n][2 * i] * f, o[n][2 * i + 1] * f);
+    }
+    __syncthreads();
+    T* out = static_cast<T*>(a.out);
+    for (int idx = tid; idx < heads * DH; idx += kThreads) {
+      const int row = idx / DH, d = idx % DH;
+      float acc = 0.0f, sum = 0.0f, mx = -INFINITY;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        acc += red_o[(w * kDecodeRows + row) * D::kMergePitch + d];
+        sum += red_l[w * kDecodeRows + row];
+        mx = fmaxf(mx, red_m[w * kDecodeRows + row]);
+      }
+      const int64_t th = int64_t(tok0) * a.H + head0 + row;  // (t, h) row of q/out
+      if (splits == 1) {
+        out[th * DH + d] = from_float<T>(sum > 0.0f ? acc / sum : 0.0f);
+      } else {
+        ws_o[(th * splits + blockIdx.z) * DH + d] = acc;
+        if (d == 0) ws_ml[th * splits + blockIdx.z] = make_float2(mx, sum);
+      }
+    }
+  }
+}
+
+// Split-K combine: out[t, h] = sum_s w_s acc_s / sum_s w_s l_s with w_s = 2^(m_s - max m). One warp per
+// (t, h) row of `rows`: lanes first take one split each for the max and the weights, then stride over dh
+// (coalesced fp32 reads) with the split loop unrolled so several splits' loads are in flight. Splits with
+// l = 0 saw no key: weight 0, and their acc (never written) is selected away, not multiplied.
+template <typename T, int DH>
+__global__ void __launch_bounds__(kThreads) combine_kernel(const float2* ws_ml, const float* ws_o, int64_t rows,
+                                                           int splits, T* out) {
+  constexpr int kPerLane = (DH + 31) / 32;
+  const int64_t row = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  const float2* ml = ws_ml + row * splits;
+  float mx = -INFINITY;
+  for (int s = lane; s < splits; s += 32) mx = fmaxf(mx, ml[s].x);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  float acc[kPerLane] = {}, sum = 0.0f;
+  for (int s0 = 0; s0 < splits; s0 += 32) {
+    float w = 0.0f;  // lane j: weight of split s0 + j
+    if (s0 + lane < splits) {
+      const float2 v = ml[s0 + lane];
+      w = v.y > 0.0f ? exp2f(v.x - mx) : 0.0f;
+      sum += w * v.y;
+    }
+    const float* src = ws_o + (row * splits + s0) * DH + lane;
+    const int n = min(32, splits - s0);
+#pragma unroll 8
+    for (int j = 0; j < n; ++j) {
+      const float wj = __shfl_sync(0xffffffffu, w, j);
+#pragma unroll
+      for (int k = 0; k < kPerLane; ++k) {
+        if (lane + 32 * k < DH) {
+          const float x = src[j * DH + 32 * k];
+          acc[k] += wj > 0.0f ? wj * x : 0.0f;
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k)
+    if (lane + 32 * k < DH) out[row * DH + lane + 32 * k] = from_float<T>(acc[k] * inv);
+}
+
+// ---- host side ----
+
+struct SplitPlan {
+  int splits = 1;
+  int keys_per_split = 0;  // multiple of lcm(kTileKeys, block_size); unused when splits == 1
+};
+
+int heads_per_cta(const PagedAttention& a, bool decode) {
+  return std::min(a.H / a.Hkv, decode ? kDecodeRows : kPrefillRows);
+}
+int head_chunks(const PagedAttention& a, bool decode) {
+  const int per = heads_per_cta(a, decode);
+  return (a.H / a.Hkv + per - 1) / per;
+}
+
+// Split count for a decode step: enough CTAs for ~kTargetCtasPerSm per SM, each split at least
+// kMinSplitKeys keys and a whole number of 64-key tiles and KV blocks. A function of sizes only.
+SplitPlan plan_splits(const PagedAttention& a, int num_sms) {
+  SplitPlan plan;
+  if (a.max_chunk > 1 || a.max_ctx <= 0 || a.Hkv <= 0 || a.block_size <= 0) return plan;
+  const int64_t ctas = int64_t(a.T) * a.Hkv * head_chunks(a, true);
+  const int64_t grain = std::lcm(int64_t(kTileKeys), int64_t(a.block_size));
+  const int64_t min_keys = (kMinSplitKeys + grain - 1) / grain * grain;
+  const int64_t by_ctx = std::max<int64_t>(1, a.max_ctx / min_keys);
+  const int64_t wanted = (int64_t(kTargetCtasPerSm) * std::max(num_sms, 1) + ctas - 1) / std::max<int64_t>(ctas, 1);
+  const int64_t splits = std::clamp<int64_t>(wanted, 1, by_ctx);
+  if (splits == 1) return plan;
+  const int64_t keys = ((a.max_ctx + splits - 1) / splits + grain - 1) / grain * grain;
+  plan.splits = static_cast<int>((a.max_ctx + keys - 1) / keys);
+  plan.keys_per_split = static_cast<int>(keys);
+  return plan;
+}
+
+void check_launch(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) fail("CUDA attention kernel {} failed to launch: {}", what, cudaGetErrorString(err));
+}
+
+template <typename T, int DH>
+void launch(const PagedAttention& a, const SplitPlan& plan, void* workspace, cudaStream_t stream) {
+  using D = Dims<DH>;
+  const bool decode = a.max_chunk == 1;
+  const int y = a.Hkv * head_chunks(a, decode);
+  if (y > 65535) fail("attention: {} KV heads x head chunks exceed the grid's y limit", y);
+  if (decode) {
+    // Workspace (splits > 1 only): ws_ml [T*H][splits] float2, then ws_o [T*H][splits][DH] float.
+    float2* ws_ml = plan.splits > 1 ? static_cast<float2*>(workspace) : nullptr;
+    float* ws_o = plan.splits > 1 ? reinterpret_cast<float*>(ws_ml + int64_t(a.T) * a.H * plan.splits) : nullptr;
+    const auto kernel = attention_kernel<T, DH, true>;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, D::kSmemBytes) != cudaSuccess)
+      fail("attention: cannot give the decode kernel {} bytes of shared memory (dh {})", D::kSmemBytes, DH);
+    attention_kernel<T, DH, true><<<dim3(a.T, y, plan.splits), kThreads, D::kSmemBytes, stream>>>(
+        a, plan.splits, plan.keys_per_split, ws_ml, ws_o);
+    check_launch("decode");
+    if (plan.splits > 1) {
+      const int64_t rows = int64_t(a.T) * a.H;
+      combine_kernel<T, DH><<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(
+          ws_ml, ws_o, rows, plan.splits, static_cast<T*>(a.out));
+      check_launch("split-K combine");
+    }
+  } else {
+    if (a.S > 65535) fail("attention: {} sequences in one prefill step exceed the grid's z limit", a.S);
+    const int tokens_per_cta = kPrefillRows / heads_per_cta(a, false);
+    const int tiles = (a.max_chunk + tokens_per_cta - 1) / tokens_per_cta;
+    const auto kernel = attention_kernel<T, DH, false>;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, D::kSmemBytes) != cudaSuccess)
+      fail("attention: cannot give the prefill kernel {} bytes of shared memory (dh {})", D::kSmemBytes, DH);
+    attention_kernel<T, DH, false><<<dim3(tiles, y, a.S), kThreads, D::kSmemBytes, stream>>>(a, 1, 0, nullptr, nullptr);
+    check_launch("prefill");
+  }
+}
+
+// Calls f(T*, std::integral_constant<int, DH>) for the element type and head dim of `a`.
+template <typename F> void dispatch(const PagedAttention& a, F&& f) {
+  auto with_dh = [&](auto* tag) {
+    switch (a.dh) {
+      case 8: return f(tag, std::integral_constant<int, 8>{});
+      case 16: return f(tag, std::integral_constant<int, 16>{});
+      case 32: return f(tag, std::integral_constant<int, 32>{});
+      case 64: return f(tag, std::integral_constant<int, 64>{});
+      case 80: return f(tag, std::integral_constant<int, 80>{});
+      case 96: return f(tag, std::integral_constant<int, 96>{});
+      case 128: return f(tag, std::integral_constant<int, 128>{});
+      case 256: return f(tag, std::integral_constant<int, 256>{});
+      default: fail("attention: head_dim {} is not supported", a.dh);
+    }
+  };
+  if (a.bf16) {
+    with_dh(static_cast<__nv_bfloat16*>(nullptr));
+  } else {
+    with_dh(static_cast<__half*>(nullptr));
+  }
+}
+
+}  // namespace
+
+bool attention_supports_head_dim(int dh) {
+  switch (dh) {
+    case 8: case 16: case 32: case 64: case 80: case 96: case 128: case 256: return true;
+    default: return false;
+  }
+}
+
+size_t attention_workspace_bytes(const PagedAttention& a, int num_sms) {
+  const SplitPlan plan = plan_splits(a, num_sms);
+  if (plan.splits == 1) return 0;
+  return size_t(a.T) * a.H * plan.splits * (sizeof(float2) + sizeof(float) * a.dh);
+}
+
+void paged_attention(const PagedAttention& a, void* workspace, size_t workspace_bytes, int num_sms, cudaStream_t stream) {
+  if (a.T == 0) return;
+  if (a.H <= 0 || a.Hkv <= 0 || a.H % a.Hkv != 0)
+    fail("attention: {} query heads cannot share {} KV heads", a.H, a.Hkv);
+  if (!attention_supports_head_dim(a.dh)) fail("attention: head_dim {} is not supported", a.dh);
+  if (a.block_size <= 0 || a.max_blocks <= 0) fail("attention: block size {} / {} blocks per sequence", a.block_size, a.max_blocks);
+  if (a.max_ctx <= 0 || a.max_chunk <= 0) fail("attention: max_ctx {} and max_chunk {} must be positive", a.max_ctx, a.max_chunk);
+  if (a.max_chunk > 1 && a.S <= 0) fail("attention: prefill step with {} sequences", a.S);
+  const SplitPlan plan = plan_splits(a, num_sms);
+  const size_t need = attention_workspace_bytes(a, num_sms);
+  if (workspace_bytes < need || (need > 0 && workspace == nullptr))
+    fail("attention: workspace of {} bytes, {} needed for {} splits", workspace_bytes, need, plan.splits);
+  dispatch(a, [&](auto* tag, auto dh) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    launch<T, decltype(dh)::value>(a, plan, workspace, stream);
+  });
+}
+
+}  // namespace polar::cuda
