@@ -181,8 +181,10 @@ std::vector<BadRun> bad_runs() {
        {"cannot read", "missing.txt"}},
       {"PerplexityContextTooLong", {"perplexity", "--model", "{gguf}", "--text", "{tmp}story.txt", "--ctx", "1000"},
        {"context 1000 exceeds the model's context length of 512"}},
-      {"DeviceCuda", generate_with({"--device", "cuda"}), {"device 'cuda'"}},
-      {"DeviceCudaIndex", generate_with({"--device", "cuda:3"}), {"device 'cuda:3'"}},
+      // Both fail with and without a GPU, so the table holds on the GPU machine too.
+      {"DeviceCudaMalformed", generate_with({"--device", "cuda:x"}), {"device 'cuda:x': expected cuda or cuda:N"}},
+      {"DeviceCudaIndexTooLarge", generate_with({"--device", "cuda:99999999999"}), {"device 'cuda:99999999999'"}},
+      {"DeviceCudaIndex", generate_with({"--device", "cuda:64"}), {"device 'cuda:64'"}},
       {"DeviceUnknown", generate_with({"--device", "tpu"}), {"unknown device 'tpu'"}},
       {"InfoWithoutModel", {"info"}, {"--model"}},
   };

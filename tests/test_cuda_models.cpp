@@ -1,10 +1,12 @@
 // End to end on the GPU: every fixture model and stories260K run on the CUDA backend (f16 and bf16) give
-// logits within the dtype's tolerance of the CPU reference with the same top-1 token at every position,
+// logits within the dtype's tolerance of the CPU reference with the same top-1 token at every position
+// (near ties of the reference at 16-bit precision excepted and printed),
 // and a batch of prompts of different lengths decodes exactly as each prompt alone. Skipped without a
 // CUDA device.
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <iostream>
 
 #include <fmt/format.h>
 
@@ -85,9 +87,19 @@ TEST_P(CudaModels, LogitsMatchCpuWithSameTop1) {
           scale = std::max(scale, double(std::abs(c.data<float>()[i])));
         }
         EXPECT_LE(diff / scale, logit_tol(GetParam())) << "step " << r;
+        // Top-1 must agree, except where the reference itself ties at this step's precision: the CPU
+        // logits of the two candidates differ by less than the largest |cuda - cpu| error of the step.
         const int64_t V = c.dim(1);
-        for (int64_t t = 0; t < c.dim(0); ++t)
-          EXPECT_EQ(argmax(c.data<float>() + t * V, V), argmax(g.data<float>() + t * V, V)) << "step " << r << " row " << t;
+        for (int64_t t = 0; t < c.dim(0); ++t) {
+          const float* cr = c.data<float>() + t * V;
+          const int64_t want = argmax(cr, V), got = argmax(g.data<float>() + t * V, V);
+          if (want == got) continue;
+          const double gap = cr[want] - cr[got];
+          EXPECT_LE(gap, diff) << "step " << r << " row " << t << ": top-1 " << got << " instead of " << want
+                               << ", reference gap " << gap << " above the step's max error " << diff;
+          std::cerr << fmt::format("{} step {} row {}: top-1 {} vs {} at a near tie (gap {:.3g} <= max error {:.3g})\n",
+                                   mc.path, r, t, got, want, gap, diff);
+        }
       }
     }
   }

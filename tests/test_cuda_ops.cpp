@@ -118,13 +118,14 @@ TEST_P(CudaOps, ElementwiseAndEmbeddingMatchCpu) {
     EXPECT_EQ(rel_err(back(r), ra), 0.0) << "relu n=" << n;
   }
   Tensor table = host_random({37, 24});
-  std::vector<int32_t> ids = {0, 36, 5, 5, 2, 34};
+  std::vector<int32_t> ids = {0, 35, 5, 5, 2, 34};  // + offset 1: rows 1..36
   Tensor ref = Tensor::empty(DType::F32, {6, 24}), got = poisoned({6, 24});
   cpu_->embedding(table, host_i32(ids), ref, 1);
   cuda_->embedding(dev(table), dev(host_i32(ids)), got, 1);
   EXPECT_EQ(rel_err(back(got), ref), 0.0);
   // An id past the table is reported at the next synchronisation, and the backend stays usable.
-  cuda_->embedding(dev(table), dev(host_i32({40})), got, 0);
+  Tensor one = poisoned({1, 24});
+  cuda_->embedding(dev(table), dev(host_i32({40})), one, 0);
   EXPECT_THROW(cuda_->synchronize(), Error);
   cuda_->embedding(dev(table), dev(host_i32(ids)), got, 1);
   EXPECT_EQ(rel_err(back(got), ref), 0.0);

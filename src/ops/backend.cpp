@@ -43,7 +43,8 @@ std::unique_ptr<Backend> make_backend(const std::string& device, DType dtype) {
   if (device.rfind("cuda", 0) == 0) {
     int index = 0;
     if (device.size() > 4) {
-      check(device[4] == ':' && device.size() > 5 && device.find_first_not_of("0123456789", 5) == std::string::npos,
+      check(device[4] == ':' && device.size() > 5 && device.size() <= 9 &&
+                device.find_first_not_of("0123456789", 5) == std::string::npos,
             "device '{}': expected cuda or cuda:N", device);
       index = std::stoi(device.substr(5));
     }
