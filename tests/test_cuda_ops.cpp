@@ -109,9 +109,11 @@ TEST_P(CudaOps, ElementwiseAndEmbeddingMatchCpu) {
     cpu_->add(a, b, ref);
     cuda_->add(dev(a), dev(b), got);
     EXPECT_LT(rel_err(back(got), ref), tol()) << "add n=" << n;
-    cpu_->silu_mul(a, b, ref);
-    cuda_->silu_mul(dev(a), dev(b), got);
-    EXPECT_LT(rel_err(back(got), ref), tol()) << "silu_mul n=" << n;
+    Tensor gate_up = host_random({3, 2 * n}, -4, 4), act_ref = Tensor::empty(DType::F32, {3, n}),
+           act = poisoned({3, n});
+    cpu_->silu_mul(gate_up, act_ref);
+    cuda_->silu_mul(dev(gate_up), act);
+    EXPECT_LT(rel_err(back(act), act_ref), tol()) << "silu_mul n=" << n;
     Tensor r = dev(a), ra = a;
     cuda_->relu(r);
     cpu_->relu(ra);
@@ -203,6 +205,7 @@ TEST_P(CudaOps, RopeKvAppendAndAttentionMatchCpu) {
       {{70, 20}, {64, 20}, 4, 2, 256},
       {{300}, {150}, 8, 2, 64, 16, 50},  // sliding window
   };
+  int case_index = 0;
   for (const PagedCase& pc : cases) {
     const int64_t S = static_cast<int64_t>(pc.ctx.size()), H = pc.H, Hkv = pc.Hkv, dh = pc.dh, bs = pc.block_size;
     SCOPED_TRACE(testing::Message() << "S=" << S << " ctx0=" << pc.ctx[0] << " chunk0=" << pc.chunk[0] << " H=" << H
@@ -240,16 +243,19 @@ TEST_P(CudaOps, RopeKvAppendAndAttentionMatchCpu) {
     // Earlier context: random cache contents; this step's K/V go in through rope_kv_append.
     Tensor kc = host_random({num_blocks, bs, Hkv, dh}), vc = host_random({num_blocks, bs, Hkv, dh});
     KVLayer cpu_cache{kc, vc}, gpu_cache{dev(kc), dev(vc)};
-    Tensor q = host_random({T, H, dh}, -2, 2), k = host_random({T, Hkv, dh}, -2, 2), v = host_random({T, Hkv, dh});
-    std::vector<float> inv(dh / 2);
-    for (int64_t i = 0; i < dh / 2; ++i) inv[i] = std::pow(10000.0f, -2.0f * i / dh);
-    Tensor inv_freq = Tensor::empty(DType::F32, {dh / 2});
-    std::copy(inv.begin(), inv.end(), inv_freq.data<float>());
-    Tensor gq = dev(q), gk = dev(k), gv = dev(v);
-    cpu_->rope_kv_append(q, k, v, cpu_cache, cpu_l, inv_freq);
-    cuda_->rope_kv_append(gq, gk, gv, gpu_cache, gpu_l, cuda_->upload(inv_freq, DType::F32));
-    EXPECT_LT(rel_err(back(gq), q), tol()) << "rotated q";
-    EXPECT_LT(rel_err(back(gpu_cache.k), cpu_cache.k), tol()) << "K cache";
+    // Every third case without rotation (OPT's learned positions).
+    const bool rotate = case_index++ % 3 != 2;
+    Tensor qkv = host_random({T, H + 2 * Hkv, dh}, -2, 2);
+    Tensor inv_freq;
+    if (rotate) {
+      inv_freq = Tensor::empty(DType::F32, {dh / 2});
+      for (int64_t i = 0; i < dh / 2; ++i) inv_freq.data<float>()[i] = std::pow(10000.0f, -2.0f * i / dh);
+    }
+    Tensor q = Tensor::empty(DType::F32, {T, H, dh}), gq = poisoned({T, H, dh});
+    cpu_->rope_kv_append(qkv, cpu_cache, cpu_l, inv_freq, q);
+    cuda_->rope_kv_append(dev(qkv), gpu_cache, gpu_l, rotate ? cuda_->upload(inv_freq, DType::F32) : Tensor(), gq);
+    EXPECT_LT(rel_err(back(gq), q), tol()) << "q, rotate " << rotate;
+    EXPECT_LT(rel_err(back(gpu_cache.k), cpu_cache.k), tol()) << "K cache, rotate " << rotate;
     EXPECT_EQ(rel_err(back(gpu_cache.v), cpu_cache.v), 0.0) << "V cache";
     // Attention on identical inputs: the CPU reads the CUDA-rounded rotated q and cache.
     Tensor q_r = back(gq);

@@ -10,8 +10,10 @@ namespace polar {
 
 namespace {
 
+// wqkv stacks q_proj, k_proj, v_proj [(H + 2·Hkv)·dh, d] and w_gate_up stacks gate_proj, up_proj [2·ffn, d]
+// (Model::load_stacked), each with its stacked bias when the checkpoint has one.
 struct LlamaLayer {
-  Tensor attn_norm, wq, bq, wk, bk, wv, bv, wo, bo, mlp_norm, w_gate, b_gate, w_up, b_up, w_down, b_down;
+  Tensor attn_norm, wqkv, bqkv, wo, bo, mlp_norm, w_gate_up, b_gate_up, w_down, b_down;
 };
 
 class Llama final : public Model {
@@ -27,20 +29,21 @@ class Llama final : public Model {
       const std::string p = fmt::format("model.layers.{}.", l);
       LlamaLayer L;
       L.attn_norm = load(p + "input_layernorm.weight", {c.hidden});
-      L.wq = load(p + "self_attn.q_proj.weight", {c.q_dim(), c.hidden});
-      L.wk = load(p + "self_attn.k_proj.weight", {c.kv_dim(), c.hidden});
-      L.wv = load(p + "self_attn.v_proj.weight", {c.kv_dim(), c.hidden});
-      L.bq = load_opt(c.qkv_bias, p + "self_attn.q_proj.bias", {c.q_dim()});
-      L.bk = load_opt(c.qkv_bias, p + "self_attn.k_proj.bias", {c.kv_dim()});
-      L.bv = load_opt(c.qkv_bias, p + "self_attn.v_proj.bias", {c.kv_dim()});
+      L.wqkv = load_stacked(ck, {{p + "self_attn.q_proj.weight", {c.q_dim(), c.hidden}},
+                                 {p + "self_attn.k_proj.weight", {c.kv_dim(), c.hidden}},
+                                 {p + "self_attn.v_proj.weight", {c.kv_dim(), c.hidden}}});
+      L.bqkv = load_stacked_if(c.qkv_bias, ck,
+                               {{p + "self_attn.q_proj.bias", {c.q_dim()}},
+                                {p + "self_attn.k_proj.bias", {c.kv_dim()}},
+                                {p + "self_attn.v_proj.bias", {c.kv_dim()}}});
       L.wo = load(p + "self_attn.o_proj.weight", {c.hidden, c.q_dim()});
       L.bo = load_opt(c.o_bias, p + "self_attn.o_proj.bias", {c.hidden});
       L.mlp_norm = load(p + "post_attention_layernorm.weight", {c.hidden});
-      L.w_gate = load(p + "mlp.gate_proj.weight", {c.ffn, c.hidden});
-      L.w_up = load(p + "mlp.up_proj.weight", {c.ffn, c.hidden});
+      L.w_gate_up = load_stacked(ck, {{p + "mlp.gate_proj.weight", {c.ffn, c.hidden}},
+                                      {p + "mlp.up_proj.weight", {c.ffn, c.hidden}}});
+      L.b_gate_up = load_stacked_if(c.mlp_bias, ck,
+                                    {{p + "mlp.gate_proj.bias", {c.ffn}}, {p + "mlp.up_proj.bias", {c.ffn}}});
       L.w_down = load(p + "mlp.down_proj.weight", {c.hidden, c.ffn});
-      L.b_gate = load_opt(c.mlp_bias, p + "mlp.gate_proj.bias", {c.ffn});
-      L.b_up = load_opt(c.mlp_bias, p + "mlp.up_proj.bias", {c.ffn});
       L.b_down = load_opt(c.mlp_bias, p + "mlp.down_proj.bias", {c.hidden});
       layers_.push_back(std::move(L));
     }
@@ -67,12 +70,11 @@ class Llama final : public Model {
 
     Tensor x = be.alloc(dt, {T, c.hidden});
     Tensor h = be.alloc(dt, {T, c.hidden});
+    Tensor qkv = be.alloc(dt, {T, c.n_heads + 2 * c.n_kv_heads, c.head_dim});
     Tensor q = be.alloc(dt, {T, c.n_heads, c.head_dim});
-    Tensor k = be.alloc(dt, {T, c.n_kv_heads, c.head_dim});
-    Tensor v = be.alloc(dt, {T, c.n_kv_heads, c.head_dim});
     Tensor attn = be.alloc(dt, {T, c.n_heads, c.head_dim});
-    Tensor gate = be.alloc(dt, {T, c.ffn});
-    Tensor up = be.alloc(dt, {T, c.ffn});
+    Tensor gate_up = be.alloc(dt, {T, 2 * c.ffn});
+    Tensor act = be.alloc(dt, {T, c.ffn});
 
     be.embedding(embed_, in.ids, x);
     if (probe) probe->hidden(0, be.to_host_f32(x));
@@ -82,11 +84,9 @@ class Llama final : public Model {
       be.rms_norm(x, L.attn_norm, static_cast<float>(c.norm_eps), h);
       if (probe) probe->attn_in(static_cast<int>(l), be.to_host_f32(h));
       be.region("qkv_o");
-      be.linear(h, L.wq, ptr(L.bq), q);
-      be.linear(h, L.wk, ptr(L.bk), k);
-      be.linear(h, L.wv, ptr(L.bv), v);
+      be.linear(h, L.wqkv, ptr(L.bqkv), qkv);
       be.region("attention");
-      be.rope_kv_append(q, k, v, cache[l], in.layout, inv_freq_);
+      be.rope_kv_append(qkv, cache[l], in.layout, inv_freq_, q);
       be.attention(q, cache[l], in.layout, scale, c.sliding_window, attn);
       if (probe) report_head_norms(probe, static_cast<int>(l), attn);
       be.region("qkv_o");
@@ -94,11 +94,10 @@ class Llama final : public Model {
       be.region("other");
       be.rms_norm(x, L.mlp_norm, static_cast<float>(c.norm_eps), h);
       be.region("mlp");
-      be.linear(h, L.w_gate, ptr(L.b_gate), gate);
-      be.linear(h, L.w_up, ptr(L.b_up), up);
-      be.silu_mul(gate, up, gate);
-      if (probe) probe->mlp_act(static_cast<int>(l), be.to_host_f32(gate));
-      be.linear(gate, L.w_down, ptr(L.b_down), x, /*accumulate=*/true);
+      be.linear(h, L.w_gate_up, ptr(L.b_gate_up), gate_up);
+      be.silu_mul(gate_up, act);
+      if (probe) probe->mlp_act(static_cast<int>(l), be.to_host_f32(act));
+      be.linear(act, L.w_down, ptr(L.b_down), x, /*accumulate=*/true);
       if (probe && l + 1 < c.n_layers) probe->hidden(static_cast<int>(l + 1), be.to_host_f32(x));
     }
     be.region("other");

@@ -1,5 +1,6 @@
 #include "model/model.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "core/random.h"
@@ -27,14 +28,31 @@ uint64_t name_hash(const std::string& name) {
 
 }  // namespace
 
-Tensor Model::load_weight(const Checkpoint& ck, const std::string& name, const Shape& shape) {
+Tensor Model::load_stacked(const Checkpoint& ck, const std::vector<Part>& parts) {
   const DType dt = backend_.activation_dtype();
+  Shape shape = parts.at(0).shape;
+  std::string names = parts[0].name;
+  for (size_t i = 1; i < parts.size(); ++i) {
+    const Shape& p = parts[i].shape;
+    check(p.size() == shape.size() && std::equal(p.begin() + 1, p.end(), shape.begin() + 1),
+          "cannot stack {} {} onto {} {}", parts[i].name, shape_str(p), names, shape_str(shape));
+    shape[0] += p[0];
+    names += "+" + parts[i].name;
+  }
   Tensor t;
   if (ck.synthetic_seed) {
-    const auto [lo, hi] = synthetic_range(name, shape);
-    t = backend_.random_uniform(dt, shape, lo, hi, mix64(*ck.synthetic_seed) ^ name_hash(name));
+    const auto [lo, hi] = synthetic_range(parts[0].name, shape);
+    t = backend_.random_uniform(dt, shape, lo, hi, mix64(*ck.synthetic_seed) ^ name_hash(names));
+  } else if (parts.size() == 1) {
+    t = backend_.upload(ck.get(parts[0].name, parts[0].shape), dt);
   } else {
-    t = backend_.upload(ck.get(name, shape), dt);
+    Tensor host = Tensor::empty(DType::F32, shape);
+    float* dst = host.data<float>();
+    for (const Part& p : parts) {
+      const Tensor& src = ck.get(p.name, p.shape);
+      dst = std::copy(src.data<float>(), src.data<float>() + src.numel(), dst);
+    }
+    t = backend_.upload(host, dt);
   }
   weight_bytes_ += static_cast<int64_t>(t.nbytes());
   return t;

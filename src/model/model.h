@@ -44,9 +44,22 @@ class Model {
  protected:
   Model(const ModelConfig& config, Backend& backend) : config_(config), backend_(backend) {}
   // Uploads checkpoint tensor `name` (which must have `shape`) in the backend's dtype, counting its bytes.
-  Tensor load_weight(const Checkpoint& ck, const std::string& name, const Shape& shape);
+  Tensor load_weight(const Checkpoint& ck, const std::string& name, const Shape& shape) {
+    return load_stacked(ck, {{name, shape}});
+  }
   Tensor load_weight_if(bool present, const Checkpoint& ck, const std::string& name, const Shape& shape) {
     return present ? load_weight(ck, name, shape) : Tensor();
+  }
+  // Checkpoint tensors stacked along dim 0 into one weight (their other dims must agree): projections that
+  // read the same input (q/k/v, gate/up) then run as one GEMM, which streams its weights closer to the
+  // memory bandwidth than three narrow ones at decode batch sizes.
+  struct Part {
+    std::string name;
+    Shape shape;
+  };
+  Tensor load_stacked(const Checkpoint& ck, const std::vector<Part>& parts);
+  Tensor load_stacked_if(bool present, const Checkpoint& ck, const std::vector<Part>& parts) {
+    return present ? load_stacked(ck, parts) : Tensor();
   }
   // Reports per-head L2 norms of attn [T, H, dh] to the probe.
   void report_head_norms(Probe* probe, int layer, const Tensor& attn) const;

@@ -11,8 +11,9 @@ namespace polar {
 
 namespace {
 
+// wqkv stacks q_proj, k_proj, v_proj [3·d, d] (Model::load_stacked), bqkv their biases.
 struct OptLayer {
-  Tensor ln1_w, ln1_b, wq, bq, wk, bk, wv, bv, wo, bo, ln2_w, ln2_b, w1, b1, w2, b2;
+  Tensor ln1_w, ln1_b, wqkv, bqkv, wo, bo, ln2_w, ln2_b, w1, b1, w2, b2;
 };
 
 class Opt final : public Model {
@@ -37,13 +38,14 @@ class Opt final : public Model {
       OptLayer L;
       L.ln1_w = load(p + "self_attn_layer_norm.weight", {c.hidden});
       L.ln1_b = load(p + "self_attn_layer_norm.bias", {c.hidden});
-      L.wq = load(p + "self_attn.q_proj.weight", {c.hidden, c.hidden});
-      L.wk = load(p + "self_attn.k_proj.weight", {c.hidden, c.hidden});
-      L.wv = load(p + "self_attn.v_proj.weight", {c.hidden, c.hidden});
+      L.wqkv = load_stacked(ck, {{p + "self_attn.q_proj.weight", {c.hidden, c.hidden}},
+                                 {p + "self_attn.k_proj.weight", {c.hidden, c.hidden}},
+                                 {p + "self_attn.v_proj.weight", {c.hidden, c.hidden}}});
+      L.bqkv = load_stacked_if(c.qkv_bias, ck,
+                               {{p + "self_attn.q_proj.bias", {c.hidden}},
+                                {p + "self_attn.k_proj.bias", {c.hidden}},
+                                {p + "self_attn.v_proj.bias", {c.hidden}}});
       L.wo = load(p + "self_attn.out_proj.weight", {c.hidden, c.hidden});
-      L.bq = load_opt(c.qkv_bias, p + "self_attn.q_proj.bias", {c.hidden});
-      L.bk = load_opt(c.qkv_bias, p + "self_attn.k_proj.bias", {c.hidden});
-      L.bv = load_opt(c.qkv_bias, p + "self_attn.v_proj.bias", {c.hidden});
       L.bo = load_opt(c.o_bias, p + "self_attn.out_proj.bias", {c.hidden});
       L.ln2_w = load(p + "final_layer_norm.weight", {c.hidden});
       L.ln2_b = load(p + "final_layer_norm.bias", {c.hidden});
@@ -70,9 +72,8 @@ class Opt final : public Model {
 
     Tensor x = be.alloc(dt, {T, c.hidden});
     Tensor h = be.alloc(dt, {T, c.hidden});
+    Tensor qkv = be.alloc(dt, {T, 3 * c.n_heads, c.head_dim});
     Tensor q = be.alloc(dt, {T, c.n_heads, c.head_dim});
-    Tensor k = be.alloc(dt, {T, c.n_heads, c.head_dim});
-    Tensor v = be.alloc(dt, {T, c.n_heads, c.head_dim});
     Tensor attn = be.alloc(dt, {T, c.n_heads, c.head_dim});
     Tensor act = be.alloc(dt, {T, c.ffn});
 
@@ -97,11 +98,9 @@ class Opt final : public Model {
       }
       if (probe) probe->attn_in(static_cast<int>(l), be.to_host_f32(*attn_in));
       be.region("qkv_o");
-      be.linear(*attn_in, L.wq, ptr(L.bq), q);
-      be.linear(*attn_in, L.wk, ptr(L.bk), k);
-      be.linear(*attn_in, L.wv, ptr(L.bv), v);
+      be.linear(*attn_in, L.wqkv, ptr(L.bqkv), qkv);
       be.region("attention");
-      be.kv_append(cache[l], k, v, in.layout);
+      be.rope_kv_append(qkv, cache[l], in.layout, Tensor(), q);  // learned positions: no rotation
       be.attention(q, cache[l], in.layout, scale, 0, attn);
       if (probe) report_head_norms(probe, static_cast<int>(l), attn);
       be.region("qkv_o");

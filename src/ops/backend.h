@@ -70,26 +70,21 @@ class Backend {
   // Row-wise norms over the last dim d: LayerNorm (weight, bias) and RMSNorm (weight). out may alias x.
   virtual void layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, float eps, Tensor& out) = 0;
   virtual void rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& out) = 0;
-  // In place on x[T, heads, dh], rotate-half convention: (x[i], x[i + dh/2]) rotated by positions[t] · inv_freq[i].
-  virtual void rope(Tensor& x, const Tensor& positions, const Tensor& inv_freq) = 0;
-  // Writes k, v [T, Hkv, dh] into the cache rows given by layout.slots.
-  virtual void kv_append(KVLayer& cache, const Tensor& k, const Tensor& v, const StepLayout& layout) = 0;
-  // rope(q), rope(k), kv_append(k, v) in one: backends fuse it (one pass over q/k/v instead of three).
-  // k is consumed: what its buffer holds afterwards is unspecified (the cache holds the rotated keys).
-  virtual void rope_kv_append(Tensor& q, Tensor& k, const Tensor& v, KVLayer& cache, const StepLayout& layout,
-                              const Tensor& inv_freq) {
-    rope(q, layout.positions, inv_freq);
-    rope(k, layout.positions, inv_freq);
-    kv_append(cache, k, v, layout);
-  }
+  // qkv [T, H + 2·Hkv, dh], the fused q/k/v projection's output (query heads, then key heads, then value
+  // heads) -> q [T, H, dh], the query heads rotated; the key heads rotated and the value heads go to the
+  // cache rows layout.slots. Rotation: rotate-half RoPE, (x[i], x[i + dh/2]) turned by
+  // layout.positions[t] · inv_freq[i] (F32 [dh/2]); an undefined inv_freq means none (learned positions).
+  // One pass over qkv; a slot outside the cache is a polar::Error.
+  virtual void rope_kv_append(const Tensor& qkv, KVLayer& cache, const StepLayout& layout, const Tensor& inv_freq,
+                              Tensor& q) = 0;
   // Causal attention of q[T, H, dh] over each token's own sequence in the cache, keys at positions
   // [max(0, pos - window + 1), pos] (window 0 = unlimited). GQA: query head h reads KV head h / (H / Hkv).
   // out[T, H, dh] = softmax(q·kᵀ · scale) · v.
   virtual void attention(const Tensor& q, const KVLayer& cache, const StepLayout& layout, float scale, int64_t window,
                          Tensor& out) = 0;
   virtual void relu(Tensor& x) = 0;
-  // out[T, f] = silu(gate) * up
-  virtual void silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) = 0;
+  // out[T, F] = silu(gate_up[:, :F]) * gate_up[:, F:], for the fused gate/up projection's output [T, 2F].
+  virtual void silu_mul(const Tensor& gate_up, Tensor& out) = 0;
   // out[R] (I32) = index of the largest of each row of logits [R, V] (the first one on ties).
   virtual void argmax(const Tensor& logits, Tensor& out) = 0;
 

@@ -117,36 +117,41 @@ class CpuBackend final : public Backend {
     }
   }
 
-  void rope(Tensor& x, const Tensor& positions, const Tensor& inv_freq) override {
-    const int64_t T = x.dim(0), heads = x.dim(1), dh = x.dim(2), half = dh / 2;
-    check(inv_freq.numel() == half, "rope: {} frequencies for head_dim {}", inv_freq.numel(), dh);
-    const int32_t* pos = positions.data<int32_t>();
-    const float* f = inv_freq.data<float>();
-    float* px = x.data<float>();
-#pragma omp parallel for schedule(static) if (T > 4)
-    for (int64_t t = 0; t < T; ++t) {
-      for (int64_t i = 0; i < half; ++i) {
-        // float32 angle, as transformers computes it
-        const float angle = static_cast<float>(pos[t]) * f[i];
-        const float c = std::cos(angle), s = std::sin(angle);
-        for (int64_t h = 0; h < heads; ++h) {
-          float* row = px + (t * heads + h) * dh;
-          const float a = row[i], b = row[i + half];
-          row[i] = a * c - b * s;
-          row[i + half] = b * c + a * s;
-        }
-      }
-    }
-  }
-
-  void kv_append(KVLayer& cache, const Tensor& k, const Tensor& v, const StepLayout& layout) override {
-    const int64_t T = k.dim(0), row = k.numel() / std::max<int64_t>(T, 1);
+  void rope_kv_append(const Tensor& qkv, KVLayer& cache, const StepLayout& layout, const Tensor& inv_freq,
+                      Tensor& q) override {
+    const int64_t T = qkv.dim(0), H = q.dim(1), dh = q.dim(2), Hkv = cache.k.dim(2), half = dh / 2;
+    check(qkv.dim(1) == H + 2 * Hkv && qkv.dim(2) == dh && q.dim(0) == T && cache.k.dim(3) == dh && dh % 2 == 0,
+          "rope_kv_append: qkv {}, q {} and cache {} do not agree", shape_str(qkv.shape()), shape_str(q.shape()),
+          shape_str(cache.k.shape()));
+    const bool rotate = inv_freq.defined();
+    check(!rotate || inv_freq.numel() == half, "rope: {} frequencies for head_dim {}", inv_freq.numel(), dh);
+    check(layout.slots.numel() == T, "kv_append: {} slots for {} tokens", layout.slots.numel(), T);
     const int64_t slots_total = cache.k.dim(0) * cache.k.dim(1);
     const int32_t* slot = layout.slots.data<int32_t>();
-    for (int64_t t = 0; t < T; ++t) {
+    for (int64_t t = 0; t < T; ++t)
       check(slot[t] >= 0 && slot[t] < slots_total, "kv_append: slot {} outside the cache", slot[t]);
-      std::memcpy(cache.k.data<float>() + int64_t(slot[t]) * row, k.data<float>() + t * row, row * sizeof(float));
-      std::memcpy(cache.v.data<float>() + int64_t(slot[t]) * row, v.data<float>() + t * row, row * sizeof(float));
+    const int32_t* pos = layout.positions.data<int32_t>();
+#pragma omp parallel for schedule(static) if (T > 4)
+    for (int64_t t = 0; t < T; ++t) {
+      const float* row = qkv.data<float>() + t * (H + 2 * Hkv) * dh;
+      float* k_dst = cache.k.data<float>() + int64_t(slot[t]) * Hkv * dh;
+      std::copy(row + (H + Hkv) * dh, row + (H + 2 * Hkv) * dh, cache.v.data<float>() + int64_t(slot[t]) * Hkv * dh);
+      if (!rotate) {
+        std::copy(row, row + H * dh, q.data<float>() + t * H * dh);
+        std::copy(row + H * dh, row + (H + Hkv) * dh, k_dst);
+        continue;
+      }
+      for (int64_t i = 0; i < half; ++i) {
+        // float32 angle, as transformers computes it
+        const float angle = static_cast<float>(pos[t]) * inv_freq.data<float>()[i];
+        const float c = std::cos(angle), s = std::sin(angle);
+        for (int64_t h = 0; h < H + Hkv; ++h) {
+          const float a = row[h * dh + i], b = row[h * dh + i + half];
+          float* dst = h < H ? q.data<float>() + (t * H + h) * dh : k_dst + (h - H) * dh;
+          dst[i] = a * c - b * s;
+          dst[i + half] = b * c + a * s;
+        }
+      }
     }
   }
 
@@ -205,12 +210,17 @@ class CpuBackend final : public Backend {
     for (int64_t i = 0; i < n; ++i) p[i] = std::max(p[i], 0.0f);
   }
 
-  void silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) override {
-    const float *g = gate.data<float>(), *u = up.data<float>();
+  void silu_mul(const Tensor& gate_up, Tensor& out) override {
+    const int64_t T = out.dim(0), F = out.dim(1);
+    check(gate_up.dim(0) == T && gate_up.dim(1) == 2 * F, "silu_mul: gate_up {} for output {}",
+          shape_str(gate_up.shape()), shape_str(out.shape()));
+    const float* gu = gate_up.data<float>();
     float* o = out.data<float>();
-    const int64_t n = gate.numel();
-#pragma omp parallel for schedule(static) if (n > 65536)
-    for (int64_t i = 0; i < n; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+#pragma omp parallel for schedule(static) if (T * F > 65536)
+    for (int64_t i = 0; i < T * F; ++i) {
+      const float g = gu[i / F * 2 * F + i % F], u = gu[i / F * 2 * F + F + i % F];
+      o[i] = g / (1.0f + std::exp(-g)) * u;
+    }
   }
 
   void argmax(const Tensor& logits, Tensor& out) override {

@@ -5,10 +5,12 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <map>
 #include <mutex>
 #include <tuple>
 #include <unordered_map>
+#include <vector>
 
 #include <fmt/format.h>
 
@@ -102,8 +104,8 @@ class DeviceStorage final : public Storage {
   size_t capacity_, size_;
 };
 
-// A cuBLASLt plan for one GEMM shape: descriptors plus the algorithm the heuristic chose, cached so the
-// per-call host cost is a descriptor attribute update and the matmul launch.
+// A cuBLASLt plan for one GEMM shape: descriptors plus the fastest of the heuristic's candidate algorithms
+// (CudaBackend::fastest), cached so the per-call host cost is a descriptor attribute update and the launch.
 struct GemmPlan {
   cublasLtMatmulDesc_t desc = nullptr;
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
@@ -284,15 +286,12 @@ class CudaBackend final : public Backend {
       check(bias->numel() == n, "linear: bias of {} for {} outputs", bias->numel(), n);
     }
     if (m == 0) return;
-    GemmPlan& plan = gemm_plan(m, n, k, bias != nullptr, accumulate, x.raw(), w.raw(), y.raw());
+    GemmPlan& plan = gemm_plan(m, n, k, bias ? bias->raw() : nullptr, accumulate, x.raw(), w.raw(), y.raw());
     if (bias) {
       const void* bp = bias->raw();
       lt_check(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp, sizeof(bp)), "bias");
     }
-    const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
-    lt_check(cublasLtMatmul(lt_, plan.desc, &alpha, w.raw(), plan.a, x.raw(), plan.b, &beta, y.raw(), plan.c, y.raw(),
-                            plan.c, &plan.algo, workspace_.raw(), kGemmWorkspace, stream_),
-             "cublasLtMatmul");
+    lt_check(matmul(plan, plan.algo, x.raw(), w.raw(), y.raw(), accumulate), "cublasLtMatmul");
   }
 
   void add(const Tensor& a, const Tensor& b, Tensor& out) override {
@@ -309,28 +308,27 @@ class CudaBackend final : public Backend {
   }
   void rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& out) override { norm(x, w, nullptr, eps, out); }
 
-  void rope(Tensor& x, const Tensor& positions, const Tensor& inv_freq) override {
-    expect_act(x, "rope input");
-    expect_i32(positions, "rope positions");
-    const int64_t T = x.dim(0), heads = x.dim(1), dh = x.dim(2);
-    check(inv_freq.dtype() == DType::F32 && inv_freq.numel() == dh / 2 && dh % 2 == 0,
-          "rope: {} f32 frequencies expected for head_dim {}", dh / 2, dh);
-    check(positions.numel() == T, "rope: {} positions for {} tokens", positions.numel(), T);
-    cuda::rope(x.raw(), positions.data<int32_t>(), inv_freq.data<float>(), T, heads, dh, elem(), stream_);
-  }
-
-  void kv_append(KVLayer& cache, const Tensor& k, const Tensor& v, const StepLayout& layout) override {
-    append(nullptr, cache, k, v, layout, nullptr);
-  }
-
-  void rope_kv_append(Tensor& q, Tensor& k, const Tensor& v, KVLayer& cache, const StepLayout& layout,
-                      const Tensor& inv_freq) override {
-    expect_act(q, "rope q");
-    check(inv_freq.dtype() == DType::F32 && inv_freq.numel() * 2 == q.dim(2), "rope: {} f32 frequencies expected",
-          q.dim(2) / 2);
-    check(q.dim(0) == k.dim(0) && q.dim(2) == k.dim(2) && q.dim(1) % k.dim(1) == 0,
-          "rope_kv_append: q {} and k {} do not agree", shape_str(q.shape()), shape_str(k.shape()));
-    append(&q, cache, k, v, layout, &inv_freq);
+  void rope_kv_append(const Tensor& qkv, KVLayer& cache, const StepLayout& layout, const Tensor& inv_freq,
+                      Tensor& q) override {
+    expect_act(qkv, "rope_kv_append qkv");
+    expect_act(q, "rope_kv_append q");
+    expect_act(cache.k, "K cache");
+    expect_act(cache.v, "V cache");
+    expect_i32(layout.slots, "kv_append slots");
+    expect_i32(layout.positions, "rope positions");
+    const int64_t T = qkv.dim(0), H = q.dim(1), dh = q.dim(2), Hkv = cache.k.dim(2);
+    check(qkv.dim(1) == H + 2 * Hkv && qkv.dim(2) == dh && q.dim(0) == T && cache.k.dim(3) == dh && dh % 2 == 0 &&
+              cache.v.shape() == cache.k.shape(),
+          "rope_kv_append: qkv {}, q {} and cache {} do not agree", shape_str(qkv.shape()), shape_str(q.shape()),
+          shape_str(cache.k.shape()));
+    check(!inv_freq.defined() || (inv_freq.dtype() == DType::F32 && inv_freq.numel() * 2 == dh),
+          "rope: {} f32 frequencies expected", dh / 2);
+    check(layout.slots.numel() == T && layout.positions.numel() == T, "kv_append: {} slots for {} tokens",
+          layout.slots.numel(), T);
+    cuda::rope_kv_append(qkv.raw(), q.raw(), H, layout.positions.data<int32_t>(),
+                         inv_freq.defined() ? inv_freq.data<float>() : nullptr, layout.slots.data<int32_t>(), T, Hkv,
+                         dh, cache.k.raw(), cache.v.raw(), cache.k.dim(0) * cache.k.dim(1),
+                         error_flag_.data<int32_t>(), elem(), stream_);
   }
 
   void attention(const Tensor& q, const KVLayer& cache, const StepLayout& layout, float scale, int64_t window,
@@ -377,13 +375,13 @@ class CudaBackend final : public Backend {
     cuda::relu(x.raw(), x.numel(), elem(), stream_);
   }
 
-  void silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) override {
-    expect_act(gate, "silu_mul gate");
-    expect_act(up, "silu_mul up");
+  void silu_mul(const Tensor& gate_up, Tensor& out) override {
+    expect_act(gate_up, "silu_mul gate_up");
     expect_act(out, "silu_mul output");
-    check(gate.numel() == up.numel() && gate.numel() == out.numel(), "silu_mul: shapes {} and {} differ",
-          shape_str(gate.shape()), shape_str(up.shape()));
-    cuda::silu_mul(gate.raw(), up.raw(), out.raw(), gate.numel(), elem(), stream_);
+    const int64_t T = out.dim(0), F = out.dim(1);
+    check(gate_up.dim(0) == T && gate_up.dim(1) == 2 * F, "silu_mul: gate_up {} for output {}",
+          shape_str(gate_up.shape()), shape_str(out.shape()));
+    cuda::silu_mul(gate_up.raw(), out.raw(), T, F, elem(), stream_);
   }
 
   void argmax(const Tensor& logits, Tensor& out) override {
@@ -460,6 +458,8 @@ class CudaBackend final : public Backend {
 
  private:
   static constexpr int64_t kGemmWorkspace = 32 << 20;
+  static constexpr int kGemmCandidates = 16;  // cuBLASLt heuristic results timed per GEMM plan
+  static constexpr int kTuneRuns = 5;
 
   cuda::Elem elem() const { return dtype_ == DType::BF16 ? cuda::Elem::BF16 : cuda::Elem::F16; }
 
@@ -487,28 +487,17 @@ class CudaBackend final : public Backend {
                out.raw(), elem(), stream_);
   }
 
-  // kv_append, with q and k rotated first when q is given.
-  void append(Tensor* q, KVLayer& cache, const Tensor& k, const Tensor& v, const StepLayout& layout,
-              const Tensor* inv_freq) {
-    expect_act(k, "kv_append k");
-    expect_act(v, "kv_append v");
-    expect_act(cache.k, "K cache");
-    expect_act(cache.v, "V cache");
-    expect_i32(layout.slots, "kv_append slots");
-    const int64_t T = k.dim(0), Hkv = k.dim(1), dh = k.dim(2);
-    check(v.shape() == k.shape() && cache.k.dim(2) == Hkv && cache.k.dim(3) == dh && dh % 2 == 0,
-          "kv_append: k {} v {} cache {} do not agree", shape_str(k.shape()), shape_str(v.shape()),
-          shape_str(cache.k.shape()));
-    check(layout.slots.numel() == T, "kv_append: {} slots for {} tokens", layout.slots.numel(), T);
-    cuda::rope_kv_append(q ? q->raw() : nullptr, q ? q->dim(1) : 0, k.raw(), v.raw(), layout.positions.data<int32_t>(),
-                         inv_freq ? inv_freq->data<float>() : nullptr, layout.slots.data<int32_t>(), T, Hkv, dh,
-                         cache.k.raw(), cache.v.raw(), cache.k.dim(0) * cache.k.dim(1), error_flag_.data<int32_t>(),
-                         elem(), stream_);
+  cublasStatus_t matmul(const GemmPlan& plan, const cublasLtMatmulAlgo_t& algo, const void* x, const void* w, void* y,
+                        bool accumulate) {
+    const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+    return cublasLtMatmul(lt_, plan.desc, &alpha, w, plan.a, x, plan.b, &beta, y, plan.c, y, plan.c, &algo,
+                          workspace_.raw(), kGemmWorkspace, stream_);
   }
 
-  GemmPlan& gemm_plan(int64_t m, int64_t n, int64_t k, bool bias, bool accumulate, const void* x, const void* w,
+  GemmPlan& gemm_plan(int64_t m, int64_t n, int64_t k, const void* bias, bool accumulate, const void* x, const void* w,
                       const void* y) {
-    const auto key = std::make_tuple(m, n, k, bias, accumulate, alignment_of(x), alignment_of(w), alignment_of(y));
+    const auto key = std::make_tuple(m, n, k, bias != nullptr, accumulate, alignment_of(x), alignment_of(w),
+                                     alignment_of(y));
     auto it = plans_.find(key);
     if (it != plans_.end()) return it->second;
     const cudaDataType_t t = dtype_ == DType::BF16 ? CUDA_R_16BF : CUDA_R_16F;
@@ -519,6 +508,8 @@ class CudaBackend final : public Backend {
     lt_check(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &no_trans, sizeof(no_trans)), "transb");
     const cublasLtEpilogue_t epi = bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
     lt_check(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)), "epilogue");
+    if (bias)
+      lt_check(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)), "bias");
     lt_check(cublasLtMatrixLayoutCreate(&p.a, t, k, n, k), "layout a");
     lt_check(cublasLtMatrixLayoutCreate(&p.b, t, k, m, k), "layout b");
     lt_check(cublasLtMatrixLayoutCreate(&p.c, t, n, m, n), "layout c");
@@ -531,14 +522,60 @@ class CudaBackend final : public Backend {
     cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &ax, sizeof(ax));
     cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &ay, sizeof(ay));
     cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &ay, sizeof(ay));
-    cublasLtMatmulHeuristicResult_t result{};
+    std::vector<cublasLtMatmulHeuristicResult_t> results(kGemmCandidates);
     int found = 0;
-    const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(lt_, p.desc, p.a, p.b, p.c, p.c, pref, 1, &result, &found);
+    const cublasStatus_t st =
+        cublasLtMatmulAlgoGetHeuristic(lt_, p.desc, p.a, p.b, p.c, p.c, pref, kGemmCandidates, results.data(), &found);
     cublasLtMatmulPreferenceDestroy(pref);
     if (st != CUBLAS_STATUS_SUCCESS || found == 0)
       fail("cuBLASLt has no algorithm for a {} GEMM of m={} n={} k={}", dtype_name(dtype_), m, n, k);
-    p.algo = result.algo;
+    results.resize(found);
+    p.algo = capturing_ ? results[0].algo : fastest(p, results, x, w, m * n, accumulate);
     return plans_.emplace(key, p).first->second;
+  }
+
+  // The fastest of cuBLASLt's candidate algorithms for a plan, timed here: the heuristic's first pick is
+  // made for throughput-sized problems and leaves much of the bandwidth unused on some decode shapes (on
+  // an H200, m <= 256 x n = k = 4096 ran at 61% of copy bandwidth). Each candidate runs kTuneRuns times into
+  // a scratch output, each run after an L2-sized flush so the weights come from HBM as in a decode step; the
+  // lowest median wins. Without memory for the scratch (a cache filling the device) the first pick stays.
+  cublasLtMatmulAlgo_t fastest(const GemmPlan& p, const std::vector<cublasLtMatmulHeuristicResult_t>& results,
+                               const void* x, const void* w, int64_t y_elems, bool accumulate) {
+    if (results.size() == 1) return results[0].algo;
+    int l2 = 0;
+    cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device_);
+    const size_t flush_bytes = 2 * static_cast<size_t>(l2), y_bytes = (y_elems * 2 + 255) / 256 * 256;
+    void* scratch = nullptr;
+    if (cudaMalloc(&scratch, flush_bytes + y_bytes) != cudaSuccess) {
+      cudaGetLastError();
+      return results[0].algo;
+    }
+    void* y = static_cast<char*>(scratch) + flush_bytes;
+    cudaEvent_t start, stop;
+    cuda_check(cudaEventCreate(&start), "cudaEventCreate");
+    cuda_check(cudaEventCreate(&stop), "cudaEventCreate");
+    size_t best = 0;
+    float best_ms = INFINITY;
+    for (size_t i = 0; i < results.size(); ++i) {
+      std::vector<float> ms;
+      for (int r = 0; r < kTuneRuns; ++r) {
+        cuda_check(cudaMemsetAsync(scratch, r, flush_bytes, stream_), "L2 flush");
+        cuda_check(cudaEventRecord(start, stream_), "cudaEventRecord");
+        if (matmul(p, results[i].algo, x, w, y, accumulate) != CUBLAS_STATUS_SUCCESS) break;
+        cuda_check(cudaEventRecord(stop, stream_), "cudaEventRecord");
+        cuda_check(cudaEventSynchronize(stop), "cudaEventSynchronize");
+        float t = 0;
+        cuda_check(cudaEventElapsedTime(&t, start, stop), "cudaEventElapsedTime");
+        ms.push_back(t);
+      }
+      if (ms.size() < static_cast<size_t>(kTuneRuns)) continue;
+      std::nth_element(ms.begin(), ms.begin() + kTuneRuns / 2, ms.end());
+      if (ms[kTuneRuns / 2] < best_ms) best_ms = ms[kTuneRuns / 2], best = i;
+    }
+    cudaEventDestroy(start);
+    cudaEventDestroy(stop);
+    cuda_check(cudaFree(scratch), "cudaFree");
+    return results[best].algo;
   }
 
   int device_;

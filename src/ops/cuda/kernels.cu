@@ -69,9 +69,6 @@ struct AddOp {
 struct ReluOp {  // b is ignored (relu runs as binary_kernel(x, x))
   __device__ float operator()(float a, float) const { return fmaxf(a, 0.0f); }
 };
-struct SiluMulOp {
-  __device__ float operator()(float g, float u) const { return g / (1.0f + __expf(-g)) * u; }
-};
 
 template <typename Op> void launch_binary(const void* a, const void* b, void* out, int64_t n, Elem e, cudaStream_t stream,
                                           Op op, const char* what) {
@@ -142,59 +139,47 @@ __global__ void norm_kernel(const T* x, const T* w, const T* b, float eps, bool 
 
 // ---- RoPE and the KV append: one CTA per token, threads over (head, pair) ----
 
+// One thread per (head row, i < dh/2) pair of a token's H + 2·Hkv head rows: it reads qkv once and writes
+// q or the cache row, rotating query and key pairs when inv_freq is given.
 template <typename T>
-__device__ __forceinline__ void rotate_pair(T* row, int64_t i, int64_t half, float c, float s) {
-  const float a = to_float(row[i]), b = to_float(row[i + half]);
-  row[i] = from_float<T>(a * c - b * s);
-  row[i + half] = from_float<T>(b * c + a * s);
-}
-
-template <typename T>
-__global__ void rope_kernel(T* x, const int32_t* positions, const float* inv_freq, int64_t heads, int64_t dh) {
-  const int64_t t = blockIdx.x, half = dh / 2;
-  const float pos = static_cast<float>(positions[t]);
-  for (int64_t j = threadIdx.x; j < heads * half; j += blockDim.x) {
-    const int64_t h = j / half, i = j % half;
-    float s, c;
-    sincosf(pos * inv_freq[i], &s, &c);  // fp32 angle, as transformers computes it
-    rotate_pair(x + (t * heads + h) * dh, i, half, c, s);
-  }
-}
-
-// q [T, H, dh] (optional, rotated in place), k/v [T, Hkv, dh] -> cache rows slots[t]. Threads over the
-// H + 2·Hkv head rows of a token; each thread rotates or copies one element pair.
-template <typename T>
-__global__ void rope_kv_append_kernel(T* q, int64_t H, const T* k, const T* v, const int32_t* positions,
-                                      const float* inv_freq, const int32_t* slots, int64_t Hkv, int64_t dh, T* k_cache,
-                                      T* v_cache, int64_t num_slots, int32_t* error_flag) {
-  const int64_t t = blockIdx.x, half = dh / 2;
+__global__ void rope_kv_append_kernel(const T* qkv, T* q, int64_t H, const int32_t* positions, const float* inv_freq,
+                                      const int32_t* slots, int64_t Hkv, int64_t dh, T* k_cache, T* v_cache,
+                                      int64_t num_slots, int32_t* error_flag) {
+  const int64_t t = blockIdx.x, half = dh / 2, width = H + 2 * Hkv;
   const int64_t slot = slots[t];
   const bool slot_ok = slot >= 0 && slot < num_slots;
   if (!slot_ok && threadIdx.x == 0) atomicOr(error_flag, kErrorSlotOutOfRange);
-  const float pos = q ? static_cast<float>(positions[t]) : 0.0f;
-  const int64_t q_rows = q ? H : 0;
-  for (int64_t j = threadIdx.x; j < (q_rows + 2 * Hkv) * half; j += blockDim.x) {
+  const float pos = static_cast<float>(positions[t]);
+  const T* row = qkv + t * width * dh;
+  for (int64_t j = threadIdx.x; j < width * half; j += blockDim.x) {
     const int64_t r = j / half, i = j % half;
-    if (r < q_rows) {
-      float s, c;
-      sincosf(pos * inv_freq[i], &s, &c);
-      rotate_pair(q + (t * H + r) * dh, i, half, c, s);
-      continue;
+    T* dst;
+    if (r < H) {
+      dst = q + (t * H + r) * dh;
+    } else {
+      if (!slot_ok) continue;
+      const int64_t kv = r - H;
+      dst = (kv < Hkv ? k_cache : v_cache) + (slot * Hkv + kv % Hkv) * dh;
     }
-    const int64_t kv = r - q_rows, h = kv % Hkv;
-    const bool is_k = kv < Hkv;
-    const T* src = (is_k ? k : v) + (t * Hkv + h) * dh;
-    if (!slot_ok) continue;
-    T* dst = (is_k ? k_cache : v_cache) + (slot * Hkv + h) * dh;
-    float a = to_float(src[i]), b = to_float(src[i + half]);
-    if (is_k && q) {
+    float a = to_float(row[r * dh + i]), b = to_float(row[r * dh + i + half]);
+    if (inv_freq && r < H + Hkv) {
       float s, c;
-      sincosf(pos * inv_freq[i], &s, &c);
+      sincosf(pos * inv_freq[i], &s, &c);  // fp32 angle, as transformers computes it
       const float ra = a * c - b * s, rb = b * c + a * s;
       a = ra, b = rb;
     }
     dst[i] = from_float<T>(a);
     dst[i + half] = from_float<T>(b);
+  }
+}
+
+// out[T, F] = silu(gate_up[t, f]) * gate_up[t, F + f], grid-stride over T·F.
+template <typename T>
+__global__ void silu_mul_kernel(const T* gate_up, T* out, int64_t T_, int64_t F) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < T_ * F; i += int64_t(gridDim.x) * blockDim.x) {
+    const T* row = gate_up + i / F * 2 * F;
+    const float g = to_float(row[i % F]), u = to_float(row[F + i % F]);
+    out[i] = from_float<T>(g / (1.0f + __expf(-g)) * u);
   }
 }
 
@@ -426,8 +411,14 @@ void add(const void* a, const void* b, void* out, int64_t n, Elem e, cudaStream_
 
 void relu(void* x, int64_t n, Elem e, cudaStream_t stream) { launch_binary(x, x, x, n, e, stream, ReluOp{}, "relu"); }
 
-void silu_mul(const void* gate, const void* up, void* out, int64_t n, Elem e, cudaStream_t stream) {
-  launch_binary(gate, up, out, n, e, stream, SiluMulOp{}, "silu_mul");
+void silu_mul(const void* gate_up, void* out, int64_t T, int64_t F, Elem e, cudaStream_t stream) {
+  if (T * F == 0) return;
+  dispatch(e, [&](auto* tag) {
+    using Ty = std::remove_pointer_t<decltype(tag)>;
+    silu_mul_kernel<<<grid_for(T * F, 4), kThreads, 0, stream>>>(static_cast<const Ty*>(gate_up), static_cast<Ty*>(out),
+                                                                 T, F);
+  });
+  check_launch("silu_mul");
 }
 
 void norm(const void* x, const void* w, const void* b, float eps, bool rms, int64_t rows, int64_t d, void* out, Elem e,
@@ -441,28 +432,17 @@ void norm(const void* x, const void* w, const void* b, float eps, bool rms, int6
   check_launch(rms ? "rms_norm" : "layer_norm");
 }
 
-void rope(void* x, const int32_t* positions, const float* inv_freq, int64_t T, int64_t heads, int64_t dh, Elem e,
-          cudaStream_t stream) {
-  if (T == 0) return;
-  dispatch(e, [&](auto* tag) {
-    using Ty = std::remove_pointer_t<decltype(tag)>;
-    rope_kernel<<<static_cast<unsigned>(T), row_threads(heads * dh / 2), 0, stream>>>(static_cast<Ty*>(x), positions,
-                                                                                       inv_freq, heads, dh);
-  });
-  check_launch("rope");
-}
-
-void rope_kv_append(void* q, int64_t H, const void* k, const void* v, const int32_t* positions, const float* inv_freq,
+void rope_kv_append(const void* qkv, void* q, int64_t H, const int32_t* positions, const float* inv_freq,
                     const int32_t* slots, int64_t T, int64_t Hkv, int64_t dh, void* k_cache, void* v_cache,
                     int64_t num_slots, int32_t* error_flag, Elem e, cudaStream_t stream) {
   if (T == 0) return;
   dispatch(e, [&](auto* tag) {
     using Ty = std::remove_pointer_t<decltype(tag)>;
     rope_kv_append_kernel<<<static_cast<unsigned>(T), row_threads((H + 2 * Hkv) * dh / 2), 0, stream>>>(
-        static_cast<Ty*>(q), H, static_cast<const Ty*>(k), static_cast<const Ty*>(v), positions, inv_freq, slots, Hkv, dh,
+        static_cast<const Ty*>(qkv), static_cast<Ty*>(q), H, positions, inv_freq, slots, Hkv, dh,
         static_cast<Ty*>(k_cache), static_cast<Ty*>(v_cache), num_slots, error_flag);
   });
-  check_launch(q ? "rope_kv_append" : "kv_append");
+  check_launch("rope_kv_append");
 }
 
 void argmax(const void* logits, int64_t R, int64_t V, int32_t* out, Elem e, cudaStream_t stream) {

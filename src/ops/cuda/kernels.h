@@ -31,19 +31,17 @@ void add(const void* a, const void* b, void* out, int64_t n, Elem e, cudaStream_
 // RMSNorm (b == nullptr and rms): x / sqrt(mean(x²) + eps) * w. One CTA per row, fp32 statistics.
 void norm(const void* x, const void* w, const void* b, float eps, bool rms, int64_t rows, int64_t d, void* out, Elem e,
           cudaStream_t stream);
-// In place on x[T, heads, dh], rotate-half RoPE: (x[i], x[i + dh/2]) rotated by positions[t] · inv_freq[i]
-// (inv_freq fp32 [dh/2], already holding any llama3 / linear scaling).
-void rope(void* x, const int32_t* positions, const float* inv_freq, int64_t T, int64_t heads, int64_t dh, Elem e,
-          cudaStream_t stream);
-// k, v [T, Hkv, dh] -> rows slots[t] of the caches [num_slots, Hkv, dh]. When q is given ([T, H, dh]),
-// q (in place) and k are rotated by RoPE first, all in one pass (the fused decode-step prologue).
-void rope_kv_append(void* q, int64_t H, const void* k, const void* v, const int32_t* positions, const float* inv_freq,
+// qkv [T, H + 2·Hkv, dh] (query, key, value heads) -> q [T, H, dh] and rows slots[t] of the caches
+// [num_slots, Hkv, dh], all in one pass (the decode step's prologue). With inv_freq (fp32 [dh/2], any
+// llama3 / linear scaling folded in) query and key heads are rotated by rotate-half RoPE at positions[t];
+// without it (nullptr) they are copied. A slot outside [0, num_slots) sets kErrorSlotOutOfRange.
+void rope_kv_append(const void* qkv, void* q, int64_t H, const int32_t* positions, const float* inv_freq,
                     const int32_t* slots, int64_t T, int64_t Hkv, int64_t dh, void* k_cache, void* v_cache,
                     int64_t num_slots, int32_t* error_flag, Elem e, cudaStream_t stream);
 // x = max(x, 0) over n elements.
 void relu(void* x, int64_t n, Elem e, cudaStream_t stream);
-// out = silu(gate) * up over n elements (out may alias gate).
-void silu_mul(const void* gate, const void* up, void* out, int64_t n, Elem e, cudaStream_t stream);
+// out[T, F] = silu(gate_up[:, :F]) * gate_up[:, F:] (gate_up [T, 2F]).
+void silu_mul(const void* gate_up, void* out, int64_t T, int64_t F, Elem e, cudaStream_t stream);
 // out[r] = argmax of logits[r, 0:V] (lowest index on ties); one CTA per row.
 void argmax(const void* logits, int64_t R, int64_t V, int32_t* out, Elem e, cudaStream_t stream);
 // out[r] = the token the rule of ops/sampling.h picks from logits[r, 0:V] with uniforms[r] (temperature
