@@ -460,6 +460,7 @@ class CudaBackend final : public Backend {
   static constexpr int64_t kGemmWorkspace = 32 << 20;
   static constexpr int kGemmCandidates = 16;  // cuBLASLt heuristic results timed per GEMM plan
   static constexpr int kTuneRuns = 5;
+  static constexpr size_t kSplitKBases = 4;   // heuristic picks that also get split-K variants
 
   cuda::Elem elem() const { return dtype_ == DType::BF16 ? cuda::Elem::BF16 : cuda::Elem::F16; }
 
@@ -530,8 +531,39 @@ class CudaBackend final : public Backend {
     if (st != CUBLAS_STATUS_SUCCESS || found == 0)
       fail("cuBLASLt has no algorithm for a {} GEMM of m={} n={} k={}", dtype_name(dtype_), m, n, k);
     results.resize(found);
+    if (!capturing_) add_split_k_variants(p, results);
     p.algo = capturing_ ? results[0].algo : fastest(p, results, x, w, m * n, accumulate);
     return plans_.emplace(key, p).first->second;
+  }
+
+  // Split-K variants (2, 4, 8 splits of k, partial sums reduced in fp32 in the workspace) of the heuristic's
+  // first kSplitKBases picks, where the algorithm supports it and cuBLASLt accepts the configuration: at
+  // decode batch sizes a [n, k] weight with n = 4096 gives too few output tiles to keep every SM streaming.
+  void add_split_k_variants(const GemmPlan& p, std::vector<cublasLtMatmulHeuristicResult_t>& results) {
+    const size_t bases = std::min<size_t>(results.size(), kSplitKBases);
+    for (size_t i = 0; i < bases; ++i) {
+      int32_t supported = 0, current = 1;
+      uint32_t schemes = 0;
+      size_t written = 0;
+      const cublasLtMatmulAlgo_t& base = results[i].algo;
+      if (cublasLtMatmulAlgoCapGetAttribute(&base, CUBLASLT_ALGO_CAP_SPLITK_SUPPORT, &supported, sizeof(supported),
+                                            &written) != CUBLAS_STATUS_SUCCESS || !supported)
+        continue;
+      cublasLtMatmulAlgoCapGetAttribute(&base, CUBLASLT_ALGO_CAP_REDUCTION_SCHEME_MASK, &schemes, sizeof(schemes),
+                                        &written);
+      cublasLtMatmulAlgoConfigGetAttribute(&base, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &current, sizeof(current), &written);
+      if (current > 1 || !(schemes & CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE)) continue;
+      for (int32_t splits : {2, 4, 8}) {
+        cublasLtMatmulHeuristicResult_t r{};
+        r.algo = base;
+        const uint32_t scheme = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+        cublasLtMatmulAlgoConfigSetAttribute(&r.algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &splits, sizeof(splits));
+        cublasLtMatmulAlgoConfigSetAttribute(&r.algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &scheme, sizeof(scheme));
+        if (cublasLtMatmulAlgoCheck(lt_, p.desc, p.a, p.b, p.c, p.c, &r.algo, &r) == CUBLAS_STATUS_SUCCESS &&
+            r.workspaceSize <= static_cast<size_t>(kGemmWorkspace))
+          results.push_back(r);
+      }
+    }
   }
 
   // The fastest of cuBLASLt's candidate algorithms for a plan, timed here: the heuristic's first pick is
