@@ -258,6 +258,31 @@ TEST(BenchCli, PlotIsAPng) {
   EXPECT_EQ(std::string(bytes.begin() + 1, bytes.begin() + 4), "PNG");
 }
 
+TEST(BenchCli, FromCsvReprintsTheRowsAndRejectsOtherFiles) {
+  test::TempDir tmp;
+  const std::string csv = tmp.path("bench.csv");
+  RunResult r = run_polar({"bench", "--shape", "tiny-llama", "--batch", "1,2", "--ctx", "16", "--steps", "2", "--csv", csv});
+  ASSERT_EQ(r.exit_code, 0) << describe(r);
+  RunResult again = run_polar({"bench", "--from-csv", csv});
+  ASSERT_EQ(again.exit_code, 0) << describe(again);
+  EXPECT_THAT(again.out, ::testing::HasSubstr("tiny-llama     1     16"));
+  EXPECT_THAT(again.out, ::testing::HasSubstr("tiny-llama     2     16"));
+  const std::string bad = tmp.path("bad.csv");
+  std::ofstream(bad) << "batch,ctx\n1,2\n";
+  RunResult rejected = run_polar({"bench", "--from-csv", bad});
+  EXPECT_EQ(rejected.exit_code, 1);
+  EXPECT_THAT(rejected.err, ::testing::HasSubstr("not a polar bench CSV"));
+  std::ifstream in(csv);
+  std::string header, row;
+  std::getline(in, header);
+  std::getline(in, row);
+  const std::string broken = tmp.path("broken.csv");
+  std::ofstream(broken) << header << "\n" << row.substr(0, row.rfind(',')) << ",x\n";
+  RunResult malformed = run_polar({"bench", "--from-csv", broken});
+  EXPECT_EQ(malformed.exit_code, 1);
+  EXPECT_THAT(malformed.err, ::testing::HasSubstr("line 2: 'x' is not a number"));
+}
+
 TEST(BenchCli, CheckpointStillWorks) {
   RunResult r = run_polar({"bench", "--model", test::shared_path("models/stories260K/stories260K.gguf"), "--batch", "1,2",
                            "--ctx", "32", "--steps", "2", "--prompt-len", "16"});

@@ -1,10 +1,12 @@
 // polar bench: batched decode speed over a sweep of batch sizes and contexts, each point next to its byte
 // floor, on a checkpoint (--model) or on a synthetic model of a real shape with random weights (--shape,
 // --config); optionally the prefill of one prompt against the GEMM rate. Table or JSON on stdout, CSV and
-// a gnuplot PNG on request, progress on stderr.
+// a gnuplot PNG on request, progress on stderr. --from-csv re-reads a CSV it wrote (to plot results from
+// a machine without gnuplot).
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -39,6 +41,7 @@ struct BenchArgs {
   int64_t prompt_len = 0;
   std::string csv;
   std::string plot;
+  std::string from_csv;
   bool json = false;
 };
 
@@ -92,6 +95,47 @@ std::string gnuplot_quoted(const std::string& s) {
 
 // Two panels against batch size (log scale), one line per context: tokens/s, and the attention share of
 // the profiled step. pngcairo where gnuplot has it, else the libgd png terminal.
+// The rows of a CSV written by write_csv; every row must carry the same shape label.
+std::pair<std::string, std::vector<DecodePoint>> read_csv(const std::string& path) {
+  std::ifstream f(path);
+  check(f.good(), "cannot read {}", path);
+  std::string expected = "shape,batch,ctx";
+  for (const Column& c : kColumns) expected += fmt::format(",{}", c.name);
+  std::string line;
+  check(std::getline(f, line) && line == expected, "{}: not a polar bench CSV (header should be '{}')", path, expected);
+  std::string label;
+  std::vector<DecodePoint> points;
+  for (int line_no = 2; std::getline(f, line); ++line_no) {
+    if (line.empty()) continue;
+    std::vector<std::string> cells;
+    for (size_t start = 0;;) {
+      const size_t comma = line.find(',', start);
+      cells.push_back(line.substr(start, comma - start));
+      if (comma == std::string::npos) break;
+      start = comma + 1;
+    }
+    check(cells.size() == 3 + std::size(kColumns), "{} line {}: {} fields, expected {}", path, line_no, cells.size(),
+          3 + std::size(kColumns));
+    check(label.empty() || cells[0] == label, "{} line {}: shape '{}' after '{}' (one shape per file)", path, line_no,
+          cells[0], label);
+    label = cells[0];
+    auto number = [&](size_t i) {
+      char* end = nullptr;
+      const double v = std::strtod(cells[i].c_str(), &end);
+      check(!cells[i].empty() && *end == '\0' && std::isfinite(v), "{} line {}: '{}' is not a number", path, line_no,
+            cells[i]);
+      return v;
+    };
+    DecodePoint p;
+    p.batch = static_cast<int64_t>(number(1));
+    p.ctx = static_cast<int64_t>(number(2));
+    for (size_t i = 0; i < std::size(kColumns); ++i) p.*kColumns[i].field = number(3 + i);
+    points.push_back(p);
+  }
+  check(!points.empty(), "{}: no rows", path);
+  return {label, points};
+}
+
 void write_plot(const std::string& path, const std::string& title, const std::vector<DecodePoint>& points) {
   check(!points.empty(), "nothing to plot in {}: every point was skipped", path);
   std::map<int64_t, std::vector<const DecodePoint*>> by_ctx;
@@ -163,6 +207,13 @@ void print_table(const std::string& label, const std::vector<DecodePoint>& point
 }
 
 int run_bench_cmd(const BenchArgs& a) {
+  if (!a.from_csv.empty()) {
+    const auto [label, points] = read_csv(a.from_csv);
+    print_table(label, points);
+    std::fflush(stdout);
+    if (!a.plot.empty()) write_plot(a.plot, fmt::format("{} ({})", label, fs::path(a.from_csv).filename().string()), points);
+    return 0;
+  }
   check(!a.model.model.empty() || !a.shape.empty() || !a.config.empty(),
         "polar bench needs a model: --model PATH, --shape NAME or --config FILE");
   const std::string label = model_label(a);
@@ -253,6 +304,10 @@ Command bench_command() {
             c->add_option("--csv", a->csv, "Also write the rows to this CSV file");
             c->add_option("--plot", a->plot, "Also plot tokens/s and the attention share against batch size to this PNG");
             c->add_flag("--json", a->json, "Print JSON instead of a table");
+            CLI::Option* from_csv =
+                c->add_option("--from-csv", a->from_csv,
+                              "Print (and with --plot, plot) the rows of a CSV that --csv wrote, instead of measuring");
+            from_csv->excludes(model)->excludes(shape)->excludes(config);
           },
           [a] { return run_bench_cmd(*a); }};
 }
