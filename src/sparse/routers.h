@@ -1,0 +1,78 @@
+// Polar routers of one model (polar-method.md §4) and their file.
+//
+// Per layer: an attention router Linear(d → H) with bias that scores the query heads from the attention
+// block's normalised input (for GQA models the scores are max-pooled over each KV group at selection
+// time), and for ReLU models an MLP router Linear(d → r) · Linear(r → D), no bias, no activation between.
+// Layer 0 is always dense and carries no attention router. For ReLU models a per-layer, per-batch-size
+// table says how many MLP neurons a decode step keeps.
+//
+// File: one safetensors file per model (`<name>.routers.safetensors`), fp32 tensors
+//   layers.{l}.attn.weight [H, d], layers.{l}.attn.bias [H]   (l = 1 .. L-1)
+//   layers.{l}.mlp.a [r, d], layers.{l}.mlp.b [D, r]          (l = 0 .. L-1, ReLU models)
+// and the metadata key "polar.routers" holding a JSON object:
+//   {"format": 1, "model": FINGERPRINT, "granularity": "head"|"group", "head_density": X,
+//    "attention_recall": [per layer, null where unmeasured], "mlp_rank": r,
+//    "mlp_k": {"batch_sizes": [...], "k": [[per batch size] per layer], "recall": [[...] per layer]},
+//    "source": "..."}
+// ("mlp_rank" and "mlp_k" only for ReLU models.)
+#pragma once
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+#include "io/checkpoint.h"
+#include "io/model_config.h"
+
+namespace polar {
+
+struct LayerRouters {
+  Tensor attn_w;  // [H, d] fp32 host; undefined on layer 0
+  Tensor attn_b;  // [H]
+  Tensor mlp_a;   // [r, d]; undefined for models without a ReLU MLP
+  Tensor mlp_b;   // [D, r]
+};
+
+// MLP neurons kept per layer and batch size (polar-method.md §4, "dynamic layer-wise top-k").
+struct MlpKTable {
+  std::vector<int64_t> batch_sizes;         // strictly ascending, >= 1
+  std::vector<std::vector<int64_t>> k;      // [layer][batch size index], 1 <= k <= D
+  std::vector<std::vector<double>> recall;  // [layer][batch size index] union recall reached in calibration
+                                            // (NaN where unmeasured, e.g. random routers)
+  // k for `batch` sequences: the entry of the smallest tabulated batch size >= batch (the largest one
+  // beyond the table).
+  int64_t k_for(int64_t layer, int64_t batch) const;
+};
+
+struct Routers {
+  std::string fingerprint;          // model_fingerprint() of the model they belong to
+  std::string granularity = "group";  // "head" (per query head) or "group" (per KV group; = head for MHA)
+  double head_density = 0.5;        // the density the routers were trained / are recommended for
+  std::vector<double> attn_recall;  // [layer] validation recall (NaN where unmeasured; layer 0 always NaN)
+  int64_t mlp_rank = 0;             // r; 0 without MLP routers
+  std::optional<MlpKTable> mlp_k;   // present exactly when there are MLP routers
+  std::string source;               // how they were made: "random, seed 7", a calibration summary, ...
+  std::vector<LayerRouters> layers;  // [n_layers]
+};
+
+// Identifies a model for its routers: family and dimensions, plus (for real checkpoints) a checksum of
+// some of its weights, so routers trained for another model, or another fine-tune of the same shape,
+// are refused. Synthetic checkpoints are identified by their seed.
+std::string model_fingerprint(const Checkpoint& ck);
+
+// Routers of the right shapes with uniform random weights (benchmarks and tests). MLP routers (rank
+// mlp_rank) only for ReLU models, with a k table over batch sizes 1, 2, 4, ..., 256 at the mean fractions
+// of D the paper reports for OPT-6.7B (polar-method.md §4), rounded up to a multiple of 128 and capped at D.
+Routers random_routers(const ModelConfig& config, const std::string& fingerprint, uint64_t seed,
+                       int64_t mlp_rank = 1024);
+
+// Writes the router file. A polar::Error when the file cannot be written.
+void save_routers(const std::string& path, const Routers& routers);
+
+// Reads and validates a router file against the model: the fingerprint, every tensor's presence and shape,
+// the metadata (k table shape and ranges, densities in (0, 1], granularity) — anything wrong is a
+// polar::Error that names the file and the problem.
+Routers load_routers(const std::string& path, const ModelConfig& config, const std::string& fingerprint);
+
+}  // namespace polar
