@@ -58,6 +58,24 @@ Tensor Model::load_stacked(const Checkpoint& ck, const std::vector<Part>& parts)
   return t;
 }
 
+Tensor Model::load_transposed(const Checkpoint& ck, const std::string& name, const Shape& shape) {
+  const DType dt = backend_.activation_dtype();
+  const int64_t n = shape.at(0), k = shape.at(1);
+  Tensor t;
+  if (ck.synthetic_seed) {
+    const auto [lo, hi] = synthetic_range(name, shape);
+    t = backend_.random_uniform(dt, {k, n}, lo, hi, mix64(*ck.synthetic_seed) ^ name_hash(name));
+  } else {
+    const Tensor& src = ck.get(name, shape);
+    Tensor host = Tensor::empty(DType::F32, {k, n});
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < k; ++j) host.data<float>()[j * n + i] = src.data<float>()[i * k + j];
+    t = backend_.upload(host, dt);
+  }
+  weight_bytes_ += static_cast<int64_t>(t.nbytes());
+  return t;
+}
+
 void Model::report_head_norms(Probe* probe, int layer, const Tensor& attn) const {
   Tensor a = backend_.to_host_f32(attn);
   const int64_t T = a.dim(0), H = a.dim(1), dh = a.dim(2);

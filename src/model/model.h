@@ -22,11 +22,26 @@ class Probe {
   virtual void mlp_act(int layer, const Tensor& a) { (void)layer, (void)a; }   // [T, ffn] input of down proj
 };
 
+// Contextual sparsity of a decode step (polar-method.md §3), asked for by the model at two fixed points of
+// each layer; sparse/ implements it with routers. Returned index tensors live on the backend and keep
+// the same shape for a given batch, so a sparse step can be captured in a graph like a dense one.
+class Sparsity {
+ public:
+  virtual ~Sparsity() = default;
+  // The KV heads (KV groups for GQA, heads for MHA) each token attends to, in ascending order: [T, k] I32,
+  // chosen from h [T, d], the attention block's normalised input; undefined = all (a dense layer).
+  virtual Tensor attention_heads(int layer, const Tensor& h) = 0;
+  // The ReLU MLP neurons the whole step keeps, ascending: [k] I32, chosen from the same h (so it can run
+  // beside attention); undefined = all. Only rows [0, layout.live_tokens) may influence the choice.
+  virtual Tensor mlp_neurons(int layer, const Tensor& h, const StepLayout& layout) = 0;
+};
+
 // One forward step over T tokens from S sequences.
 struct StepInput {
   Tensor ids;        // [T] I32 on the backend
   StepLayout layout;
   Tensor logit_rows;  // [R] I32 on the backend: rows of T whose logits are wanted
+  Sparsity* sparsity = nullptr;  // set for sparse decode steps; prefill and dense steps leave it null
 };
 
 class Model {
@@ -61,6 +76,8 @@ class Model {
   Tensor load_stacked_if(bool present, const Checkpoint& ck, const std::vector<Part>& parts) {
     return present ? load_stacked(ck, parts) : Tensor();
   }
+  // Checkpoint tensor `name` [n, k] uploaded transposed, as [k, n] (a down-projection stored neuron-major).
+  Tensor load_transposed(const Checkpoint& ck, const std::string& name, const Shape& shape);
   // Reports per-head L2 norms of attn [T, H, dh] to the probe.
   void report_head_norms(Probe* probe, int layer, const Tensor& attn) const;
   ModelConfig config_;

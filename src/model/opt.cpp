@@ -11,9 +11,11 @@ namespace polar {
 
 namespace {
 
-// wqkv stacks q_proj, k_proj, v_proj [3·d, d] (Model::load_stacked), bqkv their biases.
+// wqkv stacks q_proj, k_proj, v_proj [3·d, d] (Model::load_stacked), bqkv their biases. The MLP is kept
+// neuron-major for sparse decoding (polar-method.md §5): w1 = fc1 [ffn, d] as stored, w2t = fc2ᵀ [ffn, d],
+// so a selected neuron's weights are one contiguous row of each.
 struct OptLayer {
-  Tensor ln1_w, ln1_b, wqkv, bqkv, wo, bo, ln2_w, ln2_b, w1, b1, w2, b2;
+  Tensor ln1_w, ln1_b, wqkv, bqkv, wo, bo, ln2_w, ln2_b, w1, b1, w2t, b2;
 };
 
 class Opt final : public Model {
@@ -51,7 +53,7 @@ class Opt final : public Model {
       L.ln2_b = load(p + "final_layer_norm.bias", {c.hidden});
       L.w1 = load(p + "fc1.weight", {c.ffn, c.hidden});
       L.b1 = load_opt(c.mlp_bias, p + "fc1.bias", {c.ffn});
-      L.w2 = load(p + "fc2.weight", {c.hidden, c.ffn});
+      L.w2t = load_transposed(ck, p + "fc2.weight", {c.hidden, c.ffn});
       L.b2 = load_opt(c.mlp_bias, p + "fc2.bias", {c.hidden});
       layers_.push_back(std::move(L));
     }
@@ -75,7 +77,7 @@ class Opt final : public Model {
     Tensor qkv = be.alloc(dt, {T, 3 * c.n_heads, c.head_dim});
     Tensor q = be.alloc(dt, {T, c.n_heads, c.head_dim});
     Tensor attn = be.alloc(dt, {T, c.n_heads, c.head_dim});
-    Tensor act = be.alloc(dt, {T, c.ffn});
+    Tensor ffn_act = be.alloc(dt, {T, c.ffn});  // sparse steps use its first T·k elements
 
     if (c.word_embed_proj_dim) {
       Tensor tok = be.alloc(dt, {T, e});
@@ -97,6 +99,13 @@ class Opt final : public Model {
         attn_in = &h;
       }
       if (probe) probe->attn_in(static_cast<int>(l), be.to_host_f32(*attn_in));
+      // Both routers read the attention block's input, so the MLP's neurons are chosen here too.
+      Tensor heads, neurons;
+      if (in.sparsity) {
+        be.region("routers");
+        heads = in.sparsity->attention_heads(static_cast<int>(l), *attn_in);
+        neurons = in.sparsity->mlp_neurons(static_cast<int>(l), *attn_in, in.layout);
+      }
       be.region("qkv_o");
       be.linear(*attn_in, L.wqkv, ptr(L.bqkv), qkv);
       be.region("attention");
@@ -114,10 +123,11 @@ class Opt final : public Model {
         mlp_in = &h;
       }
       be.region("mlp");
-      be.linear(*mlp_in, L.w1, ptr(L.b1), act);
-      be.relu(act);
+      const Tensor* idx = neurons.defined() ? &neurons : nullptr;
+      Tensor act = idx ? ffn_act.view(0, {T, neurons.numel()}) : ffn_act;
+      be.gather_up_relu(*mlp_in, L.w1, ptr(L.b1), idx, act);
       if (probe) probe->mlp_act(static_cast<int>(l), be.to_host_f32(act));
-      be.linear(act, L.w2, ptr(L.b2), x, /*accumulate=*/true);
+      be.gather_down(act, L.w2t, idx, ptr(L.b2), x, /*accumulate=*/true);
       be.region("other");
       if (!c.pre_norm) be.layer_norm(x, L.ln2_w, L.ln2_b, eps, x);
       if (probe && l + 1 < c.n_layers) probe->hidden(static_cast<int>(l + 1), be.to_host_f32(x));

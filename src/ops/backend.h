@@ -31,6 +31,7 @@ struct StepLayout {
   int64_t block_size = 0;
   int64_t max_ctx = 0;    // upper bound on the context (position + 1) of any token in the step
   int64_t max_chunk = 0;  // upper bound on the tokens of any one chunk (1 in a pure decode step)
+  Tensor live_tokens;     // [1]: tokens [0, live_tokens) are real, the rest pad a captured batch
 };
 
 // A recorded sequence of device work that can be run again (a CUDA graph). It owns the memory allocated
@@ -82,11 +83,29 @@ class Backend {
   // out[T, H, dh] = softmax(q·kᵀ · scale) · v.
   virtual void attention(const Tensor& q, const KVLayer& cache, const StepLayout& layout, float scale, int64_t window,
                          Tensor& out) = 0;
-  virtual void relu(Tensor& x) = 0;
   // out[T, F] = silu(gate_up[:, :F]) * gate_up[:, F:], for the fused gate/up projection's output [T, 2F].
   virtual void silu_mul(const Tensor& gate_up, Tensor& out) = 0;
   // out[R] (I32) = index of the largest of each row of logits [R, V] (the first one on ties).
   virtual void argmax(const Tensor& logits, Tensor& out) = 0;
+
+  // ---- Sparse decoding (polar-method.md §3, §5). Selections are index lists in ascending order; among
+  // equal scores the lower index wins, so every backend selects the same set.
+  // Attention router selection: scores [R, H] per query head; with group > 1 (GQA) a KV group's score is
+  // the max over its `group` consecutive heads. idx [R, k] (I32) = each row's k best heads (group == 1) or
+  // KV groups, k = idx.dim(1) <= H / group.
+  virtual void route_heads(const Tensor& scores, int64_t group, Tensor& idx) = 0;
+  // MLP router selection for the whole batch: score[j] = Σ_r max(logits[r, j], 0) over logits [R, D];
+  // idx [k] (I32) = the k best neurons, k = idx.numel() <= D.
+  // Only rows r < live_rows[0] (I32 [1]) count: padding rows of a captured batch must not steer the choice.
+  virtual void route_neurons(const Tensor& logits, const Tensor& live_rows, Tensor& idx) = 0;
+  // ReLU MLP up-projection over the selected neurons: y[R, k] = max(x[R, d] · w[idx]ᵀ + bias[idx], 0) for a
+  // neuron-major w [D, d] (fc1 as stored) and bias [D] (optional). idx == nullptr: every neuron, k = D.
+  virtual void gather_up_relu(const Tensor& x, const Tensor& w, const Tensor* bias, const Tensor* idx, Tensor& y) = 0;
+  // ReLU MLP down-projection from the selected neurons: y[R, d] (+)= a[R, k] · wt[idx] (+ bias[d]) for the
+  // transposed, neuron-major wt [D, d] (fc2ᵀ, so a neuron's weights are one contiguous row). idx ==
+  // nullptr: every neuron, k = D. accumulate adds to y (the residual).
+  virtual void gather_down(const Tensor& a, const Tensor& wt, const Tensor* idx, const Tensor* bias, Tensor& y,
+                           bool accumulate) = 0;
 
   // Copies a host tensor into an existing device tensor of the same dtype and size (no allocation, so
   // buffers a graph reads can be refilled between replays).

@@ -38,6 +38,11 @@ int64_t Engine::add_sequence() {
   return next_seq_++;
 }
 
+void Engine::set_sparsity(Sparsity* sparsity) {
+  sparsity_ = sparsity;
+  graphs_.clear();
+}
+
 void Engine::remove_sequence(int64_t seq) {
   cache_.release(seq);
   lengths_.erase(seq);
@@ -114,7 +119,11 @@ Tensor Engine::forward(const std::vector<SeqChunk>& chunks, bool all_logits, Pro
   in.layout = {be.upload(pos, DType::I32),    be.upload(seq, DType::I32),    be.upload(slots, DType::I32),
                be.upload(tables, DType::I32), be.upload(starts, DType::I32), cache_.block_size(),
                max_ctx,                       max_chunk};
+  Tensor live = Tensor::empty(DType::I32, {1});
+  live.data<int32_t>()[0] = static_cast<int32_t>(T);
+  in.layout.live_tokens = be.upload(live, DType::I32);
   in.logit_rows = be.upload(rows, DType::I32);
+  if (max_chunk == 1) in.sparsity = sparsity_;
   Tensor logits = model_.forward(in, cache_.layers(), probe);
   for (const SeqChunk& ch : chunks) lengths_[ch.seq] += static_cast<int64_t>(ch.tokens.size());
   return logits;
@@ -122,7 +131,7 @@ Tensor Engine::forward(const std::vector<SeqChunk>& chunks, bool all_logits, Pro
 
 Tensor Engine::decode_inputs(const DecodeGraph& g, const std::vector<SeqChunk>& chunks) const {
   const int64_t B = g.batch, S = static_cast<int64_t>(chunks.size());
-  Tensor host = Tensor::zeros(DType::I32, {6 * B + 1 + B * g.max_blocks});
+  Tensor host = Tensor::zeros(DType::I32, {6 * B + 2 + B * g.max_blocks});
   int32_t* ids = host.data<int32_t>();
   int32_t *pos = ids + B, *seq = pos + B, *slots = seq + B, *rows = slots + B, *starts = rows + B;
   int32_t* tables = starts + B + 1;
@@ -143,6 +152,7 @@ Tensor Engine::decode_inputs(const DecodeGraph& g, const std::vector<SeqChunk>& 
     }
   }
   starts[B] = static_cast<int32_t>(B);
+  tables[B * g.max_blocks] = static_cast<int32_t>(S);  // live_tokens
   return host;
 }
 
@@ -160,12 +170,14 @@ Tensor Engine::decode_with_graph(const std::vector<SeqChunk>& chunks) {
   if (fresh) {
     g.batch = B;
     g.max_blocks = M;
-    g.inputs = be.alloc(DType::I32, {6 * B + 1 + B * M});
+    g.inputs = be.alloc(DType::I32, {6 * B + 2 + B * M});
     g.in.ids = g.inputs.view(0, {B});
     g.in.layout = {g.inputs.view(B, {B}),         g.inputs.view(2 * B, {B}),         g.inputs.view(3 * B, {B}),
                    g.inputs.view(6 * B + 1, {B, M}), g.inputs.view(5 * B, {B + 1}), bs,
                    M * bs,                         1};
+    g.in.layout.live_tokens = g.inputs.view(6 * B + 1 + B * M, {1});
     g.in.logit_rows = g.inputs.view(4 * B, {B});
+    g.in.sparsity = sparsity_;
     be.copy_to_device(decode_inputs(g, chunks), g.inputs);
     // This step runs op by op (it also warms up GEMM plans and the allocator); the graph is recorded after.
     logits = model_.forward(g.in, cache_.layers(), nullptr);

@@ -49,12 +49,15 @@ class Engine {
   // KVCache::fill_random), without computing them, so decode can be timed at any context quickly.
   void extend_uncomputed(int64_t seq, int64_t n);
   KVCache& cache() { return cache_; }
+  // Sparse decoding: every pure decode step (one token per sequence) consults `sparsity` (null = dense);
+  // prefill and mixed steps stay dense. Drops the graphs captured so far. The engine does not own it.
+  void set_sparsity(Sparsity* sparsity);
 
  private:
   // A decode step recorded for `batch` rows (the real sequences, then padding rows that write to the
   // cache's scratch block) and block tables `max_blocks` wide. Its inputs live in one I32 buffer that is
   // refilled before each replay: ids | positions | token_seq | slots | logit_rows [batch each],
-  // seq_starts [batch + 1], block_tables [batch, max_blocks].
+  // seq_starts [batch + 1], block_tables [batch, max_blocks], live_tokens [1].
   struct DecodeGraph {
     int64_t batch = 0, max_blocks = 0;
     Tensor inputs;  // I32 on the device
@@ -72,6 +75,7 @@ class Engine {
   std::map<int64_t, int64_t> lengths_;
   int64_t next_seq_ = 0;
   std::map<std::pair<int64_t, int64_t>, DecodeGraph> graphs_;
+  Sparsity* sparsity_ = nullptr;
 };
 
 }  // namespace polar

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <numeric>
 #include <unistd.h>
 #include <vector>
 
@@ -18,6 +19,32 @@ namespace {
 
 void expect_f32(const Tensor& t, const char* what) {
   check(t.dtype() == DType::F32, "cpu backend: {} must be f32, got {}", what, dtype_name(t.dtype()));
+}
+
+// The k best of n scores (higher first, the lower index among equals, NaN as -inf) into out[k] in
+// ascending index order: the selection rule of every sparse op (backend.h).
+void select_top(const float* score, int64_t n, int64_t k, int32_t* out) {
+  std::vector<int32_t> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  auto key = [&](int32_t i) { return std::isnan(score[i]) ? -INFINITY : score[i]; };
+  std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), [&](int32_t a, int32_t b) {
+    return key(a) > key(b) || (key(a) == key(b) && a < b);
+  });
+  std::sort(order.begin(), order.begin() + k);
+  std::copy(order.begin(), order.begin() + k, out);
+}
+
+// Rows idx[0..k) of w [D, d] gathered into a new [k, d] tensor (all of w when idx is null).
+Tensor gather_rows(const Tensor& w, const Tensor* idx) {
+  if (!idx) return w;
+  const int64_t k = idx->numel(), D = w.dim(0), d = w.dim(1);
+  Tensor out = Tensor::empty(DType::F32, {k, d});
+  for (int64_t i = 0; i < k; ++i) {
+    const int32_t j = idx->data<int32_t>()[i];
+    check(j >= 0 && j < D, "neuron index {} outside [0, {})", j, D);
+    std::copy(w.data<float>() + j * d, w.data<float>() + (j + 1) * d, out.data<float>() + i * d);
+  }
+  return out;
 }
 
 class CpuBackend final : public Backend {
@@ -203,13 +230,6 @@ class CpuBackend final : public Backend {
     }
   }
 
-  void relu(Tensor& x) override {
-    float* p = x.data<float>();
-    const int64_t n = x.numel();
-#pragma omp parallel for schedule(static) if (n > 65536)
-    for (int64_t i = 0; i < n; ++i) p[i] = std::max(p[i], 0.0f);
-  }
-
   void silu_mul(const Tensor& gate_up, Tensor& out) override {
     const int64_t T = out.dim(0), F = out.dim(1);
     check(gate_up.dim(0) == T && gate_up.dim(1) == 2 * F, "silu_mul: gate_up {} for output {}",
@@ -230,6 +250,58 @@ class CpuBackend final : public Backend {
       const float* row = logits.data<float>() + r * V;
       out.data<int32_t>()[r] = static_cast<int32_t>(std::max_element(row, row + V) - row);
     }
+  }
+
+  void route_heads(const Tensor& scores, int64_t group, Tensor& idx) override {
+    const int64_t R = scores.dim(0), H = scores.dim(1), k = idx.dim(1);
+    check(group >= 1 && H % group == 0 && idx.dim(0) == R && k >= 1 && k <= H / group && idx.dtype() == DType::I32,
+          "route_heads: {} scores per row in groups of {} cannot give idx {}", H, group, shape_str(idx.shape()));
+    std::vector<float> pooled(H / group);
+    for (int64_t r = 0; r < R; ++r) {
+      const float* row = scores.data<float>() + r * H;
+      for (int64_t g = 0; g < H / group; ++g) {
+        pooled[g] = -INFINITY;
+        for (int64_t j = g * group; j < (g + 1) * group; ++j)
+          if (!std::isnan(row[j])) pooled[g] = std::max(pooled[g], row[j]);
+      }
+      select_top(pooled.data(), H / group, k, idx.data<int32_t>() + r * k);
+    }
+  }
+
+  void route_neurons(const Tensor& logits, const Tensor& live_rows, Tensor& idx) override {
+    const int64_t R = std::min<int64_t>(logits.dim(0), live_rows.data<int32_t>()[0]), D = logits.dim(1),
+                  k = idx.numel();
+    check(k >= 1 && k <= D && idx.dtype() == DType::I32, "route_neurons: {} of {} neurons", k, D);
+    std::vector<float> score(D, 0.0f);
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t j = 0; j < D; ++j) score[j] += std::max(logits.data<float>()[r * D + j], 0.0f);
+    select_top(score.data(), D, k, idx.data<int32_t>());
+  }
+
+  void gather_up_relu(const Tensor& x, const Tensor& w, const Tensor* bias, const Tensor* idx, Tensor& y) override {
+    const int64_t k = idx ? idx->numel() : w.dim(0);
+    check(y.dim(1) == k && w.dim(1) == x.dim(1), "gather_up_relu: x {} w {} for {} neurons into y {}",
+          shape_str(x.shape()), shape_str(w.shape()), k, shape_str(y.shape()));
+    Tensor b;
+    if (bias) b = gather_rows(bias->reshape({bias->numel(), 1}), idx).reshape({k});
+    linear(x, gather_rows(w, idx), bias ? &b : nullptr, y, false);
+    float* p = y.data<float>();
+    for (int64_t i = 0; i < y.numel(); ++i) p[i] = std::max(p[i], 0.0f);
+  }
+
+  void gather_down(const Tensor& a, const Tensor& wt, const Tensor* idx, const Tensor* bias, Tensor& y,
+                   bool accumulate) override {
+    const int64_t R = a.dim(0), k = idx ? idx->numel() : wt.dim(0), d = wt.dim(1);
+    check(a.dim(1) == k && y.dim(0) == R && y.dim(1) == d, "gather_down: a {} wt {} for {} neurons into y {}",
+          shape_str(a.shape()), shape_str(wt.shape()), k, shape_str(y.shape()));
+    const Tensor w = gather_rows(wt, idx);
+    float* out = y.data<float>();
+    if (bias)
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t j = 0; j < d; ++j) out[r * d + j] = (accumulate ? out[r * d + j] : 0.0f) + bias->data<float>()[j];
+    if (R == 0) return;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(R), int(d), int(k), 1.0f, a.data<float>(), int(k),
+                w.data<float>(), int(d), (bias || accumulate) ? 1.0f : 0.0f, out, int(d));
   }
 
   void copy_to_device(const Tensor& host, Tensor& dst) override {

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <compare>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -110,6 +111,14 @@ struct GemmPlan {
   cublasLtMatmulDesc_t desc = nullptr;
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
   cublasLtMatmulAlgo_t algo{};
+};
+
+// What a GEMM plan depends on: shape, epilogue, weight layout, beta, and the operands' alignments.
+struct GemmKey {
+  int64_t m, n, k;
+  bool bias, relu, w_kn, accumulate;
+  int align_x, align_w, align_y;
+  auto operator<=>(const GemmKey&) const = default;
 };
 
 int alignment_of(const void* p) {
@@ -272,28 +281,49 @@ class CudaBackend final : public Backend {
                     error_flag_.data<int32_t>(), elem(), stream_);
   }
 
-  // y[m, n] = x[m, k] · w[n, k]ᵀ (+ bias) (+ y). Row-major y is column-major yᵀ [n, m] = w · xᵀ, so cuBLASLt
-  // computes D = op(A)·B with A = w (column-major [k, n], transposed), B = x (column-major [k, m]).
   void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y, bool accumulate) override {
-    expect_act(x, "linear input");
     expect_act(w, "linear weight");
-    expect_act(y, "linear output");
-    const int64_t k = w.dim(1), n = w.dim(0), m = x.numel() / std::max<int64_t>(k, 1);
-    check(x.numel() == m * k && y.numel() == m * n, "linear: x {} w {} y {} do not agree", shape_str(x.shape()),
-          shape_str(w.shape()), shape_str(y.shape()));
-    if (bias) {
-      expect_act(*bias, "linear bias");
-      check(bias->numel() == n, "linear: bias of {} for {} outputs", bias->numel(), n);
-    }
-    if (m == 0) return;
-    GemmPlan& plan = gemm_plan(m, n, k, bias ? bias->raw() : nullptr, accumulate, x.raw(), w.raw(), y.raw());
-    if (bias) {
-      const void* bp = bias->raw();
-      lt_check(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp, sizeof(bp)), "bias");
-    }
-    lt_check(matmul(plan, plan.algo, x.raw(), w.raw(), y.raw(), accumulate), "cublasLtMatmul");
+    gemm(x, w, /*w_kn=*/false, bias, /*relu=*/false, y, accumulate, "linear");
   }
 
+  void gather_up_relu(const Tensor& x, const Tensor& w, const Tensor* bias, const Tensor* idx, Tensor& y) override {
+    expect_act(w, "gather_up_relu weight");
+    if (!idx) return gemm(x, w, false, bias, /*relu=*/true, y, false, "gather_up_relu");
+    // Selected rows (and biases) gathered into scratch, then one GEMM with the bias + ReLU epilogue: correct
+    // and simple, but the copy writes and re-reads the selected rows (3x the floor's bytes); a fused
+    // gather-GEMM kernel is what reaches the floor.
+    Tensor rows = gather_rows(w, *idx), b;
+    if (bias) b = gather_rows(bias->reshape({bias->numel(), 1}), *idx).reshape({idx->numel()});
+    gemm(x, rows, false, bias ? &b : nullptr, true, y, false, "gather_up_relu");
+  }
+
+  void gather_down(const Tensor& a, const Tensor& wt, const Tensor* idx, const Tensor* bias, Tensor& y,
+                   bool accumulate) override {
+    expect_act(wt, "gather_down weight");
+    if (!idx) return gemm(a, wt, /*w_kn=*/true, bias, false, y, accumulate, "gather_down");
+    Tensor rows = gather_rows(wt, *idx);
+    gemm(a, rows, true, bias, false, y, accumulate, "gather_down");
+  }
+
+  void route_heads(const Tensor& scores, int64_t group, Tensor& idx) override {
+    expect_act(scores, "route_heads scores");
+    expect_i32(idx, "route_heads output");
+    const int64_t R = scores.dim(0), H = scores.dim(1), k = idx.dim(1);
+    check(group >= 1 && H % group == 0 && H / group <= 1024 && idx.dim(0) == R && k >= 1 && k <= H / group,
+          "route_heads: {} scores per row in groups of {} cannot give idx {}", H, group, shape_str(idx.shape()));
+    cuda::route_heads(scores.raw(), R, H, group, k, idx.data<int32_t>(), elem(), stream_);
+  }
+
+  void route_neurons(const Tensor& logits, const Tensor& live_rows, Tensor& idx) override {
+    expect_act(logits, "route_neurons logits");
+    expect_i32(live_rows, "route_neurons live rows");
+    expect_i32(idx, "route_neurons output");
+    const int64_t R = logits.dim(0), D = logits.dim(1), k = idx.numel();
+    check(k >= 1 && k <= D, "route_neurons: {} of {} neurons", k, D);
+    Tensor score = alloc(DType::F32, {D});
+    cuda::route_neurons(logits.raw(), R, D, live_rows.data<int32_t>(), k, score.data<float>(), idx.data<int32_t>(),
+                        elem(), stream_);
+  }
   void add(const Tensor& a, const Tensor& b, Tensor& out) override {
     expect_act(a, "add input");
     expect_act(b, "add input");
@@ -368,11 +398,6 @@ class CudaBackend final : public Backend {
     const size_t ws = cuda::attention_workspace_bytes(a, num_sms_);
     Tensor workspace = alloc(DType::U8, {static_cast<int64_t>(std::max<size_t>(ws, 1))});
     cuda::paged_attention(a, workspace.raw(), ws, num_sms_, stream_);
-  }
-
-  void relu(Tensor& x) override {
-    expect_act(x, "relu input");
-    cuda::relu(x.raw(), x.numel(), elem(), stream_);
   }
 
   void silu_mul(const Tensor& gate_up, Tensor& out) override {
@@ -488,6 +513,41 @@ class CudaBackend final : public Backend {
                out.raw(), elem(), stream_);
   }
 
+  // Rows idx of w [D, d] copied into a new [k, d] tensor (an embedding gather; bad indices raise the
+  // error flag).
+  Tensor gather_rows(const Tensor& w, const Tensor& idx) {
+    Tensor out = alloc(w.dtype(), {idx.numel(), w.dim(1)});
+    embedding(w, idx, out, 0);
+    return out;
+  }
+
+  // y[m, n] = x[m, k] · W (+ bias[n]) (ReLU) (+ y), W = wᵀ for w [n, k] (w_kn false: a Linear's weight) or
+  // W = w for w [k, n] (w_kn true: neuron-major down-projection rows). Row-major y is column-major
+  // yᵀ [n, m] = W' · xᵀ, so cuBLASLt computes D = op(A)·B with A = w (column-major [k, n] transposed, or
+  // [n, k] as is) and B = x (column-major [k, m]).
+  void gemm(const Tensor& x, const Tensor& w, bool w_kn, const Tensor* bias, bool relu, Tensor& y, bool accumulate,
+            const char* what) {
+    expect_act(x, what);
+    expect_act(y, what);
+    const int64_t k = w_kn ? w.dim(0) : w.dim(1), n = w_kn ? w.dim(1) : w.dim(0);
+    const int64_t m = x.numel() / std::max<int64_t>(k, 1);
+    check(x.numel() == m * k && y.numel() == m * n, "{}: x {} w {} y {} do not agree", what, shape_str(x.shape()),
+          shape_str(w.shape()), shape_str(y.shape()));
+    if (bias) {
+      expect_act(*bias, what);
+      check(bias->numel() == n, "{}: bias of {} for {} outputs", what, bias->numel(), n);
+    }
+    if (m == 0) return;
+    GemmPlan& plan = gemm_plan({m, n, k, bias != nullptr, relu, w_kn, accumulate, alignment_of(x.raw()),
+                                alignment_of(w.raw()), alignment_of(y.raw())},
+                               bias ? bias->raw() : nullptr, x.raw(), w.raw());
+    if (bias) {
+      const void* bp = bias->raw();
+      lt_check(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp, sizeof(bp)), "bias");
+    }
+    lt_check(matmul(plan, plan.algo, x.raw(), w.raw(), y.raw(), accumulate), "cublasLtMatmul");
+  }
+
   cublasStatus_t matmul(const GemmPlan& plan, const cublasLtMatmulAlgo_t& algo, const void* x, const void* w, void* y,
                         bool accumulate) {
     const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
@@ -495,30 +555,32 @@ class CudaBackend final : public Backend {
                           workspace_.raw(), kGemmWorkspace, stream_);
   }
 
-  GemmPlan& gemm_plan(int64_t m, int64_t n, int64_t k, const void* bias, bool accumulate, const void* x, const void* w,
-                      const void* y) {
-    const auto key = std::make_tuple(m, n, k, bias != nullptr, accumulate, alignment_of(x), alignment_of(w),
-                                     alignment_of(y));
+  GemmPlan& gemm_plan(const GemmKey& key, const void* bias, const void* x, const void* w) {
     auto it = plans_.find(key);
     if (it != plans_.end()) return it->second;
+    const int64_t m = key.m, n = key.n, k = key.k;
     const cudaDataType_t t = dtype_ == DType::BF16 ? CUDA_R_16BF : CUDA_R_16F;
     GemmPlan p;
     lt_check(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "matmul desc");
-    const cublasOperation_t trans = CUBLAS_OP_T, no_trans = CUBLAS_OP_N;
-    lt_check(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &trans, sizeof(trans)), "transa");
+    const cublasOperation_t trans_a = key.w_kn ? CUBLAS_OP_N : CUBLAS_OP_T, no_trans = CUBLAS_OP_N;
+    lt_check(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &trans_a, sizeof(trans_a)), "transa");
     lt_check(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &no_trans, sizeof(no_trans)), "transb");
-    const cublasLtEpilogue_t epi = bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
+    const cublasLtEpilogue_t epi = key.relu ? (key.bias ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU)
+                                            : (key.bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT);
     lt_check(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)), "epilogue");
     if (bias)
       lt_check(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)), "bias");
-    lt_check(cublasLtMatrixLayoutCreate(&p.a, t, k, n, k), "layout a");
+    if (key.w_kn)
+      lt_check(cublasLtMatrixLayoutCreate(&p.a, t, n, k, n), "layout a");
+    else
+      lt_check(cublasLtMatrixLayoutCreate(&p.a, t, k, n, k), "layout a");
     lt_check(cublasLtMatrixLayoutCreate(&p.b, t, k, m, k), "layout b");
     lt_check(cublasLtMatrixLayoutCreate(&p.c, t, n, m, n), "layout c");
     cublasLtMatmulPreference_t pref;
     lt_check(cublasLtMatmulPreferenceCreate(&pref), "preference");
     const uint64_t ws = kGemmWorkspace;
     lt_check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)), "ws");
-    const uint32_t aw = alignment_of(w), ax = alignment_of(x), ay = alignment_of(y);
+    const uint32_t aw = key.align_w, ax = key.align_x, ay = key.align_y;
     cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &aw, sizeof(aw));
     cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &ax, sizeof(ax));
     cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &ay, sizeof(ay));
@@ -532,7 +594,7 @@ class CudaBackend final : public Backend {
       fail("cuBLASLt has no algorithm for a {} GEMM of m={} n={} k={}", dtype_name(dtype_), m, n, k);
     results.resize(found);
     if (!capturing_) add_split_k_variants(p, results);
-    p.algo = capturing_ ? results[0].algo : fastest(p, results, x, w, m * n, accumulate);
+    p.algo = capturing_ ? results[0].algo : fastest(p, results, x, w, m * n, key.accumulate);
     return plans_.emplace(key, p).first->second;
   }
 
@@ -618,7 +680,7 @@ class CudaBackend final : public Backend {
   cublasLtHandle_t lt_ = nullptr;
   std::shared_ptr<DeviceAllocator> alloc_;
   Tensor workspace_, error_flag_;
-  std::map<std::tuple<int64_t, int64_t, int64_t, bool, bool, int, int, int>, GemmPlan> plans_;
+  std::map<GemmKey, GemmPlan> plans_;
   std::vector<cudaEvent_t> events_;
   size_t next_event_ = 0;
   bool capturing_ = false;

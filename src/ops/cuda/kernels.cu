@@ -6,6 +6,8 @@
 
 #include <cfloat>
 
+#include <cub/block/block_scan.cuh>
+
 #include "core/error.h"
 #include "core/random.h"
 #include "ops/cuda/kernels.h"
@@ -65,9 +67,6 @@ __global__ void binary_kernel(const T* a, const T* b, T* out, int64_t n, Op op) 
 
 struct AddOp {
   __device__ float operator()(float a, float b) const { return a + b; }
-};
-struct ReluOp {  // b is ignored (relu runs as binary_kernel(x, x))
-  __device__ float operator()(float a, float) const { return fmaxf(a, 0.0f); }
 };
 
 template <typename Op> void launch_binary(const void* a, const void* b, void* out, int64_t n, Elem e, cudaStream_t stream,
@@ -361,6 +360,104 @@ __global__ void sample_kernel(const T* logits, int64_t V, float temperature, int
 
 int row_threads(int64_t work) { return work >= 1024 ? 1024 : (work >= 256 ? 256 : 128); }
 
+// ---- sparse selection (route_heads, route_neurons): the same order as the CPU's select_top — higher score
+// first, NaN as -inf, the lower index first among equals — so both backends select the same set ----
+
+__device__ __forceinline__ float nan_as_lowest(float v) { return isnan(v) ? -INFINITY : v; }
+
+// One CTA per row of scores [R, H]: pooled[g] = max over the group's heads; a group is kept when fewer than
+// k groups rank before it, and written at the count of kept groups below it (ascending order). O(G²) per
+// row, which at G <= 1024 heads costs less than the launch.
+template <typename T>
+__global__ void route_heads_kernel(const T* scores, int H, int group, int k, int32_t* idx) {
+  __shared__ float pooled[1024];
+  __shared__ int32_t kept[1024];
+  const int G = H / group;
+  const T* row = scores + int64_t(blockIdx.x) * H;
+  for (int g = threadIdx.x; g < G; g += blockDim.x) {
+    float m = -INFINITY;
+    for (int j = 0; j < group; ++j) m = fmaxf(m, nan_as_lowest(to_float(row[g * group + j])));
+    pooled[g] = m;
+  }
+  __syncthreads();
+  for (int g = threadIdx.x; g < G; g += blockDim.x) {
+    int rank = 0;
+    for (int o = 0; o < G; ++o) rank += pooled[o] > pooled[g] || (pooled[o] == pooled[g] && o < g);
+    kept[g] = rank < k;
+  }
+  __syncthreads();
+  for (int g = threadIdx.x; g < G; g += blockDim.x) {
+    if (!kept[g]) continue;
+    int at = 0;
+    for (int o = 0; o < g; ++o) at += kept[o];
+    idx[int64_t(blockIdx.x) * k + at] = g;
+  }
+}
+
+// score[j] = Σ_{r < live_rows[0]} max(logits[r, j], 0), fp32, rows summed in order (deterministic).
+template <typename T>
+__global__ void relu_column_sum_kernel(const T* logits, int64_t R, int64_t D, const int32_t* live_rows, float* score) {
+  const int64_t rows = min(R, static_cast<int64_t>(*live_rows));
+  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < D; j += int64_t(gridDim.x) * blockDim.x) {
+    float s = 0.0f;
+    for (int64_t r = 0; r < rows; ++r) s += fmaxf(to_float(logits[r * D + j]), 0.0f);
+    score[j] = s;
+  }
+}
+
+constexpr int kSelectThreads = 1024;
+
+// One CTA: the k best of score[D] into idx[k], ascending. A 4-pass 8-bit radix select finds the key of the
+// k-th best (threshold) and how many elements equal to it are taken; a compaction in index order (block
+// scans over 1024-element chunks) then writes every key above the threshold and the first equal ones.
+__global__ void __launch_bounds__(kSelectThreads) select_top_kernel(const float* score, int64_t D, int64_t k,
+                                                                    int32_t* idx) {
+  using Scan = cub::BlockScan<int, kSelectThreads>;
+  __shared__ typename Scan::TempStorage scan;
+  __shared__ int hist[256];
+  __shared__ uint32_t prefix_s;
+  __shared__ int64_t need_s;
+  uint32_t prefix = 0, mask = 0;
+  int64_t need = k;  // elements still to take at the current prefix
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int b = threadIdx.x; b < 256; b += blockDim.x) hist[b] = 0;
+    __syncthreads();
+    for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
+      const uint32_t key = order_key(nan_as_lowest(score[j]));
+      if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255], 1);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int b = 255;
+      for (; b > 0 && need > hist[b]; --b) need -= hist[b];
+      prefix_s = prefix | (uint32_t(b) << shift);
+      need_s = need;
+    }
+    __syncthreads();
+    prefix = prefix_s;
+    need = need_s;
+    mask |= 255u << shift;
+    __syncthreads();
+  }
+  // prefix is now the k-th best key; `need` of the elements equal to it are taken, lowest indices first.
+  int64_t equal_seen = 0, taken = 0;
+  for (int64_t base = 0; base < D; base += blockDim.x) {
+    const int64_t j = base + threadIdx.x;
+    const uint32_t key = j < D ? order_key(nan_as_lowest(score[j])) : 0;
+    const int equal = j < D && key == prefix, above = j < D && key > prefix;
+    int equal_before, equal_total;
+    Scan(scan).ExclusiveSum(equal, equal_before, equal_total);
+    __syncthreads();
+    const int take = above || (equal && equal_seen + equal_before < need);
+    int at, take_total;
+    Scan(scan).ExclusiveSum(take, at, take_total);
+    __syncthreads();
+    if (take) idx[taken + at] = static_cast<int32_t>(j);
+    equal_seen += equal_total;
+    taken += take_total;
+  }
+}
+
 }  // namespace
 
 void random_uniform(void* out, int64_t n, bool f32, Elem e, float lo, float hi, uint64_t seed, cudaStream_t stream) {
@@ -409,7 +506,6 @@ void add(const void* a, const void* b, void* out, int64_t n, Elem e, cudaStream_
   launch_binary(a, b, out, n, e, stream, AddOp{}, "add");
 }
 
-void relu(void* x, int64_t n, Elem e, cudaStream_t stream) { launch_binary(x, x, x, n, e, stream, ReluOp{}, "relu"); }
 
 void silu_mul(const void* gate_up, void* out, int64_t T, int64_t F, Elem e, cudaStream_t stream) {
   if (T * F == 0) return;
@@ -443,6 +539,29 @@ void rope_kv_append(const void* qkv, void* q, int64_t H, const int32_t* position
         static_cast<Ty*>(k_cache), static_cast<Ty*>(v_cache), num_slots, error_flag);
   });
   check_launch("rope_kv_append");
+}
+
+void route_heads(const void* scores, int64_t R, int64_t H, int64_t group, int64_t k, int32_t* idx, Elem e,
+                 cudaStream_t stream) {
+  if (R == 0) return;
+  dispatch(e, [&](auto* tag) {
+    using Ty = std::remove_pointer_t<decltype(tag)>;
+    route_heads_kernel<<<static_cast<unsigned>(R), kThreads, 0, stream>>>(static_cast<const Ty*>(scores), static_cast<int>(H),
+                                                              static_cast<int>(group), static_cast<int>(k), idx);
+  });
+  check_launch("route_heads");
+}
+
+void route_neurons(const void* logits, int64_t R, int64_t D, const int32_t* live_rows, int64_t k, float* score,
+                   int32_t* idx, Elem e, cudaStream_t stream) {
+  dispatch(e, [&](auto* tag) {
+    using Ty = std::remove_pointer_t<decltype(tag)>;
+    relu_column_sum_kernel<<<grid_for(D), kThreads, 0, stream>>>(static_cast<const Ty*>(logits), R, D, live_rows,
+                                                                   score);
+  });
+  check_launch("route_neurons (scores)");
+  select_top_kernel<<<1, kSelectThreads, 0, stream>>>(score, D, k, idx);
+  check_launch("route_neurons (selection)");
 }
 
 void argmax(const void* logits, int64_t R, int64_t V, int32_t* out, Elem e, cudaStream_t stream) {

@@ -38,10 +38,18 @@ void norm(const void* x, const void* w, const void* b, float eps, bool rms, int6
 void rope_kv_append(const void* qkv, void* q, int64_t H, const int32_t* positions, const float* inv_freq,
                     const int32_t* slots, int64_t T, int64_t Hkv, int64_t dh, void* k_cache, void* v_cache,
                     int64_t num_slots, int32_t* error_flag, Elem e, cudaStream_t stream);
-// x = max(x, 0) over n elements.
-void relu(void* x, int64_t n, Elem e, cudaStream_t stream);
 // out[T, F] = silu(gate_up[:, :F]) * gate_up[:, F:] (gate_up [T, 2F]).
 void silu_mul(const void* gate_up, void* out, int64_t T, int64_t F, Elem e, cudaStream_t stream);
+// Sparse selection (backend.h: route_heads, route_neurons). Keys order scores higher first, NaN as -inf,
+// the lower index first among equals; selections are written in ascending index order.
+// idx[R, k] = the k best of each row's H / group pooled scores (max over `group` consecutive heads).
+// One CTA per row; H / group <= 1024.
+void route_heads(const void* scores, int64_t R, int64_t H, int64_t group, int64_t k, int32_t* idx, Elem e,
+                 cudaStream_t stream);
+// idx[k] = the k best j by Σ_{r < live_rows[0]} max(logits[r, j], 0) over logits [R, D]; score is an fp32
+// scratch of D elements.
+void route_neurons(const void* logits, int64_t R, int64_t D, const int32_t* live_rows, int64_t k, float* score,
+                   int32_t* idx, Elem e, cudaStream_t stream);
 // out[r] = argmax of logits[r, 0:V] (lowest index on ties); one CTA per row.
 void argmax(const void* logits, int64_t R, int64_t V, int32_t* out, Elem e, cudaStream_t stream);
 // out[r] = the token the rule of ops/sampling.h picks from logits[r, 0:V] with uniforms[r] (temperature

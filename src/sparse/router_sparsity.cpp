@@ -1,0 +1,52 @@
+#include "sparse/router_sparsity.h"
+
+#include <algorithm>
+
+namespace polar {
+
+RouterSparsity::RouterSparsity(const Model& model, const Routers& routers, double density)
+    : backend_(model.backend()), config_(model.config()), mlp_k_(routers.mlp_k) {
+  check(density > 0 && density <= 1, "density {} is outside (0, 1]", density);
+  check(static_cast<int64_t>(routers.layers.size()) == config_.n_layers, "routers for {} layers, the model has {}",
+        routers.layers.size(), config_.n_layers);
+  kv_heads_kept_ = std::max<int64_t>(1, static_cast<int64_t>(density * static_cast<double>(config_.n_kv_heads)));
+  const DType dt = backend_.activation_dtype();
+  auto up = [&](const Tensor& t) { return t.defined() ? backend_.upload(t, dt) : Tensor(); };
+  for (const LayerRouters& l : routers.layers) {
+    attn_w_.push_back(up(l.attn_w));
+    attn_b_.push_back(up(l.attn_b));
+    mlp_a_.push_back(up(l.mlp_a));
+    mlp_b_.push_back(up(l.mlp_b));
+  }
+}
+
+Tensor RouterSparsity::attention_heads(int layer, const Tensor& h) {
+  if (layer == 0 || kv_heads_kept_ >= config_.n_kv_heads || !attn_w_[layer].defined()) return Tensor();
+  const int64_t T = h.dim(0);
+  Tensor scores = backend_.alloc(backend_.activation_dtype(), {T, config_.n_heads});
+  backend_.linear(h, attn_w_[layer], &attn_b_[layer], scores);
+  Tensor idx = backend_.alloc(DType::I32, {T, kv_heads_kept_});
+  backend_.route_heads(scores, config_.n_heads / config_.n_kv_heads, idx);
+  return idx;
+}
+
+int64_t RouterSparsity::mlp_neurons_kept(int layer, int64_t batch) const {
+  if (!mlp_k_) return config_.ffn;
+  const int64_t k = mlp_k_->k_for(layer, batch);
+  return 5 * k > 4 * config_.ffn ? config_.ffn : k;  // dense beyond 0.8 · D
+}
+
+Tensor RouterSparsity::mlp_neurons(int layer, const Tensor& h, const StepLayout& layout) {
+  const int64_t T = h.dim(0), k = mlp_neurons_kept(layer, T);
+  if (k == config_.ffn || !mlp_a_[layer].defined()) return Tensor();
+  const DType dt = backend_.activation_dtype();
+  Tensor low = backend_.alloc(dt, {T, mlp_a_[layer].dim(0)});
+  backend_.linear(h, mlp_a_[layer], nullptr, low);
+  Tensor logits = backend_.alloc(dt, {T, config_.ffn});
+  backend_.linear(low, mlp_b_[layer], nullptr, logits);
+  Tensor idx = backend_.alloc(DType::I32, {k});
+  backend_.route_neurons(logits, layout.live_tokens, idx);
+  return idx;
+}
+
+}  // namespace polar
