@@ -238,7 +238,7 @@ TEST_P(CudaOps, RopeKvAppendAndAttentionMatchCpu) {
     StepLayout gpu_l{dev(cpu_l.positions), dev(cpu_l.token_seq), dev(cpu_l.slots), dev(t_tables),
                      dev(cpu_l.seq_starts), bs, max_ctx, max_chunk};
     // Earlier context: random cache contents; this step's K/V go in through rope_kv_append.
-    Tensor kc = host_random({num_blocks, bs, Hkv, dh}), vc = host_random({num_blocks, bs, Hkv, dh});
+    Tensor kc = host_random({num_blocks, Hkv, bs, dh}), vc = host_random({num_blocks, Hkv, bs, dh});
     KVLayer cpu_cache{kc, vc}, gpu_cache{dev(kc), dev(vc)};
     Tensor q = host_random({T, H, dh}, -2, 2), k = host_random({T, Hkv, dh}, -2, 2), v = host_random({T, Hkv, dh});
     std::vector<float> inv(dh / 2);

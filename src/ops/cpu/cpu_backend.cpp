@@ -140,20 +140,28 @@ class CpuBackend final : public Backend {
   }
 
   void kv_append(KVLayer& cache, const Tensor& k, const Tensor& v, const StepLayout& layout) override {
-    const int64_t T = k.dim(0), row = k.numel() / std::max<int64_t>(T, 1);
-    const int64_t slots_total = cache.k.dim(0) * cache.k.dim(1);
+    // k, v [T, Hkv, dh] -> caches [num_blocks, Hkv, bs, dh]: slot s is row s % bs of block s / bs, per head.
+    const int64_t T = k.dim(0), Hkv = k.dim(1), dh = k.dim(2), bs = cache.k.dim(2);
+    check(cache.k.dim(1) == Hkv && cache.k.dim(3) == dh && layout.block_size == bs,
+          "kv_append: k {} and cache {} (block size {}) do not agree", shape_str(k.shape()), shape_str(cache.k.shape()),
+          layout.block_size);
+    const int64_t slots_total = cache.k.dim(0) * bs;
     const int32_t* slot = layout.slots.data<int32_t>();
     for (int64_t t = 0; t < T; ++t) {
       check(slot[t] >= 0 && slot[t] < slots_total, "kv_append: slot {} outside the cache", slot[t]);
-      std::memcpy(cache.k.data<float>() + int64_t(slot[t]) * row, k.data<float>() + t * row, row * sizeof(float));
-      std::memcpy(cache.v.data<float>() + int64_t(slot[t]) * row, v.data<float>() + t * row, row * sizeof(float));
+      for (int64_t h = 0; h < Hkv; ++h) {
+        const int64_t dst = ((slot[t] / bs * Hkv + h) * bs + slot[t] % bs) * dh, src = (t * Hkv + h) * dh;
+        std::memcpy(cache.k.data<float>() + dst, k.data<float>() + src, dh * sizeof(float));
+        std::memcpy(cache.v.data<float>() + dst, v.data<float>() + src, dh * sizeof(float));
+      }
     }
   }
 
   void attention(const Tensor& q, const KVLayer& cache, const StepLayout& layout, float scale, int64_t window,
                  Tensor& out) override {
     const int64_t T = q.dim(0), H = q.dim(1), dh = q.dim(2);
-    const int64_t Hkv = cache.k.dim(2), group = H / Hkv, bs = layout.block_size;
+    const int64_t Hkv = cache.k.dim(1), group = H / Hkv, bs = layout.block_size;
+    check(cache.k.dim(2) == bs, "attention: cache {} does not have blocks of {}", shape_str(cache.k.shape()), bs);
     const int64_t max_blocks = layout.block_tables.dim(1);
     const int32_t* pos = layout.positions.data<int32_t>();
     const int32_t* seq = layout.token_seq.data<int32_t>();
@@ -173,7 +181,7 @@ class CpuBackend final : public Backend {
           const float* qv = pq + (t * H + h) * dh;
           const int64_t kvh = h / group;
           auto kv_row = [&](const float* base, int64_t p) {
-            return base + ((int64_t(table[p / bs]) * bs + p % bs) * Hkv + kvh) * dh;
+            return base + ((int64_t(table[p / bs]) * Hkv + kvh) * bs + p % bs) * dh;
           };
           scores.resize(n);
           float mx = -INFINITY;

@@ -343,12 +343,13 @@ class CudaBackend final : public Backend {
     a.T = static_cast<int>(q.dim(0));
     a.H = static_cast<int>(q.dim(1));
     a.dh = static_cast<int>(q.dim(2));
-    a.Hkv = static_cast<int>(cache.k.dim(2));
+    a.Hkv = static_cast<int>(cache.k.dim(1));
     a.S = static_cast<int>(layout.block_tables.dim(0));
     check(cuda::attention_supports_head_dim(a.dh), "cuda attention: head_dim {} is not supported", a.dh);
     check(a.Hkv > 0 && a.H % a.Hkv == 0, "attention: {} query heads over {} KV heads", a.H, a.Hkv);
-    check(cache.k.dim(3) == a.dh && out.numel() == q.numel(), "attention: q {} cache {} out {} do not agree",
-          shape_str(q.shape()), shape_str(cache.k.shape()), shape_str(out.shape()));
+    check(cache.k.dim(3) == a.dh && cache.k.dim(2) == layout.block_size && out.numel() == q.numel(),
+          "attention: q {} cache {} (block size {}) out {} do not agree", shape_str(q.shape()),
+          shape_str(cache.k.shape()), layout.block_size, shape_str(out.shape()));
     check(layout.seq_starts.numel() == a.S + 1 && layout.max_chunk >= 1 && layout.max_ctx >= 1,
           "attention: step layout lacks seq_starts / max_chunk / max_ctx");
     if (a.T == 0) return;
@@ -495,15 +496,16 @@ class CudaBackend final : public Backend {
     expect_act(cache.k, "K cache");
     expect_act(cache.v, "V cache");
     expect_i32(layout.slots, "kv_append slots");
-    const int64_t T = k.dim(0), Hkv = k.dim(1), dh = k.dim(2);
-    check(v.shape() == k.shape() && cache.k.dim(2) == Hkv && cache.k.dim(3) == dh && dh % 2 == 0,
-          "kv_append: k {} v {} cache {} do not agree", shape_str(k.shape()), shape_str(v.shape()),
-          shape_str(cache.k.shape()));
+    const int64_t T = k.dim(0), Hkv = k.dim(1), dh = k.dim(2), bs = cache.k.dim(2);
+    check(v.shape() == k.shape() && cache.k.dim(1) == Hkv && cache.k.dim(3) == dh && dh % 2 == 0 &&
+              layout.block_size == bs,
+          "kv_append: k {} v {} cache {} (block size {}) do not agree", shape_str(k.shape()), shape_str(v.shape()),
+          shape_str(cache.k.shape()), layout.block_size);
     check(layout.slots.numel() == T, "kv_append: {} slots for {} tokens", layout.slots.numel(), T);
     cuda::rope_kv_append(q ? q->raw() : nullptr, q ? q->dim(1) : 0, k.raw(), v.raw(), layout.positions.data<int32_t>(),
                          inv_freq ? inv_freq->data<float>() : nullptr, layout.slots.data<int32_t>(), T, Hkv, dh,
-                         cache.k.raw(), cache.v.raw(), cache.k.dim(0) * cache.k.dim(1), error_flag_.data<int32_t>(),
-                         elem(), stream_);
+                         cache.k.raw(), cache.v.raw(), cache.k.dim(0) * bs, bs, error_flag_.data<int32_t>(), elem(),
+                         stream_);
   }
 
   GemmPlan& gemm_plan(int64_t m, int64_t n, int64_t k, bool bias, bool accumulate, const void* x, const void* w,

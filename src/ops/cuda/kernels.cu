@@ -161,12 +161,18 @@ __global__ void rope_kernel(T* x, const int32_t* positions, const float* inv_fre
   }
 }
 
+// Element offset of KV head h's row for cache slot `slot` (= block * block_size + offset) in a cache
+// [num_blocks, Hkv, block_size, dh] (head-major blocks, see ops/backend.h).
+__device__ __forceinline__ int64_t cache_row(int64_t slot, int64_t h, int64_t Hkv, int64_t block_size, int64_t dh) {
+  return ((slot / block_size * Hkv + h) * block_size + slot % block_size) * dh;
+}
+
 // q [T, H, dh] (optional, rotated in place), k/v [T, Hkv, dh] -> cache rows slots[t]. Threads over the
 // H + 2·Hkv head rows of a token; each thread rotates or copies one element pair.
 template <typename T>
 __global__ void rope_kv_append_kernel(T* q, int64_t H, const T* k, const T* v, const int32_t* positions,
                                       const float* inv_freq, const int32_t* slots, int64_t Hkv, int64_t dh, T* k_cache,
-                                      T* v_cache, int64_t num_slots, int32_t* error_flag) {
+                                      T* v_cache, int64_t num_slots, int64_t block_size, int32_t* error_flag) {
   const int64_t t = blockIdx.x, half = dh / 2;
   const int64_t slot = slots[t];
   const bool slot_ok = slot >= 0 && slot < num_slots;
@@ -185,7 +191,7 @@ __global__ void rope_kv_append_kernel(T* q, int64_t H, const T* k, const T* v, c
     const bool is_k = kv < Hkv;
     const T* src = (is_k ? k : v) + (t * Hkv + h) * dh;
     if (!slot_ok) continue;
-    T* dst = (is_k ? k_cache : v_cache) + (slot * Hkv + h) * dh;
+    T* dst = (is_k ? k_cache : v_cache) + cache_row(slot, h, Hkv, block_size, dh);
     float a = to_float(src[i]), b = to_float(src[i + half]);
     if (is_k && q) {
       float s, c;
@@ -454,13 +460,13 @@ void rope(void* x, const int32_t* positions, const float* inv_freq, int64_t T, i
 
 void rope_kv_append(void* q, int64_t H, const void* k, const void* v, const int32_t* positions, const float* inv_freq,
                     const int32_t* slots, int64_t T, int64_t Hkv, int64_t dh, void* k_cache, void* v_cache,
-                    int64_t num_slots, int32_t* error_flag, Elem e, cudaStream_t stream) {
+                    int64_t num_slots, int64_t block_size, int32_t* error_flag, Elem e, cudaStream_t stream) {
   if (T == 0) return;
   dispatch(e, [&](auto* tag) {
     using Ty = std::remove_pointer_t<decltype(tag)>;
     rope_kv_append_kernel<<<static_cast<unsigned>(T), row_threads((H + 2 * Hkv) * dh / 2), 0, stream>>>(
         static_cast<Ty*>(q), H, static_cast<const Ty*>(k), static_cast<const Ty*>(v), positions, inv_freq, slots, Hkv, dh,
-        static_cast<Ty*>(k_cache), static_cast<Ty*>(v_cache), num_slots, error_flag);
+        static_cast<Ty*>(k_cache), static_cast<Ty*>(v_cache), num_slots, block_size, error_flag);
   });
   check_launch(q ? "rope_kv_append" : "kv_append");
 }

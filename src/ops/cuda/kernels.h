@@ -35,11 +35,12 @@ void norm(const void* x, const void* w, const void* b, float eps, bool rms, int6
 // (inv_freq fp32 [dh/2], already holding any llama3 / linear scaling).
 void rope(void* x, const int32_t* positions, const float* inv_freq, int64_t T, int64_t heads, int64_t dh, Elem e,
           cudaStream_t stream);
-// k, v [T, Hkv, dh] -> rows slots[t] of the caches [num_slots, Hkv, dh]. When q is given ([T, H, dh]),
+// k, v [T, Hkv, dh] -> slot slots[t] of the caches [num_slots / block_size, Hkv, block_size, dh] (row
+// slot % block_size of block slot / block_size, in every head's slab). When q is given ([T, H, dh]),
 // q (in place) and k are rotated by RoPE first, all in one pass (the fused decode-step prologue).
 void rope_kv_append(void* q, int64_t H, const void* k, const void* v, const int32_t* positions, const float* inv_freq,
                     const int32_t* slots, int64_t T, int64_t Hkv, int64_t dh, void* k_cache, void* v_cache,
-                    int64_t num_slots, int32_t* error_flag, Elem e, cudaStream_t stream);
+                    int64_t num_slots, int64_t block_size, int32_t* error_flag, Elem e, cudaStream_t stream);
 // x = max(x, 0) over n elements.
 void relu(void* x, int64_t n, Elem e, cudaStream_t stream);
 // out = silu(gate) * up over n elements (out may alias gate).
