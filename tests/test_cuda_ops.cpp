@@ -236,9 +236,9 @@ TEST_P(CudaOps, RopeKvAppendAndAttentionMatchCpu) {
     std::copy(tables.begin(), tables.end(), t_tables.data<int32_t>());
     StepLayout cpu_l{host_i32(pos), host_i32(seq), host_i32(slots), t_tables, host_i32(starts), bs, max_ctx, max_chunk, {}};
     StepLayout gpu_l{dev(cpu_l.positions), dev(cpu_l.token_seq), dev(cpu_l.slots), dev(t_tables),
-                     dev(cpu_l.seq_starts), bs, max_ctx, max_chunk};
+                     dev(cpu_l.seq_starts), bs, max_ctx, max_chunk, {}};
     // Earlier context: random cache contents; this step's K/V go in through rope_kv_append.
-    Tensor kc = host_random({num_blocks, bs, Hkv, dh}), vc = host_random({num_blocks, bs, Hkv, dh});
+    Tensor kc = host_random({num_blocks, Hkv, bs, dh}), vc = host_random({num_blocks, Hkv, bs, dh});
     KVLayer cpu_cache{kc, vc}, gpu_cache{dev(kc), dev(vc)};
     // Every third case without rotation (OPT's learned positions).
     const bool rotate = case_index++ % 3 != 2;

@@ -111,8 +111,8 @@ std::vector<KernelRow> bench_attention(Backend& be, const std::vector<AttentionS
     const int copies = static_cast<int>(std::clamp(256e6 / kv_bytes, 1.0, 8.0));
     std::vector<KVLayer> kv;
     for (int c = 0; c < copies; ++c)
-      kv.push_back({be.random_uniform(dt, {blocks, bs, s.kv_heads, s.head_dim}, -1, 1, o.seed + 1 + 2 * c),
-                    be.random_uniform(dt, {blocks, bs, s.kv_heads, s.head_dim}, -1, 1, o.seed + 2 + 2 * c)});
+      kv.push_back({be.random_uniform(dt, {blocks, s.kv_heads, bs, s.head_dim}, -1, 1, o.seed + 1 + 2 * c),
+                    be.random_uniform(dt, {blocks, s.kv_heads, bs, s.head_dim}, -1, 1, o.seed + 2 + 2 * c)});
     Tensor q = be.random_uniform(dt, {s.batch, s.heads, s.head_dim}, -1, 1, o.seed + 3);
     Tensor out = be.alloc(dt, {s.batch, s.heads, s.head_dim});
     const float scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));

@@ -14,8 +14,10 @@
 
 namespace polar {
 
-// Paged KV cache of one layer: K and V as [num_blocks, block_size, Hkv, dh]. A sequence's token at
-// position p lives in block block_table[seq][p / block_size], row p % block_size.
+// Paged KV cache of one layer: K and V as [num_blocks, Hkv, block_size, dh]. A sequence's token at
+// position p lives in block block_table[seq][p / block_size], row p % block_size of each head's
+// [block_size, dh] slab. Head-major blocks keep the rows one KV head's attention reads contiguous
+// (block_size * dh elements), rather than dh-element rows Hkv * dh apart.
 struct KVLayer {
   Tensor k;
   Tensor v;
@@ -25,7 +27,7 @@ struct KVLayer {
 struct StepLayout {
   Tensor positions;    // [T] position of the token in its sequence
   Tensor token_seq;    // [T] row of its sequence in block_tables
-  Tensor slots;        // [T] physical cache row (block * block_size + offset) the token's K/V go to
+  Tensor slots;        // [T] cache slot block * block_size + offset the token's K/V go to (in every head's slab)
   Tensor block_tables; // [S, max_blocks] physical block ids of each sequence
   Tensor seq_starts;   // [S + 1] chunk s is tokens [seq_starts[s], seq_starts[s + 1]) of the step
   int64_t block_size = 0;

@@ -8,8 +8,8 @@ KVCache::KVCache(Backend& backend, int64_t n_layers, int64_t n_kv_heads, int64_t
   check(num_blocks > 0 && block_size > 0, "KV cache needs a positive block count and size");
   // One block more than asked for: the scratch block, owned by nobody (see scratch_block()).
   for (int64_t l = 0; l < n_layers; ++l)
-    layers_.push_back({backend.alloc(dtype, {num_blocks + 1, block_size, n_kv_heads, head_dim}),
-                       backend.alloc(dtype, {num_blocks + 1, block_size, n_kv_heads, head_dim})});
+    layers_.push_back({backend.alloc(dtype, {num_blocks + 1, n_kv_heads, block_size, head_dim}),
+                       backend.alloc(dtype, {num_blocks + 1, n_kv_heads, block_size, head_dim})});
   // Hand out low block ids first (pop from the back).
   for (int64_t b = num_blocks - 1; b >= 0; --b) free_.push_back(static_cast<int32_t>(b));
 }

@@ -1,4 +1,5 @@
-// Paged KV cache: per layer, K and V as [num_blocks, block_size, Hkv, dh] on the backend's device, and a
+// Paged KV cache: per layer, K and V as [num_blocks, Hkv, block_size, dh] on the backend's device (head-major
+// blocks: one KV head's rows of a block are one contiguous run; see KVLayer in ops/backend.h), and a
 // host-side block allocator that gives each sequence the blocks it needs as it grows. Sequences of any
 // length share the pool and can join or leave between steps.
 #pragma once

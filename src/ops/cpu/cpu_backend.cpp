@@ -146,14 +146,17 @@ class CpuBackend final : public Backend {
 
   void rope_kv_append(const Tensor& qkv, KVLayer& cache, const StepLayout& layout, const Tensor& inv_freq,
                       Tensor& q) override {
-    const int64_t T = qkv.dim(0), H = q.dim(1), dh = q.dim(2), Hkv = cache.k.dim(2), half = dh / 2;
-    check(qkv.dim(1) == H + 2 * Hkv && qkv.dim(2) == dh && q.dim(0) == T && cache.k.dim(3) == dh && dh % 2 == 0,
-          "rope_kv_append: qkv {}, q {} and cache {} do not agree", shape_str(qkv.shape()), shape_str(q.shape()),
-          shape_str(cache.k.shape()));
+    // Caches [num_blocks, Hkv, bs, dh]: slot s of head h is row s % bs of block s / bs in h's slab.
+    const int64_t T = qkv.dim(0), H = q.dim(1), dh = q.dim(2), Hkv = cache.k.dim(1), bs = cache.k.dim(2),
+                  half = dh / 2;
+    check(qkv.dim(1) == H + 2 * Hkv && qkv.dim(2) == dh && q.dim(0) == T && cache.k.dim(3) == dh && dh % 2 == 0 &&
+              layout.block_size == bs,
+          "rope_kv_append: qkv {}, q {} and cache {} (block size {}) do not agree", shape_str(qkv.shape()),
+          shape_str(q.shape()), shape_str(cache.k.shape()), layout.block_size);
     const bool rotate = inv_freq.defined();
     check(!rotate || inv_freq.numel() == half, "rope: {} frequencies for head_dim {}", inv_freq.numel(), dh);
     check(layout.slots.numel() == T, "kv_append: {} slots for {} tokens", layout.slots.numel(), T);
-    const int64_t slots_total = cache.k.dim(0) * cache.k.dim(1);
+    const int64_t slots_total = cache.k.dim(0) * bs;
     const int32_t* slot = layout.slots.data<int32_t>();
     for (int64_t t = 0; t < T; ++t)
       check(slot[t] >= 0 && slot[t] < slots_total, "kv_append: slot {} outside the cache", slot[t]);
@@ -161,22 +164,27 @@ class CpuBackend final : public Backend {
 #pragma omp parallel for schedule(static) if (T > 4)
     for (int64_t t = 0; t < T; ++t) {
       const float* row = qkv.data<float>() + t * (H + 2 * Hkv) * dh;
-      float* k_dst = cache.k.data<float>() + int64_t(slot[t]) * Hkv * dh;
-      std::copy(row + (H + Hkv) * dh, row + (H + 2 * Hkv) * dh, cache.v.data<float>() + int64_t(slot[t]) * Hkv * dh);
-      if (!rotate) {
-        std::copy(row, row + H * dh, q.data<float>() + t * H * dh);
-        std::copy(row + H * dh, row + (H + Hkv) * dh, k_dst);
-        continue;
-      }
-      for (int64_t i = 0; i < half; ++i) {
-        // float32 angle, as transformers computes it
-        const float angle = static_cast<float>(pos[t]) * inv_freq.data<float>()[i];
-        const float c = std::cos(angle), s = std::sin(angle);
-        for (int64_t h = 0; h < H + Hkv; ++h) {
-          const float a = row[h * dh + i], b = row[h * dh + i + half];
-          float* dst = h < H ? q.data<float>() + (t * H + h) * dh : k_dst + (h - H) * dh;
-          dst[i] = a * c - b * s;
-          dst[i + half] = b * c + a * s;
+      // Destination of head row r of the token: q for r < H, then the K cache, then the V cache.
+      auto dst_row = [&](int64_t r) {
+        if (r < H) return q.data<float>() + (t * H + r) * dh;
+        const int64_t h = (r - H) % Hkv;
+        float* base = r < H + Hkv ? cache.k.data<float>() : cache.v.data<float>();
+        return base + ((slot[t] / bs * Hkv + h) * bs + slot[t] % bs) * dh;
+      };
+      for (int64_t r = 0; r < H + 2 * Hkv; ++r) {
+        const float* src = row + r * dh;
+        float* dst = dst_row(r);
+        if (!rotate || r >= H + Hkv) {
+          std::copy(src, src + dh, dst);
+          continue;
+        }
+        for (int64_t i = 0; i < half; ++i) {
+          // float32 angle, as transformers computes it
+          const float angle = static_cast<float>(pos[t]) * inv_freq.data<float>()[i];
+          const float c = std::cos(angle), sn = std::sin(angle);
+          const float a = src[i], b = src[i + half];
+          dst[i] = a * c - b * sn;
+          dst[i + half] = b * c + a * sn;
         }
       }
     }
@@ -185,7 +193,8 @@ class CpuBackend final : public Backend {
   void attention(const Tensor& q, const KVLayer& cache, const StepLayout& layout, float scale, int64_t window,
                  Tensor& out) override {
     const int64_t T = q.dim(0), H = q.dim(1), dh = q.dim(2);
-    const int64_t Hkv = cache.k.dim(2), group = H / Hkv, bs = layout.block_size;
+    const int64_t Hkv = cache.k.dim(1), group = H / Hkv, bs = layout.block_size;
+    check(cache.k.dim(2) == bs, "attention: cache {} does not have blocks of {}", shape_str(cache.k.shape()), bs);
     const int64_t max_blocks = layout.block_tables.dim(1);
     const int32_t* pos = layout.positions.data<int32_t>();
     const int32_t* seq = layout.token_seq.data<int32_t>();
@@ -205,7 +214,7 @@ class CpuBackend final : public Backend {
           const float* qv = pq + (t * H + h) * dh;
           const int64_t kvh = h / group;
           auto kv_row = [&](const float* base, int64_t p) {
-            return base + ((int64_t(table[p / bs]) * bs + p % bs) * Hkv + kvh) * dh;
+            return base + ((int64_t(table[p / bs]) * Hkv + kvh) * bs + p % bs) * dh;
           };
           scores.resize(n);
           float mx = -INFINITY;

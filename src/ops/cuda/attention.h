@@ -1,8 +1,9 @@
 // Paged attention kernels of the CUDA backend (attention.cu). Raw pointers, shapes and strides only; the
 // backend (cuda_backend.cu) validates tensors and picks the kernel. Layouts:
 //   q, out        [T, H, dh]                          activation dtype (f16 or bf16), row-major
-//   k/v cache     [num_blocks, block_size, Hkv, dh]   same dtype; token p of sequence s lives in block
-//                 block_tables[s * max_blocks + p / block_size], row p % block_size
+//   k/v cache     [num_blocks, Hkv, block_size, dh]   same dtype; token p of sequence s lives in block
+//                 block_tables[s * max_blocks + p / block_size], row p % block_size of each head's slab
+//                 (Hkv * block_size * dh < 2^31)
 //   positions     [T]    position of each query token in its sequence (its context is positions[t] + 1)
 //   token_seq     [T]    row of the token's sequence in block_tables
 //   seq_starts    [S+1]  chunk s is tokens [seq_starts[s], seq_starts[s+1]) and has consecutive positions

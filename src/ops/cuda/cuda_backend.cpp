@@ -346,19 +346,19 @@ class CudaBackend final : public Backend {
     expect_act(cache.v, "V cache");
     expect_i32(layout.slots, "kv_append slots");
     expect_i32(layout.positions, "rope positions");
-    const int64_t T = qkv.dim(0), H = q.dim(1), dh = q.dim(2), Hkv = cache.k.dim(2);
+    const int64_t T = qkv.dim(0), H = q.dim(1), dh = q.dim(2), Hkv = cache.k.dim(1), bs = cache.k.dim(2);
     check(qkv.dim(1) == H + 2 * Hkv && qkv.dim(2) == dh && q.dim(0) == T && cache.k.dim(3) == dh && dh % 2 == 0 &&
-              cache.v.shape() == cache.k.shape(),
-          "rope_kv_append: qkv {}, q {} and cache {} do not agree", shape_str(qkv.shape()), shape_str(q.shape()),
-          shape_str(cache.k.shape()));
+              cache.v.shape() == cache.k.shape() && layout.block_size == bs,
+          "rope_kv_append: qkv {}, q {} and cache {} (block size {}) do not agree", shape_str(qkv.shape()),
+          shape_str(q.shape()), shape_str(cache.k.shape()), layout.block_size);
     check(!inv_freq.defined() || (inv_freq.dtype() == DType::F32 && inv_freq.numel() * 2 == dh),
           "rope: {} f32 frequencies expected", dh / 2);
     check(layout.slots.numel() == T && layout.positions.numel() == T, "kv_append: {} slots for {} tokens",
           layout.slots.numel(), T);
     cuda::rope_kv_append(qkv.raw(), q.raw(), H, layout.positions.data<int32_t>(),
                          inv_freq.defined() ? inv_freq.data<float>() : nullptr, layout.slots.data<int32_t>(), T, Hkv,
-                         dh, cache.k.raw(), cache.v.raw(), cache.k.dim(0) * cache.k.dim(1),
-                         error_flag_.data<int32_t>(), elem(), stream_);
+                         dh, cache.k.raw(), cache.v.raw(), cache.k.dim(0) * bs, bs, error_flag_.data<int32_t>(),
+                         elem(), stream_);
   }
 
   void attention(const Tensor& q, const KVLayer& cache, const StepLayout& layout, float scale, int64_t window,
@@ -371,12 +371,13 @@ class CudaBackend final : public Backend {
     a.T = static_cast<int>(q.dim(0));
     a.H = static_cast<int>(q.dim(1));
     a.dh = static_cast<int>(q.dim(2));
-    a.Hkv = static_cast<int>(cache.k.dim(2));
+    a.Hkv = static_cast<int>(cache.k.dim(1));
     a.S = static_cast<int>(layout.block_tables.dim(0));
     check(cuda::attention_supports_head_dim(a.dh), "cuda attention: head_dim {} is not supported", a.dh);
     check(a.Hkv > 0 && a.H % a.Hkv == 0, "attention: {} query heads over {} KV heads", a.H, a.Hkv);
-    check(cache.k.dim(3) == a.dh && out.numel() == q.numel(), "attention: q {} cache {} out {} do not agree",
-          shape_str(q.shape()), shape_str(cache.k.shape()), shape_str(out.shape()));
+    check(cache.k.dim(3) == a.dh && cache.k.dim(2) == layout.block_size && out.numel() == q.numel(),
+          "attention: q {} cache {} (block size {}) out {} do not agree", shape_str(q.shape()),
+          shape_str(cache.k.shape()), layout.block_size, shape_str(out.shape()));
     check(layout.seq_starts.numel() == a.S + 1 && layout.max_chunk >= 1 && layout.max_ctx >= 1,
           "attention: step layout lacks seq_starts / max_chunk / max_ctx");
     if (a.T == 0) return;

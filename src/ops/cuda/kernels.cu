@@ -138,12 +138,18 @@ __global__ void norm_kernel(const T* x, const T* w, const T* b, float eps, bool 
 
 // ---- RoPE and the KV append: one CTA per token, threads over (head, pair) ----
 
+// Element offset of KV head h's row for cache slot `slot` (= block * block_size + offset) in a cache
+// [num_blocks, Hkv, block_size, dh] (head-major blocks, see ops/backend.h).
+__device__ __forceinline__ int64_t cache_row(int64_t slot, int64_t h, int64_t Hkv, int64_t block_size, int64_t dh) {
+  return ((slot / block_size * Hkv + h) * block_size + slot % block_size) * dh;
+}
+
 // One thread per (head row, i < dh/2) pair of a token's H + 2·Hkv head rows: it reads qkv once and writes
 // q or the cache row, rotating query and key pairs when inv_freq is given.
 template <typename T>
 __global__ void rope_kv_append_kernel(const T* qkv, T* q, int64_t H, const int32_t* positions, const float* inv_freq,
                                       const int32_t* slots, int64_t Hkv, int64_t dh, T* k_cache, T* v_cache,
-                                      int64_t num_slots, int32_t* error_flag) {
+                                      int64_t num_slots, int64_t block_size, int32_t* error_flag) {
   const int64_t t = blockIdx.x, half = dh / 2, width = H + 2 * Hkv;
   const int64_t slot = slots[t];
   const bool slot_ok = slot >= 0 && slot < num_slots;
@@ -158,7 +164,7 @@ __global__ void rope_kv_append_kernel(const T* qkv, T* q, int64_t H, const int32
     } else {
       if (!slot_ok) continue;
       const int64_t kv = r - H;
-      dst = (kv < Hkv ? k_cache : v_cache) + (slot * Hkv + kv % Hkv) * dh;
+      dst = (kv < Hkv ? k_cache : v_cache) + cache_row(slot, kv % Hkv, Hkv, block_size, dh);
     }
     float a = to_float(row[r * dh + i]), b = to_float(row[r * dh + i + half]);
     if (inv_freq && r < H + Hkv) {
@@ -530,13 +536,13 @@ void norm(const void* x, const void* w, const void* b, float eps, bool rms, int6
 
 void rope_kv_append(const void* qkv, void* q, int64_t H, const int32_t* positions, const float* inv_freq,
                     const int32_t* slots, int64_t T, int64_t Hkv, int64_t dh, void* k_cache, void* v_cache,
-                    int64_t num_slots, int32_t* error_flag, Elem e, cudaStream_t stream) {
+                    int64_t num_slots, int64_t block_size, int32_t* error_flag, Elem e, cudaStream_t stream) {
   if (T == 0) return;
   dispatch(e, [&](auto* tag) {
     using Ty = std::remove_pointer_t<decltype(tag)>;
     rope_kv_append_kernel<<<static_cast<unsigned>(T), row_threads((H + 2 * Hkv) * dh / 2), 0, stream>>>(
         static_cast<const Ty*>(qkv), static_cast<Ty*>(q), H, positions, inv_freq, slots, Hkv, dh,
-        static_cast<Ty*>(k_cache), static_cast<Ty*>(v_cache), num_slots, error_flag);
+        static_cast<Ty*>(k_cache), static_cast<Ty*>(v_cache), num_slots, block_size, error_flag);
   });
   check_launch("rope_kv_append");
 }

@@ -31,13 +31,14 @@ void add(const void* a, const void* b, void* out, int64_t n, Elem e, cudaStream_
 // RMSNorm (b == nullptr and rms): x / sqrt(mean(x²) + eps) * w. One CTA per row, fp32 statistics.
 void norm(const void* x, const void* w, const void* b, float eps, bool rms, int64_t rows, int64_t d, void* out, Elem e,
           cudaStream_t stream);
-// qkv [T, H + 2·Hkv, dh] (query, key, value heads) -> q [T, H, dh] and rows slots[t] of the caches
-// [num_slots, Hkv, dh], all in one pass (the decode step's prologue). With inv_freq (fp32 [dh/2], any
+// qkv [T, H + 2·Hkv, dh] (query, key, value heads) -> q [T, H, dh] and slot slots[t] of the caches
+// [num_slots / block_size, Hkv, block_size, dh] (row slot % block_size of block slot / block_size, in
+// every head's slab), all in one pass (the decode step's prologue). With inv_freq (fp32 [dh/2], any
 // llama3 / linear scaling folded in) query and key heads are rotated by rotate-half RoPE at positions[t];
 // without it (nullptr) they are copied. A slot outside [0, num_slots) sets kErrorSlotOutOfRange.
 void rope_kv_append(const void* qkv, void* q, int64_t H, const int32_t* positions, const float* inv_freq,
                     const int32_t* slots, int64_t T, int64_t Hkv, int64_t dh, void* k_cache, void* v_cache,
-                    int64_t num_slots, int32_t* error_flag, Elem e, cudaStream_t stream);
+                    int64_t num_slots, int64_t block_size, int32_t* error_flag, Elem e, cudaStream_t stream);
 // out[T, F] = silu(gate_up[:, :F]) * gate_up[:, F:] (gate_up [T, 2F]).
 void silu_mul(const void* gate_up, void* out, int64_t T, int64_t F, Elem e, cudaStream_t stream);
 // Sparse selection (backend.h: route_heads, route_neurons). Keys order scores higher first, NaN as -inf,
