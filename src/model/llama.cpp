@@ -83,11 +83,16 @@ class Llama final : public Model {
       be.region("other");
       be.rms_norm(x, L.attn_norm, static_cast<float>(c.norm_eps), h);
       if (probe) probe->attn_in(static_cast<int>(l), be.to_host_f32(h));
+      Tensor heads;
+      if (in.sparsity) {
+        be.region("routers");
+        heads = in.sparsity->attention_heads(static_cast<int>(l), h);
+      }
       be.region("qkv_o");
       be.linear(h, L.wqkv, ptr(L.bqkv), qkv);
       be.region("attention");
       be.rope_kv_append(qkv, cache[l], in.layout, inv_freq_, q);
-      be.attention(q, cache[l], in.layout, scale, c.sliding_window, attn);
+      be.attention(q, cache[l], in.layout, scale, c.sliding_window, attn, heads.defined() ? &heads : nullptr);
       if (probe) report_head_norms(probe, static_cast<int>(l), attn);
       be.region("qkv_o");
       be.linear(attn.reshape({T, c.q_dim()}), L.wo, ptr(L.bo), x, /*accumulate=*/true);

@@ -191,10 +191,23 @@ class CpuBackend final : public Backend {
   }
 
   void attention(const Tensor& q, const KVLayer& cache, const StepLayout& layout, float scale, int64_t window,
-                 Tensor& out) override {
+                 Tensor& out, const Tensor* kv_heads) override {
     const int64_t T = q.dim(0), H = q.dim(1), dh = q.dim(2);
     const int64_t Hkv = cache.k.dim(1), group = H / Hkv, bs = layout.block_size;
     check(cache.k.dim(2) == bs, "attention: cache {} does not have blocks of {}", shape_str(cache.k.shape()), bs);
+    // selected[t * Hkv + g]: whether token t attends with KV head g's query heads.
+    std::vector<char> selected(T * Hkv, kv_heads ? 0 : 1);
+    if (kv_heads) {
+      const int64_t k = kv_heads->dim(1);
+      check(kv_heads->dim(0) == T && k <= Hkv, "attention: kv_heads {} for {} tokens and {} KV heads",
+            shape_str(kv_heads->shape()), T, Hkv);
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t j = 0; j < k; ++j) {
+          const int32_t g = kv_heads->data<int32_t>()[t * k + j];
+          check(g >= 0 && g < Hkv, "attention: KV head {} outside [0, {})", g, Hkv);
+          selected[t * Hkv + g] = 1;
+        }
+    }
     const int64_t max_blocks = layout.block_tables.dim(1);
     const int32_t* pos = layout.positions.data<int32_t>();
     const int32_t* seq = layout.token_seq.data<int32_t>();
@@ -213,6 +226,10 @@ class CpuBackend final : public Backend {
           const int32_t* table = tables + int64_t(seq[t]) * max_blocks;
           const float* qv = pq + (t * H + h) * dh;
           const int64_t kvh = h / group;
+          if (!selected[t * Hkv + kvh]) {
+            std::fill(po + (t * H + h) * dh, po + (t * H + h + 1) * dh, 0.0f);
+            continue;
+          }
           auto kv_row = [&](const float* base, int64_t p) {
             return base + ((int64_t(table[p / bs]) * Hkv + kvh) * bs + p % bs) * dh;
           };

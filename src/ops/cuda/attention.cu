@@ -177,7 +177,11 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int group = a.H / a.Hkv;
   const int heads_per_cta = min(group, kDecode ? kDecodeRows : kPrefillRows);
   const int head_chunks = (group + heads_per_cta - 1) / heads_per_cta;
-  const int g = blockIdx.y / head_chunks, chunk = blockIdx.y % head_chunks;
+  const int chunk = blockIdx.y % head_chunks;
+  int g = blockIdx.y / head_chunks;
+  if constexpr (kDecode) {  // selective decode: blockIdx.y counts the token's selected KV heads
+    if (a.kv_heads) g = a.kv_heads[int64_t(blockIdx.x) * a.kv_heads_per_token + g];
+  }
   const int head0 = g * group + chunk * heads_per_cta;
   const int heads = min(heads_per_cta, group - chunk * heads_per_cta);
 
@@ -504,12 +508,15 @@ int head_chunks(const PagedAttention& a, bool decode) {
   return (a.H / a.Hkv + per - 1) / per;
 }
 
+// KV heads a decode step launches CTAs for per token: the selected ones, or all.
+int launched_kv_heads(const PagedAttention& a) { return a.kv_heads ? a.kv_heads_per_token : a.Hkv; }
+
 // Split count for a decode step: enough CTAs for ~kTargetCtasPerSm per SM, each split at least
 // kMinSplitKeys keys and a whole number of 64-key tiles and KV blocks. A function of sizes only.
 SplitPlan plan_splits(const PagedAttention& a, int num_sms) {
   SplitPlan plan;
   if (a.max_chunk > 1 || a.max_ctx <= 0 || a.Hkv <= 0 || a.block_size <= 0) return plan;
-  const int64_t ctas = int64_t(a.T) * a.Hkv * head_chunks(a, true);
+  const int64_t ctas = int64_t(a.T) * launched_kv_heads(a) * head_chunks(a, true);
   const int64_t grain = std::lcm(int64_t(kTileKeys), int64_t(a.block_size));
   const int64_t min_keys = (kMinSplitKeys + grain - 1) / grain * grain;
   const int64_t by_ctx = std::max<int64_t>(1, a.max_ctx / min_keys);
@@ -531,12 +538,21 @@ template <typename T, int DH>
 void launch(const PagedAttention& a, const SplitPlan& plan, void* workspace, cudaStream_t stream) {
   using D = Dims<DH>;
   const bool decode = a.max_chunk == 1;
-  const int y = a.Hkv * head_chunks(a, decode);
+  const int y = (decode ? launched_kv_heads(a) : a.Hkv) * head_chunks(a, decode);
   if (y > 65535) fail("attention: {} KV heads x head chunks exceed the grid's y limit", y);
   if (decode) {
     // Workspace (splits > 1 only): ws_ml [T*H][splits] float2, then ws_o [T*H][splits][DH] float.
     float2* ws_ml = plan.splits > 1 ? static_cast<float2*>(workspace) : nullptr;
     float* ws_o = plan.splits > 1 ? reinterpret_cast<float*>(ws_ml + int64_t(a.T) * a.H * plan.splits) : nullptr;
+    if (a.kv_heads) {
+      // Skipped heads: zero rows. Without splits the kernel writes only selected rows, so out starts at 0;
+      // with splits the combine writes every row, and zeroed partials (l = 0) make it write 0.
+      const cudaError_t err =
+          plan.splits > 1
+              ? cudaMemsetAsync(ws_ml, 0, sizeof(float2) * size_t(a.T) * a.H * plan.splits, stream)
+              : cudaMemsetAsync(a.out, 0, sizeof(T) * size_t(a.T) * a.H * DH, stream);
+      if (err != cudaSuccess) fail("attention: clearing skipped heads failed: {}", cudaGetErrorString(err));
+    }
     const auto kernel = attention_kernel<T, DH, true>;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, D::kSmemBytes) != cudaSuccess)
       fail("attention: cannot give the decode kernel {} bytes of shared memory (dh {})", D::kSmemBytes, DH);

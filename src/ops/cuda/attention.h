@@ -26,6 +26,10 @@ struct PagedAttention {
   const int32_t* block_tables = nullptr;
   const int32_t* seq_starts = nullptr;
   void* out = nullptr;
+  // Selective decode: kv_heads [T, kv_heads_per_token] lists the KV heads each token attends with; the
+  // rows of the other heads in out are zeroed. nullptr: every KV head.
+  const int32_t* kv_heads = nullptr;
+  int kv_heads_per_token = 0;
   int T = 0, S = 0, H = 0, Hkv = 0, dh = 0;
   int block_size = 0, max_blocks = 0;
   int max_ctx = 0;    // upper bound on positions[t] + 1 over the step (sizes the split-K grid)

@@ -362,7 +362,7 @@ class CudaBackend final : public Backend {
   }
 
   void attention(const Tensor& q, const KVLayer& cache, const StepLayout& layout, float scale, int64_t window,
-                 Tensor& out) override {
+                 Tensor& out, const Tensor* kv_heads) override {
     expect_act(q, "attention q");
     expect_act(out, "attention output");
     expect_act(cache.k, "K cache");
@@ -380,6 +380,14 @@ class CudaBackend final : public Backend {
           shape_str(cache.k.shape()), layout.block_size, shape_str(out.shape()));
     check(layout.seq_starts.numel() == a.S + 1 && layout.max_chunk >= 1 && layout.max_ctx >= 1,
           "attention: step layout lacks seq_starts / max_chunk / max_ctx");
+    if (kv_heads) {
+      expect_i32(*kv_heads, "attention kv_heads");
+      check(kv_heads->dim(0) == a.T && kv_heads->dim(1) >= 1 && kv_heads->dim(1) <= a.Hkv,
+            "attention: kv_heads {} for {} tokens and {} KV heads", shape_str(kv_heads->shape()), a.T, a.Hkv);
+      check(layout.max_chunk == 1, "selective attention runs in decode steps only (one token per sequence)");
+      a.kv_heads = kv_heads->data<int32_t>();
+      a.kv_heads_per_token = static_cast<int>(kv_heads->dim(1));
+    }
     if (a.T == 0) return;
     a.q = q.raw();
     a.k_cache = cache.k.raw();
