@@ -8,10 +8,11 @@ Command perplexity_command();
 Command info_command();
 Command bench_command();
 Command bench_kernels_command();
+Command routers_command();
 
 std::vector<Command> all_commands() {
   return {generate_command(), logits_command(), perplexity_command(), info_command(), bench_command(),
-          bench_kernels_command()};
+          bench_kernels_command(), routers_command()};
 }
 
 }  // namespace polar::cli

@@ -21,6 +21,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "core/tensor.h"
 #include "io/checkpoint.h"
 #include "io/model_config.h"
@@ -74,5 +76,14 @@ void save_routers(const std::string& path, const Routers& routers);
 // the metadata (k table shape and ranges, densities in (0, 1], granularity) — anything wrong is a
 // polar::Error that names the file and the problem.
 Routers load_routers(const std::string& path, const ModelConfig& config, const std::string& fingerprint);
+
+// Reads a router file without a model to check it against (`polar routers --show FILE`): the layer count
+// comes from attention_recall, H and d from the first attention router, D from the first MLP router, and
+// every other check of load_routers applies; the fingerprint is taken as it stands.
+Routers read_routers(const std::string& path);
+
+// The "polar.routers" metadata object of `routers` (NaN recalls as null): what the file stores, and what
+// `polar routers --show --json` prints.
+nlohmann::json routers_metadata(const Routers& routers);
 
 }  // namespace polar
