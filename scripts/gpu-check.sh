@@ -3,7 +3,7 @@
 # sm_90a, runs every test (the CUDA parity and end-to-end tests included), runs the benchmarks, and writes
 # logs, CSVs and plots to a results folder; a short summary table comes last.
 #
-#   scripts/gpu-check.sh [STAGE ...]   stages: build test kernels bench (default: all, in that order)
+#   scripts/gpu-check.sh [STAGE ...]   stages: build test kernels bench sparse (default: all, in that order)
 #
 # Environment:
 #   RESULTS         results folder (default: $OUT if set, else out/gpu-check)
@@ -13,6 +13,8 @@
 #                   headers polar needs (PCRE2); its pkg-config files are used with their prefix moved there
 #   BENCH_SHAPES    shapes for the decode sweep (default "llama-2-7b opt-6.7b")
 #   BENCH_BATCHES   default 1,8,32,64,128,256;  BENCH_CTX  default 512,1024,2048,4096
+#   SPARSE_POINTS   sparse-vs-dense sweeps as shape:ctx:density (default: the issue's three; random routers)
+#   SPARSE_BATCHES  default 1,8,16,32,64,128,256
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,9 +23,11 @@ BUILD_DIR=${BUILD_DIR:-build-gpu}
 BENCH_SHAPES=${BENCH_SHAPES:-"llama-2-7b opt-6.7b"}
 BENCH_BATCHES=${BENCH_BATCHES:-1,8,32,64,128,256}
 BENCH_CTX=${BENCH_CTX:-512,1024,2048,4096}
+SPARSE_POINTS=${SPARSE_POINTS:-"opt-6.7b:1920:0.5 llama-2-7b:3968:0.5 llama-3-8b:8192:0.625"}
+SPARSE_BATCHES=${SPARSE_BATCHES:-1,8,16,32,64,128,256}
 mkdir -p "$RESULTS"
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(build test kernels bench)
+[ ${#stages[@]} -eq 0 ] && stages=(build test kernels bench sparse)
 has_stage() { local s; for s in "${stages[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
 log() { echo "[gpu-check] $*" >&2; }
 
@@ -85,6 +89,18 @@ if has_stage bench; then
   done
 fi
 
+if has_stage sparse; then
+  log "sparse vs dense decode: $SPARSE_POINTS, batch $SPARSE_BATCHES"
+  for point in $SPARSE_POINTS; do
+    IFS=: read -r shape ctx density <<< "$point"
+    for d in 1 "$density"; do
+      "$BUILD_DIR/src/polar" bench --device cuda --shape "$shape" --batch "$SPARSE_BATCHES" --ctx "$ctx" --density "$d" \
+        --csv "$RESULTS/sparse-$shape-d$d.csv" > "$RESULTS/sparse-$shape-d$d.txt" 2> "$RESULTS/sparse-$shape-d$d.log" ||
+        { tail -20 "$RESULTS/sparse-$shape-d$d.log"; }
+    done
+  done
+fi
+
 echo
 echo "== gpu-check summary ($(date -u +%Y-%m-%d), $(tail -1 "$RESULTS/gpu.csv" | cut -d, -f1)) =="
 echo "tests: $test_summary"
@@ -106,4 +122,23 @@ if has_stage bench; then
   for shape in $BENCH_SHAPES; do
     [ -f "$RESULTS/bench-$shape.txt" ] && { echo "-- $shape"; cat "$RESULTS/bench-$shape.txt"; }
   done
+fi
+if has_stage sparse; then
+  echo "-- sparse vs dense (tokens/s; speedup = sparse / dense; ideal = dense step_ms / sparse floor_ms)"
+  python3 - "$RESULTS" $SPARSE_POINTS <<'PY'
+import csv, os, sys
+res = sys.argv[1]
+print(f"{'shape':<12} {'ctx':>5} {'density':>7} {'batch':>5} {'dense tok/s':>11} {'sparse tok/s':>12} {'speedup':>7} {'ideal':>6} {'x_floor':>7}")
+for point in sys.argv[2:]:
+    shape, ctx, density = point.split(":")
+    paths = [os.path.join(res, f"sparse-{shape}-d{d}.csv") for d in ("1", density)]
+    if not all(os.path.exists(p) for p in paths):
+        continue
+    dense, sparse = ({int(r["batch"]): r for r in csv.DictReader(open(p))} for p in paths)
+    for b in sorted(set(dense) & set(sparse)):
+        d, s = dense[b], sparse[b]
+        print(f"{shape:<12} {ctx:>5} {density:>7} {b:>5} {float(d['tokens_per_s']):>11.1f} {float(s['tokens_per_s']):>12.1f} "
+              f"{float(s['tokens_per_s']) / float(d['tokens_per_s']):>7.2f} {float(d['step_ms']) / float(s['floor_ms']):>6.2f} "
+              f"{float(s['x_floor']):>7.2f}")
+PY
 fi

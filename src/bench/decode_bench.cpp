@@ -35,11 +35,31 @@ int64_t kv_bytes_per_token(const ModelConfig& c, DType dtype) {
   return c.n_layers * 2 * c.kv_dim() * static_cast<int64_t>(dtype_size(dtype));
 }
 
+// The bytes a decode step of B sequences at context read_ctx must read: the weights once and every
+// sequence's KV cache. A sparse step reads only its selected MLP rows (fc1 and fc2ᵀ rows of the kept
+// neurons, in layers whose MLP runs sparse), adds the routers it runs, and reads KV only for the heads
+// each sequence keeps (all of them at layer 0).
+double step_bytes(const Model& model, const RouterSparsity* sparsity, int64_t B, double read_ctx) {
+  const ModelConfig& c = model.config();
+  const double elem = static_cast<double>(dtype_size(model.backend().activation_dtype()));
+  const double kv_layer = static_cast<double>(B) * read_ctx * 2.0 * static_cast<double>(c.kv_dim()) * elem;
+  double bytes = static_cast<double>(model.step_weight_bytes()) + kv_layer * static_cast<double>(c.n_layers);
+  if (!sparsity) return bytes;
+  for (int l = 0; l < c.n_layers; ++l) {
+    const int64_t kept = sparsity->mlp_neurons_kept(l, B);
+    bytes -= static_cast<double>(c.ffn - kept) * 2.0 * static_cast<double>(c.hidden) * elem;
+    bytes += static_cast<double>(sparsity->router_bytes(l, B));
+    if (l > 0)
+      bytes -= kv_layer * static_cast<double>(c.n_kv_heads - sparsity->kv_heads_kept()) / static_cast<double>(c.n_kv_heads);
+  }
+  return bytes;
+}
+
 DecodePoint time_point(Model& model, int64_t batch, int64_t ctx, const DecodeSweepOptions& o, double memory_gbps) {
   Backend& be = model.backend();
   const ModelConfig& c = model.config();
   const int64_t B = batch, steps_run = kWarmupSteps + 1 + o.steps;
-  Engine engine(model, {.kv_tokens = B * round_up(ctx, EngineOptions{}.block_size)});
+  Engine engine(model, {.kv_tokens = B * round_up(ctx, EngineOptions{}.block_size), .sparsity = o.sparsity});
   engine.cache().fill_random(be, o.seed);
   std::vector<int64_t> seqs(B);
   for (int64_t& s : seqs) {
@@ -79,8 +99,8 @@ DecodePoint time_point(Model& model, int64_t batch, int64_t ctx, const DecodeSwe
   // Timed step i (of n) attends over ctx - n + 1 + i positions (at most the sliding window).
   const double mean_ctx = static_cast<double>(ctx) - (o.steps - 1) / 2.0;
   const double read_ctx = c.sliding_window ? std::min<double>(mean_ctx, static_cast<double>(c.sliding_window)) : mean_ctx;
-  const double bytes = static_cast<double>(model.step_weight_bytes()) +
-                       static_cast<double>(B) * read_ctx * static_cast<double>(kv_bytes_per_token(c, be.activation_dtype()));
+  const double bytes = step_bytes(model, o.sparsity, B, read_ctx);
+  p.density = o.sparsity ? o.density : 1.0;
   p.step_ms = median(times);
   p.tokens_per_s = static_cast<double>(B) / (p.step_ms / 1e3);
   p.floor_ms = bytes / (memory_gbps * 1e9) * 1e3;

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "model/model.h"
+#include "sparse/router_sparsity.h"
 
 namespace polar {
 
@@ -21,6 +22,9 @@ struct DecodeSweepOptions {
   std::vector<int64_t> contexts = {512};
   int64_t steps = 20;  // timed decode steps per point
   uint64_t seed = 0;   // first tokens and KV cache contents
+  // Sparse decode steps (null = dense) and the head density they were made with, for the table.
+  RouterSparsity* sparsity = nullptr;
+  double density = 1.0;
 };
 
 // One point of the sweep: `batch` sequences, all at the same context. Each starts from ctx - (warm-up +
@@ -28,10 +32,11 @@ struct DecodeSweepOptions {
 struct DecodePoint {
   int64_t batch = 0;
   int64_t ctx = 0;
-  double density = 1.0;   // share of attention heads a step reads (1.0 = dense)
+  double density = 1.0;   // share of attention heads (KV groups) a sequence keeps (1.0 = dense)
   double step_ms = 0;     // median host wall time of a timed step: forward, argmax, the new ids on the host
   double tokens_per_s = 0;
-  double floor_ms = 0;    // (weight bytes read in full + KV bytes read) / measured memory bandwidth
+  double floor_ms = 0;    // (weight bytes read + KV bytes read) / measured memory bandwidth; sparse steps
+                          // count the selected MLP rows, the routers and the selected heads' KV only
   double x_floor = 0;     // step_ms / floor_ms
   double gb_per_s = 0;    // the floor's bytes / step_ms
   // Device time per region of one profiled step, run op by op (no graph): they add up to profiled_ms,

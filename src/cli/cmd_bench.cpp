@@ -224,6 +224,10 @@ int run_bench_cmd(const BenchArgs& a) {
   } else {
     m = load_model(a.model);
   }
+  load_sparsity(m, a.model, /*random_allowed=*/true, a.sweep.seed);
+  DecodeSweepOptions sweep_options = a.sweep;
+  sweep_options.sparsity = m.sparsity.get();
+  sweep_options.density = m.sparsity ? m.sparsity->density() : 1.0;
   Backend& be = *m.backend;
   const ModelConfig& c = m.model->config();
   fmt::print(stderr, "{}: {}\n{:.4g} GB of weights, {:.4g} GB read by every decode step\n", label, c.describe(),
@@ -240,7 +244,7 @@ int run_bench_cmd(const BenchArgs& a) {
     prefill = run_prefill(*m.model, a.prompt_len, kPrefillReps, gemm_gflops, a.sweep.seed);
   }
   const DecodeSweep sweep =
-      run_decode_sweep(*m.model, a.sweep, gbps, [](const std::string& s) { fmt::print(stderr, "{}\n", s); });
+      run_decode_sweep(*m.model, sweep_options, gbps, [](const std::string& s) { fmt::print(stderr, "{}\n", s); });
 
   // Results first, files after: a failing plot must not lose the numbers.
   const std::string device = fmt::format("{}, {}", be.name(), dtype_name(be.activation_dtype()));
@@ -284,6 +288,7 @@ Command bench_command() {
                 "without graphs; they add up to profiled_ms, not to step_ms.\n"
                 "Points beyond the model's context or the free device memory are skipped with a note on stderr.\n");
             CLI::Option* model = a->model.add(*c);
+            a->model.add_sparsity(*c);
             model->required(false);
             CLI::Option* shape = c->add_option(
                 "--shape", a->shape,

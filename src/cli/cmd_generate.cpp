@@ -22,6 +22,7 @@ struct GenerateArgs {
 
 int run_generate(const GenerateArgs& a) {
   LoadedModel m = load_model(a.model);
+  load_sparsity(m, a.model, /*random_allowed=*/false, 0);
   const Tokenizer& tok = m.tokenizer();
   std::vector<std::vector<int32_t>> prompts;
   for (auto& p : a.prompts) {
@@ -32,6 +33,7 @@ int run_generate(const GenerateArgs& a) {
   opt.max_new_tokens = a.max_tokens;
   opt.sampling = a.sampling;
   opt.is_stop = [&](int32_t id) { return tok.is_eos(id); };
+  opt.sparsity = m.sparsity.get();
 
   // Streaming in prompt order: prompt `current` prints live, later ones collect text until their turn.
   const size_t n = prompts.size();
@@ -96,6 +98,7 @@ Command generate_command() {
           [a](CLI::App& app) {
             auto* c = app.add_subcommand("generate", "Generate text from one or more prompts (batched)");
             a->model.add(*c);
+            a->model.add_sparsity(*c);
             c->add_option("--prompt,-p", a->prompts, "Prompt text (repeat for a batch)")->required();
             c->add_option("--max-tokens,-n", a->max_tokens, "Tokens to generate per prompt")->capture_default_str()
                 ->check(CLI::NonNegativeNumber);

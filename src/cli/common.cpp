@@ -19,6 +19,35 @@ CLI::Option* ModelOptions::add(CLI::App& app) {
   return model_option;
 }
 
+void ModelOptions::add_sparsity(CLI::App& app) {
+  app.add_option("--routers", routers, "Router file for sparse decoding (polar routers)");
+  app.add_option("--density", density,
+                 "Share of attention heads (KV groups for GQA) each sequence keeps in decode steps, in (0, 1]; "
+                 "default: the router file's")
+      ->check(CLI::Range(0.0, 1.0));
+}
+
+void load_sparsity(LoadedModel& m, const ModelOptions& opt, bool random_allowed, uint64_t seed) {
+  const ModelConfig& c = m.model->config();
+  Routers routers;
+  if (!opt.routers.empty()) {
+    routers = load_routers(opt.routers, c, model_fingerprint(m.checkpoint));
+  } else if (opt.density > 0 && opt.density < 1) {
+    check(random_allowed, "--density needs --routers FILE (train them with polar calibrate, or make random ones "
+                          "with polar routers --random)");
+    routers = random_routers(c, model_fingerprint(m.checkpoint), seed);
+    fmt::print(stderr, "random routers (seed {}) for the sparse decode steps\n", seed);
+  } else {
+    return;
+  }
+  const double density = opt.density > 0 ? opt.density : routers.head_density;
+  check(density > 0, "--density must be in (0, 1]");
+  m.sparsity = std::make_unique<RouterSparsity>(*m.model, routers, density);
+  fmt::print(stderr, "sparse decoding: {} of {} {} per sequence at layers 1..{}{}\n", m.sparsity->kv_heads_kept(),
+             c.n_kv_heads, c.n_kv_heads == c.n_heads ? "heads" : "KV groups", c.n_layers - 1,
+             routers.mlp_k ? ", MLP neurons per the router file's k table" : "");
+}
+
 DType ModelOptions::activation_dtype() const { return dtype == "bf16" ? DType::BF16 : DType::F16; }
 
 const Tokenizer& LoadedModel::tokenizer() const {

@@ -9,6 +9,7 @@
 
 #include "io/checkpoint.h"
 #include "model/model.h"
+#include "sparse/router_sparsity.h"
 
 namespace polar::cli {
 
@@ -16,8 +17,12 @@ struct ModelOptions {
   std::string model;
   std::string device = "cpu";
   std::string dtype = "f16";
+  std::string routers;  // router file (polar routers); empty = none
+  double density = 0;   // head (KV group) density of sparse decode steps; 0 = the router file's own
   // --model (required; returned so a command with other model sources can relax that), --device, --dtype
   CLI::Option* add(CLI::App& app);
+  // --routers, --density
+  void add_sparsity(CLI::App& app);
   DType activation_dtype() const;
 };
 
@@ -25,6 +30,7 @@ struct LoadedModel {
   Checkpoint checkpoint;
   std::unique_ptr<Backend> backend;
   std::unique_ptr<Model> model;
+  std::unique_ptr<RouterSparsity> sparsity;  // set by load_sparsity when routers are in use
   const Tokenizer& tokenizer() const;  // error if the checkpoint carries none
 };
 
@@ -32,6 +38,11 @@ struct LoadedModel {
 // logging to stderr.
 LoadedModel load_model(const ModelOptions& opt);
 LoadedModel load_model(const ModelOptions& opt, const std::function<Checkpoint()>& checkpoint);
+
+// Sparse decoding per --routers / --density: the router file, validated against the model; without a file
+// but with a density below 1, random routers drawn from `seed` when `random_allowed` (benchmarks), else an
+// error. Nothing when neither option is given or the density is 1.
+void load_sparsity(LoadedModel& m, const ModelOptions& opt, bool random_allowed, uint64_t seed);
 
 // "5,17,42" -> {5, 17, 42}; anything else is a polar::Error.
 std::vector<int32_t> parse_token_list(const std::string& s);

@@ -38,11 +38,6 @@ int64_t Engine::add_sequence() {
   return next_seq_++;
 }
 
-void Engine::set_sparsity(Sparsity* sparsity) {
-  sparsity_ = sparsity;
-  graphs_.clear();
-}
-
 void Engine::remove_sequence(int64_t seq) {
   cache_.release(seq);
   lengths_.erase(seq);
@@ -123,7 +118,7 @@ Tensor Engine::forward(const std::vector<SeqChunk>& chunks, bool all_logits, Pro
   live.data<int32_t>()[0] = static_cast<int32_t>(T);
   in.layout.live_tokens = be.upload(live, DType::I32);
   in.logit_rows = be.upload(rows, DType::I32);
-  if (max_chunk == 1) in.sparsity = sparsity_;
+  if (max_chunk == 1) in.sparsity = options_.sparsity;
   Tensor logits = model_.forward(in, cache_.layers(), probe);
   for (const SeqChunk& ch : chunks) lengths_[ch.seq] += static_cast<int64_t>(ch.tokens.size());
   return logits;
@@ -177,7 +172,7 @@ Tensor Engine::decode_with_graph(const std::vector<SeqChunk>& chunks) {
                    M * bs,                         1};
     g.in.layout.live_tokens = g.inputs.view(6 * B + 1 + B * M, {1});
     g.in.logit_rows = g.inputs.view(4 * B, {B});
-    g.in.sparsity = sparsity_;
+    g.in.sparsity = options_.sparsity;
     be.copy_to_device(decode_inputs(g, chunks), g.inputs);
     // This step runs op by op (it also warms up GEMM plans and the allocator); the graph is recorded after.
     logits = model_.forward(g.in, cache_.layers(), nullptr);

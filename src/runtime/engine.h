@@ -19,6 +19,9 @@ struct EngineOptions {
   // Decode steps (one token per sequence) replay a graph captured per (batch bucket, context bucket) on
   // backends that support graphs; steps with a probe or while profiling always run op by op.
   bool graphs = true;
+  // Sparse decoding: pure decode steps (one token per sequence) consult it; prefill and mixed steps stay
+  // dense. Null = dense. Not owned.
+  Sparsity* sparsity = nullptr;
 };
 
 struct SeqChunk {
@@ -49,9 +52,6 @@ class Engine {
   // KVCache::fill_random), without computing them, so decode can be timed at any context quickly.
   void extend_uncomputed(int64_t seq, int64_t n);
   KVCache& cache() { return cache_; }
-  // Sparse decoding: every pure decode step (one token per sequence) consults `sparsity` (null = dense);
-  // prefill and mixed steps stay dense. Drops the graphs captured so far. The engine does not own it.
-  void set_sparsity(Sparsity* sparsity);
 
  private:
   // A decode step recorded for `batch` rows (the real sequences, then padding rows that write to the
@@ -75,7 +75,6 @@ class Engine {
   std::map<int64_t, int64_t> lengths_;
   int64_t next_seq_ = 0;
   std::map<std::pair<int64_t, int64_t>, DecodeGraph> graphs_;
-  Sparsity* sparsity_ = nullptr;
 };
 
 }  // namespace polar

@@ -26,7 +26,7 @@ std::vector<std::vector<int32_t>> generate(Model& model, const std::vector<std::
           p.size(), opt.max_new_tokens, c.max_positions);
     kv_tokens += total + 16;  // + one partially used block per sequence
   }
-  Engine engine(model, {.kv_tokens = kv_tokens});
+  Engine engine(model, {.kv_tokens = kv_tokens, .sparsity = opt.sparsity});
   GenerateStats st;
   const size_t n = prompts.size();
   std::vector<int64_t> seq(n);

@@ -15,6 +15,7 @@ struct GenerateOptions {
   SamplingParams sampling;
   int64_t max_step_tokens = 2048;  // prefill budget per forward pass (bounds activation memory)
   std::function<bool(int32_t)> is_stop;  // EOS / end-of-generation test; may be empty
+  Sparsity* sparsity = nullptr;          // sparse decode steps (EngineOptions::sparsity); null = dense
 };
 
 struct GenerateStats {

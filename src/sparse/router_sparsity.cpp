@@ -5,14 +5,22 @@
 namespace polar {
 
 RouterSparsity::RouterSparsity(const Model& model, const Routers& routers, double density)
-    : backend_(model.backend()), config_(model.config()), mlp_k_(routers.mlp_k) {
+    : backend_(model.backend()), config_(model.config()), density_(density), mlp_k_(routers.mlp_k) {
   check(density > 0 && density <= 1, "density {} is outside (0, 1]", density);
   check(static_cast<int64_t>(routers.layers.size()) == config_.n_layers, "routers for {} layers, the model has {}",
         routers.layers.size(), config_.n_layers);
   kv_heads_kept_ = std::max<int64_t>(1, static_cast<int64_t>(density * static_cast<double>(config_.n_kv_heads)));
   const DType dt = backend_.activation_dtype();
   auto up = [&](const Tensor& t) { return t.defined() ? backend_.upload(t, dt) : Tensor(); };
-  for (const LayerRouters& l : routers.layers) {
+  const int64_t d = config_.hidden, H = config_.n_heads, D = config_.ffn;
+  for (size_t i = 0; i < routers.layers.size(); ++i) {
+    const LayerRouters& l = routers.layers[i];
+    // Routers from a file are validated when read; these checks guard routers built in code.
+    check(!l.attn_w.defined() || (l.attn_w.shape() == Shape{H, d} && l.attn_b.shape() == Shape{H}),
+          "layer {}: attention router {} does not fit {} heads over {} inputs", i, shape_str(l.attn_w.shape()), H, d);
+    check(!l.mlp_a.defined() || (l.mlp_a.dim(1) == d && l.mlp_b.shape() == Shape{D, l.mlp_a.dim(0)}),
+          "layer {}: MLP router {} x {} does not fit d {} and {} neurons", i, shape_str(l.mlp_a.shape()),
+          shape_str(l.mlp_b.shape()), d, D);
     attn_w_.push_back(up(l.attn_w));
     attn_b_.push_back(up(l.attn_b));
     mlp_a_.push_back(up(l.mlp_a));
@@ -34,6 +42,15 @@ int64_t RouterSparsity::mlp_neurons_kept(int layer, int64_t batch) const {
   if (!mlp_k_) return config_.ffn;
   const int64_t k = mlp_k_->k_for(layer, batch);
   return 5 * k > 4 * config_.ffn ? config_.ffn : k;  // dense beyond 0.8 · D
+}
+
+int64_t RouterSparsity::router_bytes(int layer, int64_t batch) const {
+  int64_t bytes = 0;
+  if (layer > 0 && kv_heads_kept_ < config_.n_kv_heads && attn_w_[layer].defined())
+    bytes += static_cast<int64_t>(attn_w_[layer].nbytes() + attn_b_[layer].nbytes());
+  if (mlp_neurons_kept(layer, batch) < config_.ffn && mlp_a_[layer].defined())
+    bytes += static_cast<int64_t>(mlp_a_[layer].nbytes() + mlp_b_[layer].nbytes());
+  return bytes;
 }
 
 Tensor RouterSparsity::mlp_neurons(int layer, const Tensor& h, const StepLayout& layout) {

@@ -24,14 +24,18 @@ class RouterSparsity final : public Sparsity {
   Tensor attention_heads(int layer, const Tensor& h) override;
   Tensor mlp_neurons(int layer, const Tensor& h, const StepLayout& layout) override;
 
+  double density() const { return density_; }
   // KV heads (groups) each token keeps at layers >= 1.
   int64_t kv_heads_kept() const { return kv_heads_kept_; }
   // MLP neurons a step of `batch` rows keeps at `layer` (ffn when it runs dense).
   int64_t mlp_neurons_kept(int layer, int64_t batch) const;
+  // Router weight bytes a step of `batch` rows reads at `layer` (the routers that run there).
+  int64_t router_bytes(int layer, int64_t batch) const;
 
  private:
   Backend& backend_;
   ModelConfig config_;
+  double density_;
   int64_t kv_heads_kept_;
   std::vector<Tensor> attn_w_, attn_b_, mlp_a_, mlp_b_;  // per layer, on the backend
   std::optional<MlpKTable> mlp_k_;

@@ -1,0 +1,225 @@
+// Sparse decoding on the CPU reference (polar-method.md §3, §5): the selection ops pick what their rule
+// says (ties to the lower index, NaN last, padding rows ignored), the gather GEMMs equal the dense MLP on
+// the selected neurons, selective attention equals dense attention with the skipped heads zeroed, and a
+// model decoding with routers at density 1.0 is exactly the dense model.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+
+#include "io/checkpoint.h"
+#include "model/model.h"
+#include "runtime/engine.h"
+#include "sparse/router_sparsity.h"
+#include "sparse/routers.h"
+#include "test_util.h"
+
+using namespace polar;
+
+namespace {
+
+Tensor f32(Shape shape, std::vector<float> v) {
+  Tensor t = Tensor::empty(DType::F32, std::move(shape));
+  std::copy(v.begin(), v.end(), t.data<float>());
+  return t;
+}
+Tensor i32(std::vector<int32_t> v) {
+  Tensor t = Tensor::empty(DType::I32, {static_cast<int64_t>(v.size())});
+  std::copy(v.begin(), v.end(), t.data<int32_t>());
+  return t;
+}
+std::vector<int32_t> ints(const Tensor& t) { return {t.data<int32_t>(), t.data<int32_t>() + t.numel()}; }
+Tensor copy_of(const Tensor& t) {
+  Tensor c = Tensor::empty(t.dtype(), t.shape());
+  std::copy(t.data<float>(), t.data<float>() + t.numel(), c.data<float>());
+  return c;
+}
+Tensor random(Shape shape, std::mt19937_64& rng, float lo = -1, float hi = 1) {
+  Tensor t = Tensor::empty(DType::F32, std::move(shape));
+  std::uniform_real_distribution<float> u(lo, hi);
+  for (int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] = u(rng);
+  return t;
+}
+
+TEST(SparseOps, RouteHeadsKeepsTheBestInIndexOrderWithTiesToTheLowerIndex) {
+  auto cpu = make_cpu_backend();
+  const float nan = std::nanf("");
+  // Row 0: 5 and 7 tie for second place -> 5; row 1: NaN ranks last.
+  Tensor scores = f32({2, 8}, {0, 3, 1, 0.5f, 0, 2, 0, 2, /**/ nan, 1, 1, 1, 1, 1, 1, 0});
+  Tensor idx = Tensor::empty(DType::I32, {2, 3});
+  cpu->route_heads(scores, 1, idx);
+  EXPECT_EQ(ints(idx), (std::vector<int32_t>{1, 5, 7, /**/ 1, 2, 3}));
+  // GQA: groups of 4 scored by their best head.
+  Tensor groups = Tensor::empty(DType::I32, {2, 1});
+  cpu->route_heads(scores, 4, groups);
+  EXPECT_EQ(ints(groups), (std::vector<int32_t>{0, 0}));
+  EXPECT_THROW(cpu->route_heads(scores, 3, groups), Error);  // 8 heads do not split into groups of 3
+}
+
+TEST(SparseOps, RouteNeuronsSumsReluOverLiveRowsOnly) {
+  auto cpu = make_cpu_backend();
+  // Column sums of ReLU over the first 2 rows: {1, 0, 5, 2, 0}; the third row (padding) would favour 1 and 4.
+  Tensor logits = f32({3, 5}, {1, -1, 2, 2, -3, /**/ -1, -2, 3, 0, 0, /**/ 0, 9, 0, 0, 9});
+  Tensor idx = Tensor::empty(DType::I32, {3});
+  cpu->route_neurons(logits, i32({2}), idx);
+  EXPECT_EQ(ints(idx), (std::vector<int32_t>{0, 2, 3}));
+  Tensor four = Tensor::empty(DType::I32, {4});
+  cpu->route_neurons(logits, i32({2}), four);  // zero-score tie between 1 and 4 -> 1
+  EXPECT_EQ(ints(four), (std::vector<int32_t>{0, 1, 2, 3}));
+}
+
+TEST(SparseOps, GatherGemmsEqualTheDenseMlpOnTheSelectedNeurons) {
+  auto cpu = make_cpu_backend();
+  std::mt19937_64 rng(3);
+  const int64_t R = 5, d = 24, D = 40;
+  Tensor x = random({R, d}, rng), w1 = random({D, d}, rng), b1 = random({D}, rng), w2t = random({D, d}, rng);
+  Tensor b2 = random({d}, rng), residual = random({R, d}, rng);
+  std::vector<int32_t> all(D);
+  std::iota(all.begin(), all.end(), 0);
+  // All indices: bit-for-bit the dense path.
+  Tensor dense_up = Tensor::empty(DType::F32, {R, D}), all_up = Tensor::empty(DType::F32, {R, D});
+  cpu->gather_up_relu(x, w1, &b1, nullptr, dense_up);
+  Tensor all_idx = i32(all);
+  cpu->gather_up_relu(x, w1, &b1, &all_idx, all_up);
+  EXPECT_TRUE(std::equal(dense_up.data<float>(), dense_up.data<float>() + dense_up.numel(), all_up.data<float>()));
+  // A subset: the dense activations' columns, and the down projection of the dense activations with the
+  // other neurons zeroed.
+  const std::vector<int32_t> pick = {0, 3, 4, 17, 39};
+  Tensor idx = i32(pick), up = Tensor::empty(DType::F32, {R, 5});
+  cpu->gather_up_relu(x, w1, &b1, &idx, up);
+  Tensor masked = Tensor::zeros(DType::F32, {R, D});
+  for (int64_t r = 0; r < R; ++r)
+    for (size_t i = 0; i < pick.size(); ++i) {
+      EXPECT_NEAR(up.data<float>()[r * 5 + i], dense_up.data<float>()[r * D + pick[i]], 1e-5);
+      masked.data<float>()[r * D + pick[i]] = up.data<float>()[r * 5 + i];
+    }
+  Tensor sparse_down = copy_of(residual), dense_down = copy_of(residual);
+  cpu->gather_down(up, w2t, &idx, &b2, sparse_down, true);
+  cpu->gather_down(masked, w2t, nullptr, &b2, dense_down, true);
+  for (int64_t i = 0; i < sparse_down.numel(); ++i)
+    EXPECT_NEAR(sparse_down.data<float>()[i], dense_down.data<float>()[i], 1e-5);
+  Tensor bad = i32({0, 40});
+  Tensor two = Tensor::empty(DType::F32, {R, 2});
+  EXPECT_THROW(cpu->gather_up_relu(x, w1, &b1, &bad, two), Error);
+}
+
+// One decode step of three sequences over a random paged cache.
+struct PagedStep {
+  KVLayer cache;
+  StepLayout layout;
+  Tensor q;
+};
+PagedStep paged_step(int64_t H, int64_t Hkv, int64_t dh, std::mt19937_64& rng) {
+  const int64_t bs = 4, blocks = 12;
+  PagedStep s;
+  s.cache = {random({blocks, Hkv, bs, dh}, rng), random({blocks, Hkv, bs, dh}, rng)};
+  s.q = random({3, H, dh}, rng);
+  Tensor tables = Tensor::empty(DType::I32, {3, 4});
+  const std::vector<int32_t> t = {3, 7, 1, 0, 5, 2, 0, 0, 11, 4, 9, 8};
+  std::copy(t.begin(), t.end(), tables.data<int32_t>());
+  s.layout = {i32({13, 5, 15}), i32({0, 1, 2}), i32({7 * 4 + 1, 2 * 4 + 1, 8 * 4 + 3}), tables, i32({0, 1, 2, 3}),
+              bs, 16, 1, i32({3})};
+  return s;
+}
+
+TEST(SparseOps, SelectiveAttentionIsDenseAttentionWithTheSkippedHeadsZeroed) {
+  auto cpu = make_cpu_backend();
+  std::mt19937_64 rng(5);
+  for (auto [H, Hkv] : {std::pair<int64_t, int64_t>{4, 4}, {8, 2}, {6, 3}}) {
+    const int64_t dh = 8, group = H / Hkv;
+    PagedStep s = paged_step(H, Hkv, dh, rng);
+    Tensor dense = Tensor::empty(DType::F32, {3, H, dh}), sparse = Tensor::empty(DType::F32, {3, H, dh});
+    cpu->attention(s.q, s.cache, s.layout, 0.3f, 0, dense);
+    // Token 0 keeps KV head 0, token 1 the last, token 2 the first again (k = 1 each).
+    Tensor kv = Tensor::empty(DType::I32, {3, 1});
+    kv.data<int32_t>()[0] = 0, kv.data<int32_t>()[1] = static_cast<int32_t>(Hkv - 1), kv.data<int32_t>()[2] = 0;
+    std::fill(sparse.data<float>(), sparse.data<float>() + sparse.numel(), std::nanf(""));
+    cpu->attention(s.q, s.cache, s.layout, 0.3f, 0, sparse, &kv);
+    for (int64_t t = 0; t < 3; ++t)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t i = 0; i < dh; ++i) {
+          const bool kept = h / group == kv.data<int32_t>()[t];
+          const float want = kept ? dense.data<float>()[(t * H + h) * dh + i] : 0.0f;
+          ASSERT_EQ(sparse.data<float>()[(t * H + h) * dh + i], want) << "H " << H << " Hkv " << Hkv << " t " << t;
+        }
+  }
+}
+
+// Greedy decoding of two prompts with random routers; returns the logits of every decode step.
+std::vector<std::vector<float>> decode(Model& model, Sparsity* sparsity, int steps) {
+  Engine e(model, {.kv_tokens = 256, .sparsity = sparsity});
+  const std::vector<std::vector<int32_t>> prompts = {{5, 17, 42, 9}, {3, 8}};
+  std::vector<SeqChunk> chunks;
+  std::vector<int64_t> seqs;
+  for (const auto& p : prompts) {
+    seqs.push_back(e.add_sequence());
+    chunks.push_back({seqs.back(), p});
+  }
+  Tensor logits = e.step(chunks, false);
+  std::vector<std::vector<float>> out;
+  std::vector<int32_t> next(2);
+  for (int s = 0; s < steps; ++s) {
+    const int64_t V = logits.dim(1);
+    for (int i = 0; i < 2; ++i) {
+      const float* row = logits.data<float>() + i * V;
+      next[i] = static_cast<int32_t>(std::max_element(row, row + V) - row);
+    }
+    std::vector<SeqChunk> dec = {{seqs[0], std::span<const int32_t>(&next[0], 1)},
+                                 {seqs[1], std::span<const int32_t>(&next[1], 1)}};
+    logits = e.step(dec, false);
+    out.emplace_back(logits.data<float>(), logits.data<float>() + logits.numel());
+  }
+  return out;
+}
+
+TEST(SparseModels, DensityOneIsDenseAndLowerDensitiesChangeTheDecode) {
+  for (const char* fixture : {"opt", "llama_mha", "llama3_gqa"}) {
+    SCOPED_TRACE(fixture);
+    Checkpoint ck = load_checkpoint(test::shared_path(std::string("fixtures/hf/") + fixture));
+    auto cpu = make_cpu_backend();
+    auto model = make_model(ck, *cpu);
+    const Routers routers = random_routers(ck.config, model_fingerprint(ck), 7, 16);
+    Routers heads_only = routers;  // attention routers alone
+    heads_only.mlp_k.reset();
+    heads_only.mlp_rank = 0;
+    for (LayerRouters& l : heads_only.layers) l.mlp_a = l.mlp_b = Tensor();
+    const auto dense = decode(*model, nullptr, 4);
+    RouterSparsity full(*model, heads_only, 1.0);
+    EXPECT_EQ(decode(*model, &full, 4), dense);
+    RouterSparsity half(*model, heads_only, 0.5);
+    EXPECT_EQ(half.kv_heads_kept(), std::max<int64_t>(1, ck.config.n_kv_heads / 2));
+    EXPECT_NE(decode(*model, &half, 4), dense);
+    if (!routers.mlp_k) continue;
+    // ReLU MLP: k = D everywhere is the dense MLP; the table's smaller k is not.
+    Routers all_neurons = routers;
+    for (auto& row : all_neurons.mlp_k->k) std::fill(row.begin(), row.end(), ck.config.ffn);
+    RouterSparsity mlp_dense(*model, all_neurons, 1.0);
+    EXPECT_EQ(decode(*model, &mlp_dense, 4), dense);
+    RouterSparsity mlp_sparse(*model, routers, 1.0);
+    EXPECT_LT(mlp_sparse.mlp_neurons_kept(1, 2), ck.config.ffn);
+    EXPECT_NE(decode(*model, &mlp_sparse, 4), dense);
+  }
+}
+
+TEST(SparseModels, RouterSparsityRejectsRoutersThatDoNotFit) {
+  Checkpoint opt = load_checkpoint(test::shared_path("fixtures/hf/opt"));
+  auto cpu = make_cpu_backend();
+  auto model = make_model(opt, *cpu);
+  const Routers right = random_routers(opt.config, model_fingerprint(opt), 1, 16);
+  Routers wrong = right;
+  wrong.layers[1].attn_w = Tensor::zeros(DType::F32, {opt.config.n_heads + 1, opt.config.hidden});
+  EXPECT_THROW(RouterSparsity(*model, wrong, 0.5), Error);
+  wrong = right;
+  wrong.layers[2].mlp_b = Tensor::zeros(DType::F32, {opt.config.ffn - 1, 16});
+  EXPECT_THROW(RouterSparsity(*model, wrong, 0.5), Error);
+  wrong = right;
+  wrong.layers.pop_back();
+  EXPECT_THROW(RouterSparsity(*model, wrong, 0.5), Error);
+  EXPECT_THROW(RouterSparsity(*model, right, 0.0), Error);
+  EXPECT_THROW(RouterSparsity(*model, right, 1.5), Error);
+}
+
+}  // namespace
