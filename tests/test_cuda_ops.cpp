@@ -262,6 +262,26 @@ TEST_P(CudaOps, RopeKvAppendAndAttentionMatchCpu) {
     cpu_->attention(q_r, cache_r, cpu_l, scale, pc.window, ref);
     cuda_->attention(gq, gpu_cache, gpu_l, scale, pc.window, got);
     EXPECT_LT(rel_err(back(got), ref), tol()) << "attention";
+    if (max_chunk > 1) continue;
+    // Selective decode: a random, ascending set of k KV heads per token (k = 1 .. Hkv over the cases).
+    const int64_t k = 1 + case_index % Hkv;
+    Tensor kv = Tensor::empty(DType::I32, {T, k});
+    for (int64_t t = 0; t < T; ++t) {
+      std::vector<int32_t> heads(Hkv);
+      std::iota(heads.begin(), heads.end(), 0);
+      std::shuffle(heads.begin(), heads.end(), rng_);
+      std::sort(heads.begin(), heads.begin() + k);
+      std::copy(heads.begin(), heads.begin() + k, kv.data<int32_t>() + t * k);
+    }
+    Tensor sref = Tensor::empty(DType::F32, {T, H, dh}), sgot = poisoned({T, H, dh});
+    cpu_->attention(q_r, cache_r, cpu_l, scale, pc.window, sref, &kv);
+    Tensor gkv = dev(kv);
+    cuda_->attention(gq, gpu_cache, gpu_l, scale, pc.window, sgot, &gkv);
+    Tensor sback = back(sgot);
+    EXPECT_LT(rel_err(sback, sref), tol()) << "selective attention, k " << k << " of " << Hkv;
+    int64_t nonzero_skipped = 0;  // skipped heads must be exactly zero
+    for (int64_t i = 0; i < sref.numel(); ++i) nonzero_skipped += sref.data<float>()[i] == 0.0f && sback.data<float>()[i] != 0.0f;
+    EXPECT_EQ(nonzero_skipped, 0);
   }
 }
 
