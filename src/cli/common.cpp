@@ -33,8 +33,7 @@ void load_sparsity(LoadedModel& m, const ModelOptions& opt, bool random_allowed,
   if (!opt.routers.empty()) {
     routers = load_routers(opt.routers, c, model_fingerprint(m.checkpoint));
   } else if (opt.density > 0 && opt.density < 1) {
-    check(random_allowed, "--density needs --routers FILE (train them with polar calibrate, or make random ones "
-                          "with polar routers --random)");
+    check(random_allowed, "--density needs --routers FILE (polar routers --random makes random ones)");
     routers = random_routers(c, model_fingerprint(m.checkpoint), seed);
     fmt::print(stderr, "random routers (seed {}) for the sparse decode steps\n", seed);
   } else {
