@@ -116,12 +116,29 @@ std::vector<KernelRow> bench_attention(Backend& be, const std::vector<AttentionS
     Tensor q = be.random_uniform(dt, {s.batch, s.heads, s.head_dim}, -1, 1, o.seed + 3);
     Tensor out = be.alloc(dt, {s.batch, s.heads, s.head_dim});
     const float scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
-    const double ms = time_ms(be, o.reps, [&](int i) { be.attention(q, kv[i % copies], l, scale, 0, out); });
-    const double bytes = 2.0 * s.batch * s.ctx * s.kv_heads * s.head_dim * elem + 2.0 * q.nbytes();
-    rows.push_back(row("attention",
-                       fmt::format("B{} N{} H{}/{} dh{}", s.batch, s.ctx, s.heads, s.kv_heads, s.head_dim), ms, bytes,
-                       copy_gbps));
-    if (progress) progress(fmt::format("attention {}: {:.3f} ms", rows.back().shape, ms));
+    const std::string name = fmt::format("B{} N{} H{}/{} dh{}", s.batch, s.ctx, s.heads, s.kv_heads, s.head_dim);
+    for (double density : o.densities) {
+      check(density > 0 && density <= 1, "attention density {} is outside (0, 1]", density);
+      // Selective: each sequence keeps a random ascending set of k KV heads, as the routers would pick.
+      const int64_t k = std::max<int64_t>(1, static_cast<int64_t>(density * static_cast<double>(s.kv_heads)));
+      Tensor heads;
+      if (k < s.kv_heads) {
+        std::vector<int32_t> picks;
+        for (int64_t b = 0; b < s.batch; ++b) {
+          std::vector<int32_t> all(s.kv_heads);
+          std::iota(all.begin(), all.end(), 0);
+          std::shuffle(all.begin(), all.end(), rng);
+          std::sort(all.begin(), all.begin() + k);
+          picks.insert(picks.end(), all.begin(), all.begin() + k);
+        }
+        heads = be.upload(host_i32(picks, {s.batch, k}), DType::I32);
+      }
+      const Tensor* sel = heads.defined() ? &heads : nullptr;
+      const double ms = time_ms(be, o.reps, [&](int i) { be.attention(q, kv[i % copies], l, scale, 0, out, sel); });
+      const double bytes = 2.0 * s.batch * s.ctx * k * s.head_dim * elem + 2.0 * q.nbytes();
+      rows.push_back(row("attention", sel ? fmt::format("{} d{:g}", name, density) : name, ms, bytes, copy_gbps));
+      if (progress) progress(fmt::format("attention {}: {:.3f} ms", rows.back().shape, ms));
+    }
   }
   return rows;
 }

@@ -37,6 +37,9 @@ struct KernelRow {
 struct KernelBenchOptions {
   int reps = 20;    // timed repetitions per shape (after 3 warm-up runs)
   uint64_t seed = 0;
+  // Attention head densities: 1 = the dense kernel; below 1 the selective kernel with
+  // max(1, int(density · Hkv)) random KV heads per sequence, its floor counting only their KV.
+  std::vector<double> densities = {1.0};
 };
 
 std::vector<KernelRow> bench_attention(Backend& be, const std::vector<AttentionShape>& shapes, double copy_gbps,

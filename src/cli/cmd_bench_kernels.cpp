@@ -95,6 +95,11 @@ Command bench_kernels_command() {
             c->add_option("--dtype", a->dtype, "f16 or bf16 (CUDA)")->capture_default_str()->check(CLI::IsMember({"f16", "bf16"}));
             c->add_option("--attention", a->attention, "Attention shapes BxNxHxHkvxDH (default: a built-in table)")
                 ->delimiter(',');
+            c->add_option("--density", a->bench.densities,
+                          "Attention head densities, e.g. 1,0.5,0.3 (below 1: the selective kernel over random "
+                          "KV heads per sequence)")
+                ->delimiter(',')
+                ->capture_default_str();
             c->add_option("--gemm", a->gemm, "GEMM shapes MxNxK, y[M,N] = x[M,K]·w[N,K]ᵀ (default: a built-in table)")
                 ->delimiter(',');
             c->add_option("--reps", a->bench.reps, "Timed repetitions per shape")->capture_default_str()
