@@ -118,9 +118,10 @@ MlpKTable parse_k_table(const std::string& path, const json& mk, const Dims& dim
   for (size_t i = 0; i < bs.size(); ++i) {
     const int64_t b = as_int(path, bs[i], fmt::format("mlp_k.batch_sizes[{}]", i));
     check(b >= 1, "{}: router metadata mlp_k.batch_sizes[{}] = {} is not a batch size (>= 1)", path, i, b);
-    check(t.batch_sizes.empty() || b > t.batch_sizes.back(),
-          "{}: router metadata mlp_k.batch_sizes must be strictly ascending, but {} follows {}", path, b,
-          t.batch_sizes.back());
+    // (check's message arguments are evaluated even when it passes: no back() of an empty vector.)
+    const int64_t previous = t.batch_sizes.empty() ? 0 : t.batch_sizes.back();
+    check(b > previous, "{}: router metadata mlp_k.batch_sizes must be strictly ascending, but {} follows {}", path, b,
+          previous);
     t.batch_sizes.push_back(b);
   }
   const size_t layers = static_cast<size_t>(dims.layers), n = t.batch_sizes.size();
