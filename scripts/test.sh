@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds polar and runs every test: the full suite in a release build, then the parsers (safetensors, GGUF,
-# checkpoints, tokenizers, router files), the sparse ops and the CLI's bad-input tests again under AddressSanitizer + UBSan.
+# checkpoints, tokenizers, router files), the sparse ops and the CLI's bad-input tests again under
+# AddressSanitizer + UBSan.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD_DIR=build scripts/build.sh
