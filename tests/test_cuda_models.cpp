@@ -107,6 +107,45 @@ TEST_P(CudaModels, LogitsMatchCpuWithSameTop1) {
   }
 }
 
+// Routers whose selections do not hinge on rounding (see SparseDecodeMatchesCpu).
+Routers unambiguous_routers(const Checkpoint& ck) {
+  Routers routers = random_routers(ck.config, model_fingerprint(ck), 11, 32);
+  for (size_t l = 1; l < routers.layers.size(); ++l) {
+    LayerRouters& r = routers.layers[l];
+    std::fill(r.attn_w.data<float>(), r.attn_w.data<float>() + r.attn_w.numel(), 0.0f);
+    for (int64_t h = 0; h < r.attn_b.numel(); ++h)
+      r.attn_b.data<float>()[h] = static_cast<float>((h * 7 + l * 3) % r.attn_b.numel());
+  }
+  for (LayerRouters& r : routers.layers)
+    if (r.mlp_a.defined()) std::fill(r.mlp_a.data<float>(), r.mlp_a.data<float>() + r.mlp_a.numel(), 0.0f);
+  return routers;
+}
+
+// A prefill scored with per-token selections (perplexity's and evaluation's sparse semantics; the CUDA
+// backend runs it dense and zeroes the skipped heads) gives the CPU's logits.
+TEST_P(CudaModels, ScoredSparsePrefillMatchesCpu) {
+  auto cpu = make_cpu_backend();
+  auto gpu = make_backend("cuda", GetParam());
+  for (const ModelCase& mc : model_cases()) {
+    SCOPED_TRACE(mc.path);
+    Checkpoint ck = load_checkpoint(test::shared_path(mc.path));
+    auto cpu_model = make_model(ck, *cpu);
+    auto gpu_model = make_model(ck, *gpu);
+    const Routers routers = unambiguous_routers(ck);
+    RouterSparsity cpu_sparse(*cpu_model, routers, 0.5), gpu_sparse(*gpu_model, routers, 0.5);
+    Engine ce(*cpu_model, {.kv_tokens = 64, .sparsity = &cpu_sparse});
+    Engine ge(*gpu_model, {.kv_tokens = 64, .sparsity = &gpu_sparse});
+    const std::vector<int32_t>& text = mc.prompts.back();
+    Tensor c = ce.step({{ce.add_sequence(), text, 1}}, true), g = ge.step({{ge.add_sequence(), text, 1}}, true);
+    double diff = 0, scale = 0;
+    for (int64_t i = 0; i < c.numel(); ++i) {
+      diff = std::max(diff, double(std::abs(c.data<float>()[i] - g.data<float>()[i])));
+      scale = std::max(scale, double(std::abs(c.data<float>()[i])));
+    }
+    EXPECT_LE(diff / scale, logit_tol(GetParam()));
+  }
+}
+
 // Sparse decoding (density 0.5; OPT's MLP per the routers' k table): the CUDA backend's steps, replayed
 // from graphs, give the CPU reference's logits. The routers' selections must not hinge on rounding, or a
 // near tie would pick other heads in f16 than in fp32: attention routers score by their biases alone (a
@@ -120,15 +159,7 @@ TEST_P(CudaModels, SparseDecodeMatchesCpu) {
     Checkpoint ck = load_checkpoint(test::shared_path(mc.path));
     auto cpu_model = make_model(ck, *cpu);
     auto gpu_model = make_model(ck, *gpu);
-    Routers routers = random_routers(ck.config, model_fingerprint(ck), 11, 32);
-    for (size_t l = 1; l < routers.layers.size(); ++l) {
-      LayerRouters& r = routers.layers[l];
-      std::fill(r.attn_w.data<float>(), r.attn_w.data<float>() + r.attn_w.numel(), 0.0f);
-      for (int64_t h = 0; h < r.attn_b.numel(); ++h)
-        r.attn_b.data<float>()[h] = static_cast<float>((h * 7 + l * 3) % r.attn_b.numel());
-    }
-    for (LayerRouters& r : routers.layers)
-      if (r.mlp_a.defined()) std::fill(r.mlp_a.data<float>(), r.mlp_a.data<float>() + r.mlp_a.numel(), 0.0f);
+    const Routers routers = unambiguous_routers(ck);
     RouterSparsity cpu_sparse(*cpu_model, routers, 0.5), gpu_sparse(*gpu_model, routers, 0.5);
     Engine ce(*cpu_model, {.kv_tokens = 256, .sparsity = &cpu_sparse});
     Engine ge(*gpu_model, {.kv_tokens = 256, .sparsity = &gpu_sparse});

@@ -204,6 +204,56 @@ TEST(SparseModels, DensityOneIsDenseAndLowerDensitiesChangeTheDecode) {
   }
 }
 
+// Routers of the fixture with the MLP part removed (attention sparsity alone).
+Routers attention_routers(const Checkpoint& ck, uint64_t seed) {
+  Routers r = random_routers(ck.config, model_fingerprint(ck), seed, 16);
+  r.mlp_k.reset();
+  r.mlp_rank = 0;
+  for (LayerRouters& l : r.layers) l.mlp_a = l.mlp_b = Tensor();
+  return r;
+}
+
+// Scoring a text in one pass with every token after the first sparse (sparse_from = 1) gives the logits
+// that feeding it one decode step at a time gives: each token's selection depends only on its own hidden
+// state, and every token's K/V (of all heads) are in the cache either way.
+TEST(SparseModels, ScoredPrefillEqualsTokenByTokenSparseDecode) {
+  for (const char* fixture : {"opt", "llama_mha", "llama3_gqa"}) {
+    SCOPED_TRACE(fixture);
+    Checkpoint ck = load_checkpoint(test::shared_path(std::string("fixtures/hf/") + fixture));
+    auto cpu = make_cpu_backend();
+    auto model = make_model(ck, *cpu);
+    RouterSparsity sparse(*model, attention_routers(ck, 3), 0.5);
+    const std::vector<int32_t> text = {5, 17, 42, 9, 3, 8, 100, 7, 1, 60};
+    Engine one_pass(*model, {.kv_tokens = 64, .sparsity = &sparse});
+    Tensor all = one_pass.step({{one_pass.add_sequence(), text, 1}}, /*all_logits=*/true);
+    Engine stepwise(*model, {.kv_tokens = 64, .sparsity = &sparse});
+    const int64_t seq = stepwise.add_sequence(), V = ck.config.vocab_size;
+    for (size_t i = 0; i < text.size(); ++i) {
+      // The first token is a one-token prompt (dense), as sparse_from = 1 has it.
+      Tensor row = stepwise.step({{seq, std::span<const int32_t>(&text[i], 1), i == 0 ? 1 : 0}}, false);
+      for (int64_t j = 0; j < V; ++j)
+        ASSERT_NEAR(row.data<float>()[j], all.data<float>()[i * V + j], 2e-5) << "token " << i;
+    }
+    // And the dense rows of a scored step are the dense model's.
+    Engine dense(*model, {.kv_tokens = 64});
+    Tensor d = dense.step({{dense.add_sequence(), text}}, true);
+    for (int64_t j = 0; j < V; ++j) EXPECT_NEAR(d.data<float>()[j], all.data<float>()[j], 1e-6);
+    double differs = 0;
+    for (int64_t j = V; j < d.numel(); ++j) differs = std::max(differs, double(std::abs(d.data<float>()[j] - all.data<float>()[j])));
+    EXPECT_GT(differs, 1e-3);  // the sparse rows are not the dense ones
+  }
+}
+
+TEST(SparseModels, SparseFromOutsideTheChunkIsRefused) {
+  Checkpoint ck = load_checkpoint(test::shared_path("fixtures/hf/llama_mha"));
+  auto cpu = make_cpu_backend();
+  auto model = make_model(ck, *cpu);
+  RouterSparsity sparse(*model, attention_routers(ck, 3), 0.5);
+  Engine e(*model, {.kv_tokens = 64, .sparsity = &sparse});
+  const std::vector<int32_t> text = {5, 17, 42};
+  EXPECT_THROW(e.step({{e.add_sequence(), text, 4}}, true), Error);
+}
+
 TEST(SparseModels, RouterSparsityRejectsRoutersThatDoNotFit) {
   Checkpoint opt = load_checkpoint(test::shared_path("fixtures/hf/opt"));
   auto cpu = make_cpu_backend();

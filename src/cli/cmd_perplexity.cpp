@@ -24,6 +24,7 @@ struct PerplexityArgs {
 int run_perplexity(const PerplexityArgs& a) {
   std::string text = read_text_file(a.text);
   LoadedModel m = load_model(a.model);
+  load_sparsity(m, a.model, /*random_allowed=*/false, 0);
   const Tokenizer& tok = m.tokenizer();
   auto t0 = std::chrono::steady_clock::now();
   std::vector<int32_t> ids = tok.encode(text, false);
@@ -32,12 +33,13 @@ int run_perplexity(const PerplexityArgs& a) {
   PerplexityResult r = perplexity(*m.model, ids, a.ctx, bos, a.max_tokens, a.batch, [&](int64_t done, int64_t total) {
     double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     fmt::print(stderr, "\rscored {}/{} tokens ({:.0f} tok/s)", done, total, done / std::max(s, 1e-9));
-  });
+  }, m.sparsity.get());
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   fmt::print(stderr, "\n");
   if (a.json) {
     fmt::print("{}\n", nlohmann::json{{"perplexity", r.perplexity()}, {"tokens_scored", r.scored},
-                                      {"nll_mean", r.nll_sum / r.scored}, {"ctx", a.ctx}, {"seconds", secs}}
+                                      {"nll_mean", r.nll_sum / r.scored}, {"ctx", a.ctx}, {"seconds", secs},
+                                      {"density", m.sparsity ? m.sparsity->density() : 1.0}}
                            .dump());
   } else {
     fmt::print("perplexity {:.4f} over {} tokens (ctx {})\n", r.perplexity(), r.scored, a.ctx);
@@ -52,6 +54,7 @@ Command perplexity_command() {
           [a](CLI::App& app) {
             auto* c = app.add_subcommand("perplexity", "Perplexity of a text file");
             a->model.add(*c);
+            a->model.add_sparsity(*c);
             c->add_option("--text", a->text, "Text file to score")->required();
             c->add_option("--ctx", a->ctx, "Window length in tokens")->capture_default_str()->check(CLI::Range(2, 1 << 20));
             c->add_option("--max-tokens", a->max_tokens, "Score at most this many tokens (0 = all)")->capture_default_str()

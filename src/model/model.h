@@ -23,7 +23,8 @@ class Probe {
 };
 
 // Contextual sparsity of a decode step (polar-method.md §3), asked for by the model at two fixed points of
-// each layer; sparse/ implements it with routers. Returned index tensors live on the backend and keep
+// each layer; sparse/ implements it with routers. In a prefill step every token gets its own selection,
+// which is what processing those tokens one decode step at a time would have done. Returned index tensors live on the backend and keep
 // the same shape for a given batch, so a sparse step can be captured in a graph like a dense one.
 class Sparsity {
  public:
@@ -41,7 +42,10 @@ struct StepInput {
   Tensor ids;        // [T] I32 on the backend
   StepLayout layout;
   Tensor logit_rows;  // [R] I32 on the backend: rows of T whose logits are wanted
-  Sparsity* sparsity = nullptr;  // set for sparse decode steps; prefill and dense steps leave it null
+  Sparsity* sparsity = nullptr;  // set for sparse steps; dense steps leave it null
+  // [T] I32, with sparsity: tokens flagged 1 run densely (a prompt before tokens scored as sparse decode
+  // steps). Undefined: every token of a sparse step is sparse.
+  Tensor dense_tokens;
 };
 
 class Model {

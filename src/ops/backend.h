@@ -83,11 +83,13 @@ class Backend {
   // Causal attention of q[T, H, dh] over each token's own sequence in the cache, keys at positions
   // [max(0, pos - window + 1), pos] (window 0 = unlimited). GQA: query head h reads KV head h / (H / Hkv).
   // out[T, H, dh] = softmax(q·kᵀ · scale) · v.
-  // Selective attention (sparse decode steps): with kv_heads [T, k] (I32, ascending, distinct, < Hkv)
-  // token t attends only with the query heads of KV heads kv_heads[t] — each selected KV head's cache read
-  // once for all its query heads — and the other heads' output rows are exactly zero.
+  // Selective attention (sparse steps): with kv_heads [T, k] (I32, ascending, distinct, < Hkv) token t
+  // attends only with the query heads of KV heads kv_heads[t] — each selected KV head's cache read once
+  // for all its query heads — and the other heads' output rows are exactly zero. dense_tokens [T] (I32,
+  // optional): tokens flagged 1 ignore kv_heads and attend with every head (a prefill whose later tokens
+  // are scored as sparse decode steps would process them).
   virtual void attention(const Tensor& q, const KVLayer& cache, const StepLayout& layout, float scale, int64_t window,
-                         Tensor& out, const Tensor* kv_heads = nullptr) = 0;
+                         Tensor& out, const Tensor* kv_heads = nullptr, const Tensor* dense_tokens = nullptr) = 0;
   // out[T, F] = silu(gate_up[:, :F]) * gate_up[:, F:], for the fused gate/up projection's output [T, 2F].
   virtual void silu_mul(const Tensor& gate_up, Tensor& out) = 0;
   // out[R] (I32) = index of the largest of each row of logits [R, V] (the first one on ties).

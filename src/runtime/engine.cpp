@@ -72,6 +72,8 @@ Tensor Engine::forward(const std::vector<SeqChunk>& chunks, bool all_logits, Pro
     // Two chunks of one sequence would both be placed at its current length, overwriting each other's K/V.
     check(seen.insert(ch.seq).second, "sequence {} appears more than once in one step", ch.seq);
     check(!ch.tokens.empty(), "sequence {}: no tokens to process (empty prompt?)", ch.seq);
+    check(!ch.sparse_from || (*ch.sparse_from >= 0 && *ch.sparse_from <= static_cast<int64_t>(ch.tokens.size())),
+          "sequence {}: sparse_from {} outside its {} tokens", ch.seq, ch.sparse_from.value_or(0), ch.tokens.size());
     for (int32_t id : ch.tokens)
       check(id >= 0 && id < c.vocab_size, "token id {} is out of range for a vocabulary of {}", id, c.vocab_size);
     const int64_t end = len + static_cast<int64_t>(ch.tokens.size());
@@ -84,7 +86,10 @@ Tensor Engine::forward(const std::vector<SeqChunk>& chunks, bool all_logits, Pro
     cache_.reserve(ch.seq, length(ch.seq) + static_cast<int64_t>(ch.tokens.size()));
     max_blocks = std::max<int64_t>(max_blocks, static_cast<int64_t>(cache_.blocks(ch.seq).size()));
   }
-  if (max_chunk == 1 && probe == nullptr && options_.graphs && be.supports_graphs() && !be.profiling())
+  const bool scored_sparse = options_.sparsity &&
+                             std::any_of(chunks.begin(), chunks.end(), [](const SeqChunk& ch) { return ch.sparse_from.has_value(); });
+  if (max_chunk == 1 && !scored_sparse && probe == nullptr && options_.graphs && be.supports_graphs() &&
+      !be.profiling())
     return decode_with_graph(chunks);
   const int64_t S = static_cast<int64_t>(chunks.size());
   Tensor ids = Tensor::empty(DType::I32, {T}), pos = Tensor::empty(DType::I32, {T});
@@ -92,6 +97,7 @@ Tensor Engine::forward(const std::vector<SeqChunk>& chunks, bool all_logits, Pro
   Tensor tables = Tensor::zeros(DType::I32, {S, max_blocks});
   Tensor starts = Tensor::empty(DType::I32, {S + 1});
   Tensor rows = Tensor::empty(DType::I32, {all_logits ? T : S});
+  Tensor dense = Tensor::empty(DType::I32, {T});  // per token: 1 = dense, when some chunk sets sparse_from
   int64_t t = 0;
   for (int64_t s = 0; s < S; ++s) {
     const SeqChunk& ch = chunks[s];
@@ -104,6 +110,9 @@ Tensor Engine::forward(const std::vector<SeqChunk>& chunks, bool all_logits, Pro
       pos.data<int32_t>()[t] = static_cast<int32_t>(len + i);
       seq.data<int32_t>()[t] = static_cast<int32_t>(s);
       slots.data<int32_t>()[t] = cache_.slot(ch.seq, len + i);
+      const int64_t n = static_cast<int64_t>(ch.tokens.size());
+      const int64_t sparse_from = ch.sparse_from.value_or(n == 1 ? 0 : n);
+      dense.data<int32_t>()[t] = static_cast<int64_t>(i) < sparse_from;
       if (all_logits) rows.data<int32_t>()[t] = static_cast<int32_t>(t);
     }
     if (!all_logits) rows.data<int32_t>()[s] = static_cast<int32_t>(t - 1);
@@ -113,12 +122,17 @@ Tensor Engine::forward(const std::vector<SeqChunk>& chunks, bool all_logits, Pro
   in.ids = be.upload(ids, DType::I32);
   in.layout = {be.upload(pos, DType::I32),    be.upload(seq, DType::I32),    be.upload(slots, DType::I32),
                be.upload(tables, DType::I32), be.upload(starts, DType::I32), cache_.block_size(),
-               max_ctx,                       max_chunk};
+               max_ctx,                       max_chunk,                     Tensor()};
   Tensor live = Tensor::empty(DType::I32, {1});
   live.data<int32_t>()[0] = static_cast<int32_t>(T);
   in.layout.live_tokens = be.upload(live, DType::I32);
   in.logit_rows = be.upload(rows, DType::I32);
-  if (max_chunk == 1) in.sparsity = options_.sparsity;
+  if (scored_sparse) {
+    in.sparsity = options_.sparsity;
+    in.dense_tokens = be.upload(dense, DType::I32);
+  } else if (max_chunk == 1) {
+    in.sparsity = options_.sparsity;
+  }
   Tensor logits = model_.forward(in, cache_.layers(), probe);
   for (const SeqChunk& ch : chunks) lengths_[ch.seq] += static_cast<int64_t>(ch.tokens.size());
   return logits;
@@ -169,8 +183,7 @@ Tensor Engine::decode_with_graph(const std::vector<SeqChunk>& chunks) {
     g.in.ids = g.inputs.view(0, {B});
     g.in.layout = {g.inputs.view(B, {B}),         g.inputs.view(2 * B, {B}),         g.inputs.view(3 * B, {B}),
                    g.inputs.view(6 * B + 1, {B, M}), g.inputs.view(5 * B, {B + 1}), bs,
-                   M * bs,                         1};
-    g.in.layout.live_tokens = g.inputs.view(6 * B + 1 + B * M, {1});
+                   M * bs,                         1,                               g.inputs.view(6 * B + 1 + B * M, {1})};
     g.in.logit_rows = g.inputs.view(4 * B, {B});
     g.in.sparsity = options_.sparsity;
     be.copy_to_device(decode_inputs(g, chunks), g.inputs);

@@ -17,7 +17,8 @@ double log_prob(const float* logits, int64_t vocab, int32_t target) {
 }
 
 PerplexityResult perplexity(Model& model, const std::vector<int32_t>& tokens, int64_t ctx, int32_t bos,
-                            int64_t max_scored, int64_t batch, const std::function<void(int64_t, int64_t)>& progress) {
+                            int64_t max_scored, int64_t batch, const std::function<void(int64_t, int64_t)>& progress,
+                            Sparsity* sparsity) {
   const ModelConfig& c = model.config();
   check(ctx >= 2, "context must be at least 2 tokens, got {}", ctx);
   check(ctx <= c.max_positions, "context {} exceeds the model's context length of {}", ctx, c.max_positions);
@@ -45,9 +46,10 @@ PerplexityResult perplexity(Model& model, const std::vector<int32_t>& tokens, in
   PerplexityResult r;
   for (size_t first = 0; first < windows.size(); first += batch) {
     const size_t last = std::min(windows.size(), first + static_cast<size_t>(batch));
-    Engine engine(model, {.kv_tokens = static_cast<int64_t>(last - first) * (ctx + 16)});
+    Engine engine(model, {.kv_tokens = static_cast<int64_t>(last - first) * (ctx + 16), .sparsity = sparsity});
     std::vector<SeqChunk> chunks;
-    for (size_t w = first; w < last; ++w) chunks.push_back({engine.add_sequence(), windows[w]});
+    for (size_t w = first; w < last; ++w)
+      chunks.push_back({engine.add_sequence(), windows[w], sparsity ? std::optional<int64_t>(1) : std::nullopt});
     Tensor logits = engine.step(chunks, /*all_logits=*/true);
     int64_t row = 0;
     for (size_t w = first; w < last; ++w) {

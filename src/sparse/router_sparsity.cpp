@@ -55,7 +55,9 @@ int64_t RouterSparsity::router_bytes(int layer, int64_t batch) const {
 
 Tensor RouterSparsity::mlp_neurons(int layer, const Tensor& h, const StepLayout& layout) {
   const int64_t T = h.dim(0), k = mlp_neurons_kept(layer, T);
-  if (k == config_.ffn || !mlp_a_[layer].defined()) return Tensor();
+  // One neuron set per step is a decode batch's semantics; a prefill's tokens would each need their own
+  // set, which the gather ops do not express: its MLP stays dense.
+  if (layout.max_chunk > 1 || k == config_.ffn || !mlp_a_[layer].defined()) return Tensor();
   const DType dt = backend_.activation_dtype();
   Tensor low = backend_.alloc(dt, {T, mlp_a_[layer].dim(0)});
   backend_.linear(h, mlp_a_[layer], nullptr, low);

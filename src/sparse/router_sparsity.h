@@ -6,7 +6,8 @@
 // so is every layer at density 1.0. MLP (ReLU models with MLP routers): logits = (h · Aᵀ) · Bᵀ, one neuron
 // set per step from Σ over the live rows of ReLU(logits), k from the router file's table for the step's
 // batch (a captured batch's padded size, so k never depends on how full the bucket is); dense where
-// k > 0.8 · D (polar-method.md §3.7).
+// k > 0.8 · D (polar-method.md §3.7), and in steps that process more than one token of a sequence (a
+// scored prefill: its tokens would each need their own neuron set; only attention is sparse there).
 #pragma once
 #include <optional>
 #include <vector>

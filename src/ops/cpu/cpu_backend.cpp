@@ -191,7 +191,7 @@ class CpuBackend final : public Backend {
   }
 
   void attention(const Tensor& q, const KVLayer& cache, const StepLayout& layout, float scale, int64_t window,
-                 Tensor& out, const Tensor* kv_heads) override {
+                 Tensor& out, const Tensor* kv_heads, const Tensor* dense_tokens) override {
     const int64_t T = q.dim(0), H = q.dim(1), dh = q.dim(2);
     const int64_t Hkv = cache.k.dim(1), group = H / Hkv, bs = layout.block_size;
     check(cache.k.dim(2) == bs, "attention: cache {} does not have blocks of {}", shape_str(cache.k.shape()), bs);
@@ -201,12 +201,19 @@ class CpuBackend final : public Backend {
       const int64_t k = kv_heads->dim(1);
       check(kv_heads->dim(0) == T && k <= Hkv, "attention: kv_heads {} for {} tokens and {} KV heads",
             shape_str(kv_heads->shape()), T, Hkv);
-      for (int64_t t = 0; t < T; ++t)
+      check(!dense_tokens || dense_tokens->numel() == T, "attention: dense_tokens {} for {} tokens",
+            dense_tokens ? shape_str(dense_tokens->shape()) : "", T);
+      for (int64_t t = 0; t < T; ++t) {
+        if (dense_tokens && dense_tokens->data<int32_t>()[t]) {
+          std::fill(selected.begin() + t * Hkv, selected.begin() + (t + 1) * Hkv, 1);
+          continue;
+        }
         for (int64_t j = 0; j < k; ++j) {
           const int32_t g = kv_heads->data<int32_t>()[t * k + j];
           check(g >= 0 && g < Hkv, "attention: KV head {} outside [0, {})", g, Hkv);
           selected[t * Hkv + g] = 1;
         }
+      }
     }
     const int64_t max_blocks = layout.block_tables.dim(1);
     const int32_t* pos = layout.positions.data<int32_t>();

@@ -362,7 +362,7 @@ class CudaBackend final : public Backend {
   }
 
   void attention(const Tensor& q, const KVLayer& cache, const StepLayout& layout, float scale, int64_t window,
-                 Tensor& out, const Tensor* kv_heads) override {
+                 Tensor& out, const Tensor* kv_heads, const Tensor* dense_tokens) override {
     expect_act(q, "attention q");
     expect_act(out, "attention output");
     expect_act(cache.k, "K cache");
@@ -380,13 +380,24 @@ class CudaBackend final : public Backend {
           shape_str(cache.k.shape()), layout.block_size, shape_str(out.shape()));
     check(layout.seq_starts.numel() == a.S + 1 && layout.max_chunk >= 1 && layout.max_ctx >= 1,
           "attention: step layout lacks seq_starts / max_chunk / max_ctx");
+    // Selective decode steps launch only the selected KV heads; a prefill (or a step with dense tokens)
+    // scored with per-token selections runs dense and zeroes the skipped heads, which is the same result
+    // (the identity the tests pin), and scoring is not where the bandwidth matters.
+    bool zero_after = false;
     if (kv_heads) {
       expect_i32(*kv_heads, "attention kv_heads");
       check(kv_heads->dim(0) == a.T && kv_heads->dim(1) >= 1 && kv_heads->dim(1) <= a.Hkv,
             "attention: kv_heads {} for {} tokens and {} KV heads", shape_str(kv_heads->shape()), a.T, a.Hkv);
-      check(layout.max_chunk == 1, "selective attention runs in decode steps only (one token per sequence)");
-      a.kv_heads = kv_heads->data<int32_t>();
-      a.kv_heads_per_token = static_cast<int>(kv_heads->dim(1));
+      if (dense_tokens) {
+        expect_i32(*dense_tokens, "attention dense_tokens");
+        check(dense_tokens->numel() == a.T, "attention: dense_tokens {} for {} tokens", shape_str(dense_tokens->shape()),
+              a.T);
+      }
+      zero_after = layout.max_chunk > 1 || dense_tokens;
+      if (!zero_after) {
+        a.kv_heads = kv_heads->data<int32_t>();
+        a.kv_heads_per_token = static_cast<int>(kv_heads->dim(1));
+      }
     }
     if (a.T == 0) return;
     a.q = q.raw();
@@ -407,6 +418,9 @@ class CudaBackend final : public Backend {
     const size_t ws = cuda::attention_workspace_bytes(a, num_sms_);
     Tensor workspace = alloc(DType::U8, {static_cast<int64_t>(std::max<size_t>(ws, 1))});
     cuda::paged_attention(a, workspace.raw(), ws, num_sms_, stream_);
+    if (zero_after)
+      cuda::keep_selected_heads(out.raw(), a.T, a.H, a.Hkv, a.dh, kv_heads->data<int32_t>(), kv_heads->dim(1),
+                                dense_tokens ? dense_tokens->data<int32_t>() : nullptr, elem(), stream_);
   }
 
   void silu_mul(const Tensor& gate_up, Tensor& out) override {

@@ -400,6 +400,19 @@ __global__ void route_heads_kernel(const T* scores, int H, int group, int k, int
   }
 }
 
+template <typename T>
+__global__ void keep_selected_heads_kernel(T* out, int64_t H, int64_t Hkv, int64_t dh, const int32_t* kv_heads, int64_t k,
+                                           const int32_t* dense_tokens) {
+  const int64_t t = blockIdx.x, group = H / Hkv;
+  if (dense_tokens && dense_tokens[t]) return;
+  for (int64_t i = threadIdx.x; i < H * dh; i += blockDim.x) {
+    const int64_t g = i / dh / group;
+    bool kept = false;
+    for (int64_t j = 0; j < k; ++j) kept |= kv_heads[t * k + j] == g;
+    if (!kept) out[t * H * dh + i] = from_float<T>(0.0f);
+  }
+}
+
 // score[j] = Σ_{r < live_rows[0]} max(logits[r, j], 0), fp32, rows summed in order (deterministic).
 template <typename T>
 __global__ void relu_column_sum_kernel(const T* logits, int64_t R, int64_t D, const int32_t* live_rows, float* score) {
@@ -568,6 +581,17 @@ void route_neurons(const void* logits, int64_t R, int64_t D, const int32_t* live
   check_launch("route_neurons (scores)");
   select_top_kernel<<<1, kSelectThreads, 0, stream>>>(score, D, k, idx);
   check_launch("route_neurons (selection)");
+}
+
+void keep_selected_heads(void* out, int64_t T, int64_t H, int64_t Hkv, int64_t dh, const int32_t* kv_heads, int64_t k,
+                         const int32_t* dense_tokens, Elem e, cudaStream_t stream) {
+  if (T == 0) return;
+  dispatch(e, [&](auto* tag) {
+    using Ty = std::remove_pointer_t<decltype(tag)>;
+    keep_selected_heads_kernel<<<static_cast<unsigned>(T), row_threads(H * dh), 0, stream>>>(
+        static_cast<Ty*>(out), H, Hkv, dh, kv_heads, k, dense_tokens);
+  });
+  check_launch("keep_selected_heads");
 }
 
 void argmax(const void* logits, int64_t R, int64_t V, int32_t* out, Elem e, cudaStream_t stream) {
