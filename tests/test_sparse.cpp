@@ -9,10 +9,12 @@
 #include <cmath>
 #include <numeric>
 #include <random>
+#include <set>
 
 #include "io/checkpoint.h"
 #include "model/model.h"
 #include "runtime/engine.h"
+#include "sparse/random_sparsity.h"
 #include "sparse/router_sparsity.h"
 #include "sparse/routers.h"
 #include "test_util.h"
@@ -242,6 +244,30 @@ TEST(SparseModels, ScoredPrefillEqualsTokenByTokenSparseDecode) {
     for (int64_t j = V; j < d.numel(); ++j) differs = std::max(differs, double(std::abs(d.data<float>()[j] - all.data<float>()[j])));
     EXPECT_GT(differs, 1e-3);  // the sparse rows are not the dense ones
   }
+}
+
+TEST(SparseModels, RandomSelectorKeepsKDistinctHeadsReproducibly) {
+  Checkpoint ck = load_checkpoint(test::shared_path("fixtures/hf/llama3_gqa"));
+  auto cpu = make_cpu_backend();
+  auto model = make_model(ck, *cpu);
+  RandomSparsity a(*model, 0.5, 9), b(*model, 0.5, 9), c(*model, 0.5, 10);
+  const int64_t Hkv = ck.config.n_kv_heads, k = a.kv_heads_kept();
+  ASSERT_EQ(k, std::max<int64_t>(1, Hkv / 2));
+  Tensor h = Tensor::zeros(DType::F32, {40, ck.config.hidden});
+  EXPECT_FALSE(a.attention_heads(0, h).defined());  // layer 0 stays dense
+  (void)b.attention_heads(0, h), (void)c.attention_heads(0, h);
+  std::vector<int32_t> first = ints(a.attention_heads(1, h)), again = ints(b.attention_heads(1, h));
+  EXPECT_EQ(first, again);                             // same seed, same draw
+  EXPECT_NE(first, ints(c.attention_heads(1, h)));     // another seed, another draw
+  EXPECT_NE(first, ints(a.attention_heads(1, h)));     // the next call draws anew
+  std::set<std::vector<int32_t>> seen;
+  for (int64_t t = 0; t < 40; ++t) {
+    std::vector<int32_t> row(first.begin() + t * k, first.begin() + (t + 1) * k);
+    EXPECT_TRUE(std::is_sorted(row.begin(), row.end()) && std::adjacent_find(row.begin(), row.end()) == row.end());
+    for (int32_t g : row) EXPECT_TRUE(g >= 0 && g < Hkv);
+    seen.insert(row);
+  }
+  EXPECT_GT(seen.size(), 1u);  // not the same heads for every token
 }
 
 TEST(SparseModels, SparseFromOutsideTheChunkIsRefused) {

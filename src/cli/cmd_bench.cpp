@@ -226,8 +226,8 @@ int run_bench_cmd(const BenchArgs& a) {
   }
   load_sparsity(m, a.model, /*random_allowed=*/true, a.sweep.seed);
   DecodeSweepOptions sweep_options = a.sweep;
-  sweep_options.sparsity = m.sparsity.get();
-  sweep_options.density = m.sparsity ? m.sparsity->density() : 1.0;
+  sweep_options.sparsity = m.routers;
+  sweep_options.density = m.density;
   Backend& be = *m.backend;
   const ModelConfig& c = m.model->config();
   fmt::print(stderr, "{}: {}\n{:.4g} GB of weights, {:.4g} GB read by every decode step\n", label, c.describe(),

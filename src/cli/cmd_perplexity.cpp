@@ -39,7 +39,7 @@ int run_perplexity(const PerplexityArgs& a) {
   if (a.json) {
     fmt::print("{}\n", nlohmann::json{{"perplexity", r.perplexity()}, {"tokens_scored", r.scored},
                                       {"nll_mean", r.nll_sum / r.scored}, {"ctx", a.ctx}, {"seconds", secs},
-                                      {"density", m.sparsity ? m.sparsity->density() : 1.0}}
+                                      {"density", m.density}, {"selector", a.model.selector}}
                            .dump());
   } else {
     fmt::print("perplexity {:.4f} over {} tokens (ctx {})\n", r.perplexity(), r.scored, a.ctx);
@@ -54,7 +54,7 @@ Command perplexity_command() {
           [a](CLI::App& app) {
             auto* c = app.add_subcommand("perplexity", "Perplexity of a text file");
             a->model.add(*c);
-            a->model.add_sparsity(*c);
+            a->model.add_sparsity(*c, /*selectors=*/true);
             c->add_option("--text", a->text, "Text file to score")->required();
             c->add_option("--ctx", a->ctx, "Window length in tokens")->capture_default_str()->check(CLI::Range(2, 1 << 20));
             c->add_option("--max-tokens", a->max_tokens, "Score at most this many tokens (0 = all)")->capture_default_str()

@@ -19,16 +19,33 @@ CLI::Option* ModelOptions::add(CLI::App& app) {
   return model_option;
 }
 
-void ModelOptions::add_sparsity(CLI::App& app) {
+void ModelOptions::add_sparsity(CLI::App& app, bool selectors) {
   app.add_option("--routers", routers, "Router file for sparse decoding (polar routers)");
   app.add_option("--density", density,
                  "Share of attention heads (KV groups for GQA) each sequence keeps in decode steps, in (0, 1]; "
                  "default: the router file's")
       ->check(CLI::Range(0.0, 1.0));
+  if (!selectors) return;
+  app.add_option("--selector", selector,
+                 "Who picks the heads: router (the router file), or random (as many heads at random: the chance "
+                 "baseline for the routers' accuracy)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"router", "random"}));
+  app.add_option("--selector-seed", selector_seed, "Seed of --selector random")->capture_default_str();
 }
 
 void load_sparsity(LoadedModel& m, const ModelOptions& opt, bool random_allowed, uint64_t seed) {
   const ModelConfig& c = m.model->config();
+  if (opt.selector == "random") {
+    check(opt.routers.empty(), "--selector random picks heads without routers: drop --routers");
+    check(opt.density > 0 && opt.density < 1, "--selector random needs --density below 1");
+    auto random = std::make_unique<RandomSparsity>(*m.model, opt.density, opt.selector_seed);
+    fmt::print(stderr, "random heads: {} of {} per token at layers 1..{} (seed {})\n", random->kv_heads_kept(),
+               c.n_kv_heads, c.n_layers - 1, opt.selector_seed);
+    m.sparsity = std::move(random);
+    m.density = opt.density;
+    return;
+  }
   Routers routers;
   if (!opt.routers.empty()) {
     routers = load_routers(opt.routers, c, model_fingerprint(m.checkpoint));
@@ -41,8 +58,11 @@ void load_sparsity(LoadedModel& m, const ModelOptions& opt, bool random_allowed,
   }
   const double density = opt.density > 0 ? opt.density : routers.head_density;
   check(density > 0, "--density must be in (0, 1]");
-  m.sparsity = std::make_unique<RouterSparsity>(*m.model, routers, density);
-  fmt::print(stderr, "sparse decoding: {} of {} {} per sequence at layers 1..{}{}\n", m.sparsity->kv_heads_kept(),
+  auto router_sparsity = std::make_unique<RouterSparsity>(*m.model, routers, density);
+  m.routers = router_sparsity.get();
+  m.density = density;
+  m.sparsity = std::move(router_sparsity);
+  fmt::print(stderr, "sparse decoding: {} of {} {} per sequence at layers 1..{}{}\n", m.routers->kv_heads_kept(),
              c.n_kv_heads, c.n_kv_heads == c.n_heads ? "heads" : "KV groups", c.n_layers - 1,
              routers.mlp_k ? ", MLP neurons per the router file's k table" : "");
 }

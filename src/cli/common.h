@@ -9,6 +9,7 @@
 
 #include "io/checkpoint.h"
 #include "model/model.h"
+#include "sparse/random_sparsity.h"
 #include "sparse/router_sparsity.h"
 
 namespace polar::cli {
@@ -19,10 +20,12 @@ struct ModelOptions {
   std::string dtype = "f16";
   std::string routers;  // router file (polar routers); empty = none
   double density = 0;   // head (KV group) density of sparse decode steps; 0 = the router file's own
+  std::string selector = "router";  // router, or random (the chance baseline at the same density)
+  uint64_t selector_seed = 0;
   // --model (required; returned so a command with other model sources can relax that), --device, --dtype
   CLI::Option* add(CLI::App& app);
-  // --routers, --density
-  void add_sparsity(CLI::App& app);
+  // --routers, --density; with selectors, also --selector and --selector-seed
+  void add_sparsity(CLI::App& app, bool selectors = false);
   DType activation_dtype() const;
 };
 
@@ -30,7 +33,9 @@ struct LoadedModel {
   Checkpoint checkpoint;
   std::unique_ptr<Backend> backend;
   std::unique_ptr<Model> model;
-  std::unique_ptr<RouterSparsity> sparsity;  // set by load_sparsity when routers are in use
+  std::unique_ptr<Sparsity> sparsity;  // set by load_sparsity for sparse decoding; null = dense
+  RouterSparsity* routers = nullptr;   // the same object when routers select (benchmarks read its sizes)
+  double density = 1.0;                // of the sparsity in use
   const Tokenizer& tokenizer() const;  // error if the checkpoint carries none
 };
 
