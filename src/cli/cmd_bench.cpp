@@ -3,9 +3,6 @@
 // --config); optionally the prefill of one prompt against the GEMM rate. Table or JSON on stdout, CSV and
 // a gnuplot PNG on request, progress on stderr. --from-csv re-reads a CSV it wrote (to plot results from
 // a machine without gnuplot).
-#include <sys/wait.h>
-#include <unistd.h>
-
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -24,6 +21,7 @@
 #include "bench/shapes.h"
 #include "cli/commands.h"
 #include "cli/common.h"
+#include "cli/gnuplot.h"
 
 namespace polar::cli {
 
@@ -86,15 +84,6 @@ void write_csv(const std::string& path, const std::string& label, const std::vec
   check(f.good(), "cannot write {}", path);
 }
 
-// A gnuplot string literal.
-std::string gnuplot_quoted(const std::string& s) {
-  std::string q = "'";
-  for (char ch : s) q += ch == '\'' ? std::string("''") : std::string(1, ch);
-  return q + "'";
-}
-
-// Two panels against batch size (log scale), one line per context: tokens/s, and the attention share of
-// the profiled step. pngcairo where gnuplot has it, else the libgd png terminal.
 // The rows of a CSV written by write_csv; every row must carry the same shape label.
 std::pair<std::string, std::vector<DecodePoint>> read_csv(const std::string& path) {
   std::ifstream f(path);
@@ -136,6 +125,8 @@ std::pair<std::string, std::vector<DecodePoint>> read_csv(const std::string& pat
   return {label, points};
 }
 
+// Two panels against batch size (log scale), one line per context: tokens/s, and the attention share of
+// the profiled step.
 void write_plot(const std::string& path, const std::string& title, const std::vector<DecodePoint>& points) {
   check(!points.empty(), "nothing to plot in {}: every point was skipped", path);
   std::map<int64_t, std::vector<const DecodePoint*>> by_ctx;
@@ -150,13 +141,7 @@ void write_plot(const std::string& path, const std::string& title, const std::ve
     throughput += fmt::format("{}$ctx{} using 1:2 with linespoints title 'ctx {}'", sep, ctx, ctx);
     attention += fmt::format("{}$ctx{} using 1:3 with linespoints title 'ctx {}'", sep, ctx, ctx);
   }
-  script += fmt::format(R"(if (strstrt(GPVAL_TERMINALS, "pngcairo") > 0) {{
-  set terminal pngcairo size 1400,520 noenhanced
-}} else {{
-  set terminal png size 1400,520 noenhanced
-}}
-set output {}
-set multiplot layout 1,2 title {}
+  script += fmt::format(R"(set multiplot layout 1,2 title {}
 set logscale x 2
 set xlabel 'batch size'
 set grid
@@ -170,17 +155,8 @@ set yrange [0:100]
 plot {}
 unset multiplot
 )",
-                        gnuplot_quoted(path), gnuplot_quoted(title), throughput, attention);
-  const std::string script_path = (fs::temp_directory_path() / fmt::format("polar-plot-{}.gp", getpid())).string();
-  {
-    std::ofstream f(script_path);
-    f << script;
-    check(f.good(), "cannot write {}", script_path);
-  }
-  const int status = std::system(fmt::format("gnuplot {}", script_path).c_str());
-  fs::remove(script_path);
-  check(status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 0,
-        "gnuplot failed to write {} (is gnuplot installed? Debian: gnuplot-nox)", path);
+                        gnuplot_quoted(title), throughput, attention);
+  run_gnuplot(path, 1400, 520, script);
 }
 
 nlohmann::json to_json(const std::string& label, const DecodeSweep& sweep) {
