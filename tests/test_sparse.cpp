@@ -11,9 +11,11 @@
 #include <random>
 #include <set>
 
+#include "eval/scoring.h"
 #include "io/checkpoint.h"
 #include "model/model.h"
 #include "runtime/engine.h"
+#include "runtime/perplexity.h"
 #include "sparse/random_sparsity.h"
 #include "sparse/router_sparsity.h"
 #include "sparse/routers.h"
@@ -268,6 +270,37 @@ TEST(SparseModels, RandomSelectorKeepsKDistinctHeadsReproducibly) {
     seen.insert(row);
   }
   EXPECT_GT(seen.size(), 1u);  // not the same heads for every token
+}
+
+// Evaluation's sparse scoring is serving's semantics: a continuation's log-likelihood equals prefilling
+// the context densely and decoding the continuation one sparse step at a time; density 1.0 is dense.
+TEST(SparseModels, SparseScoringEqualsDensePrefillThenSparseDecode) {
+  for (const char* fixture : {"llama_mha", "llama3_gqa"}) {
+    SCOPED_TRACE(fixture);
+    Checkpoint ck = load_checkpoint(test::shared_path(std::string("fixtures/hf/") + fixture));
+    auto cpu = make_cpu_backend();
+    auto model = make_model(ck, *cpu);
+    const Routers routers = attention_routers(ck, 5);
+    RouterSparsity half(*model, routers, 0.5), full(*model, routers, 1.0);
+    const std::vector<ScoreRequest> requests = {{{5, 17, 42, 9, 3, 8, 100}, 4, 0}, {{1, 2, 3, 60, 61}, 2, 0}};
+    const std::vector<Score> dense = score(*model, requests, {});
+    const std::vector<Score> at_one = score(*model, requests, {.sparsity = &full});
+    const std::vector<Score> sparse = score(*model, requests, {.batch = 2, .sparsity = &half});
+    for (size_t i = 0; i < requests.size(); ++i) {
+      EXPECT_EQ(at_one[i].logprob, dense[i].logprob);
+      const ScoreRequest& r = requests[i];
+      Engine e(*model, {.kv_tokens = 64, .sparsity = &half});
+      const int64_t seq = e.add_sequence(), V = ck.config.vocab_size;
+      Tensor logits = e.step({{seq, std::span<const int32_t>(r.tokens.data(), r.context_len)}}, false);
+      double logprob = 0;
+      for (size_t t = r.context_len; t < r.tokens.size(); ++t) {
+        logprob += log_prob(logits.data<float>(), V, r.tokens[t]);
+        if (t + 1 < r.tokens.size()) logits = e.step({{seq, std::span<const int32_t>(&r.tokens[t], 1)}}, false);
+      }
+      EXPECT_NEAR(sparse[i].logprob, logprob, 1e-4) << "request " << i;
+      EXPECT_GT(std::abs(sparse[i].logprob - dense[i].logprob), 1e-4);
+    }
+  }
 }
 
 TEST(SparseModels, SparseFromOutsideTheChunkIsRefused) {

@@ -28,6 +28,8 @@ struct EvalArgs {
   bool json = false;
   std::string plot;
   bool skip_bad = false;
+  std::vector<double> densities = {1.0};
+  bool sparse_context = false;
 };
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
@@ -63,18 +65,34 @@ nlohmann::json to_json(const TaskResult& r) {
           {"items", items}};
 }
 
+// The paired difference of a sparse run's accuracy to the dense run of the same task (same items, in the
+// same order), when both are there.
+std::optional<Estimate> delta_to_dense(const TaskResult& r, const std::vector<TaskResult>& results) {
+  if (r.density >= 1.0) return std::nullopt;
+  for (const TaskResult& d : results)
+    if (d.density >= 1.0 && d.path == r.path && d.items.size() == r.items.size()) {
+      const std::vector<double> a = item_values(r, Metric::kAcc), b = item_values(d, Metric::kAcc);
+      return paired_difference(a, b);
+    }
+  return std::nullopt;
+}
+
 void print_table(const std::vector<TaskResult>& results) {
   auto number = [](std::optional<double> v, int decimals) {
     return v ? fmt::format("{:.{}f}", *v, decimals) : std::string("-");
   };
-  fmt::print("{:<16} {:<17} {:>7} {:>6} {:>7} {:>9} {:>7} {:>7} {:>8} {:>7} {:>10}\n", "task", "format", "density",
-             "n", "skipped", "truncated", "acc", "acc_se", "acc_norm", "norm_se", "perplexity");
+  fmt::print("{:<16} {:<17} {:>7} {:>6} {:>7} {:>9} {:>7} {:>7} {:>8} {:>7} {:>10} {:>8} {:>8}\n", "task", "format",
+             "density", "n", "skipped", "truncated", "acc", "acc_se", "acc_norm", "norm_se", "perplexity", "d_acc",
+             "d_acc_se");
   for (const TaskResult& r : results) {
     const std::optional<double> norm = r.acc_norm ? std::optional(r.acc_norm->mean) : std::nullopt;
     const std::optional<double> norm_se = r.acc_norm ? std::optional(r.acc_norm->se) : std::nullopt;
-    fmt::print("{:<16} {:<17} {:>7.2f} {:>6} {:>7} {:>9} {:>7} {:>7} {:>8} {:>7} {:>10}\n", r.task,
+    const std::optional<Estimate> delta = delta_to_dense(r, results);
+    fmt::print("{:<16} {:<17} {:>7.2f} {:>6} {:>7} {:>9} {:>7} {:>7} {:>8} {:>7} {:>10} {:>8} {:>8}\n", r.task,
                format_name(r.format), r.density, r.items.size(), r.skipped, r.truncated, number(r.acc.mean, 4),
-               number(r.acc.se, 4), number(norm, 4), number(norm_se, 4), number(r.perplexity, 2));
+               number(r.acc.se, 4), number(norm, 4), number(norm_se, 4), number(r.perplexity, 2),
+               number(delta ? std::optional(delta->mean) : std::nullopt, 4),
+               number(delta ? std::optional(delta->se) : std::nullopt, 4));
   }
 }
 
@@ -120,18 +138,38 @@ int run_eval(const EvalArgs& a) {
   }
   LoadedModel m = load_model(a.model);
   const Tokenizer& tok = m.tokenizer();
+  for (double d : a.densities) check(d > 0 && d <= 1, "--density {} is outside (0, 1]", d);
+  const bool sparse_runs = std::any_of(a.densities.begin(), a.densities.end(), [](double d) { return d < 1; });
+  check(!sparse_runs || !a.model.routers.empty() || a.model.selector == "random",
+        "densities below 1 need --routers FILE (or --selector random)");
+  // Dense first: the sparse runs are reported as paired differences to it.
+  std::vector<double> densities = {1.0};
+  for (double d : a.densities)
+    if (d < 1 && std::find(densities.begin(), densities.end(), d) == densities.end()) densities.push_back(d);
   const auto t0 = std::chrono::steady_clock::now();
   std::vector<TaskResult> results;
-  for (const Task& task : tasks) {
-    const auto t1 = std::chrono::steady_clock::now();
-    const EvalOptions options{.scoring = {.batch = a.batch}, .skip_bad = a.skip_bad, .warn = warn};
-    results.push_back(evaluate(*m.model, tok, task, options, [&](int64_t done, int64_t total) {
-      fmt::print(stderr, "\r{}: scored {}/{} requests ({:.1f}/s)", task.name, done, total,
-                 done / std::max(seconds_since(t1), 1e-9));
-    }));
-    const TaskResult& r = results.back();
-    fmt::print(stderr, "\n{}: acc {:.4f} in {:.1f} s{}\n", r.task, r.acc.mean, seconds_since(t1),
-               r.truncated ? fmt::format(" ({} requests had their context cut to fit the model)", r.truncated) : "");
+  for (double density : densities) {
+    ModelOptions at = a.model;
+    at.density = density;
+    m.sparsity.reset();
+    m.routers = nullptr;
+    if (density < 1) load_sparsity(m, at, /*random_allowed=*/false, 0);
+    for (const Task& task : tasks) {
+      const auto t1 = std::chrono::steady_clock::now();
+      const EvalOptions options{
+          .scoring = {.batch = a.batch, .sparsity = m.sparsity.get(), .sparse_context = a.sparse_context},
+          .density = density,
+          .skip_bad = a.skip_bad,
+          .warn = warn};
+      results.push_back(evaluate(*m.model, tok, task, options, [&](int64_t done, int64_t total) {
+        fmt::print(stderr, "\r{} (density {:g}): scored {}/{} requests ({:.1f}/s)", task.name, density, done, total,
+                   done / std::max(seconds_since(t1), 1e-9));
+      }));
+      const TaskResult& r = results.back();
+      fmt::print(stderr, "\n{} (density {:g}): acc {:.4f} in {:.1f} s{}\n", r.task, density, r.acc.mean,
+                 seconds_since(t1),
+                 r.truncated ? fmt::format(" ({} requests had their context cut to fit the model)", r.truncated) : "");
+    }
   }
   const double secs = seconds_since(t0);
   const std::string device = fmt::format("{}, {}", m.backend->name(), dtype_name(m.backend->activation_dtype()));
@@ -139,7 +177,13 @@ int run_eval(const EvalArgs& a) {
   if (a.json) {
     nlohmann::json j = {{"model", m.checkpoint.path}, {"device", device}, {"seconds", secs},
                         {"tasks", nlohmann::json::array()}};
-    for (const TaskResult& r : results) j["tasks"].push_back(to_json(r));
+    for (const TaskResult& r : results) {
+      j["tasks"].push_back(to_json(r));
+      if (const auto delta = delta_to_dense(r, results))
+        j["tasks"].back()["delta_acc"] = {{"mean", delta->mean}, {"se", delta->se}};
+    }
+    j["selector"] = a.model.selector;
+    j["sparse_context"] = a.sparse_context;
     fmt::print("{}\n", j.dump(1));
   } else {
     fmt::print("{} on {}, {:.1f} s\n", m.checkpoint.path, device, secs);
@@ -170,6 +214,17 @@ Command eval_command() {
                 "Ties go to the first candidate. Standard errors: sample standard deviation / sqrt(n). Contexts too "
                 "long for the model are cut from the left (after BOS).\n");
             a->model.add(*c);
+            a->model.add_sparsity(*c, /*selectors=*/true);
+            // --density here is a list: every density is a run, reported beside the dense one.
+            c->remove_option(c->get_option("--density"));
+            c->add_option("--density", a->densities,
+                          "Head densities to evaluate, e.g. 1,0.75,0.5 (each below 1 needs --routers or --selector "
+                          "random); the dense run always comes first and sparse accuracies are also reported as "
+                          "paired differences to it (d_acc)")
+                ->delimiter(',')
+                ->capture_default_str();
+            c->add_flag("--sparse-context", a->sparse_context,
+                        "Also sparsify the context tokens (after the first), not only the continuation's");
             c->add_option("--task", a->tasks, "Task file (JSON Lines); repeat for several tasks")->required();
             c->add_option("--limit", a->limit, "Evaluate the first N items of each task (0 = all)")
                 ->capture_default_str()

@@ -30,6 +30,7 @@ TaskResult evaluate(Model& model, const Tokenizer& tok, const Task& task, const 
   result.path = task.path;
   result.format = task.format;
   result.skipped = task.skipped;
+  result.density = options.density;
   std::vector<const TaskItem*> items;  // the items scored
   std::vector<ScoreRequest> requests;  // their candidates, item after item
   for (const TaskItem& item : task.items) {

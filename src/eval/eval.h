@@ -53,6 +53,7 @@ int64_t argmax_first(std::span<const double> values);
 
 struct EvalOptions {
   ScoreOptions scoring = {};
+  double density = 1.0;  // recorded in TaskResult::density (the sparsity itself is scoring.sparsity)
   // An item with a candidate the model cannot score (make_request: e.g. a continuation longer than the
   // model's context) is skipped whole, with a warning, instead of failing the task.
   bool skip_bad = false;

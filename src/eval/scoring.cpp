@@ -1,5 +1,7 @@
 #include "eval/scoring.h"
 
+#include <optional>
+
 #include <algorithm>
 #include <string>
 
@@ -62,10 +64,15 @@ std::vector<Score> score(Model& model, const std::vector<ScoreRequest>& requests
       kv_tokens += (len + block_size - 1) / block_size * block_size;
       ++last;
     }
-    // Dense: each request is one chunk, context and continuation in a single prefill.
-    Engine engine(model, {.kv_tokens = kv_tokens, .block_size = block_size});
+    // Each request is one chunk, context and continuation in a single prefill; with sparsity, the tokens
+    // from the continuation on (from the second with sparse_context) are processed as decode steps would.
+    Engine engine(model, {.kv_tokens = kv_tokens, .block_size = block_size, .sparsity = options.sparsity});
     std::vector<SeqChunk> chunks;
-    for (size_t i = first; i < last; ++i) chunks.push_back({engine.add_sequence(), requests[i].tokens});
+    for (size_t i = first; i < last; ++i) {
+      std::optional<int64_t> sparse_from;
+      if (options.sparsity) sparse_from = options.sparse_context ? 1 : requests[i].context_len;
+      chunks.push_back({engine.add_sequence(), requests[i].tokens, sparse_from});
+    }
     const Tensor logits = engine.step(chunks, /*all_logits=*/true);
     int64_t row = 0;
     for (size_t i = first; i < last; ++i) {

@@ -45,10 +45,16 @@ struct ScoreOptions {
   // A forward pass also stops taking requests when their logits (one fp32 row per token, copied to the
   // host) would pass this many bytes; a request that alone passes it runs alone.
   int64_t max_logit_bytes = int64_t{1} << 30;
+  // Sparse scoring with serving's semantics: the context runs as a dense prefill and each continuation
+  // token as the sparse decode step that would process it (its own head selection), in the same one pass
+  // (SeqChunk::sparse_from). sparse_context also sparsifies the context after its first token (the paper's
+  // more pessimistic protocol). Null = dense.
+  Sparsity* sparsity = nullptr;
+  bool sparse_context = false;
 };
 
 // Scores the requests, batched: each forward pass runs up to options.batch requests as sequences of one
-// engine step, every request whole (dense), with the logits of every position; log-softmax in fp64 on the
+// engine step, every request whole (dense, or per ScoreOptions::sparsity), with the logits of every position; log-softmax in fp64 on the
 // host. progress(done, total) is called after each forward pass. Results are in request order.
 std::vector<Score> score(Model& model, const std::vector<ScoreRequest>& requests, const ScoreOptions& options,
                          const std::function<void(int64_t, int64_t)>& progress = {});
