@@ -9,10 +9,11 @@ Command info_command();
 Command bench_command();
 Command bench_kernels_command();
 Command routers_command();
+Command calibrate_command();
 
 std::vector<Command> all_commands() {
   return {generate_command(), logits_command(), perplexity_command(), info_command(), bench_command(),
-          bench_kernels_command(), routers_command()};
+          bench_kernels_command(), routers_command(), calibrate_command()};
 }
 
 }  // namespace polar::cli
