@@ -62,6 +62,7 @@ class Calibration {
               CalibrationOptions options, CalibrationProgress progress = {});
 
   int64_t tokens() const { return tokens_; }
+  double head_density() const { return options_.train.head_density; }
   const SpillDims& dims() const { return dims_; }
   // Disk the collection takes in the work directory.
   int64_t spill_bytes() const { return tokens_ * dims_.bytes_per_token(); }

@@ -24,7 +24,7 @@ constexpr float kMlpNegativeOffset = 0.005f;
 // result does not depend on the thread count).
 constexpr int64_t kParallelElements = 1 << 16;
 
-// c [m, n] = op(a) · op(b), row-major; op transposes where asked (a stored [k, m], b stored [n, k]).
+// c [m, n] = op(a) · op(b), row-major: a is [m, k] ([k, m] when trans_a), b is [k, n] ([n, k] when trans_b).
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, const float* b, float* c) {
   cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, int(m), int(n),
               int(k), 1.0f, a, int(trans_a ? m : k), b, int(trans_b ? k : n), 0.0f, c, int(n));
@@ -81,7 +81,7 @@ class AdamW {
   int64_t t_ = 0;
 };
 
-// The k largest of v [n], higher first, the lower index among equals (the sparse ops' rule).
+// Whether entry a of v ranks before entry b: higher first, the lower index among equals (the sparse ops' rule).
 bool ranks_before(const float* v, int32_t a, int32_t b) { return v[a] > v[b] || (v[a] == v[b] && a < b); }
 
 // Sets chosen[i] = 1 for the k largest of v [n], 0 elsewhere. order: scratch of n entries.
@@ -92,10 +92,6 @@ void top_k(const float* v, int64_t n, int64_t k, std::vector<int32_t>& order, ui
                    [&](int32_t a, int32_t b) { return ranks_before(v, a, b); });
   std::fill(chosen, chosen + n, 0);
   for (int64_t i = 0; i < k; ++i) chosen[order[size_t(i)]] = 1;
-}
-
-int64_t heads_kept(double density, int64_t heads) {
-  return std::max<int64_t>(1, static_cast<int64_t>(density * static_cast<double>(heads)));
 }
 
 // Minibatches of `batch` rows over `rows` in order (the last one shorter).
@@ -143,6 +139,10 @@ double mlp_f1(const LayerSpill& spill, const std::vector<int64_t>& rows, const f
 }
 
 }  // namespace
+
+int64_t heads_kept(double density, int64_t heads) {
+  return std::max<int64_t>(1, static_cast<int64_t>(density * static_cast<double>(heads)));
+}
 
 uint64_t stream_seed(uint64_t seed, int64_t layer, Stream stream) {
   return mix64(mix64(mix64(seed) + static_cast<uint64_t>(layer)) + static_cast<uint64_t>(stream));

@@ -42,9 +42,13 @@ Split split_tokens(int64_t n, uint64_t seed);
 enum class Stream : uint64_t { AttnInit, AttnOrder, MlpInit, MlpOrder, KGroups, Split };
 uint64_t stream_seed(uint64_t seed, int64_t layer, Stream stream);
 
+// Heads (or KV groups) kept out of `heads` at `density`: max(1, int(density · heads)), as sparse decoding
+// keeps them.
+int64_t heads_kept(double density, int64_t heads);
+
 // Mean over n tokens of |top-k of score ∩ top-k of norm| / k, where both [n, H] are first pooled over
 // groups of `group` consecutive heads (score: max, as sparse decoding selects KV groups; norm: the L2 norm
-// of the group's output, sqrt(Σ norm²)) and k = max(1, int(density · H / group)). group = 1: per head.
+// of the group's output, sqrt(Σ norm²)) and k = heads_kept(density, H / group). group = 1: per head.
 // Ties go to the lower index, as in the sparse ops.
 double topk_recall(const float* score, const float* norm, int64_t n, int64_t heads, int64_t group, double density);
 

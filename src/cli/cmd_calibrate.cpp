@@ -84,12 +84,12 @@ void print_table(const calib::Calibration& cal, const calib::KTableOptions& k_ta
     }
     fmt::print("\n");
   }
-  const int64_t K = std::max<int64_t>(1, static_cast<int64_t>(0.5 * static_cast<double>(d.heads)));
-  fmt::print("(random selection recalls {:.3f} of the heads", static_cast<double>(K) / static_cast<double>(d.heads));
-  if (gqa) {
-    const int64_t Kg = std::max<int64_t>(1, static_cast<int64_t>(0.5 * static_cast<double>(d.kv_heads)));
-    fmt::print(", {:.3f} of the groups", static_cast<double>(Kg) / static_cast<double>(d.kv_heads));
-  }
+  const double density = cal.head_density();
+  fmt::print("(random selection recalls {:.3f} of the heads",
+             static_cast<double>(calib::heads_kept(density, d.heads)) / static_cast<double>(d.heads));
+  if (gqa)
+    fmt::print(", {:.3f} of the groups",
+               static_cast<double>(calib::heads_kept(density, d.kv_heads)) / static_cast<double>(d.kv_heads));
   fmt::print(")\n");
 }
 
