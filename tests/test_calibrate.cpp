@@ -469,7 +469,12 @@ TEST_F(CalibOpt, WorkDirectoryOfAnotherCalibration) {
   const std::vector<std::vector<int32_t>> fewer = text_sequences(kWikitext, kSeq, kTokens - 100);
   EXPECT_THAT(error_of([&] { Calibration(*m_.model, m_.fingerprint, fewer, other); }),
               HasSubstr("holds the collection of another calibration (token_hash, tokens differ)"));
-  // A corrupt state.
+  // A corrupt state: not JSON, or a field of the wrong type.
+  nlohmann::json state = nlohmann::json::parse(std::ifstream(work + "/state.json"));
+  state["collected"] = "yes";
+  std::ofstream(work + "/state.json") << state.dump();
+  EXPECT_THAT(error_of([&] { Calibration(*m_.model, m_.fingerprint, seqs_, other); }),
+              HasSubstr("corrupt calibration state"));
   std::ofstream(work + "/state.json") << "{not json";
   EXPECT_THAT(error_of([&] { Calibration(*m_.model, m_.fingerprint, seqs_, other); }),
               HasSubstr("corrupt calibration state"));
