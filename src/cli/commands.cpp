@@ -10,10 +10,11 @@ Command bench_command();
 Command bench_kernels_command();
 Command routers_command();
 Command eval_command();
+Command calibrate_command();
 
 std::vector<Command> all_commands() {
   return {generate_command(), logits_command(), perplexity_command(), info_command(), bench_command(),
-          bench_kernels_command(), routers_command(), eval_command()};
+          bench_kernels_command(), routers_command(), calibrate_command(), eval_command()};
 }
 
 }  // namespace polar::cli
