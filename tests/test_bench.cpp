@@ -41,14 +41,7 @@ std::vector<float> prompt_logits(Model& model, const std::vector<int32_t>& promp
   return std::vector<float>(logits.data<float>(), logits.data<float>() + logits.numel());
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
+using test::error_of;
 
 std::vector<std::string> lines_of(const std::string& text) {
   std::vector<std::string> lines;

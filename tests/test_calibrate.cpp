@@ -41,14 +41,7 @@ const std::string kWikitext = "data/text/wikitext2_valid_tokens.txt";
 const std::string kC4 = "data/text/c4_sample.jsonl";
 const std::string kStories = "models/stories260K/stories260K.gguf";
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
+using test::error_of;
 
 const Tokenizer& stories_tokenizer() {
   static const Checkpoint ck = load_checkpoint(shared_path(kStories));

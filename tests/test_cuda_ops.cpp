@@ -331,7 +331,7 @@ TEST_P(CudaOps, RouteHeadsAndNeuronsSelectLikeCpu) {
 TEST_P(CudaOps, GatherGemmsMatchCpu) {
   struct Case {
     int64_t R, d, D, k;
-    bool bias;
+    bool bias = false;
   };
   for (const Case& c : std::vector<Case>{{1, 64, 256, 1}, {5, 96, 512, 100}, {33, 128, 1000, 999}, {130, 256, 2048, 512},
                                          {17, 72, 300, 300}, {3, 4096, 16384, 1664, true}}) {

@@ -57,14 +57,7 @@ std::string mc(const std::string& query, const std::vector<std::string>& choices
   return nlohmann::json{{"query", query}, {"choices", choices}, {"gold", gold}}.dump();
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using test::error_of;
 
 // ---- Statistics.
 

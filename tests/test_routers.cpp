@@ -42,14 +42,7 @@ Model model(const std::string& rel) {
 
 Routers random_for(const Model& m, uint64_t seed = 7) { return random_routers(m.config, m.fingerprint, seed, kRank); }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
+using test::error_of;
 
 bool same_bytes(const Tensor& a, const Tensor& b) {
   if (a.defined() != b.defined()) return false;

@@ -8,6 +8,8 @@
 #include <random>
 #include <stdexcept>
 
+#include "core/error.h"
+
 namespace polar::test {
 
 TempDir::TempDir() {
@@ -62,6 +64,15 @@ RunResult run_polar(const std::vector<std::string>& args) {
   r.out = slurp(out_path);
   r.err = slurp(err_path);
   return r;
+}
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no error)";
 }
 
 }  // namespace polar::test

@@ -2,6 +2,7 @@
 #pragma once
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -35,5 +36,8 @@ struct RunResult {
 };
 // Runs the built polar binary with the given arguments (no shell), capturing stdout and stderr.
 RunResult run_polar(const std::vector<std::string>& args);
+
+// The message of the polar::Error that f throws, or "(no error)".
+std::string error_of(const std::function<void()>& f);
 
 }  // namespace polar::test
