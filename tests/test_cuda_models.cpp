@@ -27,6 +27,16 @@ namespace {
 // after every op, 8 mantissa bits for bf16 against 11 for f16.
 double logit_tol(DType dt) { return dt == DType::F16 ? 2e-2 : 8e-2; }
 
+// max |got - ref| over max |ref|.
+double max_rel_diff(const Tensor& got, const Tensor& ref) {
+  double diff = 0, scale = 0;
+  for (int64_t i = 0; i < ref.numel(); ++i) {
+    diff = std::max(diff, double(std::abs(ref.data<float>()[i] - got.data<float>()[i])));
+    scale = std::max(scale, double(std::abs(ref.data<float>()[i])));
+  }
+  return diff / scale;
+}
+
 struct ModelCase {
   std::string path;  // under the shared folder
   std::vector<std::vector<int32_t>> prompts;
@@ -137,12 +147,7 @@ TEST_P(CudaModels, ScoredSparsePrefillMatchesCpu) {
     Engine ge(*gpu_model, {.kv_tokens = 64, .sparsity = &gpu_sparse});
     const std::vector<int32_t>& text = mc.prompts.back();
     Tensor c = ce.step({{ce.add_sequence(), text, 1}}, true), g = ge.step({{ge.add_sequence(), text, 1}}, true);
-    double diff = 0, scale = 0;
-    for (int64_t i = 0; i < c.numel(); ++i) {
-      diff = std::max(diff, double(std::abs(c.data<float>()[i] - g.data<float>()[i])));
-      scale = std::max(scale, double(std::abs(c.data<float>()[i])));
-    }
-    EXPECT_LE(diff / scale, logit_tol(GetParam()));
+    EXPECT_LE(max_rel_diff(g, c), logit_tol(GetParam()));
   }
 }
 
@@ -184,12 +189,7 @@ TEST_P(CudaModels, SparseDecodeMatchesCpu) {
       }
       c = ce.step(cd, false);
       g = ge.step(gd, false);
-      double diff = 0, scale = 0;
-      for (int64_t i = 0; i < c.numel(); ++i) {
-        diff = std::max(diff, double(std::abs(c.data<float>()[i] - g.data<float>()[i])));
-        scale = std::max(scale, double(std::abs(c.data<float>()[i])));
-      }
-      EXPECT_LE(diff / scale, logit_tol(GetParam())) << "decode step " << step;
+      EXPECT_LE(max_rel_diff(g, c), logit_tol(GetParam())) << "decode step " << step;
     }
   }
 }
@@ -254,12 +254,7 @@ TEST_P(CudaModels, GraphDecodeMatchesOpByOpDecode) {
       }
       Tensor el = eager.step(ec, false), gl = graphed.step(gc, false);
       ASSERT_EQ(el.shape(), gl.shape());
-      double diff = 0, scale = 0;
-      for (int64_t i = 0; i < el.numel(); ++i) {
-        diff = std::max(diff, double(std::abs(el.data<float>()[i] - gl.data<float>()[i])));
-        scale = std::max(scale, double(std::abs(el.data<float>()[i])));
-      }
-      EXPECT_LE(diff / scale, logit_tol(GetParam()) / 4) << "step " << step;
+      EXPECT_LE(max_rel_diff(gl, el), logit_tol(GetParam()) / 4) << "step " << step;
       for (int64_t b = 0; b < batch; ++b) next[b] = argmax(el.data<float>() + b * el.dim(1), el.dim(1));
     }
     EXPECT_GE(graphed.graph_count(), 2u);

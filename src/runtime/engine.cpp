@@ -86,8 +86,9 @@ Tensor Engine::forward(const std::vector<SeqChunk>& chunks, bool all_logits, Pro
     cache_.reserve(ch.seq, length(ch.seq) + static_cast<int64_t>(ch.tokens.size()));
     max_blocks = std::max<int64_t>(max_blocks, static_cast<int64_t>(cache_.blocks(ch.seq).size()));
   }
-  const bool scored_sparse = options_.sparsity &&
-                             std::any_of(chunks.begin(), chunks.end(), [](const SeqChunk& ch) { return ch.sparse_from.has_value(); });
+  const bool scored_sparse = options_.sparsity && std::any_of(chunks.begin(), chunks.end(), [](const SeqChunk& ch) {
+                               return ch.sparse_from.has_value();
+                             });
   if (max_chunk == 1 && !scored_sparse && probe == nullptr && options_.graphs && be.supports_graphs() &&
       !be.profiling())
     return decode_with_graph(chunks);
@@ -97,7 +98,8 @@ Tensor Engine::forward(const std::vector<SeqChunk>& chunks, bool all_logits, Pro
   Tensor tables = Tensor::zeros(DType::I32, {S, max_blocks});
   Tensor starts = Tensor::empty(DType::I32, {S + 1});
   Tensor rows = Tensor::empty(DType::I32, {all_logits ? T : S});
-  Tensor dense = Tensor::empty(DType::I32, {T});  // per token: 1 = dense, when some chunk sets sparse_from
+  // Per token, 1 = dense: only read when some chunk sets sparse_from.
+  Tensor dense = Tensor::empty(DType::I32, {scored_sparse ? T : 0});
   int64_t t = 0;
   for (int64_t s = 0; s < S; ++s) {
     const SeqChunk& ch = chunks[s];
@@ -105,14 +107,14 @@ Tensor Engine::forward(const std::vector<SeqChunk>& chunks, bool all_logits, Pro
     const std::vector<int32_t>& blocks = cache_.blocks(ch.seq);
     starts.data<int32_t>()[s] = static_cast<int32_t>(t);
     std::copy(blocks.begin(), blocks.end(), tables.data<int32_t>() + s * max_blocks);
+    const int64_t n = static_cast<int64_t>(ch.tokens.size());
+    const int64_t sparse_from = ch.sparse_from.value_or(n == 1 ? 0 : n);
     for (size_t i = 0; i < ch.tokens.size(); ++i, ++t) {
       ids.data<int32_t>()[t] = ch.tokens[i];
       pos.data<int32_t>()[t] = static_cast<int32_t>(len + i);
       seq.data<int32_t>()[t] = static_cast<int32_t>(s);
       slots.data<int32_t>()[t] = cache_.slot(ch.seq, len + i);
-      const int64_t n = static_cast<int64_t>(ch.tokens.size());
-      const int64_t sparse_from = ch.sparse_from.value_or(n == 1 ? 0 : n);
-      dense.data<int32_t>()[t] = static_cast<int64_t>(i) < sparse_from;
+      if (scored_sparse) dense.data<int32_t>()[t] = static_cast<int64_t>(i) < sparse_from;
       if (all_logits) rows.data<int32_t>()[t] = static_cast<int32_t>(t);
     }
     if (!all_logits) rows.data<int32_t>()[s] = static_cast<int32_t>(t - 1);
@@ -123,15 +125,13 @@ Tensor Engine::forward(const std::vector<SeqChunk>& chunks, bool all_logits, Pro
   in.layout = {be.upload(pos, DType::I32),    be.upload(seq, DType::I32),    be.upload(slots, DType::I32),
                be.upload(tables, DType::I32), be.upload(starts, DType::I32), cache_.block_size(),
                max_ctx,                       max_chunk,                     Tensor()};
-  Tensor live = Tensor::empty(DType::I32, {1});
-  live.data<int32_t>()[0] = static_cast<int32_t>(T);
-  in.layout.live_tokens = be.upload(live, DType::I32);
   in.logit_rows = be.upload(rows, DType::I32);
-  if (scored_sparse) {
+  if (options_.sparsity && (scored_sparse || max_chunk == 1)) {
     in.sparsity = options_.sparsity;
-    in.dense_tokens = be.upload(dense, DType::I32);
-  } else if (max_chunk == 1) {
-    in.sparsity = options_.sparsity;
+    Tensor live = Tensor::empty(DType::I32, {1});  // an eager step has no padding rows
+    live.data<int32_t>()[0] = static_cast<int32_t>(T);
+    in.layout.live_tokens = be.upload(live, DType::I32);
+    if (scored_sparse) in.dense_tokens = be.upload(dense, DType::I32);
   }
   Tensor logits = model_.forward(in, cache_.layers(), probe);
   for (const SeqChunk& ch : chunks) lengths_[ch.seq] += static_cast<int64_t>(ch.tokens.size());

@@ -34,19 +34,6 @@ void select_top(const float* score, int64_t n, int64_t k, int32_t* out) {
   std::copy(order.begin(), order.begin() + k, out);
 }
 
-// Rows idx[0..k) of w [D, d] gathered into a new [k, d] tensor (all of w when idx is null).
-Tensor gather_rows(const Tensor& w, const Tensor* idx) {
-  if (!idx) return w;
-  const int64_t k = idx->numel(), D = w.dim(0), d = w.dim(1);
-  Tensor out = Tensor::empty(DType::F32, {k, d});
-  for (int64_t i = 0; i < k; ++i) {
-    const int32_t j = idx->data<int32_t>()[i];
-    check(j >= 0 && j < D, "neuron index {} outside [0, {})", j, D);
-    std::copy(w.data<float>() + j * d, w.data<float>() + (j + 1) * d, out.data<float>() + i * d);
-  }
-  return out;
-}
-
 class CpuBackend final : public Backend {
  public:
   Device device() const override { return Device::CPU; }
@@ -88,19 +75,7 @@ class CpuBackend final : public Backend {
   }
 
   void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y, bool accumulate) override {
-    const int64_t k = w.dim(1), n = w.dim(0), m = x.numel() / k;
-    check(x.numel() == m * k && y.numel() == m * n, "linear: x {} w {} y {} do not agree", shape_str(x.shape()),
-          shape_str(w.shape()), shape_str(y.shape()));
-    float* out = y.data<float>();
-    if (bias) {
-      const float* b = bias->data<float>();
-      for (int64_t i = 0; i < m; ++i)
-        for (int64_t j = 0; j < n; ++j) out[i * n + j] = (accumulate ? out[i * n + j] : 0.0f) + b[j];
-    }
-    if (m == 0) return;
-    float beta = (bias || accumulate) ? 1.0f : 0.0f;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(m), int(n), int(k), 1.0f, x.data<float>(), int(k),
-                w.data<float>(), int(k), beta, out, int(n));
+    gemm(x, w, /*w_kn=*/false, bias, y, accumulate, "linear");
   }
 
   void add(const Tensor& a, const Tensor& b, Tensor& out) override {
@@ -171,18 +146,16 @@ class CpuBackend final : public Backend {
         float* base = r < H + Hkv ? cache.k.data<float>() : cache.v.data<float>();
         return base + ((slot[t] / bs * Hkv + h) * bs + slot[t] % bs) * dh;
       };
-      for (int64_t r = 0; r < H + 2 * Hkv; ++r) {
-        const float* src = row + r * dh;
-        float* dst = dst_row(r);
-        if (!rotate || r >= H + Hkv) {
-          std::copy(src, src + dh, dst);
-          continue;
-        }
-        for (int64_t i = 0; i < half; ++i) {
-          // float32 angle, as transformers computes it
-          const float angle = static_cast<float>(pos[t]) * inv_freq.data<float>()[i];
-          const float c = std::cos(angle), sn = std::sin(angle);
-          const float a = src[i], b = src[i + half];
+      // Values always, and query and key rows too when nothing rotates, are copied as they are.
+      for (int64_t r = rotate ? H + Hkv : 0; r < H + 2 * Hkv; ++r) std::copy(row + r * dh, row + (r + 1) * dh, dst_row(r));
+      if (!rotate) continue;
+      for (int64_t i = 0; i < half; ++i) {
+        // float32 angle, as transformers computes it
+        const float angle = static_cast<float>(pos[t]) * inv_freq.data<float>()[i];
+        const float c = std::cos(angle), sn = std::sin(angle);
+        for (int64_t r = 0; r < H + Hkv; ++r) {
+          const float a = row[r * dh + i], b = row[r * dh + i + half];
+          float* dst = dst_row(r);
           dst[i] = a * c - b * sn;
           dst[i + half] = b * c + a * sn;
         }
@@ -312,29 +285,16 @@ class CpuBackend final : public Backend {
   }
 
   void gather_up_relu(const Tensor& x, const Tensor& w, const Tensor* bias, const Tensor* idx, Tensor& y) override {
-    const int64_t k = idx ? idx->numel() : w.dim(0);
-    check(y.dim(1) == k && w.dim(1) == x.dim(1), "gather_up_relu: x {} w {} for {} neurons into y {}",
-          shape_str(x.shape()), shape_str(w.shape()), k, shape_str(y.shape()));
     Tensor b;
-    if (bias) b = gather_rows(bias->reshape({bias->numel(), 1}), idx).reshape({k});
-    linear(x, gather_rows(w, idx), bias ? &b : nullptr, y, false);
+    if (bias && idx) b = gather_rows(bias->reshape({bias->numel(), 1}), *idx).reshape({idx->numel()});
+    gemm(x, idx ? gather_rows(w, *idx) : w, false, bias && idx ? &b : bias, y, false, "gather_up_relu");
     float* p = y.data<float>();
     for (int64_t i = 0; i < y.numel(); ++i) p[i] = std::max(p[i], 0.0f);
   }
 
   void gather_down(const Tensor& a, const Tensor& wt, const Tensor* idx, const Tensor* bias, Tensor& y,
                    bool accumulate) override {
-    const int64_t R = a.dim(0), k = idx ? idx->numel() : wt.dim(0), d = wt.dim(1);
-    check(a.dim(1) == k && y.dim(0) == R && y.dim(1) == d, "gather_down: a {} wt {} for {} neurons into y {}",
-          shape_str(a.shape()), shape_str(wt.shape()), k, shape_str(y.shape()));
-    const Tensor w = gather_rows(wt, idx);
-    float* out = y.data<float>();
-    if (bias)
-      for (int64_t r = 0; r < R; ++r)
-        for (int64_t j = 0; j < d; ++j) out[r * d + j] = (accumulate ? out[r * d + j] : 0.0f) + bias->data<float>()[j];
-    if (R == 0) return;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(R), int(d), int(k), 1.0f, a.data<float>(), int(k),
-                w.data<float>(), int(d), (bias || accumulate) ? 1.0f : 0.0f, out, int(d));
+    gemm(a, idx ? gather_rows(wt, *idx) : wt, /*w_kn=*/true, bias, y, accumulate, "gather_down");
   }
 
   void copy_to_device(const Tensor& host, Tensor& dst) override {
@@ -393,6 +353,34 @@ class CpuBackend final : public Backend {
   void reset_markers() override { times_.clear(); }
 
  private:
+  // y[m, n] = x[m, k] · W (+ bias[n]) (+ y), W = wᵀ for w [n, k] (a Linear's weight) or W = w for w [k, n]
+  // (w_kn: neuron-major down-projection rows).
+  void gemm(const Tensor& x, const Tensor& w, bool w_kn, const Tensor* bias, Tensor& y, bool accumulate,
+            const char* what) {
+    const int64_t k = w_kn ? w.dim(0) : w.dim(1), n = w_kn ? w.dim(1) : w.dim(0);
+    const int64_t m = x.numel() / std::max<int64_t>(k, 1);
+    check(x.numel() == m * k && y.numel() == m * n, "{}: x {} w {} y {} do not agree", what, shape_str(x.shape()),
+          shape_str(w.shape()), shape_str(y.shape()));
+    check(!bias || bias->numel() == n, "{}: bias of {} for {} outputs", what, bias ? bias->numel() : 0, n);
+    float* out = y.data<float>();
+    if (bias) {
+      const float* b = bias->data<float>();
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < n; ++j) out[i * n + j] = (accumulate ? out[i * n + j] : 0.0f) + b[j];
+    }
+    if (m == 0) return;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, w_kn ? CblasNoTrans : CblasTrans, int(m), int(n), int(k), 1.0f,
+                x.data<float>(), int(k), w.data<float>(), w_kn ? int(n) : int(k), (bias || accumulate) ? 1.0f : 0.0f,
+                out, int(n));
+  }
+
+  // Rows idx of w [D, d] copied into a new [k, d] tensor: an embedding gather (bad indices are errors).
+  Tensor gather_rows(const Tensor& w, const Tensor& idx) {
+    Tensor out = Tensor::empty(DType::F32, {idx.numel(), w.dim(1)});
+    embedding(w, idx, out, 0);
+    return out;
+  }
+
   std::vector<std::chrono::steady_clock::time_point> times_;
 };
 
