@@ -333,8 +333,12 @@ TEST_P(CudaOps, GatherGemmsMatchCpu) {
     int64_t R, d, D, k;
     bool bias = false;
   };
-  for (const Case& c : std::vector<Case>{{1, 64, 256, 1}, {5, 96, 512, 100}, {33, 128, 1000, 999}, {130, 256, 2048, 512},
-                                         {17, 72, 300, 300}, {3, 4096, 16384, 1664, true}}) {
+  // Odd k (down's x rows unaligned) and d (36: element loads), batches over several 16/32/64-row tiles, and
+  // shapes whose K is split (small batch, large k or d) in both directions.
+  for (const Case& c : std::vector<Case>{{1, 64, 256, 1},          {5, 96, 512, 100},     {33, 128, 1000, 999},
+                                         {130, 256, 2048, 512},    {17, 72, 300, 300},    {3, 4096, 16384, 1664, true},
+                                         {4, 36, 90, 37, true},    {64, 40, 200, 64},     {65, 512, 4000, 2001, true},
+                                         {8, 1024, 16384, 8192}, {256, 264, 1040, 520, true}}) {
     Tensor x = host_random({c.R, c.d}), w = host_random({c.D, c.d}, -0.1f, 0.1f), b = host_random({c.D}, -0.1f, 0.1f);
     Tensor wt = host_random({c.D, c.d}, -0.1f, 0.1f), b2 = host_random({c.d}, -0.1f, 0.1f);
     std::vector<int32_t> all(c.D);
@@ -362,6 +366,18 @@ TEST_P(CudaOps, GatherGemmsMatchCpu) {
       EXPECT_LT(rel_err(back(down), down_ref), tol()) << "down R " << c.R << " D " << c.D << " k " << k;
     }
   }
+  // A neuron index outside the weight is reported at the next synchronisation; the backend stays usable.
+  Tensor x = host_random({2, 64}), w = host_random({32, 64}), y = poisoned({2, 2});
+  Tensor past_end = dev(host_i32({3, 32})), negative = dev(host_i32({-1, 5}));
+  cuda_->gather_up_relu(dev(x), dev(w), nullptr, &past_end, y);
+  EXPECT_THROW(cuda_->synchronize(), Error);
+  Tensor a = host_random({2, 2}), z = poisoned({2, 64});
+  cuda_->gather_down(dev(a), dev(w), &negative, nullptr, z, false);
+  EXPECT_THROW(cuda_->synchronize(), Error);
+  Tensor ref = Tensor::empty(DType::F32, {2, 2}), idx = host_i32({3, 31}), gidx = dev(idx);
+  cpu_->gather_up_relu(x, w, nullptr, &idx, ref);
+  cuda_->gather_up_relu(dev(x), dev(w), nullptr, &gidx, y);
+  EXPECT_LT(rel_err(back(y), ref), tol());
 }
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, CudaOps, ::testing::Values(DType::F16, DType::BF16),

@@ -79,6 +79,18 @@ std::vector<GemmShape> default_gemm_shapes() {
   return s;
 }
 
+std::vector<GatherShape> default_gather_shapes() {
+  std::vector<GatherShape> s;
+  for (bool up : {true, false})
+    for (int64_t b : {16, 64, 256}) s.push_back({up, b, 9216, 36864, 0.5});
+  for (int64_t b : {64, 256}) s.push_back({false, b, 4096, 16384, 0.1});
+  return s;
+}
+
+std::vector<RouteShape> default_route_shapes() {
+  return {{8, 16384, 4096}, {64, 16384, 8192}, {256, 16384, 12288}, {64, 36864, 18432}};
+}
+
 std::vector<KernelRow> bench_attention(Backend& be, const std::vector<AttentionShape>& shapes, double copy_gbps,
                                        const KernelBenchOptions& o,
                                        const std::function<void(const std::string&)>& progress) {
@@ -160,6 +172,68 @@ std::vector<KernelRow> bench_gemm(Backend& be, const std::vector<GemmShape>& sha
     const double bytes = w_bytes + static_cast<double>(x.nbytes() + y.nbytes());
     rows.push_back(row("gemm", fmt::format("m{} n{} k{}", s.m, s.n, s.k), ms, bytes, copy_gbps));
     if (progress) progress(fmt::format("gemm {}: {:.4f} ms", rows.back().shape, ms));
+  }
+  return rows;
+}
+
+std::vector<KernelRow> bench_gather(Backend& be, const std::vector<GatherShape>& shapes, double copy_gbps,
+                                    const KernelBenchOptions& o,
+                                    const std::function<void(const std::string&)>& progress) {
+  const DType dt = be.activation_dtype();
+  const double elem = static_cast<double>(dtype_size(dt));
+  std::mt19937_64 rng(o.seed);
+  std::vector<KernelRow> rows;
+  for (const GatherShape& s : shapes) {
+    check(s.density > 0 && s.density <= 1, "gather density {} is outside (0, 1]", s.density);
+    // Rounded up to a multiple of 8, as the routers' k is (router_sparsity.cpp).
+    const int64_t k = std::min(s.D, (std::max<int64_t>(1, static_cast<int64_t>(s.density * static_cast<double>(s.D))) + 7) / 8 * 8);
+    const double w_bytes = static_cast<double>(s.D * s.d) * elem;
+    const int copies = static_cast<int>(std::clamp(256e6 / (w_bytes * s.density), 2.0, 16.0));
+    std::vector<Tensor> w;
+    for (int c = 0; c < copies; ++c) w.push_back(be.random_uniform(dt, {s.D, s.d}, -0.05f, 0.05f, o.seed + 20 + c));
+    Tensor bias = be.random_uniform(dt, {s.D}, -0.05f, 0.05f, o.seed + 6);
+    // A random ascending set of k neurons, as route_neurons would return.
+    std::vector<int32_t> all(s.D);
+    std::iota(all.begin(), all.end(), 0);
+    std::shuffle(all.begin(), all.end(), rng);
+    std::sort(all.begin(), all.begin() + k);
+    Tensor idx = be.upload(host_i32(std::vector<int32_t>(all.begin(), all.begin() + k), {k}), DType::I32);
+    const std::string name = fmt::format("B{} d{} D{}", s.batch, s.d, s.D);
+    for (bool sparse : {true, false}) {
+      const int64_t n = sparse ? k : s.D;
+      const Tensor* sel = sparse ? &idx : nullptr;
+      Tensor in = be.random_uniform(dt, {s.batch, s.up ? s.d : n}, -1, 1, o.seed + 7);
+      Tensor out = be.alloc(dt, {s.batch, s.up ? n : s.d});
+      const double ms = time_ms(be, o.reps, [&](int i) {
+        if (s.up)
+          be.gather_up_relu(in, w[i % copies], &bias, sel, out);
+        else
+          be.gather_down(in, w[i % copies], sel, nullptr, out, false);
+      });
+      const double bytes = static_cast<double>(n * s.d) * elem + static_cast<double>(in.nbytes() + out.nbytes()) +
+                           (sparse ? 4.0 * k : 0.0);
+      rows.push_back(row(s.up ? "gather_up" : "gather_down",
+                         sparse ? fmt::format("{} d{:g}", name, s.density) : name + " dense", ms, bytes, copy_gbps));
+      if (progress) progress(fmt::format("{} {}: {:.4f} ms", rows.back().kernel, rows.back().shape, ms));
+    }
+  }
+  return rows;
+}
+
+std::vector<KernelRow> bench_route(Backend& be, const std::vector<RouteShape>& shapes, double copy_gbps,
+                                   const KernelBenchOptions& o,
+                                   const std::function<void(const std::string&)>& progress) {
+  const DType dt = be.activation_dtype();
+  std::vector<KernelRow> rows;
+  for (const RouteShape& s : shapes) {
+    check(s.k >= 1 && s.k <= s.D, "route: {} of {} neurons", s.k, s.D);
+    Tensor logits = be.random_uniform(dt, {s.rows, s.D}, -4, 1, o.seed + 8);
+    Tensor live = be.upload(host_i32({static_cast<int32_t>(s.rows)}, {1}), DType::I32);
+    Tensor idx = be.alloc(DType::I32, {s.k});
+    const double ms = time_ms(be, o.reps, [&](int) { be.route_neurons(logits, live, idx); });
+    const double bytes = static_cast<double>(logits.nbytes() + idx.nbytes());
+    rows.push_back(row("route", fmt::format("R{} D{} k{}", s.rows, s.D, s.k), ms, bytes, copy_gbps));
+    if (progress) progress(fmt::format("route {}: {:.4f} ms", rows.back().shape, ms));
   }
   return rows;
 }

@@ -19,14 +19,29 @@ struct AttentionShape {
 struct GemmShape {
   int64_t m, n, k;  // y[m, n] = x[m, k] · w[n, k]ᵀ
 };
+// A sparse ReLU MLP's gather GEMM at batch B: up y[B, k] = ReLU(x[B, d] · fc1[idx]ᵀ + b[idx]) or down
+// y[B, d] = a[B, k] · fc2ᵀ[idx], over k = int(density · D) of D neurons, rounded up to a multiple of 8.
+struct GatherShape {
+  bool up;
+  int64_t batch, d, D;
+  double density;
+};
+// route_neurons: the k best of D neurons by their ReLU logits summed over R rows.
+struct RouteShape {
+  int64_t rows, D, k;
+};
 
 // The default tables: the decode-attention shapes (B·N up to 128·1920 and 16·3968, MHA and GQA,
 // dh 128) and llama-2-7b's decode GEMMs at batch 1 … 256.
 std::vector<AttentionShape> default_attention_shapes();
 std::vector<GemmShape> default_gemm_shapes();
+// The gather-GEMM table (OPT-66B's d 9216 / D 36864 and OPT-6.7B's 4096 / 16384) and
+// route_neurons at OPT-6.7B and OPT-66B decode batches.
+std::vector<GatherShape> default_gather_shapes();
+std::vector<RouteShape> default_route_shapes();
 
 struct KernelRow {
-  std::string kernel;  // "attention" or "gemm"
+  std::string kernel;  // "attention", "gemm", "gather_up", "gather_down" or "route"
   std::string shape;   // e.g. "B64 N1920 H32/32 dh128" or "m64 n4096 k4096"
   double ms = 0;       // median over the timed repetitions
   double bytes = 0;    // the byte floor's bytes
@@ -47,5 +62,13 @@ std::vector<KernelRow> bench_attention(Backend& be, const std::vector<AttentionS
                                        const std::function<void(const std::string&)>& progress = {});
 std::vector<KernelRow> bench_gemm(Backend& be, const std::vector<GemmShape>& shapes, double copy_gbps,
                                   const KernelBenchOptions& o, const std::function<void(const std::string&)>& progress = {});
+// Each gather shape twice: the sparse kernel (floor: the selected rows once, plus activations) and the
+// dense layer it replaces (all D neurons), so the rows read side by side.
+std::vector<KernelRow> bench_gather(Backend& be, const std::vector<GatherShape>& shapes, double copy_gbps,
+                                    const KernelBenchOptions& o,
+                                    const std::function<void(const std::string&)>& progress = {});
+std::vector<KernelRow> bench_route(Backend& be, const std::vector<RouteShape>& shapes, double copy_gbps,
+                                   const KernelBenchOptions& o,
+                                   const std::function<void(const std::string&)>& progress = {});
 
 }  // namespace polar

@@ -16,7 +16,7 @@ namespace {
 struct KernelArgs {
   std::string device = "cuda";
   std::string dtype = "f16";
-  std::vector<std::string> attention, gemm;
+  std::vector<std::string> attention, gemm, gather, route;
   KernelBenchOptions bench;
   std::string csv;
   bool json = false;
@@ -39,6 +39,25 @@ std::vector<int64_t> parse_dims(const std::string& s, size_t n, const char* what
   return v;
 }
 
+// "up:16x9216x36864:0.5" -> up, batch 16, d 9216, D 36864, density 0.5.
+GatherShape parse_gather(const std::string& s) {
+  const size_t a = s.find(':'), b = s.rfind(':');
+  check(a != std::string::npos && b > a, "bad gather shape '{}': expected up|down:BxdxD:DENSITY", s);
+  const std::string kind = s.substr(0, a);
+  check(kind == "up" || kind == "down", "bad gather shape '{}': the kind must be up or down", s);
+  const auto d = parse_dims(s.substr(a + 1, b - a - 1), 3, "gather");
+  double density = 0;
+  try {
+    size_t used = 0;
+    density = std::stod(s.substr(b + 1), &used);
+    check(used == s.size() - b - 1, "");
+  } catch (const std::exception&) {
+    fail("bad gather shape '{}': the density '{}' is not a number", s, s.substr(b + 1));
+  }
+  check(density > 0 && density <= 1, "bad gather shape '{}': the density must be in (0, 1]", s);
+  return {kind == "up", d[0], d[1], d[2], density};
+}
+
 int run(const KernelArgs& a) {
   auto be = make_backend(a.device, a.dtype == "bf16" ? DType::BF16 : DType::F16);
   std::vector<AttentionShape> att;
@@ -52,9 +71,19 @@ int run(const KernelArgs& a) {
     auto d = parse_dims(s, 3, "gemm");
     gemm.push_back({d[0], d[1], d[2]});
   }
-  if (a.attention.empty() && a.gemm.empty()) {
+  std::vector<GatherShape> gather;
+  for (const auto& s : a.gather) gather.push_back(parse_gather(s));
+  std::vector<RouteShape> route;
+  for (const auto& s : a.route) {
+    auto d = parse_dims(s, 3, "route");
+    check(d[2] <= d[1], "bad route shape '{}': k must be at most D", s);
+    route.push_back({d[0], d[1], d[2]});
+  }
+  if (a.attention.empty() && a.gemm.empty() && a.gather.empty() && a.route.empty()) {
     att = default_attention_shapes();
     gemm = default_gemm_shapes();
+    gather = default_gather_shapes();
+    route = default_route_shapes();
   }
   fmt::print(stderr, "measuring memory bandwidth on {}...\n", be->name());
   const double copy = be->measure_memory_gbps();
@@ -62,6 +91,8 @@ int run(const KernelArgs& a) {
   auto progress = [](const std::string& s) { fmt::print(stderr, "{}\n", s); };
   std::vector<KernelRow> rows = bench_attention(*be, att, copy, a.bench, progress);
   for (auto& r : bench_gemm(*be, gemm, copy, a.bench, progress)) rows.push_back(r);
+  for (auto& r : bench_gather(*be, gather, copy, a.bench, progress)) rows.push_back(r);
+  for (auto& r : bench_route(*be, route, copy, a.bench, progress)) rows.push_back(r);
   if (!a.csv.empty()) {
     std::ofstream f(a.csv);
     check(f.good(), "cannot write {}", a.csv);
@@ -77,9 +108,9 @@ int run(const KernelArgs& a) {
     fmt::print("{}\n", nlohmann::json{{"device", be->name()}, {"copy_gb_per_s", copy}, {"rows", j}}.dump(1));
     return 0;
   }
-  fmt::print("{:<10} {:<26} {:>10} {:>10} {:>9}\n", "kernel", "shape", "ms", "GB/s", "of copy");
+  fmt::print("{:<11} {:<28} {:>10} {:>10} {:>9}\n", "kernel", "shape", "ms", "GB/s", "of copy");
   for (auto& r : rows)
-    fmt::print("{:<10} {:<26} {:>10.4f} {:>10.0f} {:>8.0f}%\n", r.kernel, r.shape, r.ms, r.gbps, 100 * r.of_copy);
+    fmt::print("{:<11} {:<28} {:>10.4f} {:>10.0f} {:>8.0f}%\n", r.kernel, r.shape, r.ms, r.gbps, 100 * r.of_copy);
   return 0;
 }
 
@@ -90,7 +121,7 @@ Command bench_kernels_command() {
   return {"bench-kernels",
           [a](CLI::App& app) {
             auto* c = app.add_subcommand("bench-kernels",
-                                         "Time decode attention and decode GEMMs alone against their byte floors");
+                                         "Time decode attention, GEMMs, sparse MLP gather GEMMs and neuron routing alone against their byte floors");
             c->add_option("--device", a->device, "cpu or cuda[:N]")->capture_default_str();
             c->add_option("--dtype", a->dtype, "f16 or bf16 (CUDA)")->capture_default_str()->check(CLI::IsMember({"f16", "bf16"}));
             c->add_option("--attention", a->attention, "Attention shapes BxNxHxHkvxDH (default: a built-in table)")
@@ -101,6 +132,12 @@ Command bench_kernels_command() {
                 ->delimiter(',')
                 ->capture_default_str();
             c->add_option("--gemm", a->gemm, "GEMM shapes MxNxK, y[M,N] = x[M,K]·w[N,K]ᵀ (default: a built-in table)")
+                ->delimiter(',');
+            c->add_option("--gather", a->gather,
+                          "Sparse MLP gather GEMMs up|down:BxdxD:DENSITY, e.g. up:16x9216x36864:0.5, each beside "
+                          "its dense layer (default: a built-in table)")
+                ->delimiter(',');
+            c->add_option("--route", a->route, "route_neurons shapes RxDxK: the K best of D neurons over R rows")
                 ->delimiter(',');
             c->add_option("--reps", a->bench.reps, "Timed repetitions per shape")->capture_default_str()
                 ->check(CLI::PositiveNumber);

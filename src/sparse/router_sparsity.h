@@ -28,7 +28,8 @@ class RouterSparsity final : public Sparsity {
   double density() const { return density_; }
   // KV heads (groups) each token keeps at layers >= 1.
   int64_t kv_heads_kept() const { return kv_heads_kept_; }
-  // MLP neurons a step of `batch` rows keeps at `layer` (ffn when it runs dense).
+  // MLP neurons a step of `batch` rows keeps at `layer`: the k table's entry rounded up to a multiple of 8
+  // (ffn when it runs dense).
   int64_t mlp_neurons_kept(int layer, int64_t batch) const;
   // Router weight bytes a step of `batch` rows reads at `layer` (the routers that run there).
   int64_t router_bytes(int layer, int64_t batch) const;

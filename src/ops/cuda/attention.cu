@@ -40,10 +40,13 @@
 
 #include "core/error.h"
 #include "ops/cuda/attention.h"
+#include "ops/cuda/device_util.cuh"
 
 namespace polar::cuda {
 
 namespace {
+
+using namespace detail;
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
@@ -93,46 +96,6 @@ struct BlockDiv {
   }
 };
 
-// ---- PTX wrappers ----
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte global -> shared copy that bypasses L1; src_bytes 0 writes zeros and reads nothing.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
-               "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p)));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p)));
-}
-
-// c[16x8] += a[16x16] * b[16x8], fp32 accumulators, a/b in T (f16 or bf16).
-template <typename T> __device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, __half>) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
 // Two floats as a packed pair of T (first in the low half, as MMA fragments expect).
 template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   if constexpr (std::is_same_v<T, __half>) {
@@ -143,14 +106,6 @@ template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float 
     return *reinterpret_cast<const uint32_t*>(&v);
   }
 }
-template <typename T> __device__ __forceinline__ T from_float(float x) {
-  if constexpr (std::is_same_v<T, __half>) {
-    return __float2half_rn(x);
-  } else {
-    return __float2bfloat16_rn(x);
-  }
-}
-
 __device__ __forceinline__ int window_start(int pos, int window) { return window > 0 ? max(0, pos - window + 1) : 0; }
 
 // ---- the attention kernel ----
@@ -529,11 +484,6 @@ SplitPlan plan_splits(const PagedAttention& a, int num_sms) {
   return plan;
 }
 
-void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) fail("CUDA attention kernel {} failed to launch: {}", what, cudaGetErrorString(err));
-}
-
 template <typename T, int DH>
 void launch(const PagedAttention& a, const SplitPlan& plan, void* workspace, cudaStream_t stream) {
   using D = Dims<DH>;
@@ -558,12 +508,12 @@ void launch(const PagedAttention& a, const SplitPlan& plan, void* workspace, cud
       fail("attention: cannot give the decode kernel {} bytes of shared memory (dh {})", D::kSmemBytes, DH);
     attention_kernel<T, DH, true><<<dim3(a.T, y, plan.splits), kThreads, D::kSmemBytes, stream>>>(
         a, BlockDiv::of(a.block_size), plan.splits, plan.keys_per_split, ws_ml, ws_o);
-    check_launch("decode");
+    check_launch("attention decode");
     if (plan.splits > 1) {
       const int64_t rows = int64_t(a.T) * a.H;
       combine_kernel<T, DH><<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(
           ws_ml, ws_o, rows, plan.splits, static_cast<T*>(a.out));
-      check_launch("split-K combine");
+      check_launch("attention split-K combine");
     }
   } else {
     if (a.S > 65535) fail("attention: {} sequences in one prefill step exceed the grid's z limit", a.S);
@@ -574,7 +524,7 @@ void launch(const PagedAttention& a, const SplitPlan& plan, void* workspace, cud
       fail("attention: cannot give the prefill kernel {} bytes of shared memory (dh {})", D::kSmemBytes, DH);
     attention_kernel<T, DH, false><<<dim3(tiles, y, a.S), kThreads, D::kSmemBytes, stream>>>(
         a, BlockDiv::of(a.block_size), 1, 0, nullptr, nullptr);
-    check_launch("prefill");
+    check_launch("attention prefill");
   }
 }
 

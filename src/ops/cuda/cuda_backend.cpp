@@ -19,6 +19,7 @@
 #include "ops/backend.h"
 #include "ops/cuda/attention.h"
 #include "ops/cuda/cuda_backend.h"
+#include "ops/cuda/gather_gemm.h"
 #include "ops/cuda/kernels.h"
 
 namespace polar {
@@ -289,20 +290,14 @@ class CudaBackend final : public Backend {
   void gather_up_relu(const Tensor& x, const Tensor& w, const Tensor* bias, const Tensor* idx, Tensor& y) override {
     expect_act(w, "gather_up_relu weight");
     if (!idx) return gemm(x, w, false, bias, /*relu=*/true, y, false, "gather_up_relu");
-    // Selected rows (and biases) gathered into scratch, then one GEMM with the bias + ReLU epilogue: correct
-    // and simple, but the copy writes and re-reads the selected rows (3x the floor's bytes); a fused
-    // gather-GEMM kernel is what reaches the floor.
-    Tensor rows = gather_rows(w, *idx), b;
-    if (bias) b = gather_rows(bias->reshape({bias->numel(), 1}), *idx).reshape({idx->numel()});
-    gemm(x, rows, false, bias ? &b : nullptr, true, y, false, "gather_up_relu");
+    gather_gemm(x, w, *idx, bias, y, /*gather_n=*/true, /*accumulate=*/false, "gather_up_relu");
   }
 
   void gather_down(const Tensor& a, const Tensor& wt, const Tensor* idx, const Tensor* bias, Tensor& y,
                    bool accumulate) override {
     expect_act(wt, "gather_down weight");
     if (!idx) return gemm(a, wt, /*w_kn=*/true, bias, false, y, accumulate, "gather_down");
-    Tensor rows = gather_rows(wt, *idx);
-    gemm(a, rows, true, bias, false, y, accumulate, "gather_down");
+    gather_gemm(a, wt, *idx, bias, y, /*gather_n=*/false, accumulate, "gather_down");
   }
 
   void route_heads(const Tensor& scores, int64_t group, Tensor& idx) override {
@@ -320,8 +315,8 @@ class CudaBackend final : public Backend {
     expect_i32(idx, "route_neurons output");
     const int64_t R = logits.dim(0), D = logits.dim(1), k = idx.numel();
     check(k >= 1 && k <= D, "route_neurons: {} of {} neurons", k, D);
-    Tensor score = alloc(DType::F32, {D});
-    cuda::route_neurons(logits.raw(), R, D, live_rows.data<int32_t>(), k, score.data<float>(), idx.data<int32_t>(),
+    Tensor key = alloc(DType::I32, {D});
+    cuda::route_neurons(logits.raw(), R, D, live_rows.data<int32_t>(), k, static_cast<uint32_t*>(key.raw()), idx.data<int32_t>(),
                         elem(), stream_);
   }
   void add(const Tensor& a, const Tensor& b, Tensor& out) override {
@@ -536,12 +531,43 @@ class CudaBackend final : public Backend {
                out.raw(), elem(), stream_);
   }
 
-  // Rows idx of w [D, d] copied into a new [k, d] tensor (an embedding gather; bad indices raise the
-  // error flag).
-  Tensor gather_rows(const Tensor& w, const Tensor& idx) {
-    Tensor out = alloc(w.dtype(), {idx.numel(), w.dim(1)});
-    embedding(w, idx, out, 0);
-    return out;
+  // The sparse MLP's GEMMs over the rows idx [k] of a neuron-major w [D, d] (gather_gemm.h): up (gather_n)
+  // y [R, k] = ReLU(x [R, d] · w[idx]ᵀ + bias[idx]); down y [R, d] (+)= x [R, k] · w[idx] + bias.
+  void gather_gemm(const Tensor& x, const Tensor& w, const Tensor& idx, const Tensor* bias, Tensor& y, bool gather_n,
+                   bool accumulate, const char* what) {
+    expect_act(x, what);
+    expect_act(y, what);
+    expect_i32(idx, what);
+    check(w.ndim() == 2, "{}: weight {} is not a matrix", what, shape_str(w.shape()));
+    const int64_t D = w.dim(0), d = w.dim(1), k = idx.numel(), R = x.numel() / std::max<int64_t>(gather_n ? d : k, 1);
+    check(x.numel() == R * (gather_n ? d : k) && y.numel() == R * (gather_n ? k : d),
+          "{}: x {} w {} idx {} y {} do not agree", what, shape_str(x.shape()), shape_str(w.shape()),
+          shape_str(idx.shape()), shape_str(y.shape()));
+    if (bias) {
+      expect_act(*bias, what);
+      check(bias->numel() == (gather_n ? D : d), "{}: bias {} for weight {}", what, shape_str(bias->shape()),
+            shape_str(w.shape()));
+    }
+    cuda::GatherGemm g;
+    g.x = x.raw();
+    g.ldx = gather_n ? d : k;
+    g.w = w.raw();
+    g.ldw = d;
+    g.idx = idx.data<int32_t>();
+    g.D = D;
+    g.error_flag = error_flag_.data<int32_t>();
+    g.bias = bias ? bias->raw() : nullptr;
+    g.y = y.raw();
+    g.ldy = gather_n ? k : d;
+    g.M = R;
+    g.N = gather_n ? k : d;
+    g.K = gather_n ? d : k;
+    g.gather_n = gather_n;
+    g.relu = gather_n;
+    g.accumulate = accumulate;
+    const size_t ws = cuda::gather_gemm_workspace_bytes(g, num_sms_, elem());
+    Tensor workspace = alloc(DType::U8, {static_cast<int64_t>(std::max<size_t>(ws, 1))});
+    cuda::gather_gemm(g, workspace.raw(), ws, num_sms_, elem(), stream_);
   }
 
   // y[m, n] = x[m, k] · W (+ bias[n]) (ReLU) (+ y), W = wᵀ for w [n, k] (w_kn false: a Linear's weight) or

@@ -10,33 +10,14 @@
 
 #include "core/error.h"
 #include "core/random.h"
+#include "ops/cuda/device_util.cuh"
 #include "ops/cuda/kernels.h"
 
 namespace polar::cuda {
 
 namespace {
 
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(float x) { return x; }
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
-
-void check_launch(const char* what) {
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) fail("CUDA kernel {} failed to launch: {}", what, cudaGetErrorString(err));
-}
-
-// Calls f with a null pointer of the element type that `e` names (for template dispatch).
-template <typename F> void dispatch(Elem e, F&& f) {
-  if (e == Elem::F16) {
-    f(static_cast<__half*>(nullptr));
-  } else {
-    f(static_cast<__nv_bfloat16*>(nullptr));
-  }
-}
+using namespace detail;
 
 constexpr int kThreads = 256;
 int grid_for(int64_t n, int per_thread = 1) {
@@ -413,67 +394,88 @@ __global__ void keep_selected_heads_kernel(T* out, int64_t H, int64_t Hkv, int64
   }
 }
 
-// score[j] = Σ_{r < live_rows[0]} max(logits[r, j], 0), fp32, rows summed in order (deterministic).
+// key[j] = order_key(Σ_{r < live_rows[0]} max(logits[r, j], 0)): the fp32 score (rows summed in order,
+// deterministic) as the unsigned key the selection compares.
 template <typename T>
-__global__ void relu_column_sum_kernel(const T* logits, int64_t R, int64_t D, const int32_t* live_rows, float* score) {
+__global__ void relu_column_sum_kernel(const T* logits, int64_t R, int64_t D, const int32_t* live_rows, uint32_t* key) {
   const int64_t rows = min(R, static_cast<int64_t>(*live_rows));
   for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < D; j += int64_t(gridDim.x) * blockDim.x) {
     float s = 0.0f;
     for (int64_t r = 0; r < rows; ++r) s += fmaxf(to_float(logits[r * D + j]), 0.0f);
-    score[j] = s;
+    key[j] = order_key(nan_as_lowest(s));
   }
 }
 
 constexpr int kSelectThreads = 1024;
 
-// One CTA: the k best of score[D] into idx[k], ascending. A 4-pass 8-bit radix select finds the key of the
-// k-th best (threshold) and how many elements equal to it are taken; a compaction in index order (block
-// scans over 1024-element chunks) then writes every key above the threshold and the first equal ones.
-__global__ void __launch_bounds__(kSelectThreads) select_top_kernel(const float* score, int64_t D, int64_t k,
+// Keys staged in shared memory up to this many (192 KB; OPT-175B's D is 49152): the selection reads each key
+// five times, and from shared memory those reads cost nothing beside the global loads they replace.
+constexpr int64_t kSelectSmemKeys = 49152;
+
+// One CTA: the k best of key[D] into idx[k], ascending. A 4-pass 8-bit radix select finds the k-th best
+// key (the threshold) and how many keys equal to it are taken; a compaction in index order then writes
+// every key above the threshold and the first equal ones. Decode calls it once per layer, so it is built
+// for latency: keys staged in shared memory, histogram atomics aggregated per warp (scores of one layer
+// share their top bytes, so plain atomics would serialise on one bin), the bin found by a block scan, and
+// the compaction over contiguous per-thread segments with two block scans in all.
+template <bool kStaged>
+__global__ void __launch_bounds__(kSelectThreads) select_top_kernel(const uint32_t* key_global, int64_t D, int64_t k,
                                                                     int32_t* idx) {
   using Scan = cub::BlockScan<int, kSelectThreads>;
+  extern __shared__ uint32_t key_shared[];
   __shared__ typename Scan::TempStorage scan;
   __shared__ int hist[256];
   __shared__ uint32_t prefix_s;
-  __shared__ int64_t need_s;
+  __shared__ int need_s;
+  const int tid = threadIdx.x, lane = tid & 31;
+  const uint32_t* key = key_global;
+  if constexpr (kStaged) {
+    for (int64_t j = tid; j < D; j += kSelectThreads) key_shared[j] = key_global[j];
+    key = key_shared;
+  }
   uint32_t prefix = 0, mask = 0;
-  int64_t need = k;  // elements still to take at the current prefix
+  int need = static_cast<int>(k);  // keys still to take at the current prefix
   for (int shift = 24; shift >= 0; shift -= 8) {
-    for (int b = threadIdx.x; b < 256; b += blockDim.x) hist[b] = 0;
+    if (tid < 256) hist[tid] = 0;
     __syncthreads();
-    for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
-      const uint32_t key = order_key(nan_as_lowest(score[j]));
-      if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255], 1);
+    for (int64_t base = 0; base < D; base += kSelectThreads) {  // whole warps, so match_any sees all lanes
+      const int64_t j = base + tid;
+      const uint32_t kj = j < D ? key[j] : 0;
+      const int bin = j < D && (kj & mask) == prefix ? int((kj >> shift) & 255) : -1;
+      const uint32_t peers = __match_any_sync(0xffffffffu, bin);
+      if (bin >= 0 && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-      int b = 255;
-      for (; b > 0 && need > hist[b]; --b) need -= hist[b];
-      prefix_s = prefix | (uint32_t(b) << shift);
-      need_s = need;
+    // Counts from the highest bin down; the bin where the running count reaches `need` holds the k-th key.
+    const int count = tid < 256 ? hist[255 - tid] : 0;
+    int through;
+    Scan(scan).InclusiveSum(count, through);
+    if (tid < 256 && through >= need && through - count < need) {
+      prefix_s = prefix | (uint32_t(255 - tid) << shift);
+      need_s = need - (through - count);
     }
     __syncthreads();
     prefix = prefix_s;
     need = need_s;
     mask |= 255u << shift;
-    __syncthreads();
   }
   // prefix is now the k-th best key; `need` of the elements equal to it are taken, lowest indices first.
-  int64_t equal_seen = 0, taken = 0;
-  for (int64_t base = 0; base < D; base += blockDim.x) {
-    const int64_t j = base + threadIdx.x;
-    const uint32_t key = j < D ? order_key(nan_as_lowest(score[j])) : 0;
-    const int equal = j < D && key == prefix, above = j < D && key > prefix;
-    int equal_before, equal_total;
-    Scan(scan).ExclusiveSum(equal, equal_before, equal_total);
-    __syncthreads();
-    const int take = above || (equal && equal_seen + equal_before < need);
-    int at, take_total;
-    Scan(scan).ExclusiveSum(take, at, take_total);
-    __syncthreads();
-    if (take) idx[taken + at] = static_cast<int32_t>(j);
-    equal_seen += equal_total;
-    taken += take_total;
+  // Thread t owns indices [t·per, (t+1)·per): counts, two scans for its output offset, then writes.
+  const int64_t per = (D + kSelectThreads - 1) / kSelectThreads, lo = min(D, tid * per), hi = min(D, lo + per);
+  int above = 0, equal = 0;
+  for (int64_t j = lo; j < hi; ++j) {
+    above += key[j] > prefix;
+    equal += key[j] == prefix;
+  }
+  int equal_before;
+  Scan(scan).ExclusiveSum(equal, equal_before);
+  __syncthreads();
+  int equal_left = max(0, min(equal, need - equal_before));  // equal keys this thread takes
+  int at;
+  Scan(scan).ExclusiveSum(above + equal_left, at);
+  for (int64_t j = lo; j < hi; ++j) {
+    const bool take = key[j] > prefix || (key[j] == prefix && equal_left-- > 0);
+    if (take) idx[at++] = static_cast<int32_t>(j);
   }
 }
 
@@ -571,15 +573,21 @@ void route_heads(const void* scores, int64_t R, int64_t H, int64_t group, int64_
   check_launch("route_heads");
 }
 
-void route_neurons(const void* logits, int64_t R, int64_t D, const int32_t* live_rows, int64_t k, float* score,
+void route_neurons(const void* logits, int64_t R, int64_t D, const int32_t* live_rows, int64_t k, uint32_t* key,
                    int32_t* idx, Elem e, cudaStream_t stream) {
   dispatch(e, [&](auto* tag) {
     using Ty = std::remove_pointer_t<decltype(tag)>;
-    relu_column_sum_kernel<<<grid_for(D), kThreads, 0, stream>>>(static_cast<const Ty*>(logits), R, D, live_rows,
-                                                                   score);
+    relu_column_sum_kernel<<<grid_for(D), kThreads, 0, stream>>>(static_cast<const Ty*>(logits), R, D, live_rows, key);
   });
   check_launch("route_neurons (scores)");
-  select_top_kernel<<<1, kSelectThreads, 0, stream>>>(score, D, k, idx);
+  if (D <= kSelectSmemKeys) {
+    const int bytes = static_cast<int>(D * sizeof(uint32_t));
+    if (cudaFuncSetAttribute(select_top_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess)
+      fail("route_neurons: cannot reserve {} bytes of shared memory", bytes);
+    select_top_kernel<true><<<1, kSelectThreads, bytes, stream>>>(key, D, k, idx);
+  } else {
+    select_top_kernel<false><<<1, kSelectThreads, 0, stream>>>(key, D, k, idx);
+  }
   check_launch("route_neurons (selection)");
 }
 

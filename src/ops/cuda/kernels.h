@@ -47,9 +47,9 @@ void silu_mul(const void* gate_up, void* out, int64_t T, int64_t F, Elem e, cuda
 // One CTA per row; H / group <= 1024.
 void route_heads(const void* scores, int64_t R, int64_t H, int64_t group, int64_t k, int32_t* idx, Elem e,
                  cudaStream_t stream);
-// idx[k] = the k best j by Σ_{r < live_rows[0]} max(logits[r, j], 0) over logits [R, D]; score is an fp32
-// scratch of D elements.
-void route_neurons(const void* logits, int64_t R, int64_t D, const int32_t* live_rows, int64_t k, float* score,
+// idx[k] = the k best j by Σ_{r < live_rows[0]} max(logits[r, j], 0) over logits [R, D]; key is a scratch
+// of D elements.
+void route_neurons(const void* logits, int64_t R, int64_t D, const int32_t* live_rows, int64_t k, uint32_t* key,
                    int32_t* idx, Elem e, cudaStream_t stream);
 // Zeroes the rows of out [T, H, dh] whose KV head (h / (H / Hkv)) is not among kv_heads[t, 0:k], except
 // for tokens with dense_tokens[t] != 0 (nullptr: none): selective attention's result from a dense one, for
