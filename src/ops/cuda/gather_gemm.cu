@@ -50,7 +50,7 @@ template <int BM, bool kGatherN> struct Cfg {
   static constexpr int kSmemBytes = kStages * (BM * kXPitch + kWRows * kWPitch) * 2;
 };
 
-constexpr int kMinUnitsPerCta = 4;  // below this a CTA's pipeline never fills
+constexpr int kMinUnitsPerCta = 16;  // fewer, and the pipeline fill and the partial sums outweigh the balance
 
 // Stream-K partition: CTA c of an M-tile row owns units [c·W/G, (c+1)·W/G) of W = n_tiles · k_tiles, unit
 // u being k-tile u % k_tiles of N tile u / k_tiles.
