@@ -512,6 +512,7 @@ TEST(RoutersCli, RandomForACheckpointThenShowJson) {
   EXPECT_EQ(j["ffn"], 256);
   EXPECT_EQ(j["mlp_rank"], 16);
   EXPECT_EQ(j["source"], "random, seed 3");
+  EXPECT_EQ(j["head_shares"], false);  // random routers cannot serve --selector static
   EXPECT_EQ(j["mlp_k"]["k"][2], (std::vector<int64_t>{128, 128, 128, 128, 128, 256, 256, 256, 256}));
   EXPECT_TRUE(j["mlp_k"]["recall"][0][0].is_null());
 
@@ -519,6 +520,7 @@ TEST(RoutersCli, RandomForACheckpointThenShowJson) {
   ASSERT_EQ(t.exit_code, 0) << describe(t);
   EXPECT_THAT(t.out, HasSubstr(m.fingerprint));
   EXPECT_THAT(t.out, HasSubstr("checked      only on its own"));
+  EXPECT_THAT(t.out, HasSubstr("head shares  none (--selector static needs routers from polar calibrate)"));
   EXPECT_THAT(t.out, HasSubstr("rank 16 routers over D = 256"));
   EXPECT_THAT(t.out, HasSubstr("  layer 2   0.500  0.500  0.500  0.500  0.500  1.000  1.000  1.000  1.000\n"));
 }
