@@ -270,31 +270,36 @@ Routers attention_routers(const Checkpoint& ck, uint64_t seed) {
 // Scoring a text in one pass with every token after the first sparse (sparse_from = 1) gives the logits
 // that feeding it one decode step at a time gives: each token's selection depends only on its own hidden
 // state, and every token's K/V (of all heads) are in the cache either way.
+// The same holds for the oracle (chosen after each token's dense attention) and per query head.
 TEST(SparseModels, ScoredPrefillEqualsTokenByTokenSparseDecode) {
   for (const char* fixture : {"opt", "llama_mha", "llama3_gqa"}) {
-    SCOPED_TRACE(fixture);
-    Checkpoint ck = load_checkpoint(test::shared_path(std::string("fixtures/hf/") + fixture));
-    auto cpu = make_cpu_backend();
-    auto model = make_model(ck, *cpu);
-    RouterSparsity sparse(*model, attention_routers(ck, 3), 0.5);
-    const std::vector<int32_t> text = {5, 17, 42, 9, 3, 8, 100, 7, 1, 60};
-    Engine one_pass(*model, {.kv_tokens = 64, .sparsity = &sparse});
-    Tensor all = one_pass.step({{one_pass.add_sequence(), text, 1}}, /*all_logits=*/true);
-    Engine stepwise(*model, {.kv_tokens = 64, .sparsity = &sparse});
-    const int64_t seq = stepwise.add_sequence(), V = ck.config.vocab_size;
-    for (size_t i = 0; i < text.size(); ++i) {
-      // The first token is a one-token prompt (dense), as sparse_from = 1 has it.
-      Tensor row = stepwise.step({{seq, std::span<const int32_t>(&text[i], 1), i == 0 ? 1 : 0}}, false);
-      for (int64_t j = 0; j < V; ++j)
-        ASSERT_NEAR(row.data<float>()[j], all.data<float>()[i * V + j], 2e-5) << "token " << i;
+    for (const char* selector : {"router", "oracle", "oracle per query head"}) {
+      SCOPED_TRACE(testing::Message() << fixture << ", " << selector);
+      Checkpoint ck = load_checkpoint(test::shared_path(std::string("fixtures/hf/") + fixture));
+      auto cpu = make_cpu_backend();
+      auto model = make_model(ck, *cpu);
+      RouterSparsity routers(*model, attention_routers(ck, 3), 0.5);
+      OracleSparsity oracle(*model, 0.5, std::string(selector) == "oracle" ? Granularity::Group : Granularity::Head);
+      Sparsity& sparse = std::string(selector) == "router" ? static_cast<Sparsity&>(routers) : oracle;
+      const std::vector<int32_t> text = {5, 17, 42, 9, 3, 8, 100, 7, 1, 60};
+      Engine one_pass(*model, {.kv_tokens = 64, .sparsity = &sparse});
+      Tensor all = one_pass.step({{one_pass.add_sequence(), text, 1}}, /*all_logits=*/true);
+      Engine stepwise(*model, {.kv_tokens = 64, .sparsity = &sparse});
+      const int64_t seq = stepwise.add_sequence(), V = ck.config.vocab_size;
+      for (size_t i = 0; i < text.size(); ++i) {
+        // The first token is a one-token prompt (dense), as sparse_from = 1 has it.
+        Tensor row = stepwise.step({{seq, std::span<const int32_t>(&text[i], 1), i == 0 ? 1 : 0}}, false);
+        for (int64_t j = 0; j < V; ++j)
+          ASSERT_NEAR(row.data<float>()[j], all.data<float>()[i * V + j], 2e-5) << "token " << i;
+      }
+      // And the dense rows of a scored step are the dense model's.
+      Engine dense(*model, {.kv_tokens = 64});
+      Tensor d = dense.step({{dense.add_sequence(), text}}, true);
+      for (int64_t j = 0; j < V; ++j) EXPECT_NEAR(d.data<float>()[j], all.data<float>()[j], 1e-6);
+      double differs = 0;
+      for (int64_t j = V; j < d.numel(); ++j) differs = std::max(differs, double(std::abs(d.data<float>()[j] - all.data<float>()[j])));
+      EXPECT_GT(differs, 1e-3);  // the sparse rows are not the dense ones
     }
-    // And the dense rows of a scored step are the dense model's.
-    Engine dense(*model, {.kv_tokens = 64});
-    Tensor d = dense.step({{dense.add_sequence(), text}}, true);
-    for (int64_t j = 0; j < V; ++j) EXPECT_NEAR(d.data<float>()[j], all.data<float>()[j], 1e-6);
-    double differs = 0;
-    for (int64_t j = V; j < d.numel(); ++j) differs = std::max(differs, double(std::abs(d.data<float>()[j] - all.data<float>()[j])));
-    EXPECT_GT(differs, 1e-3);  // the sparse rows are not the dense ones
   }
 }
 
