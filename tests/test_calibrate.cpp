@@ -13,6 +13,7 @@
 #include <functional>
 #include <map>
 #include <numeric>
+#include <algorithm>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -27,6 +28,7 @@
 #include "io/safetensors.h"
 #include "model/model.h"
 #include "sparse/routers.h"
+#include "sparse/static_sparsity.h"
 #include "test_util.h"
 
 using namespace polar;
@@ -501,6 +503,58 @@ TEST(CalibGqa, GroupSelectionBeatsRandom) {
   save_routers(tmp.path("r.safetensors"), r);
   EXPECT_EQ(load_routers(tmp.path("r.safetensors"), m.ck.config, m.fingerprint).layers[1].attn_w.shape(),
             (Shape{8, 64}));
+}
+
+// Static selection's ranking: calibration records, per layer, how often each head and each KV group was
+// among the true top half by output norm (a group's norm: sqrt(Σ norm²)), and --selector static keeps the
+// most frequent for every token.
+TEST(CalibGqa, HeadSharesCountTheTrueTopHalfAndStaticSelectionKeepsTheMostFrequent) {
+  Loaded m = load("fixtures/hf/llama3_gqa");
+  test::TempDir tmp;
+  CalibrationOptions o = options_in(tmp.path("work"));
+  o.train.epochs = 1;  // the shares do not depend on training
+  Calibration cal(*m.model, m.fingerprint, text_sequences(kWikitext, 256, 4000), o);
+  const Routers r = calibrate_all(cal);
+  ASSERT_TRUE(has_head_shares(r));
+  const SpillDims& d = cal.dims();
+  const int64_t H = d.heads, G = d.kv_heads, n = cal.tokens();
+  // The k best of v (ties to the lower index), ascending.
+  auto best = [](const std::vector<double>& v, int64_t k) {
+    std::vector<int32_t> order(v.size());
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return v[size_t(a)] > v[size_t(b)]; });
+    order.resize(size_t(k));
+    std::sort(order.begin(), order.end());
+    return order;
+  };
+  save_routers(tmp.path("r.safetensors"), r);
+  const Routers back = load_routers(tmp.path("r.safetensors"), m.ck.config, m.fingerprint);
+  StaticSparsity heads(*m.model, back, 0.5, "r.safetensors", Granularity::Head);
+  StaticSparsity groups(*m.model, back, 0.5, "r.safetensors", Granularity::Group);
+  for (int64_t l = 1; l < d.layers; ++l) {
+    const LayerSpill spill(tmp.path("work"), d, l, n);
+    std::vector<double> head_count(size_t(H), 0), group_count(size_t(G), 0);
+    for (int64_t t = 0; t < n; ++t) {
+      std::vector<double> norm(spill.norms(t), spill.norms(t) + H), group_norm(size_t(G), 0);
+      for (int64_t h = 0; h < H; ++h) group_norm[size_t(h / (H / G))] += norm[size_t(h)] * norm[size_t(h)];
+      for (int32_t h : best(norm, H / 2)) ++head_count[size_t(h)];
+      for (int32_t g : best(group_norm, std::max<int64_t>(1, G / 2))) ++group_count[size_t(g)];
+    }
+    for (int64_t h = 0; h < H; ++h)
+      EXPECT_FLOAT_EQ(back.layers[size_t(l)].head_share.data<float>()[h], float(head_count[size_t(h)] / double(n)))
+          << "layer " << l << " head " << h;
+    for (int64_t g = 0; g < G; ++g)
+      EXPECT_FLOAT_EQ(back.layers[size_t(l)].group_share.data<float>()[g], float(group_count[size_t(g)] / double(n)))
+          << "layer " << l << " group " << g;
+    // Static selection: the count's top-k, the same for every token.
+    EXPECT_EQ(heads.kept_units(int(l)), best(head_count, 4)) << "layer " << l;
+    EXPECT_EQ(groups.kept_units(int(l)), best(group_count, 1)) << "layer " << l;
+    Tensor x = Tensor::zeros(DType::F32, {3, d.hidden});
+    const Tensor idx = heads.attention_heads(int(l), x);
+    for (int64_t t = 0; t < 3; ++t)
+      EXPECT_EQ(std::vector<int32_t>(idx.data<int32_t>() + t * 4, idx.data<int32_t>() + (t + 1) * 4),
+                best(head_count, 4));
+  }
 }
 
 TEST(CalibTrain, RecallPoolsGroups) {

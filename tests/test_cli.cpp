@@ -84,6 +84,24 @@ TEST(BadInput, UsageErrorsExitCleanly) {
   }
 }
 
+// Selector and granularity choices are checked by the parser, which names the valid ones; generate decodes
+// with routers only and has no --selector.
+TEST(BadInput, SelectorMistakesNameTheChoices) {
+  const std::string gguf = shared_path(kGgufRel);
+  const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
+      {{"perplexity", "--model", gguf, "--text", "t", "--selector", "bogus"},
+       "--selector: bogus not in {router,oracle,static,random}"},
+      {{"eval", "--model", gguf, "--task", "t", "--granularity", "heads"}, "--granularity: heads not in {group,head}"},
+      {{"generate", "--model", gguf, "--prompt", "x", "--selector", "oracle"}, "not expected"},
+  };
+  for (const auto& [args, expect] : cases) {
+    RunResult r = run_polar(args);
+    EXPECT_GT(r.exit_code, 0) << describe(r);
+    EXPECT_LT(r.exit_code, 128) << "killed by a signal: " << describe(r);
+    EXPECT_THAT(r.err, HasSubstr(expect)) << describe(r);
+  }
+}
+
 // ---- Errors: each case is a command line ({gguf}, {hf} and {tmp} are substituted) and what stderr must say.
 
 struct BadRun {
@@ -113,6 +131,11 @@ class BadInputCli : public ::testing::TestWithParam<BadRun> {
     const std::vector<uint8_t> st = test::read_bytes(shared_path(kHfRel + "/model.safetensors"));
     test::write_bytes(tmp_->path("cut_st/model.safetensors"), cut(st, st.size() / 2));
     std::ofstream(tmp_->path("story.txt")) << "Once upon a time, there was a little girl named Lily.";
+    std::ofstream(tmp_->path("task.jsonl")) << R"({"query": "The cat", "choices": ["sat", "flew"], "gold": 0})" << "\n";
+    // Random routers carry no head shares (what --selector static ranks by).
+    const RunResult r = run_polar({"routers", "--random", "--model", shared_path(kGgufRel), "--out",
+                                   tmp_->path("random.routers.safetensors")});
+    ASSERT_EQ(r.exit_code, 0) << describe(r);
   }
   static void TearDownTestSuite() {
     delete tmp_;
@@ -151,6 +174,11 @@ std::vector<BadRun> bad_runs() {
     a.push_back(tokens);
     return a;
   };
+  auto ppl_with = [&](std::vector<std::string> extra) {
+    std::vector<std::string> a = {"perplexity", "--model", "{gguf}", "--text", "{tmp}story.txt"};
+    a.insert(a.end(), extra.begin(), extra.end());
+    return a;
+  };
   auto generate_with = [&](std::vector<std::string> extra) {
     std::vector<std::string> a = generate_on("{gguf}");
     a.insert(a.end(), extra.begin(), extra.end());
@@ -187,6 +215,18 @@ std::vector<BadRun> bad_runs() {
       {"DeviceCudaIndex", generate_with({"--device", "cuda:64"}), {"device 'cuda:64'"}},
       {"DeviceUnknown", generate_with({"--device", "tpu"}), {"unknown device 'tpu'"}},
       {"InfoWithoutModel", {"info"}, {"--model"}},
+      {"StaticWithoutRouters", ppl_with({"--selector", "static", "--density", "0.5"}),
+       {"--selector static needs --routers FILE"}},
+      {"StaticWithRoutersWithoutShares",
+       ppl_with({"--selector", "static", "--density", "0.5", "--routers", "{tmp}random.routers.safetensors"}),
+       {"random.routers.safetensors records no head importance", "calibrate the routers again"}},
+      {"OracleWithRouters",
+       ppl_with({"--selector", "oracle", "--density", "0.5", "--routers", "{tmp}random.routers.safetensors"}),
+       {"--selector oracle picks heads without routers: drop --routers"}},
+      {"OracleAtDensityOne", ppl_with({"--selector", "oracle"}), {"--selector oracle needs --density below 1"}},
+      {"EvalStaticWithoutRouters",
+       {"eval", "--model", "{gguf}", "--task", "{tmp}task.jsonl", "--selector", "static", "--density", "0.5"},
+       {"densities below 1 need --routers FILE (or --selector random or oracle)"}},
   };
 }
 
@@ -308,6 +348,17 @@ TEST_F(CliStories, PerplexityJson) {
   // A story sentence under a story model: far better than uniform over 512 tokens.
   EXPECT_GT(ppl, 1.0);
   EXPECT_LT(ppl, 50.0);
+  // The oracle per query head, at half the heads: not the dense result (on this one sentence it is not
+  // worse, either), and the JSON says what ran.
+  r = run_polar({"perplexity", "--model", gguf_, "--text", tmp_.path("t.txt"), "--ctx", "8", "--json", "--selector",
+                 "oracle", "--granularity", "head", "--density", "0.5"});
+  ASSERT_EQ(r.exit_code, 0) << describe(r);
+  const nlohmann::json o = nlohmann::json::parse(r.out);
+  EXPECT_EQ(o["selector"], "oracle");
+  EXPECT_EQ(o["granularity"], "head");
+  EXPECT_EQ(o["density"], 0.5);
+  EXPECT_NE(o["perplexity"].get<double>(), ppl);
+  EXPECT_THAT(r.err, HasSubstr("oracle heads: 4 of 8 query heads per token at layers 1..4"));
 }
 
 }  // namespace

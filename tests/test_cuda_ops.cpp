@@ -328,6 +328,41 @@ TEST_P(CudaOps, RouteHeadsAndNeuronsSelectLikeCpu) {
   }
 }
 
+// The oracle's ops: row norms within the dtype's tolerance; keep_heads zeroes exactly the rows the CPU does
+// and leaves the others bit-identical.
+TEST_P(CudaOps, L2NormsAndKeepHeadsMatchCpu) {
+  for (auto [R, n] : {std::pair<int64_t, int64_t>{1, 8}, {27, 64}, {129, 128}, {17, 384}, {3, 1000}}) {
+    Tensor x = host_random({R, n});
+    Tensor ref = Tensor::empty(DType::F32, {R});
+    cpu_->l2_norms(x, ref);
+    Tensor got = poisoned({R});
+    cuda_->l2_norms(dev(x), got);
+    EXPECT_LT(rel_err(back(got), ref), tol()) << "R " << R << " n " << n;
+  }
+  struct Case {
+    int64_t T, H, group, dh, k;
+  };
+  for (const Case& c : std::vector<Case>{{1, 8, 1, 64, 3}, {5, 9, 3, 64, 2}, {17, 32, 4, 128, 5}, {3, 12, 1, 80, 12}}) {
+    Tensor x = host_random({c.T, c.H, c.dh});
+    const int64_t U = c.H / c.group;
+    Tensor heads = Tensor::empty(DType::I32, {c.T, c.k});
+    for (int64_t t = 0; t < c.T; ++t)
+      for (int64_t j = 0; j < c.k; ++j) heads.data<int32_t>()[t * c.k + j] = static_cast<int32_t>((t + j * (U / c.k)) % U);
+    for (int64_t t = 0; t < c.T; ++t) std::sort(heads.data<int32_t>() + t * c.k, heads.data<int32_t>() + (t + 1) * c.k);
+    std::vector<int32_t> flags(static_cast<size_t>(c.T));
+    for (int64_t t = 0; t < c.T; ++t) flags[size_t(t)] = t % 3 == 1;
+    Tensor dense = host_i32(flags);
+    Tensor ref = Tensor::empty(DType::F32, x.shape());
+    std::copy(x.data<float>(), x.data<float>() + x.numel(), ref.data<float>());
+    cpu_->keep_heads(ref, heads, c.group, &dense);
+    Tensor got = dev(x), d_heads = dev(heads), d_dense = dev(dense);
+    cuda_->keep_heads(got, d_heads, c.group, &d_dense);
+    Tensor g = back(got);
+    EXPECT_TRUE(std::equal(ref.data<float>(), ref.data<float>() + ref.numel(), g.data<float>()))
+        << "T " << c.T << " H " << c.H << " group " << c.group;
+  }
+}
+
 TEST_P(CudaOps, GatherGemmsMatchCpu) {
   struct Case {
     int64_t R, d, D, k;

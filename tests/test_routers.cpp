@@ -9,6 +9,7 @@
 #include <functional>
 #include <limits>
 
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include "bench/shapes.h"
@@ -58,6 +59,18 @@ void expect_equal(const Routers& a, const Routers& b) {
     EXPECT_TRUE(same_bytes(a.layers[l].attn_b, b.layers[l].attn_b)) << "layer " << l;
     EXPECT_TRUE(same_bytes(a.layers[l].mlp_a, b.layers[l].mlp_a)) << "layer " << l;
     EXPECT_TRUE(same_bytes(a.layers[l].mlp_b, b.layers[l].mlp_b)) << "layer " << l;
+    EXPECT_TRUE(same_bytes(a.layers[l].head_share, b.layers[l].head_share)) << "layer " << l;
+    EXPECT_TRUE(same_bytes(a.layers[l].group_share, b.layers[l].group_share)) << "layer " << l;
+  }
+}
+
+// Head shares (--selector static's ranking) on every layer 1..L-1: share h / 10 for head h, g / 4 for group g.
+void add_head_shares(Routers& r, int64_t heads, int64_t groups) {
+  for (size_t l = 1; l < r.layers.size(); ++l) {
+    r.layers[l].head_share = Tensor::empty(DType::F32, {heads});
+    r.layers[l].group_share = Tensor::empty(DType::F32, {groups});
+    for (int64_t h = 0; h < heads; ++h) r.layers[l].head_share.data<float>()[h] = float(h) / 10;
+    for (int64_t g = 0; g < groups; ++g) r.layers[l].group_share.data<float>()[g] = float(g) / 4;
   }
 }
 
@@ -113,6 +126,23 @@ TEST(Routers, RandomGqaRoutersHaveNoMlpPart) {
   save_routers(tmp.path("r.safetensors"), r);
   expect_equal(load_routers(tmp.path("r.safetensors"), m.config, m.fingerprint), r);
   expect_equal(read_routers(tmp.path("r.safetensors")), r);
+}
+
+// Head shares are optional: random routers have none; calibrated ones keep them through the file.
+TEST(Routers, HeadSharesRoundTripAndAreOptional) {
+  const Model m = model(kGqa);
+  Routers r = random_for(m);
+  EXPECT_FALSE(has_head_shares(r));
+  test::TempDir tmp;
+  save_routers(tmp.path("plain"), r);
+  EXPECT_FALSE(has_head_shares(load_routers(tmp.path("plain"), m.config, m.fingerprint)));
+  add_head_shares(r, 8, 2);
+  EXPECT_TRUE(has_head_shares(r));
+  save_routers(tmp.path("shares"), r);
+  const Routers back = load_routers(tmp.path("shares"), m.config, m.fingerprint);
+  EXPECT_TRUE(has_head_shares(back));
+  expect_equal(r, back);
+  expect_equal(r, read_routers(tmp.path("shares")));  // Hkv read from the file itself
 }
 
 TEST(Routers, SameSeedWritesTheSameBytes) {
@@ -290,6 +320,15 @@ Tensor filled(DType dtype, Shape shape, float v) {
 
 std::vector<BadFile> bad_files() {
   auto meta = [](std::function<void(json&)> f) { return [f](Parts& p) { p.edit_meta(f); }; };
+  // Head shares on both sparse layers of the GQA fixture (8 heads), with `groups` group shares of `value`.
+  auto group_shares = [](int64_t groups, float value) {
+    return [=](Parts& p) {
+      for (const char* l : {"1", "2"}) {
+        p.replace(fmt::format("layers.{}.attn.head_share", l), filled(DType::F32, {8}, 0.5f));
+        p.replace(fmt::format("layers.{}.attn.group_share", l), filled(DType::F32, {groups}, value));
+      }
+    };
+  };
   return {
       {"AnotherModel", kOpt,
        meta([](json& j) { j["model"] = "opt L3 d64 H4 Hkv4 dh16 ffn256 V512 w:0000000000000000"; }),
@@ -360,6 +399,20 @@ std::vector<BadFile> bad_files() {
       {"MlpRankZero", kOpt, meta([](json& j) { j["mlp_rank"] = 0; }), {"mlp_rank must be at least 1"}},
       {"MlpRankDisagreesWithTensors", kOpt, meta([](json& j) { j["mlp_rank"] = 8; }),
        {"tensor 'layers.0.mlp.a' has shape [16, 64] but the model needs [8, 64]"}},
+      // Head shares: all layers or none, of the model's head and group counts, each in [0, 1].
+      {"HeadSharesOfOneLayerOnly", kGqa,
+       [](Parts& p) {
+         p.replace("layers.1.attn.head_share", filled(DType::F32, {8}, 0.5f));
+         p.replace("layers.1.attn.group_share", filled(DType::F32, {2}, 0.5f));
+       },
+       {"missing tensor 'layers.2.attn.group_share' (and 1 more)"}},
+      {"GroupShareOfTheWrongSize", kGqa, group_shares(8, 0.5f),
+       {"tensor 'layers.1.attn.group_share' has shape [8] but the model needs [2]"}},
+      {"HeadShareAboveOne", kGqa, group_shares(2, 1.5f),
+       {"tensor 'layers.1.attn.group_share' holds 1.5 at element 0, not a share in [0, 1]"}},
+      {"HeadShareOnLayerZero", kGqa,
+       [](Parts& p) { p.replace("layers.0.attn.head_share", filled(DType::F32, {8}, 0.5f)); },
+       {"unexpected tensor 'layers.0.attn.head_share' (layer 0 is always dense"}},
   };
 }
 
@@ -459,6 +512,7 @@ TEST(RoutersCli, RandomForACheckpointThenShowJson) {
   EXPECT_EQ(j["ffn"], 256);
   EXPECT_EQ(j["mlp_rank"], 16);
   EXPECT_EQ(j["source"], "random, seed 3");
+  EXPECT_EQ(j["head_shares"], false);  // random routers cannot serve --selector static
   EXPECT_EQ(j["mlp_k"]["k"][2], (std::vector<int64_t>{128, 128, 128, 128, 128, 256, 256, 256, 256}));
   EXPECT_TRUE(j["mlp_k"]["recall"][0][0].is_null());
 
@@ -466,6 +520,7 @@ TEST(RoutersCli, RandomForACheckpointThenShowJson) {
   ASSERT_EQ(t.exit_code, 0) << describe(t);
   EXPECT_THAT(t.out, HasSubstr(m.fingerprint));
   EXPECT_THAT(t.out, HasSubstr("checked      only on its own"));
+  EXPECT_THAT(t.out, HasSubstr("head shares  none (--selector static needs routers from polar calibrate)"));
   EXPECT_THAT(t.out, HasSubstr("rank 16 routers over D = 256"));
   EXPECT_THAT(t.out, HasSubstr("  layer 2   0.500  0.500  0.500  0.500  0.500  1.000  1.000  1.000  1.000\n"));
 }

@@ -1,24 +1,32 @@
 // Sparse decoding on the CPU reference (polar-method.md §3, §5): the selection ops pick what their rule
 // says (ties to the lower index, NaN last, padding rows ignored), the gather GEMMs equal the dense MLP on
 // the selected neurons, selective attention equals dense attention with the skipped heads zeroed, and a
-// model decoding with routers at density 1.0 is exactly the dense model.
+// model decoding with routers at density 1.0 is exactly the dense model. Then the baselines and granularities
+// of issue 5: the oracle keeps the true largest head outputs, static selection the same heads for every
+// token, per-query-head selection is dense attention with the other query heads zeroed.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
+#include <map>
 #include <numeric>
+#include <optional>
 #include <random>
 #include <set>
+
+#include <fmt/format.h>
 
 #include "eval/scoring.h"
 #include "io/checkpoint.h"
 #include "model/model.h"
 #include "runtime/engine.h"
 #include "runtime/perplexity.h"
+#include "sparse/oracle_sparsity.h"
 #include "sparse/random_sparsity.h"
 #include "sparse/router_sparsity.h"
 #include "sparse/routers.h"
+#include "sparse/static_sparsity.h"
 #include "test_util.h"
 
 using namespace polar;
@@ -152,6 +160,48 @@ TEST(SparseOps, SelectiveAttentionIsDenseAttentionWithTheSkippedHeadsZeroed) {
   }
 }
 
+TEST(SparseOps, L2NormsAndKeepHeads) {
+  auto cpu = make_cpu_backend();
+  std::mt19937_64 rng(11);
+  const int64_t T = 3, H = 6, dh = 4;
+  Tensor x = random({T, H, dh}, rng);
+  // Per head, and per group of 3 heads (contiguous rows): sqrt of the sum of squares.
+  for (int64_t group : {1, 3}) {
+    const int64_t U = H / group, n = group * dh;
+    Tensor norms = Tensor::empty(DType::F32, {T * U});
+    cpu->l2_norms(x.reshape({T * U, n}), norms);
+    for (int64_t r = 0; r < T * U; ++r) {
+      double ss = 0;
+      for (int64_t j = 0; j < n; ++j) ss += double(x.data<float>()[r * n + j]) * x.data<float>()[r * n + j];
+      EXPECT_NEAR(norms.data<float>()[r], std::sqrt(ss), 1e-6) << "group " << group << " row " << r;
+    }
+  }
+  // keep_heads: token 0 keeps query heads {1, 4}, token 1 {0, 5}, token 2 is flagged dense; then the same
+  // selection read as groups of 3 (groups {0, 1} = everything, so nothing changes).
+  Tensor heads = Tensor::empty(DType::I32, {T, 2});
+  const std::vector<int32_t> pick = {1, 4, 0, 5, 2, 3};
+  std::copy(pick.begin(), pick.end(), heads.data<int32_t>());
+  Tensor dense = i32({0, 0, 1});
+  Tensor y = copy_of(x);
+  cpu->keep_heads(y, heads, 1, &dense);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < H; ++h) {
+      const bool kept = t == 2 || h == pick[size_t(t * 2)] || h == pick[size_t(t * 2 + 1)];
+      for (int64_t i = 0; i < dh; ++i)
+        ASSERT_EQ(y.data<float>()[(t * H + h) * dh + i], kept ? x.data<float>()[(t * H + h) * dh + i] : 0.0f)
+            << "t " << t << " h " << h;
+    }
+  Tensor groups = Tensor::empty(DType::I32, {T, 1});
+  std::fill_n(groups.data<int32_t>(), T, 1);
+  Tensor z = copy_of(x);
+  cpu->keep_heads(z, groups, 3, nullptr);  // group 1 = heads 3..5
+  for (int64_t i = 0; i < z.numel(); ++i)
+    ASSERT_EQ(z.data<float>()[i], (i / dh) % H >= 3 ? x.data<float>()[i] : 0.0f) << i;
+  Tensor outside = Tensor::empty(DType::I32, {T, 1});
+  std::fill_n(outside.data<int32_t>(), T, 2);
+  EXPECT_THROW(cpu->keep_heads(z, outside, 3, nullptr), Error);  // only groups 0 and 1 exist
+}
+
 // Greedy decoding of two prompts with random routers; returns the logits of every decode step.
 std::vector<std::vector<float>> decode(Model& model, Sparsity* sparsity, int steps) {
   Engine e(model, {.kv_tokens = 256, .sparsity = sparsity});
@@ -194,7 +244,7 @@ TEST(SparseModels, DensityOneIsDenseAndLowerDensitiesChangeTheDecode) {
     RouterSparsity full(*model, heads_only, 1.0);
     EXPECT_EQ(decode(*model, &full, 4), dense);
     RouterSparsity half(*model, heads_only, 0.5);
-    EXPECT_EQ(half.kv_heads_kept(), std::max<int64_t>(1, ck.config.n_kv_heads / 2));
+    EXPECT_EQ(half.kept(), std::max<int64_t>(1, ck.config.n_kv_heads / 2));
     EXPECT_NE(decode(*model, &half, 4), dense);
     if (!routers.mlp_k) continue;
     // ReLU MLP: k = D everywhere is the dense MLP; the table's smaller k is not.
@@ -220,31 +270,36 @@ Routers attention_routers(const Checkpoint& ck, uint64_t seed) {
 // Scoring a text in one pass with every token after the first sparse (sparse_from = 1) gives the logits
 // that feeding it one decode step at a time gives: each token's selection depends only on its own hidden
 // state, and every token's K/V (of all heads) are in the cache either way.
+// The same holds for the oracle (chosen after each token's dense attention) and per query head.
 TEST(SparseModels, ScoredPrefillEqualsTokenByTokenSparseDecode) {
   for (const char* fixture : {"opt", "llama_mha", "llama3_gqa"}) {
-    SCOPED_TRACE(fixture);
-    Checkpoint ck = load_checkpoint(test::shared_path(std::string("fixtures/hf/") + fixture));
-    auto cpu = make_cpu_backend();
-    auto model = make_model(ck, *cpu);
-    RouterSparsity sparse(*model, attention_routers(ck, 3), 0.5);
-    const std::vector<int32_t> text = {5, 17, 42, 9, 3, 8, 100, 7, 1, 60};
-    Engine one_pass(*model, {.kv_tokens = 64, .sparsity = &sparse});
-    Tensor all = one_pass.step({{one_pass.add_sequence(), text, 1}}, /*all_logits=*/true);
-    Engine stepwise(*model, {.kv_tokens = 64, .sparsity = &sparse});
-    const int64_t seq = stepwise.add_sequence(), V = ck.config.vocab_size;
-    for (size_t i = 0; i < text.size(); ++i) {
-      // The first token is a one-token prompt (dense), as sparse_from = 1 has it.
-      Tensor row = stepwise.step({{seq, std::span<const int32_t>(&text[i], 1), i == 0 ? 1 : 0}}, false);
-      for (int64_t j = 0; j < V; ++j)
-        ASSERT_NEAR(row.data<float>()[j], all.data<float>()[i * V + j], 2e-5) << "token " << i;
+    for (const char* selector : {"router", "oracle", "oracle per query head"}) {
+      SCOPED_TRACE(testing::Message() << fixture << ", " << selector);
+      Checkpoint ck = load_checkpoint(test::shared_path(std::string("fixtures/hf/") + fixture));
+      auto cpu = make_cpu_backend();
+      auto model = make_model(ck, *cpu);
+      RouterSparsity routers(*model, attention_routers(ck, 3), 0.5);
+      OracleSparsity oracle(*model, 0.5, std::string(selector) == "oracle" ? Granularity::Group : Granularity::Head);
+      Sparsity& sparse = std::string(selector) == "router" ? static_cast<Sparsity&>(routers) : oracle;
+      const std::vector<int32_t> text = {5, 17, 42, 9, 3, 8, 100, 7, 1, 60};
+      Engine one_pass(*model, {.kv_tokens = 64, .sparsity = &sparse});
+      Tensor all = one_pass.step({{one_pass.add_sequence(), text, 1}}, /*all_logits=*/true);
+      Engine stepwise(*model, {.kv_tokens = 64, .sparsity = &sparse});
+      const int64_t seq = stepwise.add_sequence(), V = ck.config.vocab_size;
+      for (size_t i = 0; i < text.size(); ++i) {
+        // The first token is a one-token prompt (dense), as sparse_from = 1 has it.
+        Tensor row = stepwise.step({{seq, std::span<const int32_t>(&text[i], 1), i == 0 ? 1 : 0}}, false);
+        for (int64_t j = 0; j < V; ++j)
+          ASSERT_NEAR(row.data<float>()[j], all.data<float>()[i * V + j], 2e-5) << "token " << i;
+      }
+      // And the dense rows of a scored step are the dense model's.
+      Engine dense(*model, {.kv_tokens = 64});
+      Tensor d = dense.step({{dense.add_sequence(), text}}, true);
+      for (int64_t j = 0; j < V; ++j) EXPECT_NEAR(d.data<float>()[j], all.data<float>()[j], 1e-6);
+      double differs = 0;
+      for (int64_t j = V; j < d.numel(); ++j) differs = std::max(differs, double(std::abs(d.data<float>()[j] - all.data<float>()[j])));
+      EXPECT_GT(differs, 1e-3);  // the sparse rows are not the dense ones
     }
-    // And the dense rows of a scored step are the dense model's.
-    Engine dense(*model, {.kv_tokens = 64});
-    Tensor d = dense.step({{dense.add_sequence(), text}}, true);
-    for (int64_t j = 0; j < V; ++j) EXPECT_NEAR(d.data<float>()[j], all.data<float>()[j], 1e-6);
-    double differs = 0;
-    for (int64_t j = V; j < d.numel(); ++j) differs = std::max(differs, double(std::abs(d.data<float>()[j] - all.data<float>()[j])));
-    EXPECT_GT(differs, 1e-3);  // the sparse rows are not the dense ones
   }
 }
 
@@ -253,7 +308,7 @@ TEST(SparseModels, RandomSelectorKeepsKDistinctHeadsReproducibly) {
   auto cpu = make_cpu_backend();
   auto model = make_model(ck, *cpu);
   RandomSparsity a(*model, 0.5, 9), b(*model, 0.5, 9), c(*model, 0.5, 10);
-  const int64_t Hkv = ck.config.n_kv_heads, k = a.kv_heads_kept();
+  const int64_t Hkv = ck.config.n_kv_heads, k = a.kept();
   ASSERT_EQ(k, std::max<int64_t>(1, Hkv / 2));
   Tensor h = Tensor::zeros(DType::F32, {40, ck.config.hidden});
   EXPECT_FALSE(a.attention_heads(0, h).defined());  // layer 0 stays dense
@@ -329,6 +384,211 @@ TEST(SparseModels, RouterSparsityRejectsRoutersThatDoNotFit) {
   EXPECT_THROW(RouterSparsity(*model, wrong, 0.5), Error);
   EXPECT_THROW(RouterSparsity(*model, right, 0.0), Error);
   EXPECT_THROW(RouterSparsity(*model, right, 1.5), Error);
+}
+
+// Logits of every token of `text` scored in one pass, tokens from `sparse_from` on sparse (as evaluation
+// scores a continuation after a dense prompt).
+Tensor scored(Model& model, Sparsity* sparsity, const std::vector<int32_t>& text, int64_t sparse_from = 1) {
+  Engine e(model, {.kv_tokens = 64, .sparsity = sparsity});
+  return e.step({{e.add_sequence(), text, sparsity ? std::optional<int64_t>(sparse_from) : std::nullopt}}, true);
+}
+
+const std::vector<int32_t> kText = {5, 17, 42, 9, 3, 8, 100, 7, 1, 60, 33, 2};
+
+bool same(const Tensor& a, const Tensor& b) {
+  return a.numel() == b.numel() && std::equal(a.data<float>(), a.data<float>() + a.numel(), b.data<float>());
+}
+
+// The oracle and the routers keep every head at density 1.0, at either granularity: exactly dense.
+TEST(SparseModels, EverySelectorAtDensityOneIsDense) {
+  for (const char* fixture : {"opt", "llama_mha", "llama3_gqa"}) {
+    SCOPED_TRACE(fixture);
+    Checkpoint ck = load_checkpoint(test::shared_path(std::string("fixtures/hf/") + fixture));
+    auto cpu = make_cpu_backend();
+    auto model = make_model(ck, *cpu);
+    const Tensor dense = scored(*model, nullptr, kText);
+    for (Granularity g : {Granularity::Group, Granularity::Head}) {
+      OracleSparsity oracle(*model, 1.0, g);
+      RouterSparsity routers(*model, attention_routers(ck, 3), 1.0, g);
+      RandomSparsity random(*model, 1.0, 4, g);
+      EXPECT_TRUE(same(scored(*model, &oracle, kText), dense)) << granularity_name(g);
+      EXPECT_TRUE(same(scored(*model, &routers, kText), dense)) << granularity_name(g);
+      EXPECT_TRUE(same(scored(*model, &random, kText), dense)) << granularity_name(g);
+    }
+  }
+}
+
+// Records what the oracle is given and what it keeps.
+class RecordingOracle final : public Sparsity {
+ public:
+  RecordingOracle(const Model& model, double density, Granularity g) : oracle_(model, density, g) {}
+  Tensor attention_heads(int layer, const Tensor& h) override { return oracle_.attention_heads(layer, h); }
+  Tensor mlp_neurons(int, const Tensor&, const StepLayout&) override { return Tensor(); }
+  bool per_query_head() const override { return oracle_.per_query_head(); }
+  Tensor heads_from_attention(int layer, const Tensor& attn) override {
+    Tensor kept = oracle_.heads_from_attention(layer, attn);
+    if (kept.defined()) seen[layer] = {copy_of(attn), kept};
+    return kept;
+  }
+  const OracleSparsity& oracle() const { return oracle_; }
+  std::map<int, std::pair<Tensor, Tensor>> seen;  // layer -> (attention output, kept units)
+
+ private:
+  OracleSparsity oracle_;
+};
+
+// Probe: each layer's per-head output norms, as calibration collects them.
+struct NormProbe final : Probe {
+  std::map<int, Tensor> norms;
+  void head_norms(int layer, const Tensor& n) override { norms[layer] = copy_of(n); }
+};
+
+// Brute force: per token, the k best of n units by the L2 norm of their rows (ties to the lower index),
+// ascending.
+std::vector<int32_t> brute_top(const std::vector<double>& norm, int64_t k) {
+  std::vector<int32_t> order(norm.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return norm[a] > norm[b]; });
+  order.resize(size_t(k));
+  std::sort(order.begin(), order.end());
+  return order;
+}
+
+TEST(SparseModels, OracleKeepsTheLargestTrueHeadOutputs) {
+  for (const char* fixture : {"llama_mha", "llama3_gqa"}) {
+    Checkpoint ck = load_checkpoint(test::shared_path(std::string("fixtures/hf/") + fixture));
+    auto cpu = make_cpu_backend();
+    auto model = make_model(ck, *cpu);
+    const ModelConfig& c = ck.config;
+    // Dense head norms of the same text: layer 1 of the sparse pass sees the dense model's state (layer 0
+    // is dense), so its choice must be calibration's top-k of these.
+    NormProbe probe;
+    {
+      Engine e(*model, {.kv_tokens = 64});
+      e.step({{e.add_sequence(), kText}}, true, &probe);
+    }
+    for (Granularity g : {Granularity::Group, Granularity::Head})
+      for (double density : {0.5, 0.75}) {
+        SCOPED_TRACE(testing::Message() << fixture << " " << granularity_name(g) << " density " << density);
+        RecordingOracle rec(*model, density, g);
+        const int64_t U = rec.oracle().units(), k = rec.oracle().kept(), group = c.n_heads / U;
+        EXPECT_EQ(k, std::max<int64_t>(1, static_cast<int64_t>(density * double(U))));
+        EXPECT_FALSE(same(scored(*model, &rec, kText), scored(*model, nullptr, kText)));
+        ASSERT_EQ(rec.seen.size(), size_t(c.n_layers - 1));  // layers 1..L-1
+        const int64_t T = static_cast<int64_t>(kText.size()), dh = c.head_dim;
+        for (const auto& [layer, record] : rec.seen) {
+          const auto& [attn, kept] = record;
+          ASSERT_EQ(kept.shape(), (Shape{T, k}));
+          for (int64_t t = 0; t < T; ++t) {
+            std::vector<double> norm(size_t(U), 0), dense_norm(size_t(U), 0);
+            for (int64_t h = 0; h < c.n_heads; ++h) {
+              for (int64_t i = 0; i < dh; ++i) {
+                const double v = attn.data<float>()[(t * c.n_heads + h) * dh + i];
+                norm[size_t(h / group)] += v * v;
+              }
+              const double n = probe.norms.at(layer).data<float>()[t * c.n_heads + h];
+              dense_norm[size_t(h / group)] += n * n;
+            }
+            const std::vector<int32_t> got(kept.data<int32_t>() + t * k, kept.data<int32_t>() + (t + 1) * k);
+            EXPECT_EQ(got, brute_top(norm, k)) << "layer " << layer << " token " << t;
+            if (layer == 1) {
+              EXPECT_EQ(got, brute_top(dense_norm, k)) << "token " << t;
+            }
+          }
+        }
+      }
+  }
+}
+
+// Keeps the same query heads (or KV groups) for every token at layers >= 1.
+class FixedHeads final : public Sparsity {
+ public:
+  FixedHeads(std::vector<int32_t> heads, bool per_query_head) : heads_(std::move(heads)), per_head_(per_query_head) {}
+  Tensor attention_heads(int layer, const Tensor& h) override {
+    if (layer == 0) return Tensor();
+    const int64_t T = h.dim(0), k = static_cast<int64_t>(heads_.size());
+    Tensor idx = Tensor::empty(DType::I32, {T, k});
+    for (int64_t t = 0; t < T; ++t) std::copy(heads_.begin(), heads_.end(), idx.data<int32_t>() + t * k);
+    return idx;
+  }
+  Tensor mlp_neurons(int, const Tensor&, const StepLayout&) override { return Tensor(); }
+  bool per_query_head() const override { return per_head_; }
+
+ private:
+  std::vector<int32_t> heads_;
+  bool per_head_;
+};
+
+// Per-query-head selection keeping all H heads is dense; keeping a known set equals the dense model whose
+// output projections ignore the other heads (their o_proj columns zeroed at layers >= 1).
+TEST(SparseModels, HeadGranularityIsDenseWithTheOtherQueryHeadsZeroed) {
+  Checkpoint ck = load_checkpoint(test::shared_path("fixtures/hf/llama3_gqa"));
+  const ModelConfig& c = ck.config;
+  auto cpu = make_cpu_backend();
+  auto model = make_model(ck, *cpu);
+  std::vector<int32_t> all(size_t(c.n_heads));
+  std::iota(all.begin(), all.end(), 0);
+  FixedHeads every(all, true);
+  EXPECT_TRUE(same(scored(*model, &every, kText), scored(*model, nullptr, kText)));
+  // Heads 1, 2 and 6 of 8: a part of each of the two KV groups, which group selection cannot express.
+  const std::vector<int32_t> keep = {1, 2, 6};
+  FixedHeads some(keep, true);
+  const Tensor sparse = scored(*model, &some, kText, /*sparse_from=*/0);
+  Checkpoint masked = load_checkpoint(test::shared_path("fixtures/hf/llama3_gqa"));
+  for (int64_t l = 1; l < c.n_layers; ++l) {
+    const std::string name = fmt::format("model.layers.{}.self_attn.o_proj.weight", l);
+    Tensor w = copy_of(ck.get(name, {c.hidden, c.q_dim()}));
+    for (int64_t h = 0; h < c.n_heads; ++h)
+      if (std::find(keep.begin(), keep.end(), h) == keep.end())
+        for (int64_t r = 0; r < c.hidden; ++r) std::fill_n(w.data<float>() + r * c.q_dim() + h * c.head_dim, c.head_dim, 0.0f);
+    masked.tensors[name] = w;
+  }
+  auto masked_model = make_model(masked, *cpu);
+  const Tensor reference = scored(*masked_model, nullptr, kText);
+  for (int64_t i = 0; i < sparse.numel(); ++i)
+    ASSERT_NEAR(sparse.data<float>()[i], reference.data<float>()[i], 1e-5) << "logit " << i;
+  // Routers at head granularity pick per query head: k of H, not whole groups.
+  RouterSparsity heads(*model, attention_routers(ck, 3), 0.5, Granularity::Head);
+  EXPECT_TRUE(heads.per_query_head());
+  EXPECT_EQ(heads.kept(), c.n_heads / 2);
+  EXPECT_EQ(heads.kv_heads_read(), c.n_kv_heads);
+  Tensor h = Tensor::zeros(DType::F32, {2, c.hidden});
+  EXPECT_EQ(heads.attention_heads(1, h).shape(), (Shape{2, c.n_heads / 2}));
+  // MHA: a head is a group, and head granularity stays on the selective attention path.
+  Checkpoint mha = load_checkpoint(test::shared_path("fixtures/hf/llama_mha"));
+  auto mha_model = make_model(mha, *cpu);
+  EXPECT_FALSE(OracleSparsity(*mha_model, 0.5, Granularity::Head).per_query_head());
+}
+
+TEST(SparseModels, StaticSelectionIsTheSameForEveryToken) {
+  Checkpoint ck = load_checkpoint(test::shared_path("fixtures/hf/llama3_gqa"));
+  auto cpu = make_cpu_backend();
+  auto model = make_model(ck, *cpu);
+  Routers r = attention_routers(ck, 3);
+  EXPECT_THAT(test::error_of([&] { StaticSparsity(*model, r, 0.5, "r.safetensors"); }),
+              ::testing::HasSubstr("r.safetensors records no head importance"));
+  // Shares: heads ranked 7, 6, ..., 0 with a tie between 2 and 5 at layer 1; group 1 above group 0.
+  for (size_t l = 1; l < r.layers.size(); ++l) {
+    r.layers[l].head_share = f32({8}, {0.0f, 0.1f, 0.4f, 0.3f, 0.35f, 0.4f, 0.6f, 0.9f});
+    r.layers[l].group_share = f32({2}, {0.2f, 0.8f});
+  }
+  StaticSparsity groups(*model, r, 0.5, "r", Granularity::Group);
+  StaticSparsity heads(*model, r, 0.5, "r", Granularity::Head);
+  EXPECT_EQ(groups.kept_units(1), (std::vector<int32_t>{1}));
+  EXPECT_EQ(heads.kept_units(1), (std::vector<int32_t>{2, 5, 6, 7}));  // of the tie, the lower index first
+  std::mt19937_64 rng(2);
+  Tensor h = random({5, ck.config.hidden}, rng);
+  EXPECT_FALSE(heads.attention_heads(0, h).defined());
+  EXPECT_EQ(ints(heads.attention_heads(2, h)),
+            (std::vector<int32_t>{2, 5, 6, 7, 2, 5, 6, 7, 2, 5, 6, 7, 2, 5, 6, 7, 2, 5, 6, 7}));
+  EXPECT_FALSE(same(scored(*model, &groups, kText), scored(*model, nullptr, kText)));
+}
+
+TEST(SparseModels, UnknownGranularityIsAClearError) {
+  EXPECT_EQ(parse_granularity("head"), Granularity::Head);
+  EXPECT_EQ(parse_granularity("group"), Granularity::Group);
+  EXPECT_THAT(test::error_of([] { parse_granularity("heads"); }),
+              ::testing::HasSubstr("unknown granularity 'heads': choose group (KV groups) or head (query heads)"));
 }
 
 }  // namespace

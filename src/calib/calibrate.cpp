@@ -19,6 +19,9 @@ using json = nlohmann::json;
 namespace {
 
 constexpr int64_t kStateFormat = 1;
+// What a trained layer file holds; part of the training key, so layers trained by an older polar (format 1:
+// no head shares) are trained again while their collection is reused.
+constexpr int64_t kLayerFormat = 2;
 constexpr const char* kStateFile = "state.json";
 constexpr const char* kLayerMetaKey = "polar.calib";
 
@@ -105,7 +108,8 @@ Calibration::Calibration(Model& model, std::string fingerprint, std::vector<std:
                      {"tokens", tokens_},
                      {"sequences", sequences_.size()},
                      {"token_hash", token_hash(sequences_)}};
-  training_key_ = {{"seed", options_.seed},
+  training_key_ = {{"layer_format", kLayerFormat},
+                   {"seed", options_.seed},
                    {"mlp_rank", dims_.mlp ? options_.mlp_rank : 0},
                    {"lr", t.lr},
                    {"weight_decay", t.weight_decay},
@@ -224,8 +228,11 @@ void Calibration::train_layer(int64_t layer) {
       if (progress_.epoch) progress_.epoch(layer, router, epoch, metric);
     };
   };
-  if (dims_.has_norms(layer))
+  if (dims_.has_norms(layer)) {
     r.attn = train_attention_router(spill, split, options_.train, options_.seed, layer, report("attention"));
+    r.head_share = top_share(spill, 1, options_.train.head_density);
+    r.group_share = top_share(spill, dims_.heads / dims_.kv_heads, options_.train.head_density);
+  }
   if (dims_.mlp) {
     r.mlp = train_mlp_router(spill, split, options_.mlp_rank, options_.train, options_.seed, layer, report("mlp"));
     r.k = mlp_k_row(spill, split.val, r.mlp, stream_seed(options_.seed, layer, Stream::KGroups), options_.k_table);
@@ -249,6 +256,8 @@ void Calibration::write_layer(int64_t layer, const LayerResult& r) const {
     tensors.emplace_back("attn.weight", tensor_of(r.attn.w, {dims_.heads, d}));
     tensors.emplace_back("attn.bias", tensor_of(r.attn.b, {dims_.heads}));
     meta["attn"] = {{"head_recall", r.attn.head_recall}, {"group_recall", r.attn.group_recall}, {"epoch", r.attn.epoch}};
+    tensors.emplace_back("attn.head_share", tensor_of(r.head_share, {dims_.heads}));
+    tensors.emplace_back("attn.group_share", tensor_of(r.group_share, {dims_.kv_heads}));
   }
   if (r.mlp.rank > 0) {
     tensors.emplace_back("mlp.a", tensor_of(r.mlp.a, {r.mlp.rank, d}));
@@ -278,6 +287,8 @@ LayerResult Calibration::read_layer(int64_t layer) const {
       const json& a = meta.at("attn");
       r.attn = {values("attn.weight", {dims_.heads, dims_.hidden}), values("attn.bias", {dims_.heads}),
                 a.at("head_recall").get<double>(), a.at("group_recall").get<double>(), a.at("epoch").get<int64_t>()};
+      r.head_share = values("attn.head_share", {dims_.heads});
+      r.group_share = values("attn.group_share", {dims_.kv_heads});
     }
     if (dims_.mlp) {
       const json& m = meta.at("mlp");
@@ -320,6 +331,8 @@ Routers Calibration::routers() const {
     if (dims_.has_norms(l)) {
       lr.attn_w = tensor_of(r.attn.w, {dims_.heads, dims_.hidden});
       lr.attn_b = tensor_of(r.attn.b, {dims_.heads});
+      lr.head_share = tensor_of(r.head_share, {dims_.heads});
+      lr.group_share = tensor_of(r.group_share, {dims_.kv_heads});
       out.attn_recall[size_t(l)] = r.attn.group_recall;
     }
     if (dims_.mlp) {

@@ -48,6 +48,9 @@ struct CalibrationProgress {
 // One layer's outcome.
 struct LayerResult {
   AttentionRouter attn;  // w empty on layer 0 (always dense)
+  // top_share of the layer's query heads [H] and KV groups [Hkv] over every collected token at the
+  // training head density (the static selector's ranking); empty on layer 0
+  std::vector<float> head_share, group_share;
   MlpRouter mlp;         // rank 0 without a ReLU MLP
   KRow k;                // empty without a ReLU MLP
 };

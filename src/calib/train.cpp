@@ -163,6 +163,16 @@ Split split_tokens(int64_t n, uint64_t seed) {
   return s;
 }
 
+// One token's head norms [heads] pooled per group of `group` consecutive heads into out [heads / group]: the
+// L2 norm of the group's output, sqrt(Σ norm²).
+void pool_norms(const float* norm, int64_t heads, int64_t group, float* out) {
+  for (int64_t g = 0; g < heads / group; ++g) {
+    double ss = 0;
+    for (int64_t h = g * group; h < (g + 1) * group; ++h) ss += double(norm[h]) * norm[h];
+    out[g] = static_cast<float>(std::sqrt(ss));
+  }
+}
+
 double topk_recall(const float* score, const float* norm, int64_t n, int64_t heads, int64_t group, double density) {
   check(group >= 1 && heads % group == 0, "{} heads do not form groups of {}", heads, group);
   const int64_t G = heads / group, k = heads_kept(density, G);
@@ -171,16 +181,9 @@ double topk_recall(const float* score, const float* norm, int64_t n, int64_t hea
   std::vector<int32_t> order;
   double sum = 0;
   for (int64_t t = 0; t < n; ++t) {
-    for (int64_t g = 0; g < G; ++g) {
-      float mx = -INFINITY;
-      double ss = 0;
-      for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-        mx = std::max(mx, score[t * heads + h]);
-        ss += double(norm[t * heads + h]) * norm[t * heads + h];
-      }
-      pooled_score[size_t(g)] = mx;
-      pooled_norm[size_t(g)] = static_cast<float>(std::sqrt(ss));
-    }
+    for (int64_t g = 0; g < G; ++g)
+      pooled_score[size_t(g)] = *std::max_element(score + t * heads + g * group, score + t * heads + (g + 1) * group);
+    pool_norms(norm + t * heads, heads, group, pooled_norm.data());
     top_k(pooled_score.data(), G, k, order, by_score.data());
     top_k(pooled_norm.data(), G, k, order, by_norm.data());
     int64_t hits = 0;
@@ -188,6 +191,24 @@ double topk_recall(const float* score, const float* norm, int64_t n, int64_t hea
     sum += double(hits) / double(k);
   }
   return n ? sum / double(n) : 0.0;
+}
+
+std::vector<float> top_share(const LayerSpill& spill, int64_t group, double density) {
+  const int64_t H = spill.dims().heads, n = spill.tokens();
+  check(group >= 1 && H % group == 0, "{} heads do not form groups of {}", H, group);
+  const int64_t G = H / group, k = heads_kept(density, G);
+  std::vector<float> pooled(static_cast<size_t>(G));
+  std::vector<uint8_t> chosen(static_cast<size_t>(G));
+  std::vector<int32_t> order;
+  std::vector<int64_t> count(static_cast<size_t>(G), 0);
+  for (int64_t t = 0; t < n; ++t) {
+    pool_norms(spill.norms(t), H, group, pooled.data());
+    top_k(pooled.data(), G, k, order, chosen.data());
+    for (int64_t g = 0; g < G; ++g) count[size_t(g)] += chosen[size_t(g)];
+  }
+  std::vector<float> share(static_cast<size_t>(G));
+  for (int64_t g = 0; g < G; ++g) share[size_t(g)] = n ? float(double(count[size_t(g)]) / double(n)) : 0.0f;
+  return share;
 }
 
 AttentionRecall attention_recall(const LayerSpill& spill, const std::vector<int64_t>& rows, const std::vector<float>& w,

@@ -52,6 +52,11 @@ int64_t heads_kept(double density, int64_t heads);
 // Ties go to the lower index, as in the sparse ops.
 double topk_recall(const float* score, const float* norm, int64_t n, int64_t heads, int64_t group, double density);
 
+// Share of the spill's tokens for which each head (group = 1) or KV group (group consecutive heads) is among
+// the true top heads_kept(density, H / group) by norm, pooled as topk_recall pools it: [H / group], each in
+// [0, 1]. The static selector keeps the units with the largest shares.
+std::vector<float> top_share(const LayerSpill& spill, int64_t group, double density);
+
 struct AttentionRouter {
   std::vector<float> w;  // [H, d]
   std::vector<float> b;  // [H]

@@ -140,8 +140,8 @@ int run_eval(const EvalArgs& a) {
   const Tokenizer& tok = m.tokenizer();
   for (double d : a.densities) check(d > 0 && d <= 1, "--density {} is outside (0, 1]", d);
   const bool sparse_runs = std::any_of(a.densities.begin(), a.densities.end(), [](double d) { return d < 1; });
-  check(!sparse_runs || !a.model.routers.empty() || a.model.selector == "random",
-        "densities below 1 need --routers FILE (or --selector random)");
+  check(!sparse_runs || !a.model.routers.empty() || a.model.selector == "random" || a.model.selector == "oracle",
+        "densities below 1 need --routers FILE (or --selector random or oracle)");
   // Dense first: the sparse runs are reported as paired differences to it.
   std::vector<double> densities = {1.0};
   for (double d : a.densities)
@@ -183,6 +183,7 @@ int run_eval(const EvalArgs& a) {
         j["tasks"].back()["delta_acc"] = {{"mean", delta->mean}, {"se", delta->se}};
     }
     j["selector"] = a.model.selector;
+    j["granularity"] = a.model.granularity;
     j["sparse_context"] = a.sparse_context;
     fmt::print("{}\n", j.dump(1));
   } else {
@@ -218,8 +219,8 @@ Command eval_command() {
             // --density here is a list: every density is a run, reported beside the dense one.
             c->remove_option(c->get_option("--density"));
             c->add_option("--density", a->densities,
-                          "Head densities to evaluate, e.g. 1,0.75,0.5 (each below 1 needs --routers or --selector "
-                          "random); the dense run always comes first and sparse accuracies are also reported as "
+                          "Head densities to evaluate, e.g. 1,0.75,0.5 (each below 1 needs --routers, or --selector "
+                          "oracle or random); the dense run always comes first and sparse accuracies are also reported as "
                           "paired differences to it (d_acc)")
                 ->delimiter(',')
                 ->capture_default_str();

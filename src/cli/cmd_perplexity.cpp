@@ -39,7 +39,8 @@ int run_perplexity(const PerplexityArgs& a) {
   if (a.json) {
     fmt::print("{}\n", nlohmann::json{{"perplexity", r.perplexity()}, {"tokens_scored", r.scored},
                                       {"nll_mean", r.nll_sum / r.scored}, {"ctx", a.ctx}, {"seconds", secs},
-                                      {"density", m.density}, {"selector", a.model.selector}}
+                                      {"density", m.density}, {"selector", a.model.selector},
+                                      {"granularity", a.model.granularity}}
                            .dump());
   } else {
     fmt::print("perplexity {:.4f} over {} tokens (ctx {})\n", r.perplexity(), r.scored, a.ctx);

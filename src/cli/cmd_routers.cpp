@@ -100,7 +100,8 @@ int show(const RoutersArgs& a) {
   if (a.json) {
     nlohmann::json j = routers_metadata(r);
     j.update({{"path", a.show}, {"layers", r.layers.size()}, {"heads", s.heads}, {"hidden", s.hidden},
-              {"checked_against", ck ? nlohmann::json(ck->path) : nlohmann::json(nullptr)}});
+              {"checked_against", ck ? nlohmann::json(ck->path) : nlohmann::json(nullptr)},
+              {"head_shares", has_head_shares(r)}});
     if (r.mlp_k) j["ffn"] = s.ffn;
     fmt::print("{}\n", j.dump(1));
     return 0;
@@ -123,6 +124,9 @@ int show(const RoutersArgs& a) {
     fmt::print("attn recall  layers 1-{}: {}\n", layers - 1, fmt::join(recalls, " "));
   else
     fmt::print("attn recall  unmeasured\n");
+  if (layers > 1)
+    fmt::print("head shares  {}\n", has_head_shares(r) ? "recorded (--selector static can use this file)"
+                                                       : "none (--selector static needs routers from polar calibrate)");
   if (!r.mlp_k) {
     fmt::print("mlp          dense (no MLP routers)\n");
     return 0;

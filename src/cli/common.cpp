@@ -7,6 +7,10 @@
 
 #include <fmt/core.h>
 
+#include "sparse/oracle_sparsity.h"
+#include "sparse/random_sparsity.h"
+#include "sparse/static_sparsity.h"
+
 namespace polar::cli {
 
 CLI::Option* ModelOptions::add(CLI::App& app) {
@@ -27,22 +31,46 @@ void ModelOptions::add_sparsity(CLI::App& app, bool selectors) {
       ->check(CLI::Range(0.0, 1.0));
   if (!selectors) return;
   app.add_option("--selector", selector,
-                 "Who picks the heads: router (the router file), or random (as many heads at random: the chance "
-                 "baseline for the routers' accuracy)")
+                 "Who picks the heads: router (the router file's routers), oracle (the heads with the largest true "
+                 "output, from a dense attention: the upper bound; no routers), static (the same heads for every "
+                 "token, those most often important in calibration: the router file's head shares) or random (as "
+                 "many heads at random: the chance baseline; no routers)")
       ->capture_default_str()
-      ->check(CLI::IsMember({"router", "random"}));
+      ->check(CLI::IsMember({"router", "oracle", "static", "random"}));
   app.add_option("--selector-seed", selector_seed, "Seed of --selector random")->capture_default_str();
+  app.add_option("--granularity", granularity,
+                 "What a token keeps: group (KV groups: what saves KV reads) or head (query heads of GQA models, the "
+                 "others' outputs zeroed: for accuracy comparison, no KV read saved); the same for MHA models")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"group", "head"}));
 }
+
+namespace {
+
+// --selector oracle / static / random, which need no routers (static reads only the file's head shares).
+std::unique_ptr<HeadSelector> baseline_selector(const LoadedModel& m, const ModelOptions& opt, Granularity g) {
+  check(opt.density > 0 && opt.density < 1, "--selector {} needs --density below 1", opt.selector);
+  if (opt.selector == "static") {
+    check(!opt.routers.empty(), "--selector static needs --routers FILE (its head shares rank the heads)");
+    const Routers routers = load_routers(opt.routers, m.model->config(), model_fingerprint(m.checkpoint));
+    return std::make_unique<StaticSparsity>(*m.model, routers, opt.density, opt.routers, g);
+  }
+  check(opt.routers.empty(), "--selector {} picks heads without routers: drop --routers", opt.selector);
+  if (opt.selector == "oracle") return std::make_unique<OracleSparsity>(*m.model, opt.density, g);
+  check(opt.selector == "random", "unknown selector '{}': choose router, oracle, static or random", opt.selector);
+  return std::make_unique<RandomSparsity>(*m.model, opt.density, opt.selector_seed, g);
+}
+
+}  // namespace
 
 void load_sparsity(LoadedModel& m, const ModelOptions& opt, bool random_allowed, uint64_t seed) {
   const ModelConfig& c = m.model->config();
-  if (opt.selector == "random") {
-    check(opt.routers.empty(), "--selector random picks heads without routers: drop --routers");
-    check(opt.density > 0 && opt.density < 1, "--selector random needs --density below 1");
-    auto random = std::make_unique<RandomSparsity>(*m.model, opt.density, opt.selector_seed);
-    fmt::print(stderr, "random heads: {} of {} per token at layers 1..{} (seed {})\n", random->kv_heads_kept(),
-               c.n_kv_heads, c.n_layers - 1, opt.selector_seed);
-    m.sparsity = std::move(random);
+  const Granularity granularity = parse_granularity(opt.granularity);
+  if (opt.selector != "router") {
+    std::unique_ptr<HeadSelector> selector = baseline_selector(m, opt, granularity);
+    fmt::print(stderr, "{} heads: {} per token at layers 1..{}{}\n", opt.selector, selector->describe(), c.n_layers - 1,
+               opt.selector == "random" ? fmt::format(" (seed {})", opt.selector_seed) : "");
+    m.sparsity = std::move(selector);
     m.density = opt.density;
     return;
   }
@@ -58,12 +86,11 @@ void load_sparsity(LoadedModel& m, const ModelOptions& opt, bool random_allowed,
   }
   const double density = opt.density > 0 ? opt.density : routers.head_density;
   check(density > 0, "--density must be in (0, 1]");
-  auto router_sparsity = std::make_unique<RouterSparsity>(*m.model, routers, density);
+  auto router_sparsity = std::make_unique<RouterSparsity>(*m.model, routers, density, granularity);
   m.routers = router_sparsity.get();
   m.density = density;
   m.sparsity = std::move(router_sparsity);
-  fmt::print(stderr, "sparse decoding: {} of {} {} per sequence at layers 1..{}{}\n", m.routers->kv_heads_kept(),
-             c.n_kv_heads, c.n_kv_heads == c.n_heads ? "heads" : "KV groups", c.n_layers - 1,
+  fmt::print(stderr, "sparse decoding: {} per sequence at layers 1..{}{}\n", m.routers->describe(), c.n_layers - 1,
              routers.mlp_k ? ", MLP neurons per the router file's k table" : "");
 }
 

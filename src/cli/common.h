@@ -9,7 +9,6 @@
 
 #include "io/checkpoint.h"
 #include "model/model.h"
-#include "sparse/random_sparsity.h"
 #include "sparse/router_sparsity.h"
 
 namespace polar::cli {
@@ -20,11 +19,14 @@ struct ModelOptions {
   std::string dtype = "f16";
   std::string routers;  // router file (polar routers); empty = none
   double density = 0;   // head (KV group) density of sparse decode steps; 0 = the router file's own
-  std::string selector = "router";  // router, or random (the chance baseline at the same density)
+  // Who picks the heads: router, oracle (the true largest outputs: the upper bound), static (the same heads for
+  // every token: calibration's most often important) or random (the chance baseline)
+  std::string selector = "router";
   uint64_t selector_seed = 0;
+  std::string granularity = "group";  // group (KV groups) or head (query heads, GQA models)
   // --model (required; returned so a command with other model sources can relax that), --device, --dtype
   CLI::Option* add(CLI::App& app);
-  // --routers, --density; with selectors, also --selector and --selector-seed
+  // --routers, --density; with selectors, also --selector, --selector-seed and --granularity
   void add_sparsity(CLI::App& app, bool selectors = false);
   DType activation_dtype() const;
 };

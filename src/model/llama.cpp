@@ -92,8 +92,7 @@ class Llama final : public Model {
       be.linear(h, L.wqkv, ptr(L.bqkv), qkv);
       be.region("attention");
       be.rope_kv_append(qkv, cache[l], in.layout, inv_freq_, q);
-      be.attention(q, cache[l], in.layout, scale, c.sliding_window, attn, heads.defined() ? &heads : nullptr,
-                   in.dense_tokens.defined() ? &in.dense_tokens : nullptr);
+      attend(static_cast<int>(l), in, heads, q, cache[l], scale, c.sliding_window, attn);
       if (probe) report_head_norms(probe, static_cast<int>(l), attn);
       be.region("qkv_o");
       be.linear(attn.reshape({T, c.q_dim()}), L.wo, ptr(L.bo), x, /*accumulate=*/true);

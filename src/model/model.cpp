@@ -89,6 +89,17 @@ void Model::report_head_norms(Probe* probe, int layer, const Tensor& attn) const
   probe->head_norms(layer, norms);
 }
 
+void Model::attend(int layer, const StepInput& in, const Tensor& heads, const Tensor& q, const KVLayer& cache,
+                   float scale, int64_t window, Tensor& attn) const {
+  const Tensor* dense = in.dense_tokens.defined() ? &in.dense_tokens : nullptr;
+  const bool per_query_head = in.sparsity && in.sparsity->per_query_head();
+  const bool selective = heads.defined() && !per_query_head;
+  backend_.attention(q, cache, in.layout, scale, window, attn, selective ? &heads : nullptr, dense);
+  if (!in.sparsity || selective) return;
+  const Tensor kept = heads.defined() ? heads : in.sparsity->heads_from_attention(layer, attn);
+  if (kept.defined()) backend_.keep_heads(attn, kept, per_query_head ? 1 : config_.n_heads / config_.n_kv_heads, dense);
+}
+
 std::unique_ptr<Model> make_model(const Checkpoint& ck, Backend& backend) {
   switch (ck.config.family) {
     case Family::OPT: return make_opt(ck, backend);

@@ -30,8 +30,20 @@ class Sparsity {
  public:
   virtual ~Sparsity() = default;
   // The KV heads (KV groups for GQA, heads for MHA) each token attends to, in ascending order: [T, k] I32,
-  // chosen from h [T, d], the attention block's normalised input; undefined = all (a dense layer).
+  // chosen from h [T, d], the attention block's normalised input; undefined = all (a dense layer), or a
+  // choice left to heads_from_attention. With per_query_head(), query heads instead.
   virtual Tensor attention_heads(int layer, const Tensor& h) = 0;
+  // Whether the selections name query heads rather than KV heads (per-query-head selection in GQA models,
+  // for accuracy comparisons): attention then runs over every KV head, which saves no KV reads, and the
+  // unselected query heads' outputs are zeroed.
+  virtual bool per_query_head() const { return false; }
+  // Selections that need the layer's dense attention output (the oracle): called after attention with attn
+  // [T, H, dh] when attention_heads gave none; the heads to keep, as attention_heads returns them, or
+  // undefined = all. The unselected heads' outputs are then zeroed.
+  virtual Tensor heads_from_attention(int layer, const Tensor& attn) {
+    (void)layer, (void)attn;
+    return Tensor();
+  }
   // The ReLU MLP neurons the whole step keeps, ascending: [k] I32, chosen from the same h (so it can run
   // beside attention); undefined = all. Only rows [0, layout.live_tokens) may influence the choice.
   virtual Tensor mlp_neurons(int layer, const Tensor& h, const StepLayout& layout) = 0;
@@ -84,6 +96,12 @@ class Model {
   Tensor load_transposed(const Checkpoint& ck, const std::string& name, const Shape& shape);
   // Reports per-head L2 norms of attn [T, H, dh] to the probe.
   void report_head_norms(Probe* probe, int layer, const Tensor& attn) const;
+  // attn [T, H, dh] = attention of q over the layer's cache for the step, under its sparsity: KV-head
+  // selections made before (heads, from attention_heads) go to the attention op, which reads only their
+  // cache; per-query-head selections and those made from the output (heads_from_attention) zero the
+  // unselected heads of a dense attention.
+  void attend(int layer, const StepInput& in, const Tensor& heads, const Tensor& q, const KVLayer& cache, float scale,
+              int64_t window, Tensor& attn) const;
   ModelConfig config_;
   Backend& backend_;
   int64_t weight_bytes_ = 0;

@@ -110,8 +110,7 @@ class Opt final : public Model {
       be.linear(*attn_in, L.wqkv, ptr(L.bqkv), qkv);
       be.region("attention");
       be.rope_kv_append(qkv, cache[l], in.layout, Tensor(), q);  // learned positions: no rotation
-      be.attention(q, cache[l], in.layout, scale, 0, attn, heads.defined() ? &heads : nullptr,
-                   in.dense_tokens.defined() ? &in.dense_tokens : nullptr);
+      attend(static_cast<int>(l), in, heads, q, cache[l], scale, 0, attn);
       if (probe) report_head_norms(probe, static_cast<int>(l), attn);
       be.region("qkv_o");
       be.linear(attn.reshape({T, c.hidden}), L.wo, ptr(L.bo), x, /*accumulate=*/true);

@@ -101,6 +101,14 @@ class Backend {
   // the max over its `group` consecutive heads. idx [R, k] (I32) = each row's k best heads (group == 1) or
   // KV groups, k = idx.dim(1) <= H / group.
   virtual void route_heads(const Tensor& scores, int64_t group, Tensor& idx) = 0;
+  // out[R] = the L2 norm of each row of x [R, n] (accumulated in fp32 or wider): per-head norms of an attention output
+  // [T, H, dh] viewed as [T·H, dh] (a KV group's as [T·Hkv, group·dh]), as calibration measures them.
+  virtual void l2_norms(const Tensor& x, Tensor& out) = 0;
+  // Zeroes the rows of x [T, H, dh] whose head h is not kept, h / group not among heads[t] ([T, k] I32, < H /
+  // group): group 1 selects query heads, group H / Hkv KV groups. Tokens flagged 1 in dense_tokens [T]
+  // (optional) keep every head. Selections that cannot go to the attention op as kv_heads (per query head,
+  // or made from the attention output itself) are applied this way.
+  virtual void keep_heads(Tensor& x, const Tensor& heads, int64_t group, const Tensor* dense_tokens) = 0;
   // MLP router selection for the whole batch: score[j] = Σ_r max(logits[r, j], 0) over logits [R, D];
   // idx [k] (I32) = the k best neurons, k = idx.numel() <= D.
   // Only rows r < live_rows[0] (I32 [1]) count: padding rows of a captured batch must not steer the choice.

@@ -4,12 +4,10 @@
 
 namespace polar {
 
-RouterSparsity::RouterSparsity(const Model& model, const Routers& routers, double density)
-    : backend_(model.backend()), config_(model.config()), density_(density), mlp_k_(routers.mlp_k) {
-  check(density > 0 && density <= 1, "density {} is outside (0, 1]", density);
+RouterSparsity::RouterSparsity(const Model& model, const Routers& routers, double density, Granularity granularity)
+    : HeadSelector(model, density, granularity), mlp_k_(routers.mlp_k) {
   check(static_cast<int64_t>(routers.layers.size()) == config_.n_layers, "routers for {} layers, the model has {}",
         routers.layers.size(), config_.n_layers);
-  kv_heads_kept_ = std::max<int64_t>(1, static_cast<int64_t>(density * static_cast<double>(config_.n_kv_heads)));
   const DType dt = backend_.activation_dtype();
   auto up = [&](const Tensor& t) { return t.defined() ? backend_.upload(t, dt) : Tensor(); };
   const int64_t d = config_.hidden, H = config_.n_heads, D = config_.ffn;
@@ -29,13 +27,10 @@ RouterSparsity::RouterSparsity(const Model& model, const Routers& routers, doubl
 }
 
 Tensor RouterSparsity::attention_heads(int layer, const Tensor& h) {
-  if (layer == 0 || kv_heads_kept_ >= config_.n_kv_heads || !attn_w_[layer].defined()) return Tensor();
-  const int64_t T = h.dim(0);
-  Tensor scores = backend_.alloc(backend_.activation_dtype(), {T, config_.n_heads});
+  if (!selects(layer) || !attn_w_[layer].defined()) return Tensor();
+  Tensor scores = backend_.alloc(backend_.activation_dtype(), {h.dim(0), config_.n_heads});
   backend_.linear(h, attn_w_[layer], &attn_b_[layer], scores);
-  Tensor idx = backend_.alloc(DType::I32, {T, kv_heads_kept_});
-  backend_.route_heads(scores, config_.n_heads / config_.n_kv_heads, idx);
-  return idx;
+  return top(scores, config_.n_heads / units());
 }
 
 int64_t RouterSparsity::mlp_neurons_kept(int layer, int64_t batch) const {
@@ -48,7 +43,7 @@ int64_t RouterSparsity::mlp_neurons_kept(int layer, int64_t batch) const {
 
 int64_t RouterSparsity::router_bytes(int layer, int64_t batch) const {
   int64_t bytes = 0;
-  if (layer > 0 && kv_heads_kept_ < config_.n_kv_heads && attn_w_[layer].defined())
+  if (selects(layer) && attn_w_[layer].defined())
     bytes += static_cast<int64_t>(attn_w_[layer].nbytes() + attn_b_[layer].nbytes());
   if (mlp_neurons_kept(layer, batch) < config_.ffn && mlp_a_[layer].defined())
     bytes += static_cast<int64_t>(mlp_a_[layer].nbytes() + mlp_b_[layer].nbytes());

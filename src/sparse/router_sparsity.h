@@ -1,9 +1,8 @@
 // Sparse decoding driven by a model's routers (polar-method.md §3): the Sparsity the model consults at
 // each layer of a decode step.
 //
-// Attention: per token, scores = h · Wrᵀ + br over the query heads, max-pooled per KV group for GQA, and
-// the top k = max(1, int(density · Hkv)) KV heads (= heads for MHA) are attended to; layer 0 is dense, and
-// so is every layer at density 1.0. MLP (ReLU models with MLP routers): logits = (h · Aᵀ) · Bᵀ, one neuron
+// Attention: per token, scores = h · Wrᵀ + br over the query heads, max-pooled per KV group for GQA (or
+// per query head with Granularity::Head), and the top k units are kept (head_selector.h). MLP (ReLU models with MLP routers): logits = (h · Aᵀ) · Bᵀ, one neuron
 // set per step from Σ over the live rows of ReLU(logits), k from the router file's table for the step's
 // batch (a captured batch's padded size, so k never depends on how full the bucket is); dense where
 // k > 0.8 · D (polar-method.md §3.7), and in steps that process more than one token of a sequence (a
@@ -12,22 +11,20 @@
 #include <optional>
 #include <vector>
 
-#include "model/model.h"
+#include "sparse/head_selector.h"
 #include "sparse/routers.h"
 
 namespace polar {
 
-class RouterSparsity final : public Sparsity {
+class RouterSparsity final : public HeadSelector {
  public:
   // Uploads the routers to the model's backend. density in (0, 1].
-  RouterSparsity(const Model& model, const Routers& routers, double density);
+  RouterSparsity(const Model& model, const Routers& routers, double density,
+                 Granularity granularity = Granularity::Group);
 
   Tensor attention_heads(int layer, const Tensor& h) override;
   Tensor mlp_neurons(int layer, const Tensor& h, const StepLayout& layout) override;
 
-  double density() const { return density_; }
-  // KV heads (groups) each token keeps at layers >= 1.
-  int64_t kv_heads_kept() const { return kv_heads_kept_; }
   // MLP neurons a step of `batch` rows keeps at `layer`: the k table's entry rounded up to a multiple of 8
   // (ffn when it runs dense).
   int64_t mlp_neurons_kept(int layer, int64_t batch) const;
@@ -35,10 +32,6 @@ class RouterSparsity final : public Sparsity {
   int64_t router_bytes(int layer, int64_t batch) const;
 
  private:
-  Backend& backend_;
-  ModelConfig config_;
-  double density_;
-  int64_t kv_heads_kept_;
   std::vector<Tensor> attn_w_, attn_b_, mlp_a_, mlp_b_;  // per layer, on the backend
   std::optional<MlpKTable> mlp_k_;
 };

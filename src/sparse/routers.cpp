@@ -39,18 +39,19 @@ struct Slot {
   Tensor LayerRouters::*member;
 };
 constexpr Slot kAttnWeight{"attn.weight", &LayerRouters::attn_w}, kAttnBias{"attn.bias", &LayerRouters::attn_b},
-    kMlpA{"mlp.a", &LayerRouters::mlp_a}, kMlpB{"mlp.b", &LayerRouters::mlp_b};
-constexpr Slot kSlots[] = {kAttnWeight, kAttnBias, kMlpA, kMlpB};
+    kMlpA{"mlp.a", &LayerRouters::mlp_a}, kMlpB{"mlp.b", &LayerRouters::mlp_b},
+    kHeadShare{"attn.head_share", &LayerRouters::head_share}, kGroupShare{"attn.group_share", &LayerRouters::group_share};
+constexpr Slot kSlots[] = {kAttnWeight, kAttnBias, kMlpA, kMlpB, kHeadShare, kGroupShare};
 
 std::string tensor_name(int64_t layer, const Slot& slot) { return fmt::format("layers.{}.{}", layer, slot.part); }
 
 // What a router file must hold: from the model's config, or (read_routers) from the file itself.
 struct Dims {
-  int64_t layers = 0, hidden = 0, heads = 0, ffn = 0;
+  int64_t layers = 0, hidden = 0, heads = 0, kv_heads = 0, ffn = 0;
   bool mlp = false;  // a ReLU MLP: MLP routers and a k table
 };
 
-Dims dims_of(const ModelConfig& c) { return {c.n_layers, c.hidden, c.n_heads, c.ffn, !c.gated_mlp}; }
+Dims dims_of(const ModelConfig& c) { return {c.n_layers, c.hidden, c.n_heads, c.n_kv_heads, c.ffn, !c.gated_mlp}; }
 
 uint64_t fnv1a(uint64_t h, const void* data, size_t n) {
   const auto* p = static_cast<const uint8_t*>(data);
@@ -165,6 +166,13 @@ Dims dims_from_file(const safetensors::File& f, const json& meta) {
     const Shape s = shape_of(tensor_name(1, kAttnWeight));
     d.heads = s[0];
     d.hidden = s[1];
+    const std::string groups = tensor_name(1, kGroupShare);
+    if (const safetensors::TensorInfo* t = f.find(groups)) {
+      check(t->shape.size() == 1 && t->shape[0] >= 1 && d.heads % t->shape[0] == 0,
+            "{}: tensor '{}' has shape {}, expected [Hkv] with Hkv dividing the {} heads", path, groups,
+            shape_str(t->shape), d.heads);
+      d.kv_heads = t->shape[0];
+    }
   }
   if (d.mlp) {
     if (d.hidden == 0) d.hidden = shape_of(tensor_name(0, kMlpA))[1];
@@ -264,6 +272,14 @@ Routers read_file(const std::string& path, const ModelConfig* config, const std:
     expected[tensor_name(l, kMlpA)] = {l, &kMlpA, {r.mlp_rank, dims.hidden}};
     expected[tensor_name(l, kMlpB)] = {l, &kMlpB, {dims.ffn, r.mlp_rank}};
   }
+  // Head shares are optional (older files, random routers), but a file that has some has them all.
+  const bool shares = std::any_of(f.tensors().begin(), f.tensors().end(), [](const safetensors::TensorInfo& t) {
+    return t.name.ends_with(std::string(".") + kHeadShare.part) || t.name.ends_with(std::string(".") + kGroupShare.part);
+  });
+  for (int64_t l = 1; shares && l < dims.layers; ++l) {
+    expected[tensor_name(l, kHeadShare)] = {l, &kHeadShare, {dims.heads}};
+    expected[tensor_name(l, kGroupShare)] = {l, &kGroupShare, {dims.kv_heads}};
+  }
   const char* implied_by = config ? "the model needs" : "the rest of the file implies";
   r.layers.resize(static_cast<size_t>(dims.layers));
   for (const safetensors::TensorInfo& t : f.tensors()) {
@@ -271,7 +287,14 @@ Routers read_file(const std::string& path, const ModelConfig* config, const std:
     check(e != expected.end(), "{}: unexpected tensor '{}' ({})", path, t.name, why_unexpected(t.name, dims));
     check(t.shape == e->second.shape, "{}: tensor '{}' has shape {} but {} {}", path, t.name, shape_str(t.shape),
           implied_by, shape_str(e->second.shape));
-    r.layers[static_cast<size_t>(e->second.layer)].*(e->second.slot->member) = owned_f32(f, t);
+    Tensor& value = r.layers[static_cast<size_t>(e->second.layer)].*(e->second.slot->member);
+    value = owned_f32(f, t);
+    if (e->second.slot == &kHeadShare || e->second.slot == &kGroupShare) {
+      const float* p = value.data<float>();
+      const float* bad = std::find_if(p, p + value.numel(), [](float x) { return x < 0 || x > 1; });
+      check(bad == p + value.numel(), "{}: tensor '{}' holds {} at element {}, not a share in [0, 1]", path, t.name,
+            bad == p + value.numel() ? 0.0f : *bad, bad - p);
+    }
     expected.erase(e);
   }
   if (!expected.empty())
@@ -290,6 +313,12 @@ int64_t MlpKTable::k_for(int64_t layer, int64_t batch) const {
   const auto it = std::lower_bound(batch_sizes.begin(), batch_sizes.end(), batch);
   const size_t i = it == batch_sizes.end() ? batch_sizes.size() - 1 : static_cast<size_t>(it - batch_sizes.begin());
   return k[static_cast<size_t>(layer)][i];
+}
+
+bool has_head_shares(const Routers& routers) {
+  for (size_t l = 1; l < routers.layers.size(); ++l)
+    if (!routers.layers[l].head_share.defined() || !routers.layers[l].group_share.defined()) return false;
+  return true;
 }
 
 std::string model_fingerprint(const Checkpoint& ck) {

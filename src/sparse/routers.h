@@ -9,6 +9,8 @@
 // File: one safetensors file per model (`<name>.routers.safetensors`), fp32 tensors
 //   layers.{l}.attn.weight [H, d], layers.{l}.attn.bias [H]   (l = 1 .. L-1)
 //   layers.{l}.mlp.a [r, d], layers.{l}.mlp.b [D, r]          (l = 0 .. L-1, ReLU models)
+//   layers.{l}.attn.head_share [H], layers.{l}.attn.group_share [Hkv]
+//                                                              (l = 1 .. L-1; optional: all or none)
 // and the metadata key "polar.routers" holding a JSON object:
 //   {"format": 1, "model": FINGERPRINT, "granularity": "head"|"group", "head_density": X,
 //    "attention_recall": [per layer, null where unmeasured], "mlp_rank": r,
@@ -34,6 +36,12 @@ struct LayerRouters {
   Tensor attn_b;  // [H]
   Tensor mlp_a;   // [r, d]; undefined for models without a ReLU MLP
   Tensor mlp_b;   // [D, r]
+  // Head importance measured in calibration, for --selector static (undefined on layer 0, and in files made
+  // before calibration recorded it, or by random_routers): the share of calibration tokens for which each
+  // query head, and each KV group, was among the true top int(head_density · n) of its n heads / groups by
+  // attention-output norm (a group's norm: sqrt(Σ of its heads' norms²)), each in [0, 1].
+  Tensor head_share;   // [H]
+  Tensor group_share;  // [Hkv]
 };
 
 // MLP neurons kept per layer and batch size (polar-method.md §4, "dynamic layer-wise top-k").
@@ -58,6 +66,9 @@ struct Routers {
   std::vector<LayerRouters> layers;  // [n_layers]
 };
 
+// Whether the routers carry the head importance of every layer 1..L-1 (what --selector static needs).
+bool has_head_shares(const Routers& routers);
+
 // Identifies a model for its routers: family and dimensions, plus (for real checkpoints) a checksum of
 // some of its weights, so routers trained for another model, or another fine-tune of the same shape,
 // are refused. Synthetic checkpoints are identified by their seed.
@@ -72,14 +83,14 @@ Routers random_routers(const ModelConfig& config, const std::string& fingerprint
 // Writes the router file. A polar::Error when the file cannot be written.
 void save_routers(const std::string& path, const Routers& routers);
 
-// Reads and validates a router file against the model: the fingerprint, every tensor's presence and shape,
-// the metadata (k table shape and ranges, densities in (0, 1], granularity) — anything wrong is a
+// Reads and validates a router file against the model: the fingerprint, every tensor's presence and shape
+// (the head shares of every layer 1..L-1 or of none, each a share in [0, 1]), the metadata (k table shape and ranges, densities in (0, 1], granularity) — anything wrong is a
 // polar::Error that names the file and the problem.
 Routers load_routers(const std::string& path, const ModelConfig& config, const std::string& fingerprint);
 
 // Reads a router file without a model to check it against (`polar routers --show FILE`): the layer count
 // comes from attention_recall, H and d from the first attention router, D from the first MLP router, and
-// every other check of load_routers applies; the fingerprint is taken as it stands.
+// Hkv from the first group shares (where the file has them), every other check of load_routers applies; the fingerprint is taken as it stands.
 Routers read_routers(const std::string& path);
 
 // The "polar.routers" metadata object of `routers` (NaN recalls as null): what the file stores, and what

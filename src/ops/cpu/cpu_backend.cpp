@@ -284,6 +284,38 @@ class CpuBackend final : public Backend {
     select_top(score.data(), D, k, idx.data<int32_t>());
   }
 
+  void l2_norms(const Tensor& x, Tensor& out) override {
+    check(x.ndim() == 2 && out.numel() == x.dim(0), "l2_norms: input {} for {} rows", shape_str(x.shape()), out.numel());
+    const int64_t R = x.dim(0), n = x.dim(1);
+    const float* px = x.data<float>();
+    for (int64_t r = 0; r < R; ++r) {
+      double ss = 0;
+      for (int64_t j = 0; j < n; ++j) ss += double(px[r * n + j]) * px[r * n + j];
+      out.data<float>()[r] = static_cast<float>(std::sqrt(ss));
+    }
+  }
+
+  void keep_heads(Tensor& x, const Tensor& heads, int64_t group, const Tensor* dense_tokens) override {
+    const int64_t T = x.dim(0), H = x.dim(1), dh = x.dim(2), k = heads.dim(1);
+    check(x.ndim() == 3 && group >= 1 && H % group == 0 && heads.dtype() == DType::I32 && heads.ndim() == 2 &&
+              heads.dim(0) == T && k >= 1 && k <= H / group,
+          "keep_heads: heads {} for x {} in groups of {}", shape_str(heads.shape()), shape_str(x.shape()), group);
+    check(!dense_tokens || dense_tokens->numel() == T, "keep_heads: dense_tokens {} for {} tokens",
+          dense_tokens ? shape_str(dense_tokens->shape()) : "", T);
+    std::vector<char> kept(H / group);
+    for (int64_t t = 0; t < T; ++t) {
+      if (dense_tokens && dense_tokens->data<int32_t>()[t]) continue;
+      std::fill(kept.begin(), kept.end(), 0);
+      for (int64_t j = 0; j < k; ++j) {
+        const int32_t u = heads.data<int32_t>()[t * k + j];
+        check(u >= 0 && u < H / group, "keep_heads: head {} outside [0, {})", u, H / group);
+        kept[u] = 1;
+      }
+      for (int64_t h = 0; h < H; ++h)
+        if (!kept[h / group]) std::fill_n(x.data<float>() + (t * H + h) * dh, dh, 0.0f);
+    }
+  }
+
   void gather_up_relu(const Tensor& x, const Tensor& w, const Tensor* bias, const Tensor* idx, Tensor& y) override {
     Tensor b;
     if (bias && idx) b = gather_rows(bias->reshape({bias->numel(), 1}), *idx).reshape({idx->numel()});

@@ -413,9 +413,29 @@ class CudaBackend final : public Backend {
     const size_t ws = cuda::attention_workspace_bytes(a, num_sms_);
     Tensor workspace = alloc(DType::U8, {static_cast<int64_t>(std::max<size_t>(ws, 1))});
     cuda::paged_attention(a, workspace.raw(), ws, num_sms_, stream_);
-    if (zero_after)
-      cuda::keep_selected_heads(out.raw(), a.T, a.H, a.Hkv, a.dh, kv_heads->data<int32_t>(), kv_heads->dim(1),
-                                dense_tokens ? dense_tokens->data<int32_t>() : nullptr, elem(), stream_);
+    if (zero_after) keep_heads(out, *kv_heads, a.H / a.Hkv, dense_tokens);
+  }
+
+  void keep_heads(Tensor& x, const Tensor& heads, int64_t group, const Tensor* dense_tokens) override {
+    expect_act(x, "keep_heads input");
+    expect_i32(heads, "keep_heads heads");
+    check(x.ndim() == 3 && group >= 1 && x.dim(1) % group == 0 && heads.ndim() == 2 && heads.dim(0) == x.dim(0) &&
+              heads.dim(1) >= 1 && heads.dim(1) <= x.dim(1) / group,
+          "keep_heads: heads {} for x {} in groups of {}", shape_str(heads.shape()), shape_str(x.shape()), group);
+    if (dense_tokens) {
+      expect_i32(*dense_tokens, "keep_heads dense_tokens");
+      check(dense_tokens->numel() == x.dim(0), "keep_heads: dense_tokens {} for {} tokens",
+            shape_str(dense_tokens->shape()), x.dim(0));
+    }
+    cuda::keep_heads(x.raw(), x.dim(0), x.dim(1), group, x.dim(2), heads.data<int32_t>(), heads.dim(1),
+                     dense_tokens ? dense_tokens->data<int32_t>() : nullptr, elem(), stream_);
+  }
+
+  void l2_norms(const Tensor& x, Tensor& out) override {
+    expect_act(x, "l2_norms input");
+    expect_act(out, "l2_norms output");
+    check(x.ndim() == 2 && out.numel() == x.dim(0), "l2_norms: input {} for {} rows", shape_str(x.shape()), out.numel());
+    cuda::l2_norms(x.raw(), x.dim(0), x.dim(1), out.raw(), elem(), stream_);
   }
 
   void silu_mul(const Tensor& gate_up, Tensor& out) override {

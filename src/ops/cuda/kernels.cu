@@ -382,16 +382,30 @@ __global__ void route_heads_kernel(const T* scores, int H, int group, int k, int
 }
 
 template <typename T>
-__global__ void keep_selected_heads_kernel(T* out, int64_t H, int64_t Hkv, int64_t dh, const int32_t* kv_heads, int64_t k,
-                                           const int32_t* dense_tokens) {
-  const int64_t t = blockIdx.x, group = H / Hkv;
+__global__ void keep_heads_kernel(T* out, int64_t H, int64_t group, int64_t dh, const int32_t* heads, int64_t k,
+                                  const int32_t* dense_tokens) {
+  const int64_t t = blockIdx.x;
   if (dense_tokens && dense_tokens[t]) return;
   for (int64_t i = threadIdx.x; i < H * dh; i += blockDim.x) {
     const int64_t g = i / dh / group;
     bool kept = false;
-    for (int64_t j = 0; j < k; ++j) kept |= kv_heads[t * k + j] == g;
+    for (int64_t j = 0; j < k; ++j) kept |= heads[t * k + j] == g;
     if (!kept) out[t * H * dh + i] = from_float<T>(0.0f);
   }
+}
+
+// out[r] = sqrt(Σ x[r, :]²) in fp32; one CTA per row.
+template <typename T>
+__global__ void l2_norms_kernel(const T* x, int64_t n, T* out) {
+  __shared__ float scratch[32];
+  const T* row = x + blockIdx.x * n;
+  float ss = 0.0f;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const float v = to_float(row[i]);
+    ss += v * v;
+  }
+  ss = block_sum(ss, scratch);
+  if (threadIdx.x == 0) out[blockIdx.x] = from_float<T>(sqrtf(ss));
 }
 
 // key[j] = order_key(Σ_{r < live_rows[0]} max(logits[r, j], 0)): the fp32 score (rows summed in order,
@@ -591,15 +605,25 @@ void route_neurons(const void* logits, int64_t R, int64_t D, const int32_t* live
   check_launch("route_neurons (selection)");
 }
 
-void keep_selected_heads(void* out, int64_t T, int64_t H, int64_t Hkv, int64_t dh, const int32_t* kv_heads, int64_t k,
-                         const int32_t* dense_tokens, Elem e, cudaStream_t stream) {
+void keep_heads(void* out, int64_t T, int64_t H, int64_t group, int64_t dh, const int32_t* heads, int64_t k,
+                const int32_t* dense_tokens, Elem e, cudaStream_t stream) {
   if (T == 0) return;
   dispatch(e, [&](auto* tag) {
     using Ty = std::remove_pointer_t<decltype(tag)>;
-    keep_selected_heads_kernel<<<static_cast<unsigned>(T), row_threads(H * dh), 0, stream>>>(
-        static_cast<Ty*>(out), H, Hkv, dh, kv_heads, k, dense_tokens);
+    keep_heads_kernel<<<static_cast<unsigned>(T), row_threads(H * dh), 0, stream>>>(static_cast<Ty*>(out), H, group, dh,
+                                                                                    heads, k, dense_tokens);
   });
-  check_launch("keep_selected_heads");
+  check_launch("keep_heads");
+}
+
+void l2_norms(const void* x, int64_t R, int64_t n, void* out, Elem e, cudaStream_t stream) {
+  if (R == 0) return;
+  dispatch(e, [&](auto* tag) {
+    using Ty = std::remove_pointer_t<decltype(tag)>;
+    l2_norms_kernel<<<static_cast<unsigned>(R), row_threads(n), 0, stream>>>(static_cast<const Ty*>(x), n,
+                                                                             static_cast<Ty*>(out));
+  });
+  check_launch("l2_norms");
 }
 
 void argmax(const void* logits, int64_t R, int64_t V, int32_t* out, Elem e, cudaStream_t stream) {

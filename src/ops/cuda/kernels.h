@@ -51,11 +51,12 @@ void route_heads(const void* scores, int64_t R, int64_t H, int64_t group, int64_
 // of D elements.
 void route_neurons(const void* logits, int64_t R, int64_t D, const int32_t* live_rows, int64_t k, uint32_t* key,
                    int32_t* idx, Elem e, cudaStream_t stream);
-// Zeroes the rows of out [T, H, dh] whose KV head (h / (H / Hkv)) is not among kv_heads[t, 0:k], except
-// for tokens with dense_tokens[t] != 0 (nullptr: none): selective attention's result from a dense one, for
-// prefill steps scored with per-token selections. One CTA per token.
-void keep_selected_heads(void* out, int64_t T, int64_t H, int64_t Hkv, int64_t dh, const int32_t* kv_heads, int64_t k,
-                         const int32_t* dense_tokens, Elem e, cudaStream_t stream);
+// Zeroes the rows of out [T, H, dh] whose head h is not kept, h / group not among heads[t, 0:k], except for
+// tokens with dense_tokens[t] != 0 (nullptr: none) (backend.h: keep_heads). One CTA per token.
+void keep_heads(void* out, int64_t T, int64_t H, int64_t group, int64_t dh, const int32_t* heads, int64_t k,
+                const int32_t* dense_tokens, Elem e, cudaStream_t stream);
+// out[r] = the L2 norm of row r of x [R, n], fp32 accumulation; one CTA per row.
+void l2_norms(const void* x, int64_t R, int64_t n, void* out, Elem e, cudaStream_t stream);
 // out[r] = argmax of logits[r, 0:V] (lowest index on ties); one CTA per row.
 void argmax(const void* logits, int64_t R, int64_t V, int32_t* out, Elem e, cudaStream_t stream);
 // out[r] = the token the rule of ops/sampling.h picks from logits[r, 0:V] with uniforms[r] (temperature
