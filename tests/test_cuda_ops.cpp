@@ -326,6 +326,13 @@ TEST_P(CudaOps, RouteHeadsAndNeuronsSelectLikeCpu) {
     std::set_symmetric_difference(a.begin(), a.end(), b.begin(), b.end(), std::back_inserter(diff));
     EXPECT_LE(diff.size(), 2u) << "R " << c.R << " D " << c.D << " k " << c.k;
   }
+  // Every score 0 (all logits negative): more tied keys than the selection stages in shared memory, so
+  // it resolves them from global memory, and ties go to the lowest indices.
+  Tensor negative = host_random({3, 40000}, -4, -1);
+  Tensor tied = cuda_->alloc(DType::I32, {12345});
+  cuda_->route_neurons(dev(negative), dev(host_i32({3})), tied);
+  Tensor t = back(tied);
+  for (int32_t i = 0; i < 12345; ++i) ASSERT_EQ(t.data<int32_t>()[i], i);
 }
 
 // The oracle's ops: row norms within the dtype's tolerance; keep_heads zeroes exactly the rows the CPU does

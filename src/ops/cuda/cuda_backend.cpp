@@ -315,8 +315,8 @@ class CudaBackend final : public Backend {
     expect_i32(idx, "route_neurons output");
     const int64_t R = logits.dim(0), D = logits.dim(1), k = idx.numel();
     check(k >= 1 && k <= D, "route_neurons: {} of {} neurons", k, D);
-    Tensor key = alloc(DType::I32, {D});
-    cuda::route_neurons(logits.raw(), R, D, live_rows.data<int32_t>(), k, static_cast<uint32_t*>(key.raw()), idx.data<int32_t>(),
+    Tensor scratch = alloc(DType::I32, {cuda::route_neurons_scratch(D)});
+    cuda::route_neurons(logits.raw(), R, D, live_rows.data<int32_t>(), k, scratch.data<int32_t>(), idx.data<int32_t>(),
                         elem(), stream_);
   }
   void add(const Tensor& a, const Tensor& b, Tensor& out) override {

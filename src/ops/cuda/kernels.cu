@@ -408,72 +408,132 @@ __global__ void l2_norms_kernel(const T* x, int64_t n, T* out) {
   if (threadIdx.x == 0) out[blockIdx.x] = from_float<T>(sqrtf(ss));
 }
 
-// key[j] = order_key(Σ_{r < live_rows[0]} max(logits[r, j], 0)): the fp32 score (rows summed in order,
-// deterministic) as the unsigned key the selection compares.
-template <typename T>
-__global__ void relu_column_sum_kernel(const T* logits, int64_t R, int64_t D, const int32_t* live_rows, uint32_t* key) {
-  const int64_t rows = min(R, static_cast<int64_t>(*live_rows));
-  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < D; j += int64_t(gridDim.x) * blockDim.x) {
-    float s = 0.0f;
-    for (int64_t r = 0; r < rows; ++r) s += fmaxf(to_float(logits[r * D + j]), 0.0f);
-    key[j] = order_key(nan_as_lowest(s));
-  }
-}
+// ---- route_neurons: the k best of D neuron scores, exactly the CPU's choice ----
+//
+// Decode calls it once per layer, so latency is what counts. Keys are the scores as order-preserving
+// unsigned ints; the k-th best key (the threshold) is found digit by digit, 11 + 11 + 10 bits:
+//   1. relu_column_sum_kernel (one thread per neuron, many CTAs) computes the keys and adds them to a
+//      global histogram of their top 11 bits (per-CTA shared histograms first);
+//   2. select_top_kernel (one CTA) finds the threshold's top digit from that histogram, collects the keys
+//      with that digit (usually a few percent of D) into shared memory, resolves the last two digits
+//      over those candidates alone, and compacts the selection in index order.
+// Shared histogram atomics are aggregated per warp (__match_any_sync): the keys of one layer share
+// their leading bits, and unaggregated atomics would serialise on one bin.
 
 constexpr int kSelectThreads = 1024;
+constexpr int kDigitBins = 2048;  // 11-bit digits
+// Candidates staged in shared memory (96 KB); more than that (a degenerate layer whose scores share
+// their top 11 bits, e.g. all zero) and the last digits are resolved over every key from global memory.
+constexpr int kSelectCandidates = 24576;
 
-// Keys staged in shared memory up to this many (192 KB; OPT-175B's D is 49152): the selection reads each key
-// five times, and from shared memory those reads cost nothing beside the global loads they replace.
-constexpr int64_t kSelectSmemKeys = 49152;
+// Adds 1 to hist[bin] for every lane with bin >= 0, one atomic per distinct bin in the warp. Every lane of
+// the warp must call it.
+__device__ __forceinline__ void warp_histogram_add(int* hist, int bin) {
+  const uint32_t peers = __match_any_sync(0xffffffffu, bin);
+  if (bin >= 0 && (threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
+}
 
-// One CTA: the k best of key[D] into idx[k], ascending. A 4-pass 8-bit radix select finds the k-th best
-// key (the threshold) and how many keys equal to it are taken; a compaction in index order then writes
-// every key above the threshold and the first equal ones. Decode calls it once per layer, so it is built
-// for latency: keys staged in shared memory, histogram atomics aggregated per warp (scores of one layer
-// share their top bytes, so plain atomics would serialise on one bin), the bin found by a block scan, and
-// the compaction over contiguous per-thread segments with two block scans in all.
-template <bool kStaged>
-__global__ void __launch_bounds__(kSelectThreads) select_top_kernel(const uint32_t* key_global, int64_t D, int64_t k,
-                                                                    int32_t* idx) {
+// key[j] = order_key(Σ_{r < live_rows[0]} max(logits[r, j], 0)) (the fp32 score, rows summed in order:
+// deterministic), and top_hist[key >> 21] += 1 (top_hist zeroed before the launch).
+template <typename T>
+__global__ void relu_column_sum_kernel(const T* logits, int64_t R, int64_t D, const int32_t* live_rows, uint32_t* key,
+                                       int* top_hist) {
+  __shared__ int hist[kDigitBins];
+  for (int b = threadIdx.x; b < kDigitBins; b += blockDim.x) hist[b] = 0;
+  __syncthreads();
+  const int64_t rows = min(R, static_cast<int64_t>(*live_rows));
+  // Whole warps walk the loop together (warp_histogram_add needs every lane).
+  for (int64_t base = blockIdx.x * int64_t(blockDim.x); base < D; base += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t j = base + threadIdx.x;
+    int bin = -1;
+    if (j < D) {
+      float s = 0.0f;
+      for (int64_t r = 0; r < rows; ++r) s += fmaxf(to_float(logits[r * D + j]), 0.0f);
+      key[j] = order_key(nan_as_lowest(s));
+      bin = static_cast<int>(key[j] >> 21);
+    }
+    warp_histogram_add(hist, bin);
+  }
+  __syncthreads();
+  for (int b = threadIdx.x; b < kDigitBins; b += blockDim.x)
+    if (hist[b]) atomicAdd(&top_hist[b], hist[b]);
+}
+
+// Over hist[kDigitBins] (in shared memory) counted from the highest bin down: the bin where the running
+// count reaches `need` holds the k-th key. Sets *bin_out and *need_out (the keys still to take inside that
+// bin). Thread t scans bins 2047 - 2t and 2046 - 2t; one block scan.
+template <typename Scan>
+__device__ void find_digit(const int* hist, int need, typename Scan::TempStorage& scan, int* bin_out, int* need_out) {
+  const int hi = kDigitBins - 1 - 2 * static_cast<int>(threadIdx.x), lo = hi - 1;
+  const int c_hi = hist[hi], c_lo = hist[lo];
+  int before;
+  Scan(scan).ExclusiveSum(c_hi + c_lo, before);
+  if (before < need && before + c_hi >= need) {
+    *bin_out = hi;
+    *need_out = need - before;
+  } else if (before + c_hi < need && before + c_hi + c_lo >= need) {
+    *bin_out = lo;
+    *need_out = need - before - c_hi;
+  }
+  __syncthreads();
+}
+
+// One CTA: idx[k] = the k best of key[D], ascending (ties: lower index first). top_hist: the histogram of
+// key >> 21 that relu_column_sum_kernel built.
+__global__ void __launch_bounds__(kSelectThreads) select_top_kernel(const uint32_t* key, int64_t D, int64_t k,
+                                                                    const int* top_hist, int32_t* idx) {
   using Scan = cub::BlockScan<int, kSelectThreads>;
-  extern __shared__ uint32_t key_shared[];
+  extern __shared__ uint32_t candidates[];  // [kSelectCandidates]
   __shared__ typename Scan::TempStorage scan;
-  __shared__ int hist[256];
-  __shared__ uint32_t prefix_s;
-  __shared__ int need_s;
+  __shared__ int hist[kDigitBins];
+  __shared__ int bin_s, need_s, count_s;
   const int tid = threadIdx.x, lane = tid & 31;
-  const uint32_t* key = key_global;
-  if constexpr (kStaged) {
-    for (int64_t j = tid; j < D; j += kSelectThreads) key_shared[j] = key_global[j];
-    key = key_shared;
+  static_assert(2 * kSelectThreads == kDigitBins, "find_digit gives each thread two bins");
+
+  // Digit 1 (bits 31..21) from the global histogram.
+  hist[2 * tid] = top_hist[2 * tid];
+  hist[2 * tid + 1] = top_hist[2 * tid + 1];
+  if (tid == 0) count_s = 0;
+  __syncthreads();
+  find_digit<Scan>(hist, static_cast<int>(k), scan, &bin_s, &need_s);
+  uint32_t prefix = uint32_t(bin_s) << 21, mask = 0xFFE00000u;
+  int need = need_s;
+
+  // Candidates: the keys with the threshold's top digit, appended in any order (a warp reserves its
+  // slots with one atomic). Past the capacity only the count goes on.
+  for (int64_t base = 0; base < D; base += kSelectThreads) {
+    const int64_t j = base + tid;
+    const uint32_t kj = j < D ? key[j] : 0;
+    const bool hit = j < D && (kj & mask) == prefix;
+    const uint32_t ballot = __ballot_sync(0xffffffffu, hit);
+    int slot = 0;
+    if (lane == 0 && ballot) slot = atomicAdd(&count_s, __popc(ballot));
+    slot = __shfl_sync(0xffffffffu, slot, 0) + __popc(ballot & ((1u << lane) - 1));
+    if (hit && slot < kSelectCandidates) candidates[slot] = kj;
   }
-  uint32_t prefix = 0, mask = 0;
-  int need = static_cast<int>(k);  // keys still to take at the current prefix
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    if (tid < 256) hist[tid] = 0;
+  __syncthreads();
+  const bool staged = count_s <= kSelectCandidates;
+  const uint32_t* src = staged ? candidates : key;
+  const int64_t n = staged ? count_s : D;
+
+  // Digits 2 (bits 20..10) and 3 (bits 9..0) over the candidates (or, past the capacity, every key).
+  for (int shift = 10; shift >= 0; shift -= 10) {
+    const uint32_t digit_mask = shift ? 0x7FFu : 0x3FFu;
+    hist[2 * tid] = hist[2 * tid + 1] = 0;
     __syncthreads();
-    for (int64_t base = 0; base < D; base += kSelectThreads) {  // whole warps, so match_any sees all lanes
+    for (int64_t base = 0; base < n; base += kSelectThreads) {
       const int64_t j = base + tid;
-      const uint32_t kj = j < D ? key[j] : 0;
-      const int bin = j < D && (kj & mask) == prefix ? int((kj >> shift) & 255) : -1;
-      const uint32_t peers = __match_any_sync(0xffffffffu, bin);
-      if (bin >= 0 && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
+      const uint32_t kj = j < n ? src[j] : 0;
+      warp_histogram_add(hist, j < n && (kj & mask) == prefix ? static_cast<int>((kj >> shift) & digit_mask) : -1);
     }
     __syncthreads();
-    // Counts from the highest bin down; the bin where the running count reaches `need` holds the k-th key.
-    const int count = tid < 256 ? hist[255 - tid] : 0;
-    int through;
-    Scan(scan).InclusiveSum(count, through);
-    if (tid < 256 && through >= need && through - count < need) {
-      prefix_s = prefix | (uint32_t(255 - tid) << shift);
-      need_s = need - (through - count);
-    }
-    __syncthreads();
-    prefix = prefix_s;
+    find_digit<Scan>(hist, need, scan, &bin_s, &need_s);
+    prefix |= uint32_t(bin_s) << shift;
+    mask |= digit_mask << shift;
     need = need_s;
-    mask |= 255u << shift;
   }
-  // prefix is now the k-th best key; `need` of the elements equal to it are taken, lowest indices first.
+
+  // prefix is now the k-th best key; `need` of the keys equal to it are taken, lowest indices first.
   // Thread t owns indices [t·per, (t+1)·per): counts, two scans for its output offset, then writes.
   const int64_t per = (D + kSelectThreads - 1) / kSelectThreads, lo = min(D, tid * per), hi = min(D, lo + per);
   int above = 0, equal = 0;
@@ -587,21 +647,23 @@ void route_heads(const void* scores, int64_t R, int64_t H, int64_t group, int64_
   check_launch("route_heads");
 }
 
-void route_neurons(const void* logits, int64_t R, int64_t D, const int32_t* live_rows, int64_t k, uint32_t* key,
+void route_neurons(const void* logits, int64_t R, int64_t D, const int32_t* live_rows, int64_t k, int32_t* scratch,
                    int32_t* idx, Elem e, cudaStream_t stream) {
+  if (D > (int64_t(1) << 30)) fail("route_neurons: {} neurons overflow the selection's int counters", D);
+  int* top_hist = scratch;
+  uint32_t* key = reinterpret_cast<uint32_t*>(scratch + kDigitBins);
+  if (cudaMemsetAsync(top_hist, 0, kDigitBins * sizeof(int), stream) != cudaSuccess)
+    fail("route_neurons: resetting the histogram failed");
+  const int blocks = static_cast<int>(std::min<int64_t>((D + kThreads - 1) / kThreads, 1024));
   dispatch(e, [&](auto* tag) {
     using Ty = std::remove_pointer_t<decltype(tag)>;
-    relu_column_sum_kernel<<<grid_for(D), kThreads, 0, stream>>>(static_cast<const Ty*>(logits), R, D, live_rows, key);
+    relu_column_sum_kernel<<<blocks, kThreads, 0, stream>>>(static_cast<const Ty*>(logits), R, D, live_rows, key, top_hist);
   });
   check_launch("route_neurons (scores)");
-  if (D <= kSelectSmemKeys) {
-    const int bytes = static_cast<int>(D * sizeof(uint32_t));
-    if (cudaFuncSetAttribute(select_top_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess)
-      fail("route_neurons: cannot reserve {} bytes of shared memory", bytes);
-    select_top_kernel<true><<<1, kSelectThreads, bytes, stream>>>(key, D, k, idx);
-  } else {
-    select_top_kernel<false><<<1, kSelectThreads, 0, stream>>>(key, D, k, idx);
-  }
+  const int bytes = kSelectCandidates * static_cast<int>(sizeof(uint32_t));
+  if (cudaFuncSetAttribute(select_top_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess)
+    fail("route_neurons: cannot reserve {} bytes of shared memory", bytes);
+  select_top_kernel<<<1, kSelectThreads, bytes, stream>>>(key, D, k, top_hist, idx);
   check_launch("route_neurons (selection)");
 }
 

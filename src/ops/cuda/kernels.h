@@ -47,9 +47,10 @@ void silu_mul(const void* gate_up, void* out, int64_t T, int64_t F, Elem e, cuda
 // One CTA per row; H / group <= 1024.
 void route_heads(const void* scores, int64_t R, int64_t H, int64_t group, int64_t k, int32_t* idx, Elem e,
                  cudaStream_t stream);
-// idx[k] = the k best j by Σ_{r < live_rows[0]} max(logits[r, j], 0) over logits [R, D]; key is a scratch
-// of D elements.
-void route_neurons(const void* logits, int64_t R, int64_t D, const int32_t* live_rows, int64_t k, uint32_t* key,
+// idx[k] = the k best j by Σ_{r < live_rows[0]} max(logits[r, j], 0) over logits [R, D]; scratch holds
+// route_neurons_scratch(D) ints.
+inline int64_t route_neurons_scratch(int64_t D) { return D + 2048; }
+void route_neurons(const void* logits, int64_t R, int64_t D, const int32_t* live_rows, int64_t k, int32_t* scratch,
                    int32_t* idx, Elem e, cudaStream_t stream);
 // Zeroes the rows of out [T, H, dh] whose head h is not kept, h / group not among heads[t, 0:k], except for
 // tokens with dense_tokens[t] != 0 (nullptr: none) (backend.h: keep_heads). One CTA per token.
