@@ -276,6 +276,39 @@ TEST(BenchCli, FromCsvReprintsTheRowsAndRejectsOtherFiles) {
   EXPECT_THAT(malformed.err, ::testing::HasSubstr("line 2: 'x' is not a number"));
 }
 
+TEST(BenchCli, BaselineComparesSparseWithDenseAndPlotsTheSpeedup) {
+  test::TempDir tmp;
+  const std::string dense = tmp.path("dense.csv"), sparse = tmp.path("sparse.csv"), other = tmp.path("other.csv");
+  auto sweep = [](const std::string& batches, std::vector<std::string> extra) {
+    std::vector<std::string> args = {"bench", "--shape", "tiny-llama", "--batch", batches, "--ctx", "16", "--steps", "2"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return args;
+  };
+  ASSERT_EQ(run_polar(sweep("1,2", {"--csv", dense})).exit_code, 0);
+  RunResult s = run_polar(sweep("2,4", {"--density", "0.5", "--csv", sparse}));
+  ASSERT_EQ(s.exit_code, 0) << describe(s);
+  RunResult r = run_polar({"bench", "--from-csv", sparse, "--baseline", dense});
+  ASSERT_EQ(r.exit_code, 0) << describe(r);
+  // Batch 2 is in both sweeps; batch 4 has no dense point and is counted out.
+  EXPECT_THAT(r.out, HasSubstr("speedup"));
+  EXPECT_THAT(r.out, HasSubstr("tiny-llama       2     16     0.5"));
+  EXPECT_EQ(lines_of(r.out).size(), 2u) << r.out;
+  EXPECT_THAT(r.err, HasSubstr("1 of 2 points have no dense point"));
+  ASSERT_EQ(run_polar({"bench", "--shape", "tiny-opt", "--batch", "1", "--ctx", "16", "--steps", "2", "--csv", other}).exit_code, 0);
+  RunResult mismatched = run_polar({"bench", "--from-csv", sparse, "--baseline", other});
+  EXPECT_EQ(mismatched.exit_code, 1);
+  EXPECT_THAT(mismatched.err, HasSubstr("measures tiny-llama but the baseline"));
+  RunResult alone = run_polar({"bench", "--shape", "tiny-llama", "--baseline", dense});
+  EXPECT_NE(alone.exit_code, 0);
+  if (std::system("command -v gnuplot > /dev/null 2>&1") != 0) return;
+  const std::string png = tmp.path("speedup.png");
+  RunResult plotted = run_polar({"bench", "--from-csv", sparse, "--baseline", dense, "--plot", png});
+  ASSERT_EQ(plotted.exit_code, 0) << describe(plotted);
+  const std::vector<uint8_t> bytes = test::read_bytes(png);
+  ASSERT_GT(bytes.size(), 1000u);
+  EXPECT_EQ(std::string(bytes.begin() + 1, bytes.begin() + 4), "PNG");
+}
+
 TEST(BenchCli, CheckpointStillWorks) {
   RunResult r = run_polar({"bench", "--model", test::shared_path("models/stories260K/stories260K.gguf"), "--batch", "1,2",
                            "--ctx", "32", "--steps", "2", "--prompt-len", "16"});

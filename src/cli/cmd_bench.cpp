@@ -40,6 +40,7 @@ struct BenchArgs {
   std::string csv;
   std::string plot;
   std::string from_csv;
+  std::string baseline;
   bool json = false;
 };
 
@@ -159,6 +160,71 @@ unset multiplot
   run_gnuplot(path, 1400, 520, script);
 }
 
+// A sparse sweep beside the dense sweep of the same shape: the points both measured, by (batch, ctx).
+struct Comparison {
+  const DecodePoint* dense;
+  const DecodePoint* sparse;
+  double speedup() const { return sparse->tokens_per_s / dense->tokens_per_s; }
+  // What a sparse step at its byte floor would give: dense step time over the sparse floor.
+  double ideal() const { return dense->step_ms / sparse->floor_ms; }
+};
+
+std::vector<Comparison> compare(const std::vector<DecodePoint>& dense, const std::vector<DecodePoint>& sparse) {
+  std::vector<Comparison> out;
+  for (const DecodePoint& s : sparse)
+    for (const DecodePoint& d : dense)
+      if (d.batch == s.batch && d.ctx == s.ctx) out.push_back({&d, &s});
+  return out;
+}
+
+void print_comparison(const std::string& label, const std::vector<Comparison>& rows) {
+  fmt::print("{:<12} {:>5} {:>6} {:>7} {:>11} {:>12} {:>7} {:>6} {:>7}\n", "shape", "batch", "ctx", "density",
+             "dense tok/s", "sparse tok/s", "speedup", "ideal", "x_floor");
+  for (const Comparison& c : rows)
+    fmt::print("{:<12} {:>5} {:>6} {:>7.3g} {:>11.1f} {:>12.1f} {:>7.2f} {:>6.2f} {:>7.2f}\n", label, c.sparse->batch,
+               c.sparse->ctx, c.sparse->density, c.dense->tokens_per_s, c.sparse->tokens_per_s, c.speedup(), c.ideal(),
+               c.sparse->x_floor);
+}
+
+// Two panels against batch size (log scale), one set of lines per context: tokens/s dense and sparse, and
+// the measured speedup beside the ideal one.
+void write_speedup_plot(const std::string& path, const std::string& title, const std::vector<Comparison>& rows) {
+  check(!rows.empty(), "nothing to plot in {}: the two CSVs share no (batch, ctx) point", path);
+  std::map<int64_t, std::vector<const Comparison*>> by_ctx;
+  for (const Comparison& c : rows) by_ctx[c.sparse->ctx].push_back(&c);
+  std::string script, throughput, speedup;
+  for (const auto& [ctx, row] : by_ctx) {
+    script += fmt::format("$ctx{} << EOD\n", ctx);
+    for (const Comparison* c : row)
+      script += fmt::format("{} {} {} {} {}\n", c->sparse->batch, c->dense->tokens_per_s, c->sparse->tokens_per_s,
+                            c->speedup(), c->ideal());
+    script += "EOD\n";
+    const std::string sep = throughput.empty() ? "" : ", ";
+    throughput += fmt::format("{}$ctx{} using 1:2 with linespoints title 'dense, ctx {}', $ctx{} using 1:3 with "
+                              "linespoints title 'sparse (d {:g}), ctx {}'",
+                              sep, ctx, ctx, ctx, row.front()->sparse->density, ctx);
+    speedup += fmt::format("{}$ctx{} using 1:4 with linespoints title 'measured, ctx {}', $ctx{} using 1:5 with "
+                           "lines dashtype 2 title 'ideal (dense step / sparse floor), ctx {}'",
+                           sep, ctx, ctx, ctx, ctx);
+  }
+  script += fmt::format(R"(set multiplot layout 1,2 title {}
+set logscale x 2
+set xlabel 'batch size'
+set grid
+set key left top
+set title 'decode throughput'
+set ylabel 'tokens/s'
+plot {}
+set title 'speedup of sparse over dense decoding'
+set ylabel 'speedup (x)'
+set yrange [0:*]
+plot {}, 1 with lines lc rgb 'gray' notitle
+unset multiplot
+)",
+                        gnuplot_quoted(title), throughput, speedup);
+  run_gnuplot(path, 1400, 520, script);
+}
+
 nlohmann::json to_json(const std::string& label, const DecodeSweep& sweep) {
   nlohmann::json rows = nlohmann::json::array(), skipped = nlohmann::json::array();
   for (const DecodePoint& p : sweep.points) {
@@ -183,6 +249,20 @@ void print_table(const std::string& label, const std::vector<DecodePoint>& point
 }
 
 int run_bench_cmd(const BenchArgs& a) {
+  if (!a.baseline.empty()) {
+    const auto [label, sparse] = read_csv(a.from_csv);
+    const auto [dense_label, dense] = read_csv(a.baseline);
+    check(label == dense_label, "{} measures {} but the baseline {} measures {}", a.from_csv, label, a.baseline,
+          dense_label);
+    const std::vector<Comparison> rows = compare(dense, sparse);
+    check(!rows.empty(), "{} and {} share no (batch, ctx) point", a.from_csv, a.baseline);
+    if (rows.size() < sparse.size())
+      fmt::print(stderr, "{} of {} points have no dense point to compare with\n", sparse.size() - rows.size(), sparse.size());
+    print_comparison(label, rows);
+    std::fflush(stdout);
+    if (!a.plot.empty()) write_speedup_plot(a.plot, fmt::format("{}: sparse vs dense decoding", label), rows);
+    return 0;
+  }
   if (!a.from_csv.empty()) {
     const auto [label, points] = read_csv(a.from_csv);
     print_table(label, points);
@@ -289,6 +369,10 @@ Command bench_command() {
                 c->add_option("--from-csv", a->from_csv,
                               "Print (and with --plot, plot) the rows of a CSV that --csv wrote, instead of measuring");
             from_csv->excludes(model)->excludes(shape)->excludes(config);
+            c->add_option("--baseline", a->baseline,
+                          "With --from-csv (a sparse sweep): the dense sweep's CSV to compare with; prints the "
+                          "speedup and the ideal speedup per point, and --plot draws them")
+                ->needs(from_csv);
           },
           [a] { return run_bench_cmd(*a); }};
 }
