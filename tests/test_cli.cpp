@@ -307,6 +307,31 @@ TEST_F(CliStories, LogitsWritesSafetensors) {
   EXPECT_EQ(row_argmax(2), 261);
 }
 
+TEST_F(CliStories, SparseLogitsKeepTheFirstPositionDenseAndSayHowTheyWereMade) {
+  const std::string dense = tmp_.path("dense.safetensors"), sparse = tmp_.path("sparse.safetensors");
+  const std::vector<std::string> run = {"logits", "--model", gguf_, "--tokens", "1,403,407,261,300"};
+  auto with = [&](std::vector<std::string> extra) {
+    std::vector<std::string> args = run;
+    args.insert(args.end(), extra.begin(), extra.end());
+    return args;
+  };
+  ASSERT_EQ(run_polar(with({"--out", dense})).exit_code, 0);
+  RunResult r = run_polar(with({"--out", sparse, "--selector", "random", "--density", "0.25"}));
+  ASSERT_EQ(r.exit_code, 0) << describe(r);
+  safetensors::File d = safetensors::File::open(dense), s = safetensors::File::open(sparse);
+  Tensor dl = d.load_f32(*d.find("logits")), sl = s.load_f32(*s.find("logits"));
+  ASSERT_EQ(sl.shape(), (Shape{5, 512}));
+  // Position 0 is the dense prompt; every later one is a sparse step keeping 1 of 4 KV groups.
+  EXPECT_TRUE(std::equal(dl.data<float>(), dl.data<float>() + 512, sl.data<float>()));
+  EXPECT_FALSE(std::equal(dl.data<float>() + 512, dl.data<float>() + 5 * 512, sl.data<float>() + 512));
+  EXPECT_EQ(s.metadata().at("selector"), "random");
+  EXPECT_EQ(s.metadata().at("density"), "0.25");
+  EXPECT_EQ(d.metadata().count("density"), 0u);
+  RunResult no_routers = run_polar(with({"--out", sparse, "--density", "0.5"}));
+  EXPECT_EQ(no_routers.exit_code, 1);
+  EXPECT_THAT(no_routers.err, HasSubstr("--density needs --routers FILE"));
+}
+
 TEST_F(CliStories, InfoJsonDescribesTheModel) {
   RunResult r = run_polar({"info", "--model", gguf_, "--json"});
   ASSERT_EQ(r.exit_code, 0) << describe(r);
