@@ -125,51 +125,64 @@ __global__ void __launch_bounds__(Cfg<BM, kGatherN>::kThreads)
   const Unit first{static_cast<int>(begin / p.k_tiles), static_cast<int>(begin % p.k_tiles)};
 
   // Thread tid copies the 8-element chunk at column x_col / w_col of rows x_row0 + i·x_step (x) and
-  // w_row0 + i·w_step (B) of each stage.
+  // w_row0 + i·w_step (B) of each stage. What does not change from unit to unit is computed here, once:
+  // the x rows' addresses and the shared-memory addresses of the thread's chunks (a unit's copies are
+  // then a few adds each; decode GEMMs are short enough that the copy loop's arithmetic shows).
   constexpr int x_step = C::kThreads / 8, w_step = C::kThreads / (C::kWCols / 8);
   const int x_col = (tid & 7) * 8, x_row0 = tid >> 3;
   const int w_col = tid % (C::kWCols / 8) * 8, w_row0 = tid / (C::kWCols / 8);
+  const T* x_rows[C::kXChunks];  // null past M
+  for (int i = 0; i < C::kXChunks; ++i) {
+    const int64_t m = m0 + x_row0 + i * x_step;
+    x_rows[i] = m < g.M ? x + m * g.ldx + x_col : nullptr;
+  }
+  constexpr uint32_t kXStageBytes = BM * C::kXPitch * 2, kXRowBytes = x_step * C::kXPitch * 2;
+  constexpr uint32_t kWStageBytes = C::kWRows * C::kWPitch * 2, kWRowBytes = w_step * C::kWPitch * 2;
+  const uint32_t x_dst0 = smem_u32(xs + x_row0 * C::kXPitch + x_col), w_dst0 = smem_u32(ws + w_row0 * C::kWPitch + w_col);
+  const int K = static_cast<int>(g.K), N = static_cast<int>(g.N), D = static_cast<int>(g.D), ldw = static_cast<int>(g.ldw);
   // ids[i]: the neuron of B row w_row0 + i·w_step of a unit (up: an N index, down: a K index); -1 outside B.
   auto fetch_ids = [&](Unit u, int32_t ids[C::kWChunks]) {
-    const int64_t j0 = (kGatherN ? int64_t(u.tile) * kBN : int64_t(u.kt) * kBK) + w_row0;
+    const int j0 = (kGatherN ? u.tile * kBN : u.kt * kBK) + w_row0;
     for (int i = 0; i < C::kWChunks; ++i) {
-      const int64_t j = j0 + i * w_step;
-      ids[i] = j < (kGatherN ? g.N : g.K) ? g.idx[j] : -1;
+      const int j = j0 + i * w_step;
+      ids[i] = j < (kGatherN ? N : K) ? g.idx[j] : -1;
     }
   };
   auto load_unit = [&](int stage, Unit u, const int32_t ids[C::kWChunks]) {
-    const int64_t n0 = int64_t(u.tile) * kBN, k0 = int64_t(u.kt) * kBK;
+    const int n0 = u.tile * kBN, k0 = u.kt * kBK;
     for (int i = 0; i < C::kXChunks; ++i) {
-      const int r = x_row0 + i * x_step;
-      const int64_t m = m0 + r, k = k0 + x_col;
-      T* dst = xs + (stage * BM + r) * C::kXPitch + x_col;
       if (vec_x) {
-        const bool ok = m < g.M && k < g.K;
-        cp_async16(dst, ok ? x + m * g.ldx + k : x, ok);
+        const bool ok = x_rows[i] && k0 + x_col < K;
+        cp_async16(x_dst0 + stage * kXStageBytes + i * kXRowBytes, ok ? x_rows[i] + k0 : x, ok);
       } else {
-        for (int e = 0; e < 8; ++e) dst[e] = m < g.M && k + e < g.K ? x[m * g.ldx + k + e] : from_float<T>(0.0f);
+        T* dst = xs + (stage * BM + x_row0 + i * x_step) * C::kXPitch + x_col;
+        for (int e = 0; e < 8; ++e) dst[e] = x_rows[i] && k0 + x_col + e < K ? x_rows[i][k0 + e] : from_float<T>(0.0f);
       }
     }
+    // Offset of the thread's chunk along the weight rows, and how many elements from there lie inside B.
+    const int along = (kGatherN ? k0 : n0) + w_col, left = (kGatherN ? K : N) - along;
     for (int i = 0; i < C::kWChunks; ++i) {
-      const int r = w_row0 + i * w_step;
-      T* dst = ws + (stage * C::kWRows + r) * C::kWPitch + w_col;
-      // The chunk's first element and how many elements of the row from there lie inside B; null when the
-      // row lies outside B (or its id is bad: then the error flag is raised).
-      const T* src = nullptr;
-      const int64_t left = kGatherN ? g.K - (k0 + w_col) : g.N - (n0 + w_col);
-      if (ids[i] >= 0 && ids[i] < g.D) {
-        src = w + int64_t(ids[i]) * g.ldw + (kGatherN ? k0 : n0) + w_col;
-      } else if ((kGatherN ? n0 : k0) + r < (kGatherN ? g.N : g.K)) {
-        atomicOr(g.error_flag, kErrorIdOutOfRange);
-      }
+      // Null when the row lies outside B, or its id is bad (then the error flag is raised).
+      const bool valid = static_cast<uint32_t>(ids[i]) < static_cast<uint32_t>(D);
+      const T* src = valid ? w + int64_t(ids[i]) * ldw + along : nullptr;
+      if (!valid && (kGatherN ? n0 : k0) + w_row0 + i * w_step < (kGatherN ? N : K)) atomicOr(g.error_flag, kErrorIdOutOfRange);
       if (vec_w) {
-        const bool ok = src && left > 0;
-        cp_async16(dst, ok ? src : w, ok);
+        const bool ok = valid && left > 0;
+        cp_async16(w_dst0 + stage * kWStageBytes + i * kWRowBytes, ok ? src : w, ok);
       } else {
+        T* dst = ws + (stage * C::kWRows + w_row0 + i * w_step) * C::kWPitch + w_col;
         for (int e = 0; e < 8; ++e) dst[e] = src && e < left ? src[e] : from_float<T>(0.0f);
       }
     }
   };
+  // Shared-window addresses of this lane's ldmatrix rows in stage 0, k-step 0 (see the loop below).
+  const uint32_t a_frag0 = smem_u32(xs + (lane & 15) * C::kXPitch + (lane >> 4) * 8);
+  const uint32_t b_frag0 =
+      kGatherN ? smem_u32(ws + (warp * C::kWarpCols + (lane & 7) + (lane >> 4) * 8) * C::kWPitch + ((lane >> 3) & 1) * 8)
+               : smem_u32(ws + ((lane & 7) + ((lane >> 3) & 1) * 8) * C::kWPitch + warp * C::kWarpCols + (lane >> 4) * 8);
+  // A k-step of 16 moves the B address along a row (up) or down 16 rows (down); a pair of n8 tiles moves
+  // it 16 rows (up) or 16 columns (down).
+  constexpr uint32_t kBStepK = kGatherN ? 16 * 2 : 16 * C::kWPitch * 2, kBStepN = kGatherN ? 16 * C::kWPitch * 2 : 16 * 2;
 
   float acc[BM / 16][C::kNT][4] = {};
   int32_t ids[C::kWChunks];
@@ -192,25 +205,24 @@ __global__ void __launch_bounds__(Cfg<BM, kGatherN>::kThreads)
     cp_async_wait<C::kStages - 2>();
     __syncthreads();
     const int stage = i % C::kStages;
-    const T* xt = xs + stage * BM * C::kXPitch;
-    const T* wt = ws + stage * C::kWRows * C::kWPitch;
+    const uint32_t a_stage = a_frag0 + stage * kXStageBytes, b_stage = b_frag0 + stage * kWStageBytes;
 #pragma unroll
     for (int ks = 0; ks < kBK / 16; ++ks) {
       // Per pair of n8 tiles: b[0], b[1] the k halves of the first, b[2], b[3] of the second.
       uint32_t b[C::kNT / 2][4];
 #pragma unroll
       for (int pr = 0; pr < C::kNT / 2; ++pr) {
-        const int n = warp * C::kWarpCols + pr * 16;
+        const uint32_t addr = b_stage + ks * kBStepK + pr * kBStepN;
         if constexpr (kGatherN) {
-          ldmatrix_x4(b[pr], wt + (n + (lane & 7) + (lane >> 4) * 8) * C::kWPitch + ks * 16 + ((lane >> 3) & 1) * 8);
+          ldmatrix_x4(b[pr], addr);
         } else {
-          ldmatrix_x4_trans(b[pr], wt + (ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * C::kWPitch + n + (lane >> 4) * 8);
+          ldmatrix_x4_trans(b[pr], addr);
         }
       }
 #pragma unroll
       for (int mt = 0; mt < BM / 16; ++mt) {
         uint32_t a[4];
-        ldmatrix_x4(a, xt + (mt * 16 + (lane & 15)) * C::kXPitch + ks * 16 + (lane >> 4) * 8);
+        ldmatrix_x4(a, a_stage + mt * 16 * C::kXPitch * 2 + ks * 16 * 2);
 #pragma unroll
         for (int nt = 0; nt < C::kNT; ++nt) mma16816<T>(acc[mt][nt], a, b[nt / 2][(nt & 1) * 2], b[nt / 2][(nt & 1) * 2 + 1]);
       }
