@@ -32,7 +32,7 @@ void ModelOptions::add_sparsity(CLI::App& app, bool selectors) {
   if (!selectors) return;
   app.add_option("--selector", selector,
                  "Who picks the heads: router (the router file's routers), oracle (the heads with the largest true "
-                 "output, from a dense attention: the upper bound; no routers), static (the same heads for every "
+                 "output norm, from a dense attention: what the routers are trained to predict; no routers), static (the same heads for every "
                  "token, those most often important in calibration: the router file's head shares) or random (as "
                  "many heads at random: the chance baseline; no routers)")
       ->capture_default_str()

@@ -19,8 +19,8 @@ struct ModelOptions {
   std::string dtype = "f16";
   std::string routers;  // router file (polar routers); empty = none
   double density = 0;   // head (KV group) density of sparse decode steps; 0 = the router file's own
-  // Who picks the heads: router, oracle (the true largest outputs: the upper bound), static (the same heads for
-  // every token: calibration's most often important) or random (the chance baseline)
+  // Who picks the heads: router, oracle (the largest true outputs: what routers are trained to predict), static
+  // (the same heads for every token: calibration's most often important) or random (the chance baseline)
   std::string selector = "router";
   uint64_t selector_seed = 0;
   std::string granularity = "group";  // group (KV groups) or head (query heads, GQA models)

@@ -1,4 +1,5 @@
-// The upper bound for any router (issue 5's --selector oracle): each token keeps, per layer, the KV groups
+// What the routers are trained to predict (issue 5's --selector oracle; an upper bound on their recall, not
+// on the quality it buys: docs/accuracy.md): each token keeps, per layer, the KV groups
 // (or query heads) whose true attention output is largest, measured on the layer's dense attention — the
 // L2 norm of the unit's output rows, which is what calibration labels its routers with (a group's norm is
 // sqrt(Σ of its heads' norms²)). It needs that dense attention, so no KV read is saved. It selects with
