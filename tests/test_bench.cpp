@@ -254,10 +254,13 @@ TEST(BenchCli, PlotIsAPng) {
 TEST(BenchCli, FromCsvReprintsTheRowsAndRejectsOtherFiles) {
   test::TempDir tmp;
   const std::string csv = tmp.path("bench.csv");
-  RunResult r = run_polar({"bench", "--shape", "tiny-llama", "--batch", "1,2", "--ctx", "16", "--steps", "2", "--csv", csv});
+  // --batch twice: the lists join, and batch 2 is measured once.
+  RunResult r = run_polar({"bench", "--shape", "tiny-llama", "--batch", "1,2", "--batch", "2", "--ctx", "16", "--steps", "2",
+                           "--csv", csv});
   ASSERT_EQ(r.exit_code, 0) << describe(r);
   RunResult again = run_polar({"bench", "--from-csv", csv});
   ASSERT_EQ(again.exit_code, 0) << describe(again);
+  EXPECT_EQ(lines_of(again.out).size(), 3u) << again.out;  // header + batch 1 + batch 2
   EXPECT_THAT(again.out, ::testing::HasSubstr("tiny-llama     1     16"));
   EXPECT_THAT(again.out, ::testing::HasSubstr("tiny-llama     2     16"));
   const std::string bad = tmp.path("bad.csv");

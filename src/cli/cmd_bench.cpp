@@ -3,6 +3,7 @@
 // --config); optionally the prefill of one prompt against the GEMM rate. Table or JSON on stdout, CSV and
 // a gnuplot PNG on request, progress on stderr. --from-csv re-reads a CSV it wrote (to plot results from
 // a machine without gnuplot).
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -282,6 +283,13 @@ int run_bench_cmd(const BenchArgs& a) {
   }
   load_sparsity(m, a.model, /*random_allowed=*/true, a.sweep.seed);
   DecodeSweepOptions sweep_options = a.sweep;
+  // A repeated --batch or --ctx adds to the list (1,2 then 2,4): each point is measured once.
+  for (std::vector<int64_t>* list : {&sweep_options.batches, &sweep_options.contexts}) {
+    std::vector<int64_t> seen;
+    for (int64_t v : *list)
+      if (std::find(seen.begin(), seen.end(), v) == seen.end()) seen.push_back(v);
+    *list = std::move(seen);
+  }
   sweep_options.sparsity = m.routers;
   sweep_options.density = m.density;
   Backend& be = *m.backend;
