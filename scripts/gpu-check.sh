@@ -136,20 +136,11 @@ if has_stage bench; then
 fi
 if has_stage sparse; then
   echo "-- sparse vs dense (tokens/s; speedup = sparse / dense; ideal = dense step_ms / sparse floor_ms)"
-  python3 - "$RESULTS" $SPARSE_POINTS <<'PY'
-import csv, os, sys
-res = sys.argv[1]
-print(f"{'shape':<12} {'ctx':>5} {'density':>7} {'batch':>5} {'dense tok/s':>11} {'sparse tok/s':>12} {'speedup':>7} {'ideal':>6} {'x_floor':>7}")
-for point in sys.argv[2:]:
-    shape, ctx, density = point.split(":")
-    paths = [os.path.join(res, f"sparse-{shape}-d{d}.csv") for d in ("1", density)]
-    if not all(os.path.exists(p) for p in paths):
-        continue
-    dense, sparse = ({int(r["batch"]): r for r in csv.DictReader(open(p))} for p in paths)
-    for b in sorted(set(dense) & set(sparse)):
-        d, s = dense[b], sparse[b]
-        print(f"{shape:<12} {ctx:>5} {density:>7} {b:>5} {float(d['tokens_per_s']):>11.1f} {float(s['tokens_per_s']):>12.1f} "
-              f"{float(s['tokens_per_s']) / float(d['tokens_per_s']):>7.2f} {float(d['step_ms']) / float(s['floor_ms']):>6.2f} "
-              f"{float(s['x_floor']):>7.2f}")
-PY
+  for point in $SPARSE_POINTS; do
+    IFS=: read -r shape ctx density <<< "$point"
+    sparse="$RESULTS/sparse-$shape-d$density.csv" dense="$RESULTS/sparse-$shape-d1.csv"
+    if [ -f "$sparse" ] && [ -f "$dense" ]; then
+      "$BUILD_DIR/src/polar" bench --from-csv "$sparse" --baseline "$dense" || echo "($shape: comparison failed)"
+    fi
+  done
 fi

@@ -7,6 +7,8 @@
 
 #include <fmt/format.h>
 
+#include "sparse/router_sparsity.h"
+
 namespace polar {
 
 namespace {
@@ -185,8 +187,8 @@ std::vector<KernelRow> bench_gather(Backend& be, const std::vector<GatherShape>&
   std::vector<KernelRow> rows;
   for (const GatherShape& s : shapes) {
     check(s.density > 0 && s.density <= 1, "gather density {} is outside (0, 1]", s.density);
-    // Rounded up to a multiple of 8, as the routers' k is (router_sparsity.cpp).
-    const int64_t k = std::min(s.D, (std::max<int64_t>(1, static_cast<int64_t>(s.density * static_cast<double>(s.D))) + 7) / 8 * 8);
+    const int64_t k = mlp_neurons_rounded(
+        std::max<int64_t>(1, static_cast<int64_t>(s.density * static_cast<double>(s.D))), s.D);
     const double w_bytes = static_cast<double>(s.D * s.d) * elem;
     const int copies = static_cast<int>(std::clamp(256e6 / (w_bytes * s.density), 2.0, 16.0));
     std::vector<Tensor> w;

@@ -127,23 +127,19 @@ std::pair<std::string, std::vector<DecodePoint>> read_csv(const std::string& pat
   return {label, points};
 }
 
-// Two panels against batch size (log scale), one line per context: tokens/s, and the attention share of
-// the profiled step.
-void write_plot(const std::string& path, const std::string& title, const std::vector<DecodePoint>& points) {
-  check(!points.empty(), "nothing to plot in {}: every point was skipped", path);
-  std::map<int64_t, std::vector<const DecodePoint*>> by_ctx;
-  for (const DecodePoint& p : points) by_ctx[p.ctx].push_back(&p);
-  std::string script, throughput, attention;
-  for (const auto& [ctx, row] : by_ctx) {
-    script += fmt::format("$ctx{} << EOD\n", ctx);
-    for (const DecodePoint* p : row)
-      script += fmt::format("{} {} {}\n", p->batch, p->tokens_per_s, 100 * p->attention_ms / p->profiled_ms);
-    script += "EOD\n";
-    const std::string sep = throughput.empty() ? "" : ", ";
-    throughput += fmt::format("{}$ctx{} using 1:2 with linespoints title 'ctx {}'", sep, ctx, ctx);
-    attention += fmt::format("{}$ctx{} using 1:3 with linespoints title 'ctx {}'", sep, ctx, ctx);
-  }
-  script += fmt::format(R"(set multiplot layout 1,2 title {}
+// The right-hand panel of a batch-size plot: title, y label, y range and the gnuplot plot clause.
+struct Panel {
+  const char* title;
+  const char* ylabel;
+  const char* yrange;
+  std::string plot;
+};
+
+// Writes `data` (gnuplot data blocks) and two panels side by side against batch size (log scale): decode
+// throughput in tokens/s on the left (`throughput`, a plot clause), `right` beside it.
+void write_batch_plot(const std::string& path, const std::string& title, const std::string& data,
+                      const std::string& throughput, const Panel& right) {
+  const std::string script = data + fmt::format(R"(set multiplot layout 1,2 title {}
 set logscale x 2
 set xlabel 'batch size'
 set grid
@@ -151,14 +147,35 @@ set key left top
 set title 'decode throughput'
 set ylabel 'tokens/s'
 plot {}
-set title 'attention share of the profiled step'
-set ylabel 'attention (% of step time)'
-set yrange [0:100]
+set title '{}'
+set ylabel '{}'
+set yrange {}
 plot {}
 unset multiplot
 )",
-                        gnuplot_quoted(title), throughput, attention);
+                                                gnuplot_quoted(title), throughput, right.title, right.ylabel,
+                                                right.yrange, right.plot);
   run_gnuplot(path, 1400, 520, script);
+}
+
+// Two panels against batch size (log scale), one line per context: tokens/s, and the attention share of
+// the profiled step.
+void write_plot(const std::string& path, const std::string& title, const std::vector<DecodePoint>& points) {
+  check(!points.empty(), "nothing to plot in {}: every point was skipped", path);
+  std::map<int64_t, std::vector<const DecodePoint*>> by_ctx;
+  for (const DecodePoint& p : points) by_ctx[p.ctx].push_back(&p);
+  std::string data, throughput, attention;
+  for (const auto& [ctx, row] : by_ctx) {
+    data += fmt::format("$ctx{} << EOD\n", ctx);
+    for (const DecodePoint* p : row)
+      data += fmt::format("{} {} {}\n", p->batch, p->tokens_per_s, 100 * p->attention_ms / p->profiled_ms);
+    data += "EOD\n";
+    const std::string sep = throughput.empty() ? "" : ", ";
+    throughput += fmt::format("{}$ctx{} using 1:2 with linespoints title 'ctx {}'", sep, ctx, ctx);
+    attention += fmt::format("{}$ctx{} using 1:3 with linespoints title 'ctx {}'", sep, ctx, ctx);
+  }
+  write_batch_plot(path, title, data, throughput,
+                   {"attention share of the profiled step", "attention (% of step time)", "[0:100]", attention});
 }
 
 // A sparse sweep beside the dense sweep of the same shape: the points both measured, by (batch, ctx).
@@ -193,13 +210,13 @@ void write_speedup_plot(const std::string& path, const std::string& title, const
   check(!rows.empty(), "nothing to plot in {}: the two CSVs share no (batch, ctx) point", path);
   std::map<int64_t, std::vector<const Comparison*>> by_ctx;
   for (const Comparison& c : rows) by_ctx[c.sparse->ctx].push_back(&c);
-  std::string script, throughput, speedup;
+  std::string data, throughput, speedup;
   for (const auto& [ctx, row] : by_ctx) {
-    script += fmt::format("$ctx{} << EOD\n", ctx);
+    data += fmt::format("$ctx{} << EOD\n", ctx);
     for (const Comparison* c : row)
-      script += fmt::format("{} {} {} {} {}\n", c->sparse->batch, c->dense->tokens_per_s, c->sparse->tokens_per_s,
+      data += fmt::format("{} {} {} {} {}\n", c->sparse->batch, c->dense->tokens_per_s, c->sparse->tokens_per_s,
                             c->speedup(), c->ideal());
-    script += "EOD\n";
+    data += "EOD\n";
     const std::string sep = throughput.empty() ? "" : ", ";
     throughput += fmt::format("{}$ctx{} using 1:2 with linespoints title 'dense, ctx {}', $ctx{} using 1:3 with "
                               "linespoints title 'sparse (d {:g}), ctx {}'",
@@ -208,22 +225,9 @@ void write_speedup_plot(const std::string& path, const std::string& title, const
                            "lines dashtype 2 title 'ideal (dense step / sparse floor), ctx {}'",
                            sep, ctx, ctx, ctx, ctx);
   }
-  script += fmt::format(R"(set multiplot layout 1,2 title {}
-set logscale x 2
-set xlabel 'batch size'
-set grid
-set key left top
-set title 'decode throughput'
-set ylabel 'tokens/s'
-plot {}
-set title 'speedup of sparse over dense decoding'
-set ylabel 'speedup (x)'
-set yrange [0:*]
-plot {}, 1 with lines lc rgb 'gray' notitle
-unset multiplot
-)",
-                        gnuplot_quoted(title), throughput, speedup);
-  run_gnuplot(path, 1400, 520, script);
+  write_batch_plot(path, title, data, throughput,
+                   {"speedup of sparse over dense decoding", "speedup (x)", "[0:*]",
+                    speedup + ", 1 with lines lc rgb 'gray' notitle"});
 }
 
 nlohmann::json to_json(const std::string& label, const DecodeSweep& sweep) {

@@ -1,6 +1,7 @@
 // polar bench-kernels: decode attention and decode GEMMs alone, against their byte floors.
 #include <fmt/core.h>
 
+#include <cstdlib>
 #include <fstream>
 
 #include <nlohmann/json.hpp>
@@ -46,14 +47,10 @@ GatherShape parse_gather(const std::string& s) {
   const std::string kind = s.substr(0, a);
   check(kind == "up" || kind == "down", "bad gather shape '{}': the kind must be up or down", s);
   const auto d = parse_dims(s.substr(a + 1, b - a - 1), 3, "gather");
-  double density = 0;
-  try {
-    size_t used = 0;
-    density = std::stod(s.substr(b + 1), &used);
-    check(used == s.size() - b - 1, "");
-  } catch (const std::exception&) {
-    fail("bad gather shape '{}': the density '{}' is not a number", s, s.substr(b + 1));
-  }
+  const std::string text = s.substr(b + 1);
+  char* end = nullptr;
+  const double density = std::strtod(text.c_str(), &end);
+  check(!text.empty() && *end == '\0', "bad gather shape '{}': the density '{}' is not a number", s, text);
   check(density > 0 && density <= 1, "bad gather shape '{}': the density must be in (0, 1]", s);
   return {kind == "up", d[0], d[1], d[2], density};
 }

@@ -35,9 +35,7 @@ Tensor RouterSparsity::attention_heads(int layer, const Tensor& h) {
 
 int64_t RouterSparsity::mlp_neurons_kept(int layer, int64_t batch) const {
   if (!mlp_k_) return config_.ffn;
-  // Rounded up to a multiple of 8 (a superset of the table's choice): the down projection's activations
-  // [batch, k] then have 16-byte rows, which the CUDA gather GEMM streams with vector copies.
-  const int64_t k = std::min(config_.ffn, (mlp_k_->k_for(layer, batch) + 7) / 8 * 8);
+  const int64_t k = mlp_neurons_rounded(mlp_k_->k_for(layer, batch), config_.ffn);
   return 5 * k > 4 * config_.ffn ? config_.ffn : k;  // dense beyond 0.8 · D
 }
 

@@ -8,6 +8,7 @@
 // k > 0.8 · D (polar-method.md §3.7), and in steps that process more than one token of a sequence (a
 // scored prefill: its tokens would each need their own neuron set; only attention is sparse there).
 #pragma once
+#include <algorithm>
 #include <optional>
 #include <vector>
 
@@ -15,6 +16,11 @@
 #include "sparse/routers.h"
 
 namespace polar {
+
+// The neurons an MLP keeps when k of D are asked for: k rounded up to a multiple of 8 (a superset), so the
+// down projection's activations [batch, k] have 16-byte rows, which the CUDA gather GEMM streams with
+// vector copies.
+inline int64_t mlp_neurons_rounded(int64_t k, int64_t D) { return std::min(D, (k + 7) / 8 * 8); }
 
 class RouterSparsity final : public HeadSelector {
  public:
