@@ -375,12 +375,14 @@ TEST_P(CudaOps, GatherGemmsMatchCpu) {
     int64_t R, d, D, k;
     bool bias = false;
   };
-  // Odd k (down's x rows unaligned) and d (36: element loads), batches over several 16/32/64-row tiles, and
-  // shapes whose K is split (small batch, large k or d) in both directions.
+  // Odd k (down's x rows unaligned) and d (36: element loads), batches of every tile height (16, 32, 64,
+  // 128, 256 rows; 300 = two 256-row tiles), and shapes whose K is split (small batch, large k or d) in
+  // both directions.
   for (const Case& c : std::vector<Case>{{1, 64, 256, 1},          {5, 96, 512, 100},     {33, 128, 1000, 999},
                                          {130, 256, 2048, 512},    {17, 72, 300, 300},    {3, 4096, 16384, 1664, true},
                                          {4, 36, 90, 37, true},    {64, 40, 200, 64},     {65, 512, 4000, 2001, true},
-                                         {8, 1024, 16384, 8192}, {256, 264, 1040, 520, true}}) {
+                                         {8, 1024, 16384, 8192}, {256, 264, 1040, 520, true}, {100, 512, 3000, 1500},
+                                         {300, 136, 700, 333, true}}) {
     Tensor x = host_random({c.R, c.d}), w = host_random({c.D, c.d}, -0.1f, 0.1f), b = host_random({c.D}, -0.1f, 0.1f);
     Tensor wt = host_random({c.D, c.d}, -0.1f, 0.1f), b2 = host_random({c.d}, -0.1f, 0.1f);
     std::vector<int32_t> all(c.D);

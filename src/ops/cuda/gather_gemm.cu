@@ -1,23 +1,35 @@
 // The gather-GEMM kernel (see gather_gemm.h for the operation and layouts).
 //
 // A decode MLP is memory-bound: M (the batch) is small and each selected weight byte is used M times, so
-// the kernel is built to stream the selected rows once at full bandwidth:
-//   * CTA tile [BM rows of x, 64 columns of y] (BM 16, 32 or 64 by the batch), 4 warps; warp w owns
-//     columns [16w, 16w + 16) over all BM rows, as m16n8k16 tiles with fp32 accumulators.
+// the kernel is built to stream the selected rows once at full bandwidth with as few instructions per
+// byte as the tensor cores allow:
+//   * The product is computed transposed, yᵀ = B·xᵀ, as warpgroup MMAs (wgmma m64nBMk16): the selected
+//     weights are the 64-row A operand (each warp of a warpgroup loads its 16 rows from shared memory
+//     with ldmatrix), x's BM rows the N operand, read by the tensor cores straight from shared memory. One
+//     instruction covers a warpgroup's 64 outputs for all BM rows of x, where mma.sync needed BM/8 of them
+//     per warp plus a load of x's fragments per warp.
+//   * CTA tile [BM rows of x, kBN = 64·WG outputs], WG warpgroups (BM 16/32/64 by the batch with one
+//     warpgroup; 128/256 with two, sharing each x stage between twice the weight rows, which halves x's
+//     L2 traffic per weight byte where it rivals the weights').
 //   * K is walked in 64-wide tiles through a 4-stage cp.async pipeline: a stage holds x[m0:m0+BM, k:k+64]
-//     and the 64-deep slice of B, copied from the selected weight rows (a neuron's row is contiguous, so
-//     every copy is a full 16-byte vector). Up stores B as
-//     [n][k] (its rows are neurons) and feeds the MMA with ldmatrix; down stores it as [k][n] and uses
+//     in wgmma's 128-byte swizzle layout and the 64-deep slice of B, copied from the selected weight rows
+//     (a neuron's row is contiguous, so every copy is a full 16-byte vector). Up stores B as [n][k] (its
+//     rows are neurons) and loads A fragments with ldmatrix; down stores it as [k][n] and uses
 //     ldmatrix.trans. The neuron ids of a stage are fetched one step before its copies are issued.
 //   * Work is split stream-K style: the (N tile, k-tile) units of one row of M tiles are divided evenly
 //     over as many CTAs as fit on the GPU at once, so no wave runs part-empty (a decode GEMM is only one
 //     or two waves of tiles, and a half-empty last wave costs as much as a full one). A CTA walks its
-//     units in order through one continuous pipeline; an output tile it covers whole gets the epilogue
-//     from registers, a tile shared with neighbours gets fp32 partial sums (at most two per CTA: its first
-//     and its last tile) that a second kernel adds in CTA order (deterministic) before the epilogue.
+//     units in order through one continuous pipeline and stores each finished tile in fp32 to the
+//     workspace: a tile it covered whole to the tile's slot, a tile shared with neighbours as a partial sum
+//     (at most two per CTA: its first and its last tile). A second kernel adds the partial sums in CTA
+//     order (deterministic) and applies the epilogue (bias, ReLU, residual) to every tile, with y's rows
+//     written coalesced. (An epilogue in the GEMM kernel itself, unrolled over the accumulators, cost up
+//     to 120 registers a thread and spilled at BM 256; the fp32 round trip costs M·N·8 bytes, under 1% of
+//     the weights' bytes at batch 16 and 11% at 256, mostly in L2.)
 //     CTAs of the M tiles of one unit range are adjacent in launch order, so at batch > BM a weight tile
 //     is read from HBM once and from L2 by its siblings.
-// Shared rows are padded by 16 bytes so the 8 rows of one ldmatrix phase fall in distinct banks.
+// Weight rows in shared memory are padded by 16 bytes so the 8 rows of one ldmatrix phase fall in
+// distinct banks; x's stages are swizzled instead (wgmma reads them whole).
 #include <algorithm>
 #include <cstdint>
 
@@ -32,22 +44,20 @@ using namespace detail;
 
 constexpr int kBK = 64;
 
-// Compile-time shape of one configuration: BM rows of x, up (gather_n) or down. (Wider N tiles, 4·BM with
-// 8 warps at BM 64, cut x's L2 re-reads but measured 1.3-2.7x slower on an H200 at batch 64: see
-// docs/benchmarks.md.)
+// Compile-time shape of one configuration: BM rows of x, up (gather_n) or down.
 template <int BM, bool kGatherN> struct Cfg {
-  static constexpr int kBN = 64;
-  static constexpr int kWarpCols = 16;
-  static constexpr int kWarps = kBN / kWarpCols;
-  static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kNT = kWarpCols / 8;  // n8 tiles per warp
+  static constexpr int kWG = BM >= 128 ? 2 : 1;  // warpgroups
+  static constexpr int kBN = 64 * kWG;
+  static constexpr int kThreads = 128 * kWG;
   static constexpr int kStages = 4;
-  static constexpr int kXPitch = kBK + 8;
+  static constexpr int kXStageBytes = BM * kBK * 2;  // swizzled rows of 128 bytes, no padding
   // B in shared memory: up [kBN n][kBK k], down [kBK k][kBN n].
   static constexpr int kWRows = kGatherN ? kBN : kBK, kWCols = kGatherN ? kBK : kBN, kWPitch = kWCols + 8;
-  static constexpr int kXChunks = BM * kBK / 8 / kThreads;       // 16-byte copies per thread per stage
+  static constexpr int kXChunks = BM * kBK / 8 / kThreads;  // 16-byte copies per thread per stage
   static constexpr int kWChunks = kWRows * kWCols / 8 / kThreads;
-  static constexpr int kSmemBytes = kStages * (BM * kXPitch + kWRows * kWPitch) * 2;
+  // + 1 KB to align the swizzled x stages to 1024 bytes.
+  static constexpr int kSmemBytes = kStages * (kXStageBytes + kWRows * kWPitch * 2) + 1024;
+  static_assert(kXChunks >= 1 && kXStageBytes % 1024 == 0);
 };
 
 constexpr int kMinUnitsPerCta = 16;  // fewer, and the pipeline fill and the partial sums outweigh the balance
@@ -55,7 +65,7 @@ constexpr int kMinUnitsPerCta = 16;  // fewer, and the pipeline fill and the par
 // Stream-K partition: CTA c of an M-tile row owns units [c·W/G, (c+1)·W/G) of W = n_tiles · k_tiles, unit
 // u being k-tile u % k_tiles of N tile u / k_tiles.
 struct Plan {
-  int bm = 64;
+  int bm = 64, bn = 64;
   int m_tiles = 1, n_tiles = 1, k_tiles = 1;
   int64_t units = 1;  // W
   int ctas = 1;       // G, per M-tile row
@@ -64,13 +74,18 @@ struct Plan {
   __host__ __device__ int64_t owner(int64_t u) const { return ((u + 1) * ctas + units - 1) / units - 1; }
 };
 
-int bm_for(int64_t M) { return M <= 16 ? 16 : (M <= 32 ? 32 : 64); }
+int bm_for(int64_t M) {
+  int bm = 16;
+  while (bm < M && bm < 256) bm *= 2;
+  return bm;
+}
 
-Plan plan_for(const GatherGemm& g, int resident_ctas) {
+Plan plan_for(const GatherGemm& g, int bn, int resident_ctas) {
   Plan p;
   p.bm = bm_for(g.M);
+  p.bn = bn;
   p.m_tiles = static_cast<int>((g.M + p.bm - 1) / p.bm);
-  p.n_tiles = static_cast<int>((g.N + Cfg<16, true>::kBN - 1) / Cfg<16, true>::kBN);
+  p.n_tiles = static_cast<int>((g.N + bn - 1) / bn);
   p.k_tiles = static_cast<int>(std::max<int64_t>(1, (g.K + kBK - 1) / kBK));
   p.units = int64_t(p.n_tiles) * p.k_tiles;
   p.ctas = static_cast<int>(
@@ -78,7 +93,8 @@ Plan plan_for(const GatherGemm& g, int resident_ctas) {
   return p;
 }
 
-// y[m, n] = epilogue(v): the one place the output is written, from registers or from the partial sums.
+// y[m, n] = epilogue(v): + bias (up: bias[idx[n]], down: bias[n]; optional), ReLU (optional), + y
+// (accumulate). The one place the output is written.
 template <typename T>
 __device__ __forceinline__ void finish(const GatherGemm& g, int64_t m, int64_t n, float v) {
   const T* bias = static_cast<const T*>(g.bias);
@@ -92,19 +108,27 @@ __device__ __forceinline__ void finish(const GatherGemm& g, int64_t m, int64_t n
   *y = from_float<T>(v);
 }
 
-// Partial sums of CTA c (blockIdx.x / m_tiles) for its first (which 0) or last (which 1) tile: BM x BN fp32.
-__host__ __device__ inline int64_t partial_offset(int64_t cta, int which, int tile_elems) {
-  return (cta * 2 + which) * tile_elems;
+// The workspace: fp32 tiles [bm][bn], row-major like y (a warp's store covers 32 contiguous bytes in each of
+// 4 rows, whole sectors; the epilogue kernel then reads and writes rows coalesced). First the
+// tiles covered whole by one CTA, [m_tiles][n_tiles], then the partial sums of each CTA (blockIdx.x) for its
+// first (which 0) and last (which 1) tile.
+__host__ __device__ inline int64_t whole_offset(const Plan& p, int64_t m_tile, int64_t tile) {
+  return (m_tile * p.n_tiles + tile) * p.bm * p.bn;
 }
+__host__ __device__ inline int64_t partial_offset(const Plan& p, int64_t cta, int which) {
+  return (int64_t(p.m_tiles) * p.n_tiles + cta * 2 + which) * p.bm * p.bn;
+}
+__host__ __device__ inline int64_t workspace_floats(const Plan& p) { return partial_offset(p, int64_t(p.ctas) * p.m_tiles, 0); }
 
 template <typename T, int BM, bool kGatherN>
 __global__ void __launch_bounds__(Cfg<BM, kGatherN>::kThreads)
-    gather_gemm_kernel(const GatherGemm g, const Plan p, bool vec_x, bool vec_w, float* partial) {
+    gather_gemm_kernel(const GatherGemm g, const Plan p, bool vec_x, bool vec_w, float* workspace) {
   using C = Cfg<BM, kGatherN>;
   constexpr int kBN = C::kBN;
-  extern __shared__ __align__(16) unsigned char smem[];
-  T* xs = reinterpret_cast<T*>(smem);         // [kStages][BM][kXPitch]
-  T* ws = xs + C::kStages * BM * C::kXPitch;  // [kStages][kWRows][kWPitch]
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + ((1024 - smem_u32(smem_raw) % 1024) % 1024);
+  T* xs = reinterpret_cast<T*>(smem);                      // [kStages][BM][kBK], 128-byte swizzle
+  T* ws = reinterpret_cast<T*>(smem + C::kStages * C::kXStageBytes);  // [kStages][kWRows][kWPitch]
   const T* x = static_cast<const T*>(g.x);
   const T* w = static_cast<const T*>(g.w);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -124,21 +148,22 @@ __global__ void __launch_bounds__(Cfg<BM, kGatherN>::kThreads)
   };
   const Unit first{static_cast<int>(begin / p.k_tiles), static_cast<int>(begin % p.k_tiles)};
 
-  // Thread tid copies the 8-element chunk at column x_col / w_col of rows x_row0 + i·x_step (x) and
-  // w_row0 + i·w_step (B) of each stage. What does not change from unit to unit is computed here, once:
-  // the x rows' addresses and the shared-memory addresses of the thread's chunks (a unit's copies are
-  // then a few adds each; decode GEMMs are short enough that the copy loop's arithmetic shows).
+  // Thread tid copies the 8-element chunk x_chunk / w_col of rows x_row0 + i·x_step (x) and w_row0 +
+  // i·w_step (B) of each stage. What does not change from unit to unit is computed here, once: the x rows'
+  // addresses and the shared-memory addresses of the thread's chunks (a unit's copies are then a few adds
+  // each; decode GEMMs are short enough that the copy loop's arithmetic shows). x_step is a multiple of 8,
+  // so all of a thread's x rows share one swizzle (row % 8).
   constexpr int x_step = C::kThreads / 8, w_step = C::kThreads / (C::kWCols / 8);
-  const int x_col = (tid & 7) * 8, x_row0 = tid >> 3;
+  const int x_chunk = tid & 7, x_row0 = tid >> 3, x_col = x_chunk * 8, x_swz = (x_chunk ^ (x_row0 & 7)) * 8;
   const int w_col = tid % (C::kWCols / 8) * 8, w_row0 = tid / (C::kWCols / 8);
   const T* x_rows[C::kXChunks];  // null past M
   for (int i = 0; i < C::kXChunks; ++i) {
     const int64_t m = m0 + x_row0 + i * x_step;
     x_rows[i] = m < g.M ? x + m * g.ldx + x_col : nullptr;
   }
-  constexpr uint32_t kXStageBytes = BM * C::kXPitch * 2, kXRowBytes = x_step * C::kXPitch * 2;
+  constexpr uint32_t kXRowBytes = x_step * kBK * 2;
   constexpr uint32_t kWStageBytes = C::kWRows * C::kWPitch * 2, kWRowBytes = w_step * C::kWPitch * 2;
-  const uint32_t x_dst0 = smem_u32(xs + x_row0 * C::kXPitch + x_col), w_dst0 = smem_u32(ws + w_row0 * C::kWPitch + w_col);
+  const uint32_t x_dst0 = smem_u32(xs + x_row0 * kBK + x_swz), w_dst0 = smem_u32(ws + w_row0 * C::kWPitch + w_col);
   const int K = static_cast<int>(g.K), N = static_cast<int>(g.N), D = static_cast<int>(g.D), ldw = static_cast<int>(g.ldw);
   // ids[i]: the neuron of B row w_row0 + i·w_step of a unit (up: an N index, down: a K index); -1 outside B.
   auto fetch_ids = [&](Unit u, int32_t ids[C::kWChunks]) {
@@ -153,9 +178,9 @@ __global__ void __launch_bounds__(Cfg<BM, kGatherN>::kThreads)
     for (int i = 0; i < C::kXChunks; ++i) {
       if (vec_x) {
         const bool ok = x_rows[i] && k0 + x_col < K;
-        cp_async16(x_dst0 + stage * kXStageBytes + i * kXRowBytes, ok ? x_rows[i] + k0 : x, ok);
+        cp_async16(x_dst0 + stage * C::kXStageBytes + i * kXRowBytes, ok ? x_rows[i] + k0 : x, ok);
       } else {
-        T* dst = xs + (stage * BM + x_row0 + i * x_step) * C::kXPitch + x_col;
+        T* dst = xs + (stage * BM + x_row0 + i * x_step) * kBK + x_swz;
         for (int e = 0; e < 8; ++e) dst[e] = x_rows[i] && k0 + x_col + e < K ? x_rows[i][k0 + e] : from_float<T>(0.0f);
       }
     }
@@ -175,16 +200,19 @@ __global__ void __launch_bounds__(Cfg<BM, kGatherN>::kThreads)
       }
     }
   };
-  // Shared-window addresses of this lane's ldmatrix rows in stage 0, k-step 0 (see the loop below).
-  const uint32_t a_frag0 = smem_u32(xs + (lane & 15) * C::kXPitch + (lane >> 4) * 8);
-  const uint32_t b_frag0 =
-      kGatherN ? smem_u32(ws + (warp * C::kWarpCols + (lane & 7) + (lane >> 4) * 8) * C::kWPitch + ((lane >> 3) & 1) * 8)
-               : smem_u32(ws + ((lane & 7) + ((lane >> 3) & 1) * 8) * C::kWPitch + warp * C::kWarpCols + (lane >> 4) * 8);
-  // A k-step of 16 moves the B address along a row (up) or down 16 rows (down); a pair of n8 tiles moves
-  // it 16 rows (up) or 16 columns (down).
-  constexpr uint32_t kBStepK = kGatherN ? 16 * 2 : 16 * C::kWPitch * 2, kBStepN = kGatherN ? 16 * C::kWPitch * 2 : 16 * 2;
+  // Shared-window address of this lane's ldmatrix row of the warp's A fragment (B rows [16·warp, +16) as
+  // the MMA's M) in stage 0, k-step 0. Up: B is [n][k], fragment matrices (n 0-7 | 8-15) x (k 0-7 | 8-15);
+  // down: B is [k][n], the same matrices read transposed.
+  const uint32_t a_frag0 =
+      kGatherN ? smem_u32(ws + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * C::kWPitch + (lane >> 4) * 8)
+               : smem_u32(ws + ((lane & 7) + (lane >> 4) * 8) * C::kWPitch + warp * 16 + ((lane >> 3) & 1) * 8);
+  constexpr uint32_t kAStepK = kGatherN ? 16 * 2 : 16 * C::kWPitch * 2;  // a k-step of 16
+  const uint64_t x_desc0 = smem_desc_k128(smem_u32(xs));
 
-  float acc[BM / 16][C::kNT][4] = {};
+  // yᵀ rows [16·warp, +16) x the BM rows of x (see wgmma_rs). Never assigned in the loop: a tile's first
+  // MMA overwrites instead of adding (`fresh`), so the accumulators stay where the wgmmas keep them.
+  float acc[BM / 2];
+  uint32_t fresh = 1;
   int32_t ids[C::kWChunks];
   Unit next = first;  // the next unit whose ids are fetched
   for (int s = 0; s < C::kStages - 1; ++s) {
@@ -203,30 +231,26 @@ __global__ void __launch_bounds__(Cfg<BM, kGatherN>::kThreads)
   Unit cur = first;  // the unit computed in this iteration
   for (int i = 0; i < count; ++i) {
     cp_async_wait<C::kStages - 2>();
+    fence_proxy_async();  // the stage's x, written through cp.async, is read by wgmma
     __syncthreads();
     const int stage = i % C::kStages;
-    const uint32_t a_stage = a_frag0 + stage * kXStageBytes, b_stage = b_frag0 + stage * kWStageBytes;
+    const uint32_t a_stage = a_frag0 + stage * kWStageBytes;
+    uint32_t a[kBK / 16][4];
 #pragma unroll
     for (int ks = 0; ks < kBK / 16; ++ks) {
-      // Per pair of n8 tiles: b[0], b[1] the k halves of the first, b[2], b[3] of the second.
-      uint32_t b[C::kNT / 2][4];
-#pragma unroll
-      for (int pr = 0; pr < C::kNT / 2; ++pr) {
-        const uint32_t addr = b_stage + ks * kBStepK + pr * kBStepN;
-        if constexpr (kGatherN) {
-          ldmatrix_x4(b[pr], addr);
-        } else {
-          ldmatrix_x4_trans(b[pr], addr);
-        }
-      }
-#pragma unroll
-      for (int mt = 0; mt < BM / 16; ++mt) {
-        uint32_t a[4];
-        ldmatrix_x4(a, a_stage + mt * 16 * C::kXPitch * 2 + ks * 16 * 2);
-#pragma unroll
-        for (int nt = 0; nt < C::kNT; ++nt) mma16816<T>(acc[mt][nt], a, b[nt / 2][(nt & 1) * 2], b[nt / 2][(nt & 1) * 2 + 1]);
+      if constexpr (kGatherN) {
+        ldmatrix_x4(a[ks], a_stage + ks * kAStepK);
+      } else {
+        ldmatrix_x4_trans(a[ks], a_stage + ks * kAStepK);
       }
     }
+    wgmma_fence_operands(acc);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kBK / 16; ++ks)
+      wgmma_rs<T, BM>(acc, a[ks], x_desc0 + (stage * C::kXStageBytes >> 4) + 2 * ks, ks > 0 || !fresh);
+    wgmma_commit();
+    // The stage refilled here was read by the previous iteration's MMAs, complete before this barrier.
     if (i + C::kStages - 1 < count) {
       load_unit((i + C::kStages - 1) % C::kStages, pending, ids);
       pending = next;
@@ -236,50 +260,50 @@ __global__ void __launch_bounds__(Cfg<BM, kGatherN>::kThreads)
       }
     }
     cp_async_commit();
+    wgmma_wait<0>();
+    wgmma_fence_operands(acc);
 
     const Unit done = cur;
     advance(cur);
-    if (done.kt != p.k_tiles - 1 && i + 1 != count) continue;
-    // The last unit of this CTA in N tile done.tile: the tile's result (whole) or its partial sum out.
-    const int64_t n0 = int64_t(done.tile) * kBN;
+    fresh = done.kt == p.k_tiles - 1;
+    if (!fresh && i + 1 != count) continue;
+    // The last unit of this CTA in N tile done.tile: the tile (whole) or its partial sum out, in fp32.
     const bool whole = int64_t(done.tile) * p.k_tiles >= begin && int64_t(done.tile + 1) * p.k_tiles <= begin + count;
-    float* out = whole ? nullptr : partial + partial_offset(blockIdx.x, done.tile == first.tile ? 0 : 1, BM * kBN);
-    // Accumulator c[h * 2 + e] of an m16n8 tile is row (lane / 4) + 8h, column 2 (lane % 4) + e.
+    float* out = workspace + (whole ? whole_offset(p, m_tile, done.tile)
+                                    : partial_offset(p, blockIdx.x, done.tile == first.tile ? 0 : 1));
+    // acc[4j + 2h + e] is output n = 16·warp + lane / 4 + 8h of x row m = 8j + 2 (lane % 4) + e.
 #pragma unroll
-    for (int mt = 0; mt < BM / 16; ++mt)
+    for (int j = 0; j < BM / 8; ++j)
 #pragma unroll
-      for (int nt = 0; nt < C::kNT; ++nt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int r = mt * 16 + (lane >> 2) + 8 * h, col = warp * C::kWarpCols + nt * 8 + 2 * (lane & 3);
-          float* v = acc[mt][nt] + 2 * h;
-          if (out) {
-            *reinterpret_cast<float2*>(out + r * kBN + col) = make_float2(v[0], v[1]);
-          } else {
-            for (int e = 0; e < 2; ++e)
-              if (m0 + r < g.M && n0 + col + e < g.N) finish<T>(g, m0 + r, n0 + col + e, v[e]);
-          }
-          v[0] = v[1] = 0.0f;
-        }
+      for (int h = 0; h < 2; ++h) {
+        const int n = warp * 16 + (lane >> 2) + 8 * h, m = j * 8 + 2 * (lane & 3);
+        out[m * kBN + n] = acc[4 * j + 2 * h];
+        out[(m + 1) * kBN + n] = acc[4 * j + 2 * h + 1];
+      }
   }
   cp_async_wait<0>();
 }
 
-// The output tiles split between CTAs: y = epilogue(Σ partial sums), added in CTA order. Grid (n_tiles,
-// m_tiles); tiles a single CTA covered were written by it and are skipped.
-template <typename T, int BM>
-__global__ void gather_gemm_reduce_kernel(const GatherGemm g, const Plan p, const float* partial) {
-  constexpr int kBN = Cfg<BM, true>::kBN;
+// y = epilogue(tile), a tile's sum being its whole slot or its partial sums added in CTA order. Grid
+// (n_tiles, m_tiles, bm / kFinishRows): each CTA finishes kFinishRows rows of a tile, reading the
+// workspace and writing y along rows (coalesced).
+constexpr int kFinishRows = 16;
+
+template <typename T>
+__global__ void gather_gemm_finish_kernel(const GatherGemm g, const Plan p, const float* workspace) {
   const int64_t tile = blockIdx.x, m_tile = blockIdx.y;
   const int64_t c0 = p.owner(tile * p.k_tiles), c1 = p.owner((tile + 1) * p.k_tiles - 1);
-  if (c0 == c1) return;
-  for (int e = threadIdx.x; e < BM * kBN; e += blockDim.x) {
-    const int64_t m = m_tile * BM + e / kBN, n = tile * kBN + e % kBN;
+  for (int e = threadIdx.x; e < kFinishRows * p.bn; e += blockDim.x) {
+    const int nl = e % p.bn, ml = blockIdx.z * kFinishRows + e / p.bn;
+    const int64_t m = m_tile * p.bm + ml, n = tile * p.bn + nl;
     if (m >= g.M || n >= g.N) continue;
+    const int at = ml * p.bn + nl;
     float v = 0.0f;
-    for (int64_t c = c0; c <= c1; ++c) {
-      const int which = p.begin(c) / p.k_tiles == tile ? 0 : 1;
-      v += partial[partial_offset(c * p.m_tiles + m_tile, which, BM * kBN) + e];
+    if (c0 == c1) {
+      v = workspace[whole_offset(p, m_tile, tile) + at];
+    } else {
+      for (int64_t c = c0; c <= c1; ++c)
+        v += workspace[partial_offset(p, c * p.m_tiles + m_tile, p.begin(c) / p.k_tiles == tile ? 0 : 1) + at];
     }
     finish<T>(g, m, n, v);
   }
@@ -291,13 +315,12 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 template <typename F> void dispatch_config(const GatherGemm& g, Elem e, F&& f) {
   dispatch(e, [&](auto* tag) {
     auto with_bm = [&](auto gather_n) {
-      const int bm = bm_for(g.M);
-      if (bm == 16) {
-        f(tag, std::integral_constant<int, 16>{}, gather_n);
-      } else if (bm == 32) {
-        f(tag, std::integral_constant<int, 32>{}, gather_n);
-      } else {
-        f(tag, std::integral_constant<int, 64>{}, gather_n);
+      switch (bm_for(g.M)) {
+        case 16: return f(tag, std::integral_constant<int, 16>{}, gather_n);
+        case 32: return f(tag, std::integral_constant<int, 32>{}, gather_n);
+        case 64: return f(tag, std::integral_constant<int, 64>{}, gather_n);
+        case 128: return f(tag, std::integral_constant<int, 128>{}, gather_n);
+        default: return f(tag, std::integral_constant<int, 256>{}, gather_n);
       }
     };
     if (g.gather_n) {
@@ -321,14 +344,17 @@ template <typename T, int BM, bool kGatherN> int resident_ctas(int num_sms) {
   return per_sm * num_sms;
 }
 
+template <typename T, int BM, bool kGatherN> Plan plan_of(const GatherGemm& g, int num_sms) {
+  return plan_for(g, Cfg<BM, kGatherN>::kBN, resident_ctas<T, BM, kGatherN>(num_sms));
+}
+
 }  // namespace
 
 size_t gather_gemm_workspace_bytes(const GatherGemm& g, int num_sms, Elem e) {
   size_t bytes = 0;
   dispatch_config(g, e, [&](auto* tag, auto bm, auto gather_n) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    const Plan p = plan_for(g, resident_ctas<T, bm(), gather_n()>(num_sms));
-    bytes = static_cast<size_t>(partial_offset(int64_t(p.ctas) * p.m_tiles, 0, bm() * Cfg<bm(), gather_n()>::kBN)) * sizeof(float);
+    const Plan p = plan_of<std::remove_pointer_t<decltype(tag)>, bm(), gather_n()>(g, num_sms);
+    bytes = static_cast<size_t>(workspace_floats(p)) * sizeof(float);
   });
   return bytes;
 }
@@ -342,19 +368,17 @@ void gather_gemm(const GatherGemm& g, void* workspace, size_t workspace_bytes, i
     using T = std::remove_pointer_t<decltype(tag)>;
     constexpr int BM = bm();
     constexpr bool kGatherN = gather_n();
-    const Plan p = plan_for(g, resident_ctas<T, BM, kGatherN>(num_sms));
+    const Plan p = plan_of<T, BM, kGatherN>(g, num_sms);
     // cp.async needs every 8-element chunk it copies to start 16-byte aligned.
     const bool vec_x = aligned16(g.x) && g.ldx % 8 == 0 && g.K % 8 == 0;
     const bool vec_w = aligned16(g.w) && g.ldw % 8 == 0 && (kGatherN ? g.K : g.N) % 8 == 0;
-    float* partial = static_cast<float*>(workspace);
+    float* tiles = static_cast<float*>(workspace);
     using C = Cfg<BM, kGatherN>;
     gather_gemm_kernel<T, BM, kGatherN><<<p.ctas * p.m_tiles, C::kThreads, C::kSmemBytes, stream>>>(g, p, vec_x, vec_w,
-                                                                                                   partial);
+                                                                                                   tiles);
     check_launch("gather GEMM");
-    if (p.ctas > 1) {
-      gather_gemm_reduce_kernel<T, BM><<<dim3(p.n_tiles, p.m_tiles), 256, 0, stream>>>(g, p, partial);
-      check_launch("gather GEMM split reduce");
-    }
+    gather_gemm_finish_kernel<T><<<dim3(p.n_tiles, p.m_tiles, BM / kFinishRows), 256, 0, stream>>>(g, p, tiles);
+    check_launch("gather GEMM epilogue");
   });
 }
 
