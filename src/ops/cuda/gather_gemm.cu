@@ -11,11 +11,12 @@
 //   * CTA tile [BM rows of x, kBN = 64·WG outputs], WG warpgroups (BM 16/32/64 by the batch with one
 //     warpgroup; 128/256 with two, sharing each x stage between twice the weight rows, which halves x's
 //     L2 traffic per weight byte where it rivals the weights').
-//   * K is walked in 64-wide tiles through a 4-stage cp.async pipeline: a stage holds x[m0:m0+BM, k:k+64]
-//     in wgmma's 128-byte swizzle layout and the 64-deep slice of B, copied from the selected weight rows
-//     (a neuron's row is contiguous, so every copy is a full 16-byte vector). Up stores B as [n][k] (its
-//     rows are neurons) and loads A fragments with ldmatrix; down stores it as [k][n] and uses
-//     ldmatrix.trans. The neuron ids of a stage are fetched one step before its copies are issued.
+//   * K is walked in kBK-wide tiles (128 at BM <= 64, else 64) through a 3- or 4-stage cp.async pipeline:
+//     a stage holds x[m0:m0+BM, k:k+kBK] in wgmma's 128-byte swizzle layout and the kBK-deep slice of B,
+//     copied from the selected weight rows (a neuron's row is contiguous, so every copy is a full 16-byte
+//     vector). Up stores B as [n][k] (its rows are neurons) and loads A fragments with ldmatrix; down
+//     stores it as [k][n] and uses ldmatrix.trans. The neuron ids of a stage are fetched one step before
+//     its copies are issued.
 //   * Work is split stream-K style: the (N tile, k-tile) units of one row of M tiles are divided evenly
 //     over as many CTAs as fit on the GPU at once, so no wave runs part-empty (a decode GEMM is only one
 //     or two waves of tiles, and a half-empty last wave costs as much as a full one). A CTA walks its
@@ -42,15 +43,17 @@ namespace {
 
 using namespace detail;
 
-constexpr int kBK = 64;
-
 // Compile-time shape of one configuration: BM rows of x, up (gather_n) or down.
 template <int BM, bool kGatherN> struct Cfg {
   static constexpr int kWG = BM >= 128 ? 2 : 1;  // warpgroups
   static constexpr int kBN = 64 * kWG;
   static constexpr int kThreads = 128 * kWG;
-  static constexpr int kStages = 4;
-  static constexpr int kXStageBytes = BM * kBK * 2;  // swizzled rows of 128 bytes, no padding
+  // K per stage: 128 where shared memory allows 2-3 CTAs an SM (each selected row is then read 256 bytes
+  // at a time, and a unit's fixed costs are spread over twice the bytes), 64 at BM 128/256.
+  static constexpr int kBK = BM <= 64 ? 128 : 64;
+  static constexpr int kStages = kBK == 128 ? 3 : 4;
+  // x's stage: kBK / 64 column blocks [BM][64], each in the 128-byte swizzle layout.
+  static constexpr int kXStageBytes = BM * kBK * 2;
   // B in shared memory: up [kBN n][kBK k], down [kBK k][kBN n].
   static constexpr int kWRows = kGatherN ? kBN : kBK, kWCols = kGatherN ? kBK : kBN, kWPitch = kWCols + 8;
   static constexpr int kXChunks = BM * kBK / 8 / kThreads;  // 16-byte copies per thread per stage
@@ -60,7 +63,8 @@ template <int BM, bool kGatherN> struct Cfg {
   static_assert(kXChunks >= 1 && kXStageBytes % 1024 == 0);
 };
 
-constexpr int kMinUnitsPerCta = 16;  // fewer, and the pipeline fill and the partial sums outweigh the balance
+// Units per CTA at least: fewer, and a CTA spends more time filling its pipeline than computing.
+constexpr int kMinUnitsPerCta = 4;
 
 // Stream-K partition: CTA c of an M-tile row owns units [c·W/G, (c+1)·W/G) of W = n_tiles · k_tiles, unit
 // u being k-tile u % k_tiles of N tile u / k_tiles.
@@ -80,13 +84,13 @@ int bm_for(int64_t M) {
   return bm;
 }
 
-Plan plan_for(const GatherGemm& g, int bn, int resident_ctas) {
+Plan plan_for(const GatherGemm& g, int bn, int bk, int resident_ctas) {
   Plan p;
   p.bm = bm_for(g.M);
   p.bn = bn;
   p.m_tiles = static_cast<int>((g.M + p.bm - 1) / p.bm);
   p.n_tiles = static_cast<int>((g.N + bn - 1) / bn);
-  p.k_tiles = static_cast<int>(std::max<int64_t>(1, (g.K + kBK - 1) / kBK));
+  p.k_tiles = static_cast<int>(std::max<int64_t>(1, (g.K + bk - 1) / bk));
   p.units = int64_t(p.n_tiles) * p.k_tiles;
   p.ctas = static_cast<int>(
       std::clamp<int64_t>(std::min<int64_t>(resident_ctas / p.m_tiles, p.units / kMinUnitsPerCta), 1, p.units));
@@ -124,10 +128,10 @@ template <typename T, int BM, bool kGatherN>
 __global__ void __launch_bounds__(Cfg<BM, kGatherN>::kThreads)
     gather_gemm_kernel(const GatherGemm g, const Plan p, bool vec_x, bool vec_w, float* workspace) {
   using C = Cfg<BM, kGatherN>;
-  constexpr int kBN = C::kBN;
+  constexpr int kBN = C::kBN, kBK = C::kBK;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - smem_u32(smem_raw) % 1024) % 1024);
-  T* xs = reinterpret_cast<T*>(smem);                      // [kStages][BM][kBK], 128-byte swizzle
+  T* xs = reinterpret_cast<T*>(smem);  // [kStages][kBK / 64][BM][64], 128-byte swizzle
   T* ws = reinterpret_cast<T*>(smem + C::kStages * C::kXStageBytes);  // [kStages][kWRows][kWPitch]
   const T* x = static_cast<const T*>(g.x);
   const T* w = static_cast<const T*>(g.w);
@@ -152,18 +156,20 @@ __global__ void __launch_bounds__(Cfg<BM, kGatherN>::kThreads)
   // i·w_step (B) of each stage. What does not change from unit to unit is computed here, once: the x rows'
   // addresses and the shared-memory addresses of the thread's chunks (a unit's copies are then a few adds
   // each; decode GEMMs are short enough that the copy loop's arithmetic shows). x_step is a multiple of 8,
-  // so all of a thread's x rows share one swizzle (row % 8).
-  constexpr int x_step = C::kThreads / 8, w_step = C::kThreads / (C::kWCols / 8);
-  const int x_chunk = tid & 7, x_row0 = tid >> 3, x_col = x_chunk * 8, x_swz = (x_chunk ^ (x_row0 & 7)) * 8;
+  // so all of a thread's x rows share one swizzle (row % 8); x_at is the chunk's offset in the stage.
+  constexpr int kXRowChunks = kBK / 8, x_step = C::kThreads / kXRowChunks, w_step = C::kThreads / (C::kWCols / 8);
+  static_assert(x_step % 8 == 0);
+  const int x_chunk = tid % kXRowChunks, x_row0 = tid / kXRowChunks, x_col = x_chunk * 8;
+  const int x_at = x_chunk / 8 * BM * 64 + x_row0 * 64 + ((x_chunk % 8) ^ (x_row0 & 7)) * 8;
   const int w_col = tid % (C::kWCols / 8) * 8, w_row0 = tid / (C::kWCols / 8);
   const T* x_rows[C::kXChunks];  // null past M
   for (int i = 0; i < C::kXChunks; ++i) {
     const int64_t m = m0 + x_row0 + i * x_step;
     x_rows[i] = m < g.M ? x + m * g.ldx + x_col : nullptr;
   }
-  constexpr uint32_t kXRowBytes = x_step * kBK * 2;
+  constexpr uint32_t kXRowBytes = x_step * 64 * 2;
   constexpr uint32_t kWStageBytes = C::kWRows * C::kWPitch * 2, kWRowBytes = w_step * C::kWPitch * 2;
-  const uint32_t x_dst0 = smem_u32(xs + x_row0 * kBK + x_swz), w_dst0 = smem_u32(ws + w_row0 * C::kWPitch + w_col);
+  const uint32_t x_dst0 = smem_u32(xs + x_at), w_dst0 = smem_u32(ws + w_row0 * C::kWPitch + w_col);
   const int K = static_cast<int>(g.K), N = static_cast<int>(g.N), D = static_cast<int>(g.D), ldw = static_cast<int>(g.ldw);
   // ids[i]: the neuron of B row w_row0 + i·w_step of a unit (up: an N index, down: a K index); -1 outside B.
   auto fetch_ids = [&](Unit u, int32_t ids[C::kWChunks]) {
@@ -180,7 +186,7 @@ __global__ void __launch_bounds__(Cfg<BM, kGatherN>::kThreads)
         const bool ok = x_rows[i] && k0 + x_col < K;
         cp_async16(x_dst0 + stage * C::kXStageBytes + i * kXRowBytes, ok ? x_rows[i] + k0 : x, ok);
       } else {
-        T* dst = xs + (stage * BM + x_row0 + i * x_step) * kBK + x_swz;
+        T* dst = xs + stage * BM * kBK + x_at + i * x_step * 64;
         for (int e = 0; e < 8; ++e) dst[e] = x_rows[i] && k0 + x_col + e < K ? x_rows[i][k0 + e] : from_float<T>(0.0f);
       }
     }
@@ -247,8 +253,11 @@ __global__ void __launch_bounds__(Cfg<BM, kGatherN>::kThreads)
     wgmma_fence_operands(acc);
     wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < kBK / 16; ++ks)
-      wgmma_rs<T, BM>(acc, a[ks], x_desc0 + (stage * C::kXStageBytes >> 4) + 2 * ks, ks > 0 || !fresh);
+    for (int ks = 0; ks < kBK / 16; ++ks) {
+      // k-step ks: 32-byte slice ks % 4 of column block ks / 4.
+      const uint32_t at = stage * C::kXStageBytes + ks / 4 * BM * 128 + ks % 4 * 32;
+      wgmma_rs<T, BM>(acc, a[ks], x_desc0 + (at >> 4), ks > 0 || !fresh);
+    }
     wgmma_commit();
     // The stage refilled here was read by the previous iteration's MMAs, complete before this barrier.
     if (i + C::kStages - 1 < count) {
@@ -285,27 +294,33 @@ __global__ void __launch_bounds__(Cfg<BM, kGatherN>::kThreads)
 }
 
 // y = epilogue(tile), a tile's sum being its whole slot or its partial sums added in CTA order. Grid
-// (n_tiles, m_tiles, bm / kFinishRows): each CTA finishes kFinishRows rows of a tile, reading the
-// workspace and writing y along rows (coalesced).
-constexpr int kFinishRows = 16;
+// (n_tiles, m_tiles, bm / kFinishRows): each CTA finishes kFinishRows rows of a tile, kFinishPerThread
+// elements a thread (bn <= 128), reading the workspace and writing y along rows (coalesced).
+constexpr int kFinishRows = 16, kFinishThreads = 256, kFinishPerThread = kFinishRows * 128 / kFinishThreads;
 
 template <typename T>
-__global__ void gather_gemm_finish_kernel(const GatherGemm g, const Plan p, const float* workspace) {
+__global__ void __launch_bounds__(kFinishThreads) gather_gemm_finish_kernel(const GatherGemm g, const Plan p,
+                                                                            const float* workspace) {
   const int64_t tile = blockIdx.x, m_tile = blockIdx.y;
   const int64_t c0 = p.owner(tile * p.k_tiles), c1 = p.owner((tile + 1) * p.k_tiles - 1);
-  for (int e = threadIdx.x; e < kFinishRows * p.bn; e += blockDim.x) {
-    const int nl = e % p.bn, ml = blockIdx.z * kFinishRows + e / p.bn;
-    const int64_t m = m_tile * p.bm + ml, n = tile * p.bn + nl;
-    if (m >= g.M || n >= g.N) continue;
-    const int at = ml * p.bn + nl;
-    float v = 0.0f;
-    if (c0 == c1) {
-      v = workspace[whole_offset(p, m_tile, tile) + at];
-    } else {
-      for (int64_t c = c0; c <= c1; ++c)
-        v += workspace[partial_offset(p, c * p.m_tiles + m_tile, p.begin(c) / p.k_tiles == tile ? 0 : 1) + at];
+  const int64_t rows_at = int64_t(blockIdx.z) * kFinishRows * p.bn;  // this CTA's rows within a tile slot
+  float v[kFinishPerThread] = {};
+  // Slot by slot (a few 64-bit divisions per CTA, not per element), in CTA order.
+  for (int64_t c = c0; c <= c1; ++c) {
+    const float* slot = workspace + rows_at +
+                        (c0 == c1 ? whole_offset(p, m_tile, tile)
+                                  : partial_offset(p, c * p.m_tiles + m_tile, p.begin(c) / p.k_tiles == tile ? 0 : 1));
+#pragma unroll
+    for (int r = 0; r < kFinishPerThread; ++r) {
+      const int e = threadIdx.x + r * kFinishThreads;
+      if (e < kFinishRows * p.bn) v[r] += slot[e];
     }
-    finish<T>(g, m, n, v);
+  }
+#pragma unroll
+  for (int r = 0; r < kFinishPerThread; ++r) {
+    const int e = threadIdx.x + r * kFinishThreads;
+    const int64_t m = m_tile * p.bm + blockIdx.z * kFinishRows + e / p.bn, n = tile * p.bn + e % p.bn;
+    if (e < kFinishRows * p.bn && m < g.M && n < g.N) finish<T>(g, m, n, v[r]);
   }
 }
 
@@ -345,7 +360,7 @@ template <typename T, int BM, bool kGatherN> int resident_ctas(int num_sms) {
 }
 
 template <typename T, int BM, bool kGatherN> Plan plan_of(const GatherGemm& g, int num_sms) {
-  return plan_for(g, Cfg<BM, kGatherN>::kBN, resident_ctas<T, BM, kGatherN>(num_sms));
+  return plan_for(g, Cfg<BM, kGatherN>::kBN, Cfg<BM, kGatherN>::kBK, resident_ctas<T, BM, kGatherN>(num_sms));
 }
 
 }  // namespace
@@ -377,7 +392,8 @@ void gather_gemm(const GatherGemm& g, void* workspace, size_t workspace_bytes, i
     gather_gemm_kernel<T, BM, kGatherN><<<p.ctas * p.m_tiles, C::kThreads, C::kSmemBytes, stream>>>(g, p, vec_x, vec_w,
                                                                                                    tiles);
     check_launch("gather GEMM");
-    gather_gemm_finish_kernel<T><<<dim3(p.n_tiles, p.m_tiles, BM / kFinishRows), 256, 0, stream>>>(g, p, tiles);
+    gather_gemm_finish_kernel<T>
+        <<<dim3(p.n_tiles, p.m_tiles, BM / kFinishRows), kFinishThreads, 0, stream>>>(g, p, tiles);
     check_launch("gather GEMM epilogue");
   });
 }
