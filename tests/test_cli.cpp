@@ -332,6 +332,33 @@ TEST_F(CliStories, SparseLogitsKeepTheFirstPositionDenseAndSayHowTheyWereMade) {
   EXPECT_THAT(no_routers.err, HasSubstr("--density needs --routers FILE"));
 }
 
+// OPT with a router file's MLP routers: every position after the first gets its own MLP neurons. At density
+// 1 attention stays dense, so the MLP alone moves those positions away from the dense logits.
+TEST(CliOpt, SparseLogitsGiveEachTokenItsOwnMlpNeurons) {
+  test::TempDir tmp;
+  const std::string model = shared_path("fixtures/hf/opt"), routers = tmp.path("opt.routers.safetensors");
+  ASSERT_EQ(run_polar({"routers", "--random", "--model", model, "--out", routers}).exit_code, 0);
+  const std::vector<std::string> run = {"logits", "--model", model, "--tokens", "5,17,42,9,3"};
+  auto with = [&](std::vector<std::string> extra) {
+    std::vector<std::string> args = run;
+    args.insert(args.end(), extra.begin(), extra.end());
+    return args;
+  };
+  const std::string dense = tmp.path("dense.safetensors"), sparse = tmp.path("sparse.safetensors");
+  ASSERT_EQ(run_polar(with({"--out", dense})).exit_code, 0);
+  RunResult r = run_polar(with({"--out", sparse, "--routers", routers, "--density", "1"}));
+  ASSERT_EQ(r.exit_code, 0) << describe(r);
+  EXPECT_THAT(r.err, HasSubstr("MLP neurons per the router file's k table"));
+  safetensors::File d = safetensors::File::open(dense), s = safetensors::File::open(sparse);
+  Tensor dl = d.load_f32(*d.find("logits")), sl = s.load_f32(*s.find("logits"));
+  ASSERT_EQ(sl.shape(), dl.shape());
+  const int64_t V = dl.dim(1);
+  EXPECT_TRUE(std::equal(dl.data<float>(), dl.data<float>() + V, sl.data<float>()));
+  for (int64_t t = 1; t < dl.dim(0); ++t)
+    EXPECT_FALSE(std::equal(dl.data<float>() + t * V, dl.data<float>() + (t + 1) * V, sl.data<float>() + t * V))
+        << "position " << t;
+}
+
 TEST_F(CliStories, InfoJsonDescribesTheModel) {
   RunResult r = run_polar({"info", "--model", gguf_, "--json"});
   ASSERT_EQ(r.exit_code, 0) << describe(r);

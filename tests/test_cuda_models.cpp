@@ -132,7 +132,8 @@ Routers unambiguous_routers(const Checkpoint& ck) {
 }
 
 // A prefill scored with per-token selections (perplexity's and evaluation's sparse semantics; the CUDA
-// backend runs it dense and zeroes the skipped heads) gives the CPU's logits.
+// backend runs it dense and zeroes the skipped heads, and for OPT each token's unselected MLP neurons,
+// the k lowest-indexed ones kept with these routers) gives the CPU's logits.
 TEST_P(CudaModels, ScoredSparsePrefillMatchesCpu) {
   auto cpu = make_cpu_backend();
   auto gpu = make_backend("cuda", GetParam());

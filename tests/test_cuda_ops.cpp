@@ -64,6 +64,22 @@ class CudaOps : public ::testing::TestWithParam<DType> {
     return cuda_->upload(t, dt());
   }
   Tensor back(const Tensor& t) { return cuda_->to_host_f32(t); }
+  // keep_heads of x [T, H, dh] with heads [T, k] on both backends, tokens 1, 4, 7, ... flagged dense: the
+  // elements where the results differ (zeroing and copying are exact, so none may).
+  int64_t keep_heads_mismatches(const Tensor& x, const Tensor& heads, int64_t group) {
+    std::vector<int32_t> flags(static_cast<size_t>(x.dim(0)));
+    for (size_t t = 0; t < flags.size(); ++t) flags[t] = t % 3 == 1;
+    Tensor dense = host_i32(flags);
+    Tensor ref = Tensor::empty(DType::F32, x.shape());
+    std::copy(x.data<float>(), x.data<float>() + x.numel(), ref.data<float>());
+    cpu_->keep_heads(ref, heads, group, &dense);
+    Tensor got = dev(x), d_heads = dev(heads), d_dense = dev(dense);
+    cuda_->keep_heads(got, d_heads, group, &d_dense);
+    Tensor g = back(got);
+    int64_t wrong = 0;
+    for (int64_t i = 0; i < ref.numel(); ++i) wrong += ref.data<float>()[i] != g.data<float>()[i];
+    return wrong;
+  }
 
   std::unique_ptr<Backend> cuda_, cpu_;
   std::mt19937_64 rng_{1234};
@@ -356,18 +372,53 @@ TEST_P(CudaOps, L2NormsAndKeepHeadsMatchCpu) {
     for (int64_t t = 0; t < c.T; ++t)
       for (int64_t j = 0; j < c.k; ++j) heads.data<int32_t>()[t * c.k + j] = static_cast<int32_t>((t + j * (U / c.k)) % U);
     for (int64_t t = 0; t < c.T; ++t) std::sort(heads.data<int32_t>() + t * c.k, heads.data<int32_t>() + (t + 1) * c.k);
-    std::vector<int32_t> flags(static_cast<size_t>(c.T));
-    for (int64_t t = 0; t < c.T; ++t) flags[size_t(t)] = t % 3 == 1;
-    Tensor dense = host_i32(flags);
-    Tensor ref = Tensor::empty(DType::F32, x.shape());
-    std::copy(x.data<float>(), x.data<float>() + x.numel(), ref.data<float>());
-    cpu_->keep_heads(ref, heads, c.group, &dense);
-    Tensor got = dev(x), d_heads = dev(heads), d_dense = dev(dense);
-    cuda_->keep_heads(got, d_heads, c.group, &d_dense);
-    Tensor g = back(got);
-    EXPECT_TRUE(std::equal(ref.data<float>(), ref.data<float>() + ref.numel(), g.data<float>()))
-        << "T " << c.T << " H " << c.H << " group " << c.group;
+    EXPECT_EQ(keep_heads_mismatches(x, heads, c.group), 0) << "T " << c.T << " H " << c.H << " group " << c.group;
   }
+}
+
+// keep_heads at MLP width, as a scored pass masks each token's neurons ([T, D, 1], group 1): up to every one
+// of D = 16384 or 49152 units kept per token (k = 1..D), odd token counts, tokens flagged dense untouched,
+// and unit counts that are not a multiple of the bitmap's 32-bit words; exactly the CPU's zeroing. A unit
+// id outside [0, H / group) is reported at the next synchronisation and writes nothing outside its row.
+TEST_P(CudaOps, KeepHeadsAtMlpWidthMatchesCpu) {
+  struct Case {
+    int64_t T, H, group, dh;
+    std::vector<int64_t> ks;
+  };
+  for (const Case& c : std::vector<Case>{{7, 16384, 1, 1, {1, 3, 1000, 8191, 16383, 16384}},
+                                         {3, 49152, 1, 1, {12345}},
+                                         {5, 4100, 4, 3, {1, 517, 1025}},
+                                         {1, 33, 1, 5, {32}}}) {
+    const int64_t U = c.H / c.group;
+    std::vector<int32_t> units(static_cast<size_t>(U));
+    std::iota(units.begin(), units.end(), 0);
+    for (int64_t k : c.ks) {
+      SCOPED_TRACE(testing::Message() << "T " << c.T << " H " << c.H << " group " << c.group << " dh " << c.dh
+                                      << " k " << k);
+      Tensor x = host_random({c.T, c.H, c.dh});
+      Tensor heads = Tensor::empty(DType::I32, {c.T, k});
+      for (int64_t t = 0; t < c.T; ++t) {
+        std::shuffle(units.begin(), units.end(), rng_);
+        std::sort(units.begin(), units.begin() + k);
+        std::copy(units.begin(), units.begin() + k, heads.data<int32_t>() + t * k);
+      }
+      EXPECT_EQ(keep_heads_mismatches(x, heads, c.group), 0);
+    }
+  }
+  // Ids past the end and negative, on a view of the first two tokens of three: the error is raised at the
+  // next synchronisation, the third token (past the view) is untouched, and the backend stays usable.
+  Tensor x = host_random({3, 64, 1});
+  Tensor buffer = dev(x), first_two = buffer.view(0, {2, 64, 1});
+  Tensor bad = Tensor::empty(DType::I32, {2, 2});
+  const std::vector<int32_t> ids = {3, 64, -1, 5};
+  std::copy(ids.begin(), ids.end(), bad.data<int32_t>());
+  cuda_->keep_heads(first_two, dev(bad), 1, nullptr);
+  EXPECT_THROW(cuda_->synchronize(), Error);
+  Tensor after = back(buffer);
+  EXPECT_TRUE(std::equal(x.data<float>() + 128, x.data<float>() + 192, after.data<float>() + 128));
+  Tensor good = Tensor::empty(DType::I32, {3, 1});
+  good.data<int32_t>()[0] = 3, good.data<int32_t>()[1] = 0, good.data<int32_t>()[2] = 63;
+  EXPECT_EQ(keep_heads_mismatches(x, good, 1), 0);
 }
 
 TEST_P(CudaOps, GatherGemmsMatchCpu) {

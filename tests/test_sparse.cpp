@@ -3,12 +3,14 @@
 // the selected neurons, selective attention equals dense attention with the skipped heads zeroed, and a
 // model decoding with routers at density 1.0 is exactly the dense model. Then the baselines and granularities
 // of issue 5: the oracle keeps the true largest head outputs, static selection the same heads for every
-// token, per-query-head selection is dense attention with the other query heads zeroed.
+// token, per-query-head selection is dense attention with the other query heads zeroed; and scoring in one
+// pass is serving's semantics: each sparse token gets the heads and MLP neurons of its own decode step.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <map>
 #include <numeric>
 #include <optional>
@@ -268,8 +270,8 @@ Routers attention_routers(const Checkpoint& ck, uint64_t seed) {
 }
 
 // Scoring a text in one pass with every token after the first sparse (sparse_from = 1) gives the logits
-// that feeding it one decode step at a time gives: each token's selection depends only on its own hidden
-// state, and every token's K/V (of all heads) are in the cache either way.
+// that feeding it one decode step at a time gives: each token's selection (heads, and for OPT MLP neurons)
+// depends only on its own hidden state, and every token's K/V (of all heads) are in the cache either way.
 // The same holds for the oracle (chosen after each token's dense attention) and per query head.
 TEST(SparseModels, ScoredPrefillEqualsTokenByTokenSparseDecode) {
   for (const char* fixture : {"opt", "llama_mha", "llama3_gqa"}) {
@@ -278,7 +280,7 @@ TEST(SparseModels, ScoredPrefillEqualsTokenByTokenSparseDecode) {
       Checkpoint ck = load_checkpoint(test::shared_path(std::string("fixtures/hf/") + fixture));
       auto cpu = make_cpu_backend();
       auto model = make_model(ck, *cpu);
-      RouterSparsity routers(*model, attention_routers(ck, 3), 0.5);
+      RouterSparsity routers(*model, random_routers(ck.config, model_fingerprint(ck), 3, 16), 0.5);
       OracleSparsity oracle(*model, 0.5, std::string(selector) == "oracle" ? Granularity::Group : Granularity::Head);
       Sparsity& sparse = std::string(selector) == "router" ? static_cast<Sparsity&>(routers) : oracle;
       const std::vector<int32_t> text = {5, 17, 42, 9, 3, 8, 100, 7, 1, 60};
@@ -287,8 +289,9 @@ TEST(SparseModels, ScoredPrefillEqualsTokenByTokenSparseDecode) {
       Engine stepwise(*model, {.kv_tokens = 64, .sparsity = &sparse});
       const int64_t seq = stepwise.add_sequence(), V = ck.config.vocab_size;
       for (size_t i = 0; i < text.size(); ++i) {
-        // The first token is a one-token prompt (dense), as sparse_from = 1 has it.
-        Tensor row = stepwise.step({{seq, std::span<const int32_t>(&text[i], 1), i == 0 ? 1 : 0}}, false);
+        // The first token is a one-token prompt (dense), as sparse_from = 1 has it; then decode steps.
+        const std::optional<int64_t> dense_first = i == 0 ? std::optional<int64_t>(1) : std::nullopt;
+        Tensor row = stepwise.step({{seq, std::span<const int32_t>(&text[i], 1), dense_first}}, false);
         for (int64_t j = 0; j < V; ++j)
           ASSERT_NEAR(row.data<float>()[j], all.data<float>()[i * V + j], 2e-5) << "token " << i;
       }
@@ -328,15 +331,16 @@ TEST(SparseModels, RandomSelectorKeepsKDistinctHeadsReproducibly) {
 }
 
 // Evaluation's sparse scoring is serving's semantics: a continuation's log-likelihood equals prefilling
-// the context densely and decoding the continuation one sparse step at a time; density 1.0 is dense.
+// the context densely and decoding the continuation one sparse step at a time (OPT: with its MLP routers),
+// whatever else shares the pass; density 1.0 without MLP routers is dense.
 TEST(SparseModels, SparseScoringEqualsDensePrefillThenSparseDecode) {
-  for (const char* fixture : {"llama_mha", "llama3_gqa"}) {
+  for (const char* fixture : {"opt", "opt_postln_proj", "llama_mha", "llama3_gqa"}) {
     SCOPED_TRACE(fixture);
     Checkpoint ck = load_checkpoint(test::shared_path(std::string("fixtures/hf/") + fixture));
     auto cpu = make_cpu_backend();
     auto model = make_model(ck, *cpu);
-    const Routers routers = attention_routers(ck, 5);
-    RouterSparsity half(*model, routers, 0.5), full(*model, routers, 1.0);
+    RouterSparsity half(*model, random_routers(ck.config, model_fingerprint(ck), 5, 16), 0.5);
+    RouterSparsity full(*model, attention_routers(ck, 5), 1.0);
     const std::vector<ScoreRequest> requests = {{{5, 17, 42, 9, 3, 8, 100}, 4, 0}, {{1, 2, 3, 60, 61}, 2, 0}};
     const std::vector<Score> dense = score(*model, requests, {});
     const std::vector<Score> at_one = score(*model, requests, {.sparsity = &full});
@@ -388,9 +392,11 @@ TEST(SparseModels, RouterSparsityRejectsRoutersThatDoNotFit) {
 
 // Logits of every token of `text` scored in one pass, tokens from `sparse_from` on sparse (as evaluation
 // scores a continuation after a dense prompt).
-Tensor scored(Model& model, Sparsity* sparsity, const std::vector<int32_t>& text, int64_t sparse_from = 1) {
+Tensor scored(Model& model, Sparsity* sparsity, const std::vector<int32_t>& text, int64_t sparse_from = 1,
+              Probe* probe = nullptr) {
   Engine e(model, {.kv_tokens = 64, .sparsity = sparsity});
-  return e.step({{e.add_sequence(), text, sparsity ? std::optional<int64_t>(sparse_from) : std::nullopt}}, true);
+  return e.step({{e.add_sequence(), text, sparsity ? std::optional<int64_t>(sparse_from) : std::nullopt}}, true,
+                probe);
 }
 
 const std::vector<int32_t> kText = {5, 17, 42, 9, 3, 8, 100, 7, 1, 60, 33, 2};
@@ -414,6 +420,82 @@ TEST(SparseModels, EverySelectorAtDensityOneIsDense) {
       EXPECT_TRUE(same(scored(*model, &oracle, kText), dense)) << granularity_name(g);
       EXPECT_TRUE(same(scored(*model, &routers, kText), dense)) << granularity_name(g);
       EXPECT_TRUE(same(scored(*model, &random, kText), dense)) << granularity_name(g);
+    }
+  }
+}
+
+// Routers of an OPT fixture whose k table keeps few MLP neurons at batch size 1 (k_one(l) at layer l) and
+// every neuron at batch size 2: a scored pass that took k at its own token count instead of 1 would run
+// the MLP densely.
+Routers mlp_sparse_at_batch_one(const Checkpoint& ck, uint64_t seed, const std::function<int64_t(size_t)>& k_one) {
+  Routers r = random_routers(ck.config, model_fingerprint(ck), seed, 16);
+  r.mlp_k->batch_sizes = {1, 2};
+  for (size_t l = 0; l < r.layers.size(); ++l) {
+    r.mlp_k->k[l] = {k_one(l), ck.config.ffn};
+    r.mlp_k->recall[l] = {std::nan(""), std::nan("")};
+  }
+  return r;
+}
+
+// Probe: each layer's MLP activations (the down projection's input).
+struct ActProbe final : Probe {
+  std::map<int, Tensor> act;
+  void mlp_act(int layer, const Tensor& a) override { act[layer] = copy_of(a); }
+};
+
+// Issue 5's serving semantics for the MLP: in a scored pass each sparse token keeps the neurons a decode step
+// of that token alone keeps (k at batch size 1): one pass over a text gives the logits of its dense prompt
+// followed by one-token decode steps, at most k activations of a sparse token are nonzero, the dense
+// tokens are the dense model's, and the MLP's sparsity shows in the sparse tokens' logits (attention is
+// dense at density 1, so only the MLP differs from the dense model there).
+TEST(SparseModels, ScoredPassGivesEachTokenTheMlpNeuronsOfItsOwnDecodeStep) {
+  for (const char* fixture : {"opt", "opt_postln_proj"}) {
+    Checkpoint ck = load_checkpoint(test::shared_path(std::string("fixtures/hf/") + fixture));
+    auto cpu = make_cpu_backend();
+    auto model = make_model(ck, *cpu);
+    const int64_t D = ck.config.ffn, T = static_cast<int64_t>(kText.size()), V = ck.config.vocab_size;
+    const int64_t context = 3;
+    // 37 + 8l neurons at layer l (rounded up to 40, 48, ...), ~1/6 of D.
+    const Routers routers = mlp_sparse_at_batch_one(ck, 9, [](size_t l) { return int64_t(37 + 8 * l); });
+    const Tensor dense = scored(*model, nullptr, kText);
+    for (double density : {1.0, 0.5}) {
+      SCOPED_TRACE(testing::Message() << fixture << " density " << density);
+      RouterSparsity sparse(*model, routers, density), heads_only(*model, attention_routers(ck, 9), density);
+      for (int64_t l = 0; l < ck.config.n_layers; ++l) {
+        ASSERT_EQ(sparse.mlp_neurons_kept(static_cast<int>(l), 1), mlp_neurons_rounded(37 + 8 * l, D));
+        ASSERT_EQ(sparse.mlp_neurons_kept(static_cast<int>(l), 2), D);
+      }
+      ActProbe probe;
+      const Tensor all = scored(*model, &sparse, kText, context, &probe);
+      // Serving: the prompt prefilled densely, then one decode step per token.
+      Engine e(*model, {.kv_tokens = 64, .sparsity = &sparse});
+      const int64_t seq = e.add_sequence();
+      Tensor row = e.step({{seq, std::span<const int32_t>(kText.data(), context)}}, false);
+      for (int64_t t = context - 1; t < T; ++t) {
+        if (t >= context) row = e.step({{seq, std::span<const int32_t>(&kText[t], 1)}}, false);
+        for (int64_t j = 0; j < V; ++j)
+          ASSERT_NEAR(row.data<float>()[j], all.data<float>()[t * V + j], 2e-5) << "token " << t;
+      }
+      for (const auto& [layer, act] : probe.act)
+        for (int64_t t = context; t < T; ++t) {
+          const float* a = act.data<float>() + t * D;
+          EXPECT_LE(std::count_if(a, a + D, [](float v) { return v != 0.0f; }), sparse.mlp_neurons_kept(layer, 1))
+              << "layer " << layer << " token " << t;
+        }
+      const Tensor attention_only = scored(*model, &heads_only, kText, context);
+      EXPECT_TRUE(std::equal(dense.data<float>(), dense.data<float>() + context * V, all.data<float>()));
+      EXPECT_TRUE(std::equal(attention_only.data<float>(), attention_only.data<float>() + context * V, all.data<float>()));
+      double differs = 0;
+      for (int64_t i = context * V; i < T * V; ++i)
+        differs = std::max(differs, double(std::abs(attention_only.data<float>()[i] - all.data<float>()[i])));
+      EXPECT_GT(differs, 1e-3);  // the MLP's neuron sets change the sparse tokens' logits
+      if (density == 1.0) EXPECT_TRUE(same(attention_only, dense));
+    }
+    // No MLP sparsity where the k table keeps every neuron, or more than 0.8 · D (which runs dense): exactly
+    // the dense model at density 1.
+    for (int64_t k : {D, D * 17 / 20}) {
+      RouterSparsity all_neurons(*model, mlp_sparse_at_batch_one(ck, 9, [&](size_t) { return k; }), 1.0);
+      EXPECT_TRUE(same(scored(*model, &all_neurons, kText, context), dense)) << fixture << " k " << k;
     }
   }
 }

@@ -1,6 +1,7 @@
 // polar logits: run exactly the given token ids (no BOS added) and save the logits of every position. With
 // --routers/--density (or another --selector), every position after the first is computed as a sparse
-// decode step would compute it (its own head selection), in one pass, as polar perplexity scores text.
+// decode step would compute it (its own head selection and, with MLP routers, neuron set), in one pass, as
+// polar perplexity scores text.
 #include <fmt/core.h>
 
 #include <map>

@@ -46,9 +46,9 @@ struct ScoreOptions {
   // host) would pass this many bytes; a request that alone passes it runs alone.
   int64_t max_logit_bytes = int64_t{1} << 30;
   // Sparse scoring with serving's semantics: the context runs as a dense prefill and each continuation
-  // token as the sparse decode step that would process it (its own head selection), in the same one pass
-  // (SeqChunk::sparse_from). sparse_context also sparsifies the context after its first token (the paper's
-  // more pessimistic protocol). Null = dense.
+  // token as the sparse decode step that would process it (its own head selection and MLP neuron set), in
+  // the same one pass (SeqChunk::sparse_from). sparse_context also sparsifies the context after its first
+  // token (the paper's more pessimistic protocol). Null = dense.
   Sparsity* sparsity = nullptr;
   bool sparse_context = false;
 };

@@ -45,8 +45,16 @@ class Sparsity {
     return Tensor();
   }
   // The ReLU MLP neurons the whole step keeps, ascending: [k] I32, chosen from the same h (so it can run
-  // beside attention); undefined = all. Only rows [0, layout.live_tokens) may influence the choice.
+  // beside attention); undefined = all. Only rows [0, layout.live_tokens) may influence the choice. Asked
+  // in decode batches; scored passes ask mlp_neurons_per_token.
   virtual Tensor mlp_neurons(int layer, const Tensor& h, const StepLayout& layout) = 0;
+  // Scored passes (StepInput::scored()): per token, the neurons the decode step processing that token alone
+  // (a batch of one) would keep: [T, k] I32, each row ascending; undefined = all, for every token. Rows of
+  // tokens flagged in dense_tokens ([T] I32, optional) are left unwritten: those tokens run densely.
+  virtual Tensor mlp_neurons_per_token(int layer, const Tensor& h, const Tensor* dense_tokens) {
+    (void)layer, (void)h, (void)dense_tokens;
+    return Tensor();
+  }
 };
 
 // One forward step over T tokens from S sequences.
@@ -58,6 +66,9 @@ struct StepInput {
   // [T] I32, with sparsity: tokens flagged 1 run densely (a prompt before tokens scored as sparse decode
   // steps). Undefined: every token of a sparse step is sparse.
   Tensor dense_tokens;
+  // A scored pass (perplexity, evaluation): each sparse token is processed as the decode step that would
+  // process it alone, rather than the step's tokens as one decode batch (which shares one MLP neuron set).
+  bool scored() const { return dense_tokens.defined() || layout.max_chunk > 1; }
 };
 
 class Model {

@@ -99,12 +99,16 @@ class Opt final : public Model {
         attn_in = &h;
       }
       if (probe) probe->attn_in(static_cast<int>(l), be.to_host_f32(*attn_in));
-      // Both routers read the attention block's input, so the MLP's neurons are chosen here too.
-      Tensor heads, neurons;
+      // Both routers read the attention block's input, so the MLP's neurons are chosen here too: one set for
+      // a decode batch, or in a scored pass one per token ([T, k]).
+      Tensor heads, neurons, token_neurons;
       if (in.sparsity) {
         be.region("routers");
         heads = in.sparsity->attention_heads(static_cast<int>(l), *attn_in);
-        neurons = in.sparsity->mlp_neurons(static_cast<int>(l), *attn_in, in.layout);
+        if (in.scored())
+          token_neurons = in.sparsity->mlp_neurons_per_token(static_cast<int>(l), *attn_in, ptr(in.dense_tokens));
+        else
+          neurons = in.sparsity->mlp_neurons(static_cast<int>(l), *attn_in, in.layout);
       }
       be.region("qkv_o");
       be.linear(*attn_in, L.wqkv, ptr(L.bqkv), qkv);
@@ -126,6 +130,12 @@ class Opt final : public Model {
       const Tensor* idx = neurons.defined() ? &neurons : nullptr;
       Tensor act = idx ? ffn_act.view(0, {T, neurons.numel()}) : ffn_act;
       be.gather_up_relu(*mlp_in, L.w1, ptr(L.b1), idx, act);
+      if (token_neurons.defined()) {
+        // Per-token sets: the dense activations with each sparse token's unselected neurons zeroed, which
+        // the down projection then ignores: the gather GEMMs over each token's own neurons, in one pass.
+        Tensor neuron_rows = act.reshape({T, c.ffn, 1});
+        be.keep_heads(neuron_rows, token_neurons, 1, ptr(in.dense_tokens));
+      }
       if (probe) probe->mlp_act(static_cast<int>(l), be.to_host_f32(act));
       be.gather_down(act, L.w2t, idx, ptr(L.b2), x, /*accumulate=*/true);
       be.region("other");

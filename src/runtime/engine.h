@@ -29,9 +29,9 @@ struct SeqChunk {
   int64_t seq;
   std::span<const int32_t> tokens;
   // With EngineOptions::sparsity: tokens [sparse_from, end) of the chunk are processed as sparse decode
-  // steps would process them (each with its own head selection), the earlier ones densely, all in one
-  // pass — how perplexity and evaluation score text with serving's semantics. Unset: a decode step's
-  // single token is sparse, a longer chunk (a prompt) dense.
+  // steps of each token alone would process them (each with its own head selection and MLP neuron set),
+  // the earlier ones densely, all in one pass — how perplexity and evaluation score text with serving's
+  // semantics. Unset: a decode step's single token is sparse, a longer chunk (a prompt) dense.
   std::optional<int64_t> sparse_from = std::nullopt;
 };
 

@@ -19,8 +19,8 @@ struct PerplexityResult {
 
 // bos < 0: no BOS. max_scored > 0 stops after that many scored tokens. batch: windows per forward pass.
 // progress(scored_so_far, total_to_score) is called after each batch. With sparsity, every token after a
-// window's first is processed as a sparse decode step would process it (its own head selection), in one
-// pass per window: the perplexity that decoding the text token by token would see.
+// window's first is processed as a sparse decode step would process it (its own head selection and MLP
+// neuron set), in one pass per window: the perplexity that decoding the text token by token would see.
 PerplexityResult perplexity(Model& model, const std::vector<int32_t>& tokens, int64_t ctx, int32_t bos,
                             int64_t max_scored, int64_t batch,
                             const std::function<void(int64_t, int64_t)>& progress = {}, Sparsity* sparsity = nullptr);

@@ -24,6 +24,9 @@ RouterSparsity::RouterSparsity(const Model& model, const Routers& routers, doubl
     mlp_a_.push_back(up(l.mlp_a));
     mlp_b_.push_back(up(l.mlp_b));
   }
+  Tensor one = Tensor::empty(DType::I32, {1});
+  one.data<int32_t>()[0] = 1;
+  one_row_ = backend_.upload(one, DType::I32);
 }
 
 Tensor RouterSparsity::attention_heads(int layer, const Tensor& h) {
@@ -48,18 +51,39 @@ int64_t RouterSparsity::router_bytes(int layer, int64_t batch) const {
   return bytes;
 }
 
-Tensor RouterSparsity::mlp_neurons(int layer, const Tensor& h, const StepLayout& layout) {
-  const int64_t T = h.dim(0), k = mlp_neurons_kept(layer, T);
-  // One neuron set per step is a decode batch's semantics; a prefill's tokens would each need their own
-  // set, which the gather ops do not express: its MLP stays dense.
-  if (layout.max_chunk > 1 || k == config_.ffn || !mlp_a_[layer].defined()) return Tensor();
+Tensor RouterSparsity::mlp_logits(int layer, const Tensor& h) {
   const DType dt = backend_.activation_dtype();
-  Tensor low = backend_.alloc(dt, {T, mlp_a_[layer].dim(0)});
+  Tensor low = backend_.alloc(dt, {h.dim(0), mlp_a_[layer].dim(0)});
   backend_.linear(h, mlp_a_[layer], nullptr, low);
-  Tensor logits = backend_.alloc(dt, {T, config_.ffn});
+  Tensor logits = backend_.alloc(dt, {h.dim(0), config_.ffn});
   backend_.linear(low, mlp_b_[layer], nullptr, logits);
+  return logits;
+}
+
+Tensor RouterSparsity::mlp_neurons(int layer, const Tensor& h, const StepLayout& layout) {
+  const int64_t k = mlp_neurons_kept(layer, h.dim(0));
+  // One neuron set for the step is a decode batch's semantics; the tokens of a longer chunk would each need
+  // their own (mlp_neurons_per_token), so such a step stays dense here.
+  if (layout.max_chunk > 1 || k == config_.ffn || !mlp_a_[layer].defined()) return Tensor();
   Tensor idx = backend_.alloc(DType::I32, {k});
-  backend_.route_neurons(logits, layout.live_tokens, idx);
+  backend_.route_neurons(mlp_logits(layer, h), layout.live_tokens, idx);
+  return idx;
+}
+
+Tensor RouterSparsity::mlp_neurons_per_token(int layer, const Tensor& h, const Tensor* dense_tokens) {
+  const int64_t T = h.dim(0), k = mlp_neurons_kept(layer, 1);
+  if (k == config_.ffn || !mlp_a_[layer].defined()) return Tensor();
+  const Tensor logits = mlp_logits(layer, h);
+  const Tensor dense = dense_tokens ? backend_.to_host_f32(*dense_tokens) : Tensor();
+  Tensor idx = backend_.alloc(DType::I32, {T, k});
+  // One route_neurons per sparse token over its own row with one live row: exactly the op and the choice
+  // of a decode step of that token alone, on every backend. T launches per layer is fine for scoring
+  // (perplexity, evaluation); decode steps never come here.
+  for (int64_t t = 0; t < T; ++t) {
+    if (dense.defined() && dense.data<int32_t>()[t]) continue;
+    Tensor row = idx.slice_rows(t, t + 1);
+    backend_.route_neurons(logits.slice_rows(t, t + 1), one_row_, row);
+  }
   return idx;
 }
 

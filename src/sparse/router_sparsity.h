@@ -5,8 +5,8 @@
 // per query head with Granularity::Head), and the top k units are kept (head_selector.h). MLP (ReLU models with MLP routers): logits = (h · Aᵀ) · Bᵀ, one neuron
 // set per step from Σ over the live rows of ReLU(logits), k from the router file's table for the step's
 // batch (a captured batch's padded size, so k never depends on how full the bucket is); dense where
-// k > 0.8 · D (polar-method.md §3.7), and in steps that process more than one token of a sequence (a
-// scored prefill: its tokens would each need their own neuron set; only attention is sparse there).
+// k > 0.8 · D (polar-method.md §3.7). In a scored pass every sparse token gets its own set, the one a
+// decode step of that token alone would keep (k for batch 1).
 #pragma once
 #include <algorithm>
 #include <optional>
@@ -30,6 +30,7 @@ class RouterSparsity final : public HeadSelector {
 
   Tensor attention_heads(int layer, const Tensor& h) override;
   Tensor mlp_neurons(int layer, const Tensor& h, const StepLayout& layout) override;
+  Tensor mlp_neurons_per_token(int layer, const Tensor& h, const Tensor* dense_tokens) override;
 
   // MLP neurons a step of `batch` rows keeps at `layer`: the k table's entry rounded up to a multiple of 8
   // (ffn when it runs dense).
@@ -38,7 +39,11 @@ class RouterSparsity final : public HeadSelector {
   int64_t router_bytes(int layer, int64_t batch) const;
 
  private:
+  // The MLP router's logits [T, D] for h [T, d].
+  Tensor mlp_logits(int layer, const Tensor& h);
+
   std::vector<Tensor> attn_w_, attn_b_, mlp_a_, mlp_b_;  // per layer, on the backend
+  Tensor one_row_;  // [1] I32 = 1 on the backend: the live rows of a batch of one
   std::optional<MlpKTable> mlp_k_;
 };
 

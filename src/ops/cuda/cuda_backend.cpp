@@ -260,6 +260,7 @@ class CudaBackend final : public Backend {
     if (flag != 0) {
       cuda_check(cudaMemsetAsync(error_flag_.raw(), 0, 4, stream_), "error flag reset");
       if (flag & cuda::kErrorIdOutOfRange) fail("embedding: a token or row id was out of range of its table");
+      if (flag & cuda::kErrorHeadOutOfRange) fail("keep_heads: a kept head id was out of range");
       fail("kv_append: a cache slot was out of range (corrupt block table)");
     }
   }
@@ -428,7 +429,8 @@ class CudaBackend final : public Backend {
             shape_str(dense_tokens->shape()), x.dim(0));
     }
     cuda::keep_heads(x.raw(), x.dim(0), x.dim(1), group, x.dim(2), heads.data<int32_t>(), heads.dim(1),
-                     dense_tokens ? dense_tokens->data<int32_t>() : nullptr, elem(), stream_);
+                     dense_tokens ? dense_tokens->data<int32_t>() : nullptr, error_flag_.data<int32_t>(), elem(),
+                     stream_);
   }
 
   void l2_norms(const Tensor& x, Tensor& out) override {

@@ -381,16 +381,34 @@ __global__ void route_heads_kernel(const T* scores, int H, int group, int k, int
   }
 }
 
+// One CTA per token t of out [T, H, dh] (rows of a token are H·dh contiguous elements; head h's dh of
+// them belong to unit h / group of the U = H / group units). The kept units heads[t, 0:k] are first marked
+// in a shared-memory bitmap of U bits (6 KB for U = 49152 MLP neurons viewed as [T, D, 1]), then the
+// elements of unmarked units are zeroed, consecutive threads on consecutive elements. O(H·dh + k) per
+// token: looking each element's unit up in the kept list would be O(H·dh·k), with k in the thousands for
+// MLP neurons. A unit id outside [0, U) marks nothing and raises kErrorHeadOutOfRange.
 template <typename T>
-__global__ void keep_heads_kernel(T* out, int64_t H, int64_t group, int64_t dh, const int32_t* heads, int64_t k,
-                                  const int32_t* dense_tokens) {
+__global__ void keep_heads_kernel(T* out, int H, int group, int dh, const int32_t* heads, int k,
+                                  const int32_t* dense_tokens, int32_t* error_flag) {
+  extern __shared__ uint32_t kept_bits[];  // [(U + 31) / 32]
   const int64_t t = blockIdx.x;
-  if (dense_tokens && dense_tokens[t]) return;
-  for (int64_t i = threadIdx.x; i < H * dh; i += blockDim.x) {
-    const int64_t g = i / dh / group;
-    bool kept = false;
-    for (int64_t j = 0; j < k; ++j) kept |= heads[t * k + j] == g;
-    if (!kept) out[t * H * dh + i] = from_float<T>(0.0f);
+  if (dense_tokens && dense_tokens[t]) return;  // the whole CTA leaves: no barrier is skipped by part of it
+  const int U = H / group, words = (U + 31) / 32;
+  for (int w = threadIdx.x; w < words; w += blockDim.x) kept_bits[w] = 0;
+  __syncthreads();
+  for (int j = threadIdx.x; j < k; j += blockDim.x) {
+    const int32_t u = heads[t * k + j];
+    if (u >= 0 && u < U)
+      atomicOr(&kept_bits[u >> 5], 1u << (u & 31));
+    else
+      atomicOr(error_flag, kErrorHeadOutOfRange);
+  }
+  __syncthreads();
+  T* row = out + t * H * dh;
+  const unsigned per_unit = static_cast<unsigned>(group * dh);
+  for (int i = threadIdx.x; i < H * dh; i += blockDim.x) {
+    const unsigned u = static_cast<unsigned>(i) / per_unit;
+    if (!((kept_bits[u >> 5] >> (u & 31)) & 1u)) row[i] = from_float<T>(0.0f);
   }
 }
 
@@ -668,12 +686,17 @@ void route_neurons(const void* logits, int64_t R, int64_t D, const int32_t* live
 }
 
 void keep_heads(void* out, int64_t T, int64_t H, int64_t group, int64_t dh, const int32_t* heads, int64_t k,
-                const int32_t* dense_tokens, Elem e, cudaStream_t stream) {
+                const int32_t* dense_tokens, int32_t* error_flag, Elem e, cudaStream_t stream) {
   if (T == 0) return;
+  if (H * dh > INT32_MAX || k > INT32_MAX) fail("keep_heads: {} heads of {} overflow the kernel's int indices", H, dh);
+  const int64_t bytes = (H / group + 31) / 32 * int64_t(sizeof(uint32_t));
+  // 48 KB of dynamic shared memory need no opt-in and hold 393216 units, far more than any layer has.
+  if (bytes > 48 * 1024) fail("keep_heads: a bitmap of {} units exceeds 48 KB of shared memory", H / group);
   dispatch(e, [&](auto* tag) {
     using Ty = std::remove_pointer_t<decltype(tag)>;
-    keep_heads_kernel<<<static_cast<unsigned>(T), row_threads(H * dh), 0, stream>>>(static_cast<Ty*>(out), H, group, dh,
-                                                                                    heads, k, dense_tokens);
+    keep_heads_kernel<<<static_cast<unsigned>(T), row_threads(H * dh), static_cast<size_t>(bytes), stream>>>(
+        static_cast<Ty*>(out), static_cast<int>(H), static_cast<int>(group), static_cast<int>(dh), heads,
+        static_cast<int>(k), dense_tokens, error_flag);
   });
   check_launch("keep_heads");
 }

@@ -13,7 +13,7 @@ enum class Elem { F16, BF16 };
 
 // Any kernel that meets bad data it cannot reject on the host (an id outside a table) ORs a bit into a
 // device-side flag, which the backend reads back at its next synchronisation.
-enum ErrorBit : int32_t { kErrorIdOutOfRange = 1, kErrorSlotOutOfRange = 2 };
+enum ErrorBit : int32_t { kErrorIdOutOfRange = 1, kErrorSlotOutOfRange = 2, kErrorHeadOutOfRange = 4 };
 
 // out[i] = lo + (hi - lo) * uniform_hash(seed, i) for i < n; dtype F32 (f32 = true) or `e`.
 void random_uniform(void* out, int64_t n, bool f32, Elem e, float lo, float hi, uint64_t seed, cudaStream_t stream);
@@ -53,9 +53,10 @@ inline int64_t route_neurons_scratch(int64_t D) { return D + 2048; }
 void route_neurons(const void* logits, int64_t R, int64_t D, const int32_t* live_rows, int64_t k, int32_t* scratch,
                    int32_t* idx, Elem e, cudaStream_t stream);
 // Zeroes the rows of out [T, H, dh] whose head h is not kept, h / group not among heads[t, 0:k], except for
-// tokens with dense_tokens[t] != 0 (nullptr: none) (backend.h: keep_heads). One CTA per token.
+// tokens with dense_tokens[t] != 0 (nullptr: none) (backend.h: keep_heads). One CTA per token, O(H·dh + k)
+// each; H / group <= 393216 (a shared-memory bitmap). An id outside [0, H / group) sets kErrorHeadOutOfRange.
 void keep_heads(void* out, int64_t T, int64_t H, int64_t group, int64_t dh, const int32_t* heads, int64_t k,
-                const int32_t* dense_tokens, Elem e, cudaStream_t stream);
+                const int32_t* dense_tokens, int32_t* error_flag, Elem e, cudaStream_t stream);
 // out[r] = the L2 norm of row r of x [R, n], fp32 accumulation; one CTA per row.
 void l2_norms(const void* x, int64_t R, int64_t n, void* out, Elem e, cudaStream_t stream);
 // out[r] = argmax of logits[r, 0:V] (lowest index on ties); one CTA per row.
