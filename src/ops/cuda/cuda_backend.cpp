@@ -261,6 +261,7 @@ class CudaBackend final : public Backend {
       cuda_check(cudaMemsetAsync(error_flag_.raw(), 0, 4, stream_), "error flag reset");
       if (flag & cuda::kErrorIdOutOfRange) fail("embedding: a token or row id was out of range of its table");
       if (flag & cuda::kErrorHeadOutOfRange) fail("keep_heads: a kept head id was out of range");
+      if (flag & cuda::kErrorNeuronOutOfRange) fail("gather GEMM: a selected MLP neuron id was out of range of the weight");
       fail("kv_append: a cache slot was out of range (corrupt block table)");
     }
   }

@@ -196,7 +196,7 @@ __global__ void __launch_bounds__(Cfg<BM, kGatherN>::kThreads)
       // Null when the row lies outside B, or its id is bad (then the error flag is raised).
       const bool valid = static_cast<uint32_t>(ids[i]) < static_cast<uint32_t>(D);
       const T* src = valid ? w + int64_t(ids[i]) * ldw + along : nullptr;
-      if (!valid && (kGatherN ? n0 : k0) + w_row0 + i * w_step < (kGatherN ? N : K)) atomicOr(g.error_flag, kErrorIdOutOfRange);
+      if (!valid && (kGatherN ? n0 : k0) + w_row0 + i * w_step < (kGatherN ? N : K)) atomicOr(g.error_flag, kErrorNeuronOutOfRange);
       if (vec_w) {
         const bool ok = valid && left > 0;
         cp_async16(w_dst0 + stage * kWStageBytes + i * kWRowBytes, ok ? src : w, ok);
@@ -294,33 +294,33 @@ __global__ void __launch_bounds__(Cfg<BM, kGatherN>::kThreads)
 }
 
 // y = epilogue(tile), a tile's sum being its whole slot or its partial sums added in CTA order. Grid
-// (n_tiles, m_tiles, bm / kFinishRows): each CTA finishes kFinishRows rows of a tile, kFinishPerThread
-// elements a thread (bn <= 128), reading the workspace and writing y along rows (coalesced).
-constexpr int kFinishRows = 16, kFinishThreads = 256, kFinishPerThread = kFinishRows * 128 / kFinishThreads;
+// (n_tiles, m_tiles, bm / kFinishRows): each CTA finishes kFinishRows rows of a tile, BN·kFinishRows /
+// kFinishThreads elements a thread, reading the workspace and writing y along rows (coalesced). BN is the
+// tile width at compile time: the index arithmetic is per element (a run-time division cost 3x the time).
+constexpr int kFinishRows = 16, kFinishThreads = 256;
 
-template <typename T>
+template <typename T, int BN>
 __global__ void __launch_bounds__(kFinishThreads) gather_gemm_finish_kernel(const GatherGemm g, const Plan p,
                                                                             const float* workspace) {
+  constexpr int kPerThread = kFinishRows * BN / kFinishThreads;
   const int64_t tile = blockIdx.x, m_tile = blockIdx.y;
   const int64_t c0 = p.owner(tile * p.k_tiles), c1 = p.owner((tile + 1) * p.k_tiles - 1);
-  const int64_t rows_at = int64_t(blockIdx.z) * kFinishRows * p.bn;  // this CTA's rows within a tile slot
-  float v[kFinishPerThread] = {};
+  const int rows_at = blockIdx.z * kFinishRows * BN;  // this CTA's rows within a tile slot
+  float v[kPerThread] = {};
   // Slot by slot (a few 64-bit divisions per CTA, not per element), in CTA order.
   for (int64_t c = c0; c <= c1; ++c) {
     const float* slot = workspace + rows_at +
                         (c0 == c1 ? whole_offset(p, m_tile, tile)
                                   : partial_offset(p, c * p.m_tiles + m_tile, p.begin(c) / p.k_tiles == tile ? 0 : 1));
 #pragma unroll
-    for (int r = 0; r < kFinishPerThread; ++r) {
-      const int e = threadIdx.x + r * kFinishThreads;
-      if (e < kFinishRows * p.bn) v[r] += slot[e];
-    }
+    for (int r = 0; r < kPerThread; ++r) v[r] += slot[threadIdx.x + r * kFinishThreads];
   }
+  const int64_t m0 = m_tile * p.bm + blockIdx.z * kFinishRows, n0 = tile * BN;
 #pragma unroll
-  for (int r = 0; r < kFinishPerThread; ++r) {
+  for (int r = 0; r < kPerThread; ++r) {
     const int e = threadIdx.x + r * kFinishThreads;
-    const int64_t m = m_tile * p.bm + blockIdx.z * kFinishRows + e / p.bn, n = tile * p.bn + e % p.bn;
-    if (e < kFinishRows * p.bn && m < g.M && n < g.N) finish<T>(g, m, n, v[r]);
+    const int64_t m = m0 + e / BN, n = n0 + e % BN;
+    if (m < g.M && n < g.N) finish<T>(g, m, n, v[r]);
   }
 }
 
@@ -392,7 +392,7 @@ void gather_gemm(const GatherGemm& g, void* workspace, size_t workspace_bytes, i
     gather_gemm_kernel<T, BM, kGatherN><<<p.ctas * p.m_tiles, C::kThreads, C::kSmemBytes, stream>>>(g, p, vec_x, vec_w,
                                                                                                    tiles);
     check_launch("gather GEMM");
-    gather_gemm_finish_kernel<T>
+    gather_gemm_finish_kernel<T, C::kBN>
         <<<dim3(p.n_tiles, p.m_tiles, BM / kFinishRows), kFinishThreads, 0, stream>>>(g, p, tiles);
     check_launch("gather GEMM epilogue");
   });

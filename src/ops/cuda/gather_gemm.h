@@ -26,7 +26,7 @@ struct GatherGemm {
   const void* w = nullptr;
   int64_t ldw = 0;
   const int32_t* idx = nullptr;  // [N] (gather_n) or [K]; an index outside [0, D) reads as a zero row and
-  int64_t D = 0;                 // raises kErrorIdOutOfRange in error_flag
+  int64_t D = 0;                 // raises kErrorNeuronOutOfRange in error_flag
   int32_t* error_flag = nullptr;
   const void* bias = nullptr;
   void* y = nullptr;

@@ -13,7 +13,12 @@ enum class Elem { F16, BF16 };
 
 // Any kernel that meets bad data it cannot reject on the host (an id outside a table) ORs a bit into a
 // device-side flag, which the backend reads back at its next synchronisation.
-enum ErrorBit : int32_t { kErrorIdOutOfRange = 1, kErrorSlotOutOfRange = 2, kErrorHeadOutOfRange = 4 };
+enum ErrorBit : int32_t {
+  kErrorIdOutOfRange = 1,
+  kErrorSlotOutOfRange = 2,
+  kErrorHeadOutOfRange = 4,
+  kErrorNeuronOutOfRange = 8,
+};
 
 // out[i] = lo + (hi - lo) * uniform_hash(seed, i) for i < n; dtype F32 (f32 = true) or `e`.
 void random_uniform(void* out, int64_t n, bool f32, Elem e, float lo, float hi, uint64_t seed, cudaStream_t stream);
