@@ -297,12 +297,15 @@ TEST(EvalScoring, EqualsADirectComputationFromStepLogits) {
   const std::vector<Score> scores = score(model, rs, {.batch = 1});
   ASSERT_EQ(scores.size(), rs.size());
   for (size_t i = 0; i < rs.size(); ++i) {
+    // The same rows as scoring asks for (from the last context token on: the same GEMM shapes, so the
+    // same rounding); the log-probabilities computed here independently, in double.
     Engine engine(model, {.kv_tokens = 1024});
-    const Tensor logits = engine.step({{engine.add_sequence(), rs[i].tokens}}, /*all_logits=*/true);
+    const Tensor logits =
+        engine.step({{engine.add_sequence(), rs[i].tokens, std::nullopt, rs[i].context_len - 1}}, /*all_logits=*/true);
     double sum = 0;
     bool greedy = true;
     for (size_t t = rs[i].context_len; t < rs[i].tokens.size(); ++t) {
-      const float* row = logits.data<float>() + (t - 1) * vocab;
+      const float* row = logits.data<float>() + (t - rs[i].context_len) * vocab;
       double z = 0;
       for (int64_t v = 0; v < vocab; ++v) z += std::exp(static_cast<double>(row[v]));
       sum += row[rs[i].tokens[t]] - std::log(z);

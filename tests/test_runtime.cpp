@@ -155,6 +155,26 @@ TEST_P(RuntimeBatching, LogitsOfBatchedStepsEqualAlone) {
   }
 }
 
+// logits_from keeps each chunk's rows from that token on: the same values as all of them, fewer rows.
+TEST_P(RuntimeBatching, LogitsFromKeepsEachChunksTail) {
+  Loaded m = load(GetParam().fixture, GetParam().window);
+  const auto streams = prompts_for(m.model->config());  // 3, 11, 1, 7 tokens
+  const std::vector<int64_t> from = {2, 5, 0, 6};
+  Engine engine(*m.model, {.kv_tokens = 64});
+  std::vector<SeqChunk> chunks;
+  for (size_t i = 0; i < streams.size(); ++i) chunks.push_back({engine.add_sequence(), streams[i], std::nullopt, from[i]});
+  const Rows got = rows_of(engine.step(chunks, /*all_logits=*/true));
+  size_t row = 0;
+  for (size_t i = 0; i < streams.size(); ++i) {
+    const Rows ref = alone(*m.model, streams[i]);
+    for (size_t p = static_cast<size_t>(from[i]); p < streams[i].size(); ++p, ++row) {
+      ASSERT_LT(row, got.size());
+      EXPECT_LE(max_diff(got[row], ref[p]), kLogitTol) << "stream " << i << " position " << p;
+    }
+  }
+  EXPECT_EQ(row, got.size());
+}
+
 INSTANTIATE_TEST_SUITE_P(Runtime, RuntimeBatching,
                          ::testing::Values(ModelCase{"opt", 0}, ModelCase{"opt_postln_proj", 0},
                                            ModelCase{"llama_mha", 0}, ModelCase{"llama3_gqa", 0},
@@ -313,6 +333,8 @@ TEST(RuntimeBadInput, EngineRefusesInvalidStepsAndCarriesOn) {
   EXPECT_THAT(error_of({{l.seq, too_big}}), HasSubstr("token id 512 is out of range for a vocabulary of 512"));
   EXPECT_THAT(error_of({{l.seq, negative}}), HasSubstr("token id -1 is out of range"));
   EXPECT_THAT(error_of({{l.seq, empty}}), HasSubstr("no tokens"));
+  EXPECT_THAT(error_of({{l.seq, r.prompt, std::nullopt, 5}}), HasSubstr("logits_from 5 outside its 5 tokens"));
+  EXPECT_THAT(error_of({{l.seq, r.prompt, std::nullopt, -1}}), HasSubstr("logits_from -1 outside"));
   EXPECT_THAT(error_of({{l.seq + 100, r.prompt}}), HasSubstr("unknown sequence"));
   EXPECT_THAT(error_of({{l.seq, too_long}}), HasSubstr("exceeds the model's context length of 128"));
   EXPECT_THAT(error_of({}), HasSubstr("empty step"));

@@ -55,12 +55,14 @@ std::vector<Score> score(Model& model, const std::vector<ScoreRequest>& requests
   std::vector<Score> scores(requests.size());
   for (size_t first = 0; first < requests.size();) {
     // The batch: up to options.batch requests whose logits fit max_logit_bytes (at least one request).
+    // Only the rows from the last context token on are computed and copied: row t - 1 predicts token t.
     size_t last = first;
     int64_t rows = 0, kv_tokens = 0;
     while (last < requests.size() && last - first < static_cast<size_t>(options.batch)) {
       const int64_t len = static_cast<int64_t>(requests[last].tokens.size());
-      if (last > first && (rows + len) * row_bytes > options.max_logit_bytes) break;
-      rows += len;
+      const int64_t need = len - requests[last].context_len + 1;
+      if (last > first && (rows + need) * row_bytes > options.max_logit_bytes) break;
+      rows += need;
       kv_tokens += (len + block_size - 1) / block_size * block_size;
       ++last;
     }
@@ -71,7 +73,7 @@ std::vector<Score> score(Model& model, const std::vector<ScoreRequest>& requests
     for (size_t i = first; i < last; ++i) {
       std::optional<int64_t> sparse_from;
       if (options.sparsity) sparse_from = options.sparse_context ? 1 : requests[i].context_len;
-      chunks.push_back({engine.add_sequence(), requests[i].tokens, sparse_from});
+      chunks.push_back({engine.add_sequence(), requests[i].tokens, sparse_from, requests[i].context_len - 1});
     }
     const Tensor logits = engine.step(chunks, /*all_logits=*/true);
     int64_t row = 0;
@@ -79,14 +81,14 @@ std::vector<Score> score(Model& model, const std::vector<ScoreRequest>& requests
       const ScoreRequest& r = requests[i];
       const int64_t len = static_cast<int64_t>(r.tokens.size());
       Score& s = scores[i];
-      // Row t - 1 holds the logits that predict token t.
-      for (int64_t t = r.context_len; t < len; ++t) {
-        const float* l = logits.data<float>() + (row + t - 1) * vocab;
+      // The request's rows are those of tokens context_len - 1 .. len - 1, each predicting the next.
+      for (int64_t t = r.context_len; t < len; ++t, ++row) {
+        const float* l = logits.data<float>() + row * vocab;
         s.logprob += log_prob(l, vocab, r.tokens[t]);
         s.greedy = s.greedy && argmax(l, vocab) == r.tokens[t];
         ++s.tokens;
       }
-      row += len;
+      ++row;  // the last token's row predicts nothing scored
     }
     first = last;
     if (progress) progress(static_cast<int64_t>(first), static_cast<int64_t>(requests.size()));

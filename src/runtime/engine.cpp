@@ -65,7 +65,7 @@ Tensor Engine::forward(const std::vector<SeqChunk>& chunks, bool all_logits, Pro
   const ModelConfig& c = model_.config();
   Backend& be = model_.backend();
   check(!chunks.empty(), "empty step: no sequences given");
-  int64_t T = 0, max_ctx = 0, max_blocks = 0, max_chunk = 0;
+  int64_t T = 0, R = 0, max_ctx = 0, max_blocks = 0, max_chunk = 0;  // R: logit rows with all_logits
   std::set<int64_t> seen;
   for (const SeqChunk& ch : chunks) {
     const int64_t len = length(ch.seq);
@@ -74,6 +74,9 @@ Tensor Engine::forward(const std::vector<SeqChunk>& chunks, bool all_logits, Pro
     check(!ch.tokens.empty(), "sequence {}: no tokens to process (empty prompt?)", ch.seq);
     check(!ch.sparse_from || (*ch.sparse_from >= 0 && *ch.sparse_from <= static_cast<int64_t>(ch.tokens.size())),
           "sequence {}: sparse_from {} outside its {} tokens", ch.seq, ch.sparse_from.value_or(0), ch.tokens.size());
+    check(ch.logits_from >= 0 && ch.logits_from < static_cast<int64_t>(ch.tokens.size()),
+          "sequence {}: logits_from {} outside its {} tokens", ch.seq, ch.logits_from, ch.tokens.size());
+    if (all_logits) R += static_cast<int64_t>(ch.tokens.size()) - ch.logits_from;
     for (int32_t id : ch.tokens)
       check(id >= 0 && id < c.vocab_size, "token id {} is out of range for a vocabulary of {}", id, c.vocab_size);
     const int64_t end = len + static_cast<int64_t>(ch.tokens.size());
@@ -97,10 +100,10 @@ Tensor Engine::forward(const std::vector<SeqChunk>& chunks, bool all_logits, Pro
   Tensor seq = Tensor::empty(DType::I32, {T}), slots = Tensor::empty(DType::I32, {T});
   Tensor tables = Tensor::zeros(DType::I32, {S, max_blocks});
   Tensor starts = Tensor::empty(DType::I32, {S + 1});
-  Tensor rows = Tensor::empty(DType::I32, {all_logits ? T : S});
+  Tensor rows = Tensor::empty(DType::I32, {all_logits ? R : S});
   // Per token, 1 = dense: only read when some chunk sets sparse_from.
   Tensor dense = Tensor::empty(DType::I32, {scored_sparse ? T : 0});
-  int64_t t = 0;
+  int64_t t = 0, r = 0;
   for (int64_t s = 0; s < S; ++s) {
     const SeqChunk& ch = chunks[s];
     const int64_t len = length(ch.seq);
@@ -115,7 +118,7 @@ Tensor Engine::forward(const std::vector<SeqChunk>& chunks, bool all_logits, Pro
       seq.data<int32_t>()[t] = static_cast<int32_t>(s);
       slots.data<int32_t>()[t] = cache_.slot(ch.seq, len + i);
       if (scored_sparse) dense.data<int32_t>()[t] = static_cast<int64_t>(i) < sparse_from;
-      if (all_logits) rows.data<int32_t>()[t] = static_cast<int32_t>(t);
+      if (all_logits && static_cast<int64_t>(i) >= ch.logits_from) rows.data<int32_t>()[r++] = static_cast<int32_t>(t);
     }
     if (!all_logits) rows.data<int32_t>()[s] = static_cast<int32_t>(t - 1);
   }

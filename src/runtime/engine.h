@@ -33,6 +33,9 @@ struct SeqChunk {
   // the earlier ones densely, all in one pass — how perplexity and evaluation score text with serving's
   // semantics. Unset: a decode step's single token is sparse, a longer chunk (a prompt) dense.
   std::optional<int64_t> sparse_from = std::nullopt;
+  // With all_logits: the logit rows of this chunk start at its token logits_from (scoring needs only the
+  // rows that predict a continuation; the rest would be computed and copied to the host for nothing).
+  int64_t logits_from = 0;
 };
 
 class Engine {
@@ -44,8 +47,8 @@ class Engine {
   void remove_sequence(int64_t seq);
   int64_t length(int64_t seq) const;  // tokens already in the cache
 
-  // One forward pass. Returns fp32 host logits: with all_logits, one row per fed token in chunk order;
-  // otherwise one row per chunk (its last token). Token ids outside the vocabulary, empty chunks, unknown
+  // One forward pass. Returns fp32 host logits: with all_logits, one row per fed token from each chunk's
+  // logits_from on, in chunk order; otherwise one row per chunk (its last token). Token ids outside the vocabulary, empty chunks, unknown
   // sequences and sequences that would exceed the model's context or the cache are polar::Errors, raised
   // before anything is computed.
   Tensor step(const std::vector<SeqChunk>& chunks, bool all_logits, Probe* probe = nullptr);
