@@ -489,7 +489,9 @@ TEST(SparseModels, ScoredPassGivesEachTokenTheMlpNeuronsOfItsOwnDecodeStep) {
       for (int64_t i = context * V; i < T * V; ++i)
         differs = std::max(differs, double(std::abs(attention_only.data<float>()[i] - all.data<float>()[i])));
       EXPECT_GT(differs, 1e-3);  // the MLP's neuron sets change the sparse tokens' logits
-      if (density == 1.0) EXPECT_TRUE(same(attention_only, dense));
+      if (density == 1.0) {
+        EXPECT_TRUE(same(attention_only, dense));
+      }
     }
     // No MLP sparsity where the k table keeps every neuron, or more than 0.8 · D (which runs dense): exactly
     // the dense model at density 1.
