@@ -25,10 +25,10 @@
 //     (at most two per CTA: its first and its last tile). A second kernel adds the partial sums in CTA
 //     order (deterministic) and applies the epilogue (bias, ReLU, residual) to every tile, with y's rows
 //     written coalesced. (An epilogue in the GEMM kernel itself, unrolled over the accumulators, cost up
-//     to 120 registers a thread and spilled at BM 256; the fp32 round trip costs M·N·8 bytes, under 1% of
-//     the weights' bytes at batch 16 and 11% at 256, mostly in L2.)
-//     CTAs of the M tiles of one unit range are adjacent in launch order, so at batch > BM a weight tile
-//     is read from HBM once and from L2 by its siblings.
+//     to 120 registers a thread and spilled at BM 256; the fp32 round trip costs M·N·8 bytes per slot
+//     written and read, under 1% of the weights' bytes at batch 16 and 11% at 256 — twice that where
+//     most tiles are split — mostly in L2.) CTAs of the M tiles of one unit range are adjacent in launch
+//     order, so at batch > BM a weight tile is read from HBM once and from L2 by its siblings.
 // Weight rows in shared memory are padded by 16 bytes so the 8 rows of one ldmatrix phase fall in
 // distinct banks; x's stages are swizzled instead (wgmma reads them whole).
 #include <algorithm>
@@ -296,7 +296,7 @@ __global__ void __launch_bounds__(Cfg<BM, kGatherN>::kThreads)
 // y = epilogue(tile), a tile's sum being its whole slot or its partial sums added in CTA order. Grid
 // (n_tiles, m_tiles, bm / kFinishRows): each CTA finishes kFinishRows rows of a tile, BN·kFinishRows /
 // kFinishThreads elements a thread, reading the workspace and writing y along rows (coalesced). BN is the
-// tile width at compile time: the index arithmetic is per element (a run-time division cost 3x the time).
+// tile width at compile time, so the per-element index arithmetic is shifts and masks, not divisions.
 constexpr int kFinishRows = 16, kFinishThreads = 256;
 
 template <typename T, int BN>
