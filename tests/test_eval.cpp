@@ -297,11 +297,12 @@ TEST(EvalScoring, EqualsADirectComputationFromStepLogits) {
   const std::vector<Score> scores = score(model, rs, {.batch = 1});
   ASSERT_EQ(scores.size(), rs.size());
   for (size_t i = 0; i < rs.size(); ++i) {
-    // The same rows as scoring asks for (from the last context token on: the same GEMM shapes, so the
-    // same rounding); the log-probabilities computed here independently, in double.
+    // The same pass as scoring runs (every token but the last, rows from the last context token on: the same
+    // GEMM shapes, so the same rounding); the log-probabilities computed here independently, in double.
     Engine engine(model, {.kv_tokens = 1024});
+    const std::span<const int32_t> fed(rs[i].tokens.data(), rs[i].tokens.size() - 1);
     const Tensor logits =
-        engine.step({{engine.add_sequence(), rs[i].tokens, std::nullopt, rs[i].context_len - 1}}, /*all_logits=*/true);
+        engine.step({{engine.add_sequence(), fed, std::nullopt, rs[i].context_len - 1}}, /*all_logits=*/true);
     double sum = 0;
     bool greedy = true;
     for (size_t t = rs[i].context_len; t < rs[i].tokens.size(); ++t) {

@@ -3,6 +3,7 @@
 #include <optional>
 
 #include <algorithm>
+#include <span>
 #include <string>
 
 #include "core/error.h"
@@ -55,12 +56,13 @@ std::vector<Score> score(Model& model, const std::vector<ScoreRequest>& requests
   std::vector<Score> scores(requests.size());
   for (size_t first = 0; first < requests.size();) {
     // The batch: up to options.batch requests whose logits fit max_logit_bytes (at least one request).
-    // Only the rows from the last context token on are computed and copied: row t - 1 predicts token t.
+    // Row t - 1 predicts token t, so a request needs the rows of tokens context_len - 1 .. len - 2: one per
+    // continuation token. Its last token predicts nothing scored and is not fed at all.
     size_t last = first;
     int64_t rows = 0, kv_tokens = 0;
     while (last < requests.size() && last - first < static_cast<size_t>(options.batch)) {
       const int64_t len = static_cast<int64_t>(requests[last].tokens.size());
-      const int64_t need = len - requests[last].context_len + 1;
+      const int64_t need = len - requests[last].context_len;
       if (last > first && (rows + need) * row_bytes > options.max_logit_bytes) break;
       rows += need;
       kv_tokens += (len + block_size - 1) / block_size * block_size;
@@ -73,7 +75,8 @@ std::vector<Score> score(Model& model, const std::vector<ScoreRequest>& requests
     for (size_t i = first; i < last; ++i) {
       std::optional<int64_t> sparse_from;
       if (options.sparsity) sparse_from = options.sparse_context ? 1 : requests[i].context_len;
-      chunks.push_back({engine.add_sequence(), requests[i].tokens, sparse_from, requests[i].context_len - 1});
+      const std::span<const int32_t> fed(requests[i].tokens.data(), requests[i].tokens.size() - 1);
+      chunks.push_back({engine.add_sequence(), fed, sparse_from, requests[i].context_len - 1});
     }
     const Tensor logits = engine.step(chunks, /*all_logits=*/true);
     int64_t row = 0;
@@ -81,14 +84,12 @@ std::vector<Score> score(Model& model, const std::vector<ScoreRequest>& requests
       const ScoreRequest& r = requests[i];
       const int64_t len = static_cast<int64_t>(r.tokens.size());
       Score& s = scores[i];
-      // The request's rows are those of tokens context_len - 1 .. len - 1, each predicting the next.
       for (int64_t t = r.context_len; t < len; ++t, ++row) {
         const float* l = logits.data<float>() + row * vocab;
         s.logprob += log_prob(l, vocab, r.tokens[t]);
         s.greedy = s.greedy && argmax(l, vocab) == r.tokens[t];
         ++s.tokens;
       }
-      ++row;  // the last token's row predicts nothing scored
     }
     first = last;
     if (progress) progress(static_cast<int64_t>(first), static_cast<int64_t>(requests.size()));

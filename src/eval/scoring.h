@@ -42,8 +42,8 @@ struct Score {
 
 struct ScoreOptions {
   int64_t batch = 16;  // requests per forward pass
-  // A forward pass also stops taking requests when their logits (one fp32 row per continuation token, copied to the
-  // host) would pass this many bytes; a request that alone passes it runs alone.
+  // A forward pass also stops taking requests when their logits (one fp32 row per continuation token,
+  // copied to the host) would pass this many bytes; a request that alone passes it runs alone.
   int64_t max_logit_bytes = int64_t{1} << 30;
   // Sparse scoring with serving's semantics: the context runs as a dense prefill and each continuation
   // token as the sparse decode step that would process it (its own head selection and MLP neuron set), in

@@ -48,9 +48,9 @@ class Engine {
   int64_t length(int64_t seq) const;  // tokens already in the cache
 
   // One forward pass. Returns fp32 host logits: with all_logits, one row per fed token from each chunk's
-  // logits_from on, in chunk order; otherwise one row per chunk (its last token). Token ids outside the vocabulary, empty chunks, unknown
-  // sequences and sequences that would exceed the model's context or the cache are polar::Errors, raised
-  // before anything is computed.
+  // logits_from on, in chunk order; otherwise one row per chunk (its last token). Token ids outside the
+  // vocabulary, empty chunks, unknown sequences and sequences that would exceed the model's context or the
+  // cache are polar::Errors, raised before anything is computed.
   Tensor step(const std::vector<SeqChunk>& chunks, bool all_logits, Probe* probe = nullptr);
   // Graphs captured so far (one per batch bucket and context bucket met).
   size_t graph_count() const { return graphs_.size(); }

@@ -62,9 +62,7 @@ Tensor RouterSparsity::mlp_logits(int layer, const Tensor& h) {
 
 Tensor RouterSparsity::mlp_neurons(int layer, const Tensor& h, const StepLayout& layout) {
   const int64_t k = mlp_neurons_kept(layer, h.dim(0));
-  // One neuron set for the step is a decode batch's semantics; the tokens of a longer chunk would each need
-  // their own (mlp_neurons_per_token), so such a step stays dense here.
-  if (layout.max_chunk > 1 || k == config_.ffn || !mlp_a_[layer].defined()) return Tensor();
+  if (k == config_.ffn || !mlp_a_[layer].defined()) return Tensor();
   Tensor idx = backend_.alloc(DType::I32, {k});
   backend_.route_neurons(mlp_logits(layer, h), layout.live_tokens, idx);
   return idx;

@@ -122,7 +122,9 @@ __host__ __device__ inline int64_t whole_offset(const Plan& p, int64_t m_tile, i
 __host__ __device__ inline int64_t partial_offset(const Plan& p, int64_t cta, int which) {
   return (int64_t(p.m_tiles) * p.n_tiles + cta * 2 + which) * p.bm * p.bn;
 }
-__host__ __device__ inline int64_t workspace_floats(const Plan& p) { return partial_offset(p, int64_t(p.ctas) * p.m_tiles, 0); }
+__host__ __device__ inline int64_t workspace_floats(const Plan& p) {
+  return partial_offset(p, int64_t(p.ctas) * p.m_tiles, 0);
+}
 
 template <typename T, int BM, bool kGatherN>
 __global__ void __launch_bounds__(Cfg<BM, kGatherN>::kThreads)
@@ -170,7 +172,8 @@ __global__ void __launch_bounds__(Cfg<BM, kGatherN>::kThreads)
   constexpr uint32_t kXRowBytes = x_step * 64 * 2;
   constexpr uint32_t kWStageBytes = C::kWRows * C::kWPitch * 2, kWRowBytes = w_step * C::kWPitch * 2;
   const uint32_t x_dst0 = smem_u32(xs + x_at), w_dst0 = smem_u32(ws + w_row0 * C::kWPitch + w_col);
-  const int K = static_cast<int>(g.K), N = static_cast<int>(g.N), D = static_cast<int>(g.D), ldw = static_cast<int>(g.ldw);
+  const int K = static_cast<int>(g.K), N = static_cast<int>(g.N), D = static_cast<int>(g.D);
+  const int ldw = static_cast<int>(g.ldw);
   // ids[i]: the neuron of B row w_row0 + i·w_step of a unit (up: an N index, down: a K index); -1 outside B.
   auto fetch_ids = [&](Unit u, int32_t ids[C::kWChunks]) {
     const int j0 = (kGatherN ? u.tile * kBN : u.kt * kBK) + w_row0;
