@@ -22,7 +22,7 @@ head, vals = rows[0], rows[1:]
 kid, kname, metric, value = (head.index(h) for h in ("ID", "Kernel Name", "Metric Name", "Metric Value"))
 kernels = [(r[kname], float(r[value].replace(",", ""))) for r in vals if r[metric] == "gpu__time_duration.sum"]
 unit = next(r[head.index("Metric Unit")] for r in vals if r[metric] == "gpu__time_duration.sum")
-scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}[unit]
+scale = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}[unit]
 names = [n for n, _ in kernels]
 period = next((p for p in range(1, len(names) // 2 + 1) if names[-p:] == names[-2 * p:-p]), None)
 if period is None:
@@ -30,7 +30,7 @@ if period is None:
 step = kernels[-period:]
 by = collections.defaultdict(lambda: [0.0, 0])
 for n, t in step:
-    key = n.split("(")[0].split("<")[0].split("::")[-1].replace("void ", "")
+    key = n.replace("(anonymous namespace)::", "").replace("<unnamed>::", "").split("(")[0].split("<")[0].split("::")[-1].replace("void ", "")
     by[key][0] += t * scale
     by[key][1] += 1
 total = sum(t for t, _ in by.values())
