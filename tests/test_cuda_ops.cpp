@@ -64,6 +64,8 @@ class CudaOps : public ::testing::TestWithParam<DType> {
     return cuda_->upload(t, dt());
   }
   Tensor back(const Tensor& t) { return cuda_->to_host_f32(t); }
+  // gather_up_relu and gather_down against the CPU over odd shapes, and their errors for bad neuron ids.
+  void check_gather_gemms();
   // keep_heads of x [T, H, dh] with heads [T, k] on both backends, tokens 1, 4, 7, ... flagged dense: the
   // elements where the results differ (zeroing and copying are exact, so none may).
   int64_t keep_heads_mismatches(const Tensor& x, const Tensor& heads, int64_t group) {
@@ -421,7 +423,17 @@ TEST_P(CudaOps, KeepHeadsAtMlpWidthMatchesCpu) {
   EXPECT_EQ(keep_heads_mismatches(x, good, 1), 0);
 }
 
+// The sparse MLP projections on each of the CUDA backend's paths: the gather kernel, the dense GEMM with
+// its column gather / scatter, and the faster of the two as timed per shape (the default).
 TEST_P(CudaOps, GatherGemmsMatchCpu) {
+  for (SparseMlpPath path : {SparseMlpPath::fastest, SparseMlpPath::gather_kernel, SparseMlpPath::dense_gemm}) {
+    SCOPED_TRACE(static_cast<int>(path));
+    cuda_ = make_backend("cuda", dt(), path);
+    check_gather_gemms();
+  }
+}
+
+void CudaOps::check_gather_gemms() {
   struct Case {
     int64_t R, d, D, k;
     bool bias = false;

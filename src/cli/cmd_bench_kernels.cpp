@@ -17,6 +17,7 @@ namespace {
 struct KernelArgs {
   std::string device = "cuda";
   std::string dtype = "f16";
+  std::string sparse_mlp = "fastest";
   std::vector<std::string> attention, gemm, gather, route;
   KernelBenchOptions bench;
   std::string csv;
@@ -56,7 +57,7 @@ GatherShape parse_gather(const std::string& s) {
 }
 
 int run(const KernelArgs& a) {
-  auto be = make_backend(a.device, a.dtype == "bf16" ? DType::BF16 : DType::F16);
+  auto be = make_backend(a.device, a.dtype == "bf16" ? DType::BF16 : DType::F16, sparse_mlp_path(a.sparse_mlp));
   std::vector<AttentionShape> att;
   std::vector<GemmShape> gemm;
   for (const auto& s : a.attention) {
@@ -121,6 +122,7 @@ Command bench_kernels_command() {
                                          "Time decode attention, GEMMs, sparse MLP gather GEMMs and neuron routing alone against their byte floors");
             c->add_option("--device", a->device, "cpu or cuda[:N]")->capture_default_str();
             c->add_option("--dtype", a->dtype, "f16 or bf16 (CUDA)")->capture_default_str()->check(CLI::IsMember({"f16", "bf16"}));
+            add_sparse_mlp_option(*c, a->sparse_mlp);
             c->add_option("--attention", a->attention, "Attention shapes BxNxHxHkvxDH (default: a built-in table)")
                 ->delimiter(',');
             c->add_option("--density", a->bench.densities,

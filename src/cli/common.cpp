@@ -29,6 +29,7 @@ void ModelOptions::add_sparsity(CLI::App& app, bool selectors) {
                  "Share of attention heads (KV groups for GQA) each sequence keeps in decode steps, in (0, 1]; "
                  "default: the router file's")
       ->check(CLI::Range(0.0, 1.0));
+  add_sparse_mlp_option(app, sparse_mlp);
   if (!selectors) return;
   app.add_option("--selector", selector,
                  "Who picks the heads: router (the router file's routers), oracle (the heads with the largest true "
@@ -96,6 +97,23 @@ void load_sparsity(LoadedModel& m, const ModelOptions& opt, bool random_allowed,
 
 DType ModelOptions::activation_dtype() const { return dtype == "bf16" ? DType::BF16 : DType::F16; }
 
+SparseMlpPath ModelOptions::sparse_mlp_path() const { return cli::sparse_mlp_path(sparse_mlp); }
+
+void add_sparse_mlp_option(CLI::App& app, std::string& value) {
+  app.add_option("--sparse-mlp", value,
+                 "How a CUDA device runs the sparse MLP (same values either way): fastest (the faster of the gather "
+                 "kernel and the dense GEMM, timed once per shape), kernel (always the gather kernel) or dense "
+                 "(always the dense GEMM, selected neurons moved in and out)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"fastest", "kernel", "dense"}));
+}
+
+SparseMlpPath sparse_mlp_path(const std::string& value) {
+  if (value == "kernel") return SparseMlpPath::gather_kernel;
+  if (value == "dense") return SparseMlpPath::dense_gemm;
+  return SparseMlpPath::fastest;
+}
+
 const Tokenizer& LoadedModel::tokenizer() const {
   check(checkpoint.tokenizer != nullptr, "{} has no tokenizer (use a GGUF file, or a directory with tokenizer.json)",
         checkpoint.path);
@@ -109,7 +127,7 @@ LoadedModel load_model(const ModelOptions& opt) {
 LoadedModel load_model(const ModelOptions& opt, const std::function<Checkpoint()>& checkpoint) {
   auto t0 = std::chrono::steady_clock::now();
   LoadedModel m;
-  m.backend = make_backend(opt.device, opt.activation_dtype());
+  m.backend = make_backend(opt.device, opt.activation_dtype(), opt.sparse_mlp_path());
   m.checkpoint = checkpoint();
   m.model = make_model(m.checkpoint, *m.backend);
   double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

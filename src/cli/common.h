@@ -24,12 +24,17 @@ struct ModelOptions {
   std::string selector = "router";
   uint64_t selector_seed = 0;
   std::string granularity = "group";  // group (KV groups) or head (query heads, GQA models)
+  std::string sparse_mlp = "fastest";  // the CUDA backend's SparseMlpPath: fastest, kernel or dense
   // --model (required; returned so a command with other model sources can relax that), --device, --dtype
   CLI::Option* add(CLI::App& app);
   // --routers, --density; with selectors, also --selector, --selector-seed and --granularity
   void add_sparsity(CLI::App& app, bool selectors = false);
   DType activation_dtype() const;
+  SparseMlpPath sparse_mlp_path() const;
 };
+// --sparse-mlp's choices and their SparseMlpPath.
+void add_sparse_mlp_option(CLI::App& app, std::string& value);
+SparseMlpPath sparse_mlp_path(const std::string& value);
 
 struct LoadedModel {
   Checkpoint checkpoint;

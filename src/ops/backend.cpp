@@ -38,7 +38,7 @@ std::vector<CudaDevice> cuda_devices(std::string* why) {
 }
 #endif
 
-std::unique_ptr<Backend> make_backend(const std::string& device, DType dtype) {
+std::unique_ptr<Backend> make_backend(const std::string& device, DType dtype, SparseMlpPath mlp_path) {
   if (device == "cpu") return make_cpu_backend();
   if (device.rfind("cuda", 0) == 0) {
     int index = 0;
@@ -53,9 +53,10 @@ std::unique_ptr<Backend> make_backend(const std::string& device, DType dtype) {
     if (devices.empty()) fail("device '{}': {}", device, why);
     check(index < static_cast<int>(devices.size()), "device '{}': only {} CUDA device(s) visible", device, devices.size());
 #ifdef POLAR_HAVE_CUDA
-    return make_cuda_backend(index, dtype);
+    return make_cuda_backend(index, dtype, mlp_path);
 #else
     (void)dtype;
+    (void)mlp_path;
 #endif
   }
   fail("unknown device '{}' (expected cpu or cuda[:N])", device);

@@ -165,8 +165,13 @@ class Backend {
 };
 
 std::unique_ptr<Backend> make_cpu_backend();
+// How the CUDA backend runs the sparse MLP projections (gather_up_relu, gather_down with neuron ids), which
+// it can compute two ways with the same values: by the faster of its gather kernel and a dense GEMM,
+// measured once per shape (the default), or always by one of them (tests, benchmarks). The CPU ignores it.
+enum class SparseMlpPath { fastest, gather_kernel, dense_gemm };
 // "cpu" or "cuda[:N]"; a CUDA device on a build or machine without one is a polar::Error. `dtype` is the
 // CUDA backend's weight/activation/KV type (F16 or BF16); the CPU reference always computes in F32.
-std::unique_ptr<Backend> make_backend(const std::string& device, DType dtype = DType::F16);
+std::unique_ptr<Backend> make_backend(const std::string& device, DType dtype = DType::F16,
+                                      SparseMlpPath mlp_path = SparseMlpPath::fastest);
 
 }  // namespace polar

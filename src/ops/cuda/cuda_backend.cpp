@@ -144,7 +144,7 @@ class CudaGraph final : public Graph {
 
 class CudaBackend final : public Backend {
  public:
-  CudaBackend(int device, DType dtype) : device_(device), dtype_(dtype) {
+  CudaBackend(int device, DType dtype, SparseMlpPath mlp_path) : device_(device), dtype_(dtype), mlp_path_(mlp_path) {
     check(dtype == DType::F16 || dtype == DType::BF16, "cuda backend: activations must be f16 or bf16, not {}",
           dtype_name(dtype));
     cuda_check(cudaSetDevice(device), "cudaSetDevice");
@@ -292,14 +292,14 @@ class CudaBackend final : public Backend {
   void gather_up_relu(const Tensor& x, const Tensor& w, const Tensor* bias, const Tensor* idx, Tensor& y) override {
     expect_act(w, "gather_up_relu weight");
     if (!idx) return gemm(x, w, false, bias, /*relu=*/true, y, false, "gather_up_relu");
-    gather_gemm(x, w, *idx, bias, y, /*gather_n=*/true, /*accumulate=*/false, "gather_up_relu");
+    sparse_projection(x, w, *idx, bias, y, /*up=*/true, /*accumulate=*/false, "gather_up_relu");
   }
 
   void gather_down(const Tensor& a, const Tensor& wt, const Tensor* idx, const Tensor* bias, Tensor& y,
                    bool accumulate) override {
     expect_act(wt, "gather_down weight");
     if (!idx) return gemm(a, wt, /*w_kn=*/true, bias, false, y, accumulate, "gather_down");
-    gather_gemm(a, wt, *idx, bias, y, /*gather_n=*/false, accumulate, "gather_down");
+    sparse_projection(a, wt, *idx, bias, y, /*up=*/false, accumulate, "gather_down");
   }
 
   void route_heads(const Tensor& scores, int64_t group, Tensor& idx) override {
@@ -556,21 +556,80 @@ class CudaBackend final : public Backend {
 
   // The sparse MLP's GEMMs over the rows idx [k] of a neuron-major w [D, d] (gather_gemm.h): up (gather_n)
   // y [R, k] = ReLU(x [R, d] · w[idx]ᵀ + bias[idx]); down y [R, d] (+)= x [R, k] · w[idx] + bias.
-  void gather_gemm(const Tensor& x, const Tensor& w, const Tensor& idx, const Tensor* bias, Tensor& y, bool gather_n,
-                   bool accumulate, const char* what) {
+  // The sparse MLP projection over the neurons idx [k] of a neuron-major weight w [D, d]: up, y[R, k] =
+  // ReLU(x[R, d]·w[idx]ᵀ + bias[idx]); down, y[R, d] (+)= x[R, k]·w[idx] + bias. Two ways compute the same
+  // values: the gather kernel, which reads only the k selected rows, and cuBLASLt's dense GEMM over all D
+  // neurons with the selected columns gathered from (up) or scattered into (down) full [R, D] activations.
+  // The dense GEMM reads D / k times the bytes but streams them near copy bandwidth, while the gather
+  // kernel's rate falls as the batch grows (H200, d 4096, D 16384: dense is faster from k ≈ 0.7·D at batch
+  // <= 16 and from k ≈ 0.4·D at batch 256, at d 9216 and D 36864 only from k ≈ 0.6·D), so the faster one
+  // is measured once per shape (dense_is_faster) unless mlp_path_ fixes it.
+  void sparse_projection(const Tensor& x, const Tensor& w, const Tensor& idx, const Tensor* bias, Tensor& y, bool up,
+                         bool accumulate, const char* what) {
     expect_act(x, what);
     expect_act(y, what);
     expect_i32(idx, what);
     check(w.ndim() == 2, "{}: weight {} is not a matrix", what, shape_str(w.shape()));
-    const int64_t D = w.dim(0), d = w.dim(1), k = idx.numel(), R = x.numel() / std::max<int64_t>(gather_n ? d : k, 1);
-    check(x.numel() == R * (gather_n ? d : k) && y.numel() == R * (gather_n ? k : d),
-          "{}: x {} w {} idx {} y {} do not agree", what, shape_str(x.shape()), shape_str(w.shape()),
-          shape_str(idx.shape()), shape_str(y.shape()));
+    const int64_t D = w.dim(0), d = w.dim(1), k = idx.numel(), R = x.numel() / std::max<int64_t>(up ? d : k, 1);
+    check(x.numel() == R * (up ? d : k) && y.numel() == R * (up ? k : d), "{}: x {} w {} idx {} y {} do not agree", what,
+          shape_str(x.shape()), shape_str(w.shape()), shape_str(idx.shape()), shape_str(y.shape()));
     if (bias) {
       expect_act(*bias, what);
-      check(bias->numel() == (gather_n ? D : d), "{}: bias {} for weight {}", what, shape_str(bias->shape()),
+      check(bias->numel() == (up ? D : d), "{}: bias {} for weight {}", what, shape_str(bias->shape()),
             shape_str(w.shape()));
     }
+    if (R == 0) return;
+    auto kernel = [&](Tensor& out) { gather_gemm(x, w, idx, bias, out, up, accumulate, R, D, d, k); };
+    auto dense = [&](Tensor& out) {
+      Tensor full = alloc(dtype_, {R, D});
+      const int32_t* ids = idx.data<int32_t>();
+      int32_t* flag = error_flag_.data<int32_t>();
+      if (up) {
+        gemm(x, w, false, bias, /*relu=*/true, full, false, what);
+        cuda::move_columns(full.raw(), out.raw(), R, D, ids, k, /*gather=*/true, flag, elem(), stream_);
+      } else {
+        cuda_check(cudaMemsetAsync(full.raw(), 0, full.nbytes(), stream_), "zeroing the sparse MLP activations");
+        cuda::move_columns(x.raw(), full.raw(), R, D, ids, k, /*gather=*/false, flag, elem(), stream_);
+        gemm(full, w, /*w_kn=*/true, bias, false, out, accumulate, what);
+      }
+    };
+    const SparseMlpKey key{up, R, k, d, D, bias != nullptr, accumulate};
+    if (dense_is_faster(key, y, kernel, dense))
+      dense(y);
+    else
+      kernel(y);
+  }
+
+  // What the sparse MLP path choice depends on, and the choices made (true: the dense GEMM).
+  struct SparseMlpKey {
+    bool up;
+    int64_t R, k, d, D;
+    bool bias, accumulate;
+    auto operator<=>(const SparseMlpKey&) const = default;
+  };
+
+  // Whether the dense GEMM path beats the gather kernel for this shape: each is timed (time_variants) into
+  // a scratch output shaped like y the first time a shape is seen; the answer is cached. A shape first met
+  // while a graph is being captured cannot be timed and takes the gather kernel (the engine runs each
+  // decode batch size op by op before recording its graph, so its shapes are timed by then).
+  template <typename Kernel, typename Dense>
+  bool dense_is_faster(const SparseMlpKey& key, const Tensor& y, const Kernel& kernel, const Dense& dense) {
+    if (mlp_path_ != SparseMlpPath::fastest) return mlp_path_ == SparseMlpPath::dense_gemm;
+    if (auto it = mlp_paths_.find(key); it != mlp_paths_.end()) return it->second;
+    if (capturing_) return false;
+    Tensor scratch = alloc(dtype_, y.shape());
+    const std::vector<float> ms = time_variants(2, [&](size_t i) {
+      i == 0 ? kernel(scratch) : dense(scratch);
+      return true;
+    });
+    const bool faster = ms.size() == 2 && ms[1] < ms[0];
+    mlp_paths_.emplace(key, faster);
+    return faster;
+  }
+
+  // sparse_projection's gather kernel (gather_gemm.cu) on operands it checked: R rows, w [D, d], k ids.
+  void gather_gemm(const Tensor& x, const Tensor& w, const Tensor& idx, const Tensor* bias, Tensor& y, bool gather_n,
+                   bool accumulate, int64_t R, int64_t D, int64_t d, int64_t k) {
     cuda::GatherGemm g;
     g.x = x.raw();
     g.ldx = gather_n ? d : k;
@@ -700,34 +759,50 @@ class CudaBackend final : public Backend {
     }
   }
 
-  // The fastest of cuBLASLt's candidate algorithms for a plan, timed here: the heuristic's first pick is
-  // made for throughput-sized problems and leaves much of the bandwidth unused on some decode shapes (on
-  // an H200, m <= 256 x n = k = 4096 ran at 61% of copy bandwidth). Each candidate runs kTuneRuns times into
-  // a scratch output, each run after an L2-sized flush so the weights come from HBM as in a decode step; the
-  // lowest median wins. Without memory for the scratch (a cache filling the device) the first pick stays.
+  // The fastest of cuBLASLt's candidate algorithms for a plan: the heuristic's first pick is made for
+  // throughput-sized problems and leaves much of the bandwidth unused on some decode shapes (on an H200,
+  // m <= 256 x n = k = 4096 ran at 61% of copy bandwidth). Each candidate is timed (time_variants) into a
+  // scratch output; without memory for the scratch (a cache filling the device) the first pick stays.
   cublasLtMatmulAlgo_t fastest(const GemmPlan& p, const std::vector<cublasLtMatmulHeuristicResult_t>& results,
                                const void* x, const void* w, int64_t y_elems, bool accumulate) {
     if (results.size() == 1) return results[0].algo;
-    int l2 = 0;
-    cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device_);
-    const size_t flush_bytes = 2 * static_cast<size_t>(l2), y_bytes = (y_elems * 2 + 255) / 256 * 256;
-    void* scratch = nullptr;
-    if (cudaMalloc(&scratch, flush_bytes + y_bytes) != cudaSuccess) {
+    void* y = nullptr;
+    if (cudaMalloc(&y, static_cast<size_t>(y_elems) * 2) != cudaSuccess) {
       cudaGetLastError();
       return results[0].algo;
     }
-    void* y = static_cast<char*>(scratch) + flush_bytes;
+    const std::vector<float> ms = time_variants(results.size(), [&](size_t i) {
+      return matmul(p, results[i].algo, x, w, y, accumulate) == CUBLAS_STATUS_SUCCESS;
+    });
+    cuda_check(cudaFree(y), "cudaFree");
+    const size_t best = ms.empty() ? 0 : std::min_element(ms.begin(), ms.end()) - ms.begin();
+    return results[best].algo;
+  }
+
+  // The median time (ms) of each of n variants of one operation, enqueued by run(i), which returns false
+  // where variant i cannot run (its time is then infinite). Every variant runs once untimed (plans and
+  // caches it builds on first use stay out of the timing), then kTuneRuns times, each run after an
+  // L2-sized flush so that weights come from HBM as in a decode step. Empty without memory for the flush.
+  template <typename Run> std::vector<float> time_variants(size_t n, const Run& run) {
+    int l2 = 0;
+    cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device_);
+    const size_t flush_bytes = 2 * static_cast<size_t>(l2);
+    void* flush = nullptr;
+    if (cudaMalloc(&flush, flush_bytes) != cudaSuccess) {
+      cudaGetLastError();
+      return {};
+    }
     cudaEvent_t start, stop;
     cuda_check(cudaEventCreate(&start), "cudaEventCreate");
     cuda_check(cudaEventCreate(&stop), "cudaEventCreate");
-    size_t best = 0;
-    float best_ms = INFINITY;
-    for (size_t i = 0; i < results.size(); ++i) {
+    std::vector<float> medians(n, INFINITY);
+    for (size_t i = 0; i < n; ++i) {
+      if (!run(i)) continue;
       std::vector<float> ms;
       for (int r = 0; r < kTuneRuns; ++r) {
-        cuda_check(cudaMemsetAsync(scratch, r, flush_bytes, stream_), "L2 flush");
+        cuda_check(cudaMemsetAsync(flush, r, flush_bytes, stream_), "L2 flush");
         cuda_check(cudaEventRecord(start, stream_), "cudaEventRecord");
-        if (matmul(p, results[i].algo, x, w, y, accumulate) != CUBLAS_STATUS_SUCCESS) break;
+        if (!run(i)) break;
         cuda_check(cudaEventRecord(stop, stream_), "cudaEventRecord");
         cuda_check(cudaEventSynchronize(stop), "cudaEventSynchronize");
         float t = 0;
@@ -736,12 +811,12 @@ class CudaBackend final : public Backend {
       }
       if (ms.size() < static_cast<size_t>(kTuneRuns)) continue;
       std::nth_element(ms.begin(), ms.begin() + kTuneRuns / 2, ms.end());
-      if (ms[kTuneRuns / 2] < best_ms) best_ms = ms[kTuneRuns / 2], best = i;
+      medians[i] = ms[kTuneRuns / 2];
     }
     cudaEventDestroy(start);
     cudaEventDestroy(stop);
-    cuda_check(cudaFree(scratch), "cudaFree");
-    return results[best].algo;
+    cuda_check(cudaFree(flush), "cudaFree");
+    return medians;
   }
 
   int device_;
@@ -757,12 +832,14 @@ class CudaBackend final : public Backend {
   size_t next_event_ = 0;
   bool capturing_ = false;
   std::vector<std::shared_ptr<Storage>> captured_;
+  SparseMlpPath mlp_path_;
+  std::map<SparseMlpKey, bool> mlp_paths_;
 };
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cuda_backend(int device, DType dtype) {
-  return std::make_unique<CudaBackend>(device, dtype);
+std::unique_ptr<Backend> make_cuda_backend(int device, DType dtype, SparseMlpPath mlp_path) {
+  return std::make_unique<CudaBackend>(device, dtype, mlp_path);
 }
 
 }  // namespace polar

@@ -7,6 +7,6 @@
 namespace polar {
 
 // A backend on CUDA device `device` holding weights, activations and KV in `dtype` (F16 or BF16).
-std::unique_ptr<Backend> make_cuda_backend(int device, DType dtype);
+std::unique_ptr<Backend> make_cuda_backend(int device, DType dtype, SparseMlpPath mlp_path);
 
 }  // namespace polar

@@ -62,6 +62,11 @@ void route_neurons(const void* logits, int64_t R, int64_t D, const int32_t* live
 // each; H / group <= 393216 (a shared-memory bitmap). An id outside [0, H / group) sets kErrorHeadOutOfRange.
 void keep_heads(void* out, int64_t T, int64_t H, int64_t group, int64_t dh, const int32_t* heads, int64_t k,
                 const int32_t* dense_tokens, int32_t* error_flag, Elem e, cudaStream_t stream);
+// The selected columns idx[k] (ascending, < D) of M rows moved between full [M, D] and compact [M, k]
+// activations: gather (full src -> compact dst) or scatter (compact src -> full dst, whose other columns are
+// left as they are). An id outside [0, D) raises kErrorNeuronOutOfRange (a gathered column reads as zero).
+void move_columns(const void* src, void* dst, int64_t M, int64_t D, const int32_t* idx, int64_t k, bool gather,
+                  int32_t* error_flag, Elem e, cudaStream_t stream);
 // out[r] = the L2 norm of row r of x [R, n], fp32 accumulation; one CTA per row.
 void l2_norms(const void* x, int64_t R, int64_t n, void* out, Elem e, cudaStream_t stream);
 // out[r] = argmax of logits[r, 0:V] (lowest index on ties); one CTA per row.
