@@ -326,8 +326,19 @@ TEST_P(CudaOps, RouteHeadsAndNeuronsSelectLikeCpu) {
   struct NeuronCase {
     int64_t R, live, D, k;
   };
-  for (const NeuronCase& c : std::vector<NeuronCase>{{1, 1, 64, 1}, {5, 5, 1000, 333}, {33, 20, 16384, 4096},
-                                                      {130, 129, 3072, 3072}, {256, 256, 36864, 9216}, {4, 4, 100, 90}}) {
+  // D = 16383 and 70001 leave a tail the 16-byte copies miss; 70000 and 70001 exceed the shared memory the
+  // selection stages keys in (about 55k keys on Hopper) and read them from global memory. k = 12000 and
+  // 50000 put the threshold among the zero scores, so only some of the tied keys are taken.
+  for (const NeuronCase& c : std::vector<NeuronCase>{{1, 1, 64, 1},
+                                                      {5, 5, 1000, 333},
+                                                      {33, 20, 16384, 4096},
+                                                      {130, 129, 3072, 3072},
+                                                      {256, 256, 36864, 9216},
+                                                      {4, 4, 100, 90},
+                                                      {3, 3, 16383, 1664},
+                                                      {3, 3, 16383, 12000},
+                                                      {2, 2, 70000, 4760},
+                                                      {5, 4, 70001, 50000}}) {
     // Mostly negative logits: many neurons score exactly 0 and the choice among them is by index.
     Tensor logits = host_random({c.R, c.D}, -4, 1);
     Tensor live = host_i32({static_cast<int32_t>(c.live)});
@@ -344,13 +355,15 @@ TEST_P(CudaOps, RouteHeadsAndNeuronsSelectLikeCpu) {
     std::set_symmetric_difference(a.begin(), a.end(), b.begin(), b.end(), std::back_inserter(diff));
     EXPECT_LE(diff.size(), 2u) << "R " << c.R << " D " << c.D << " k " << c.k;
   }
-  // Every score 0 (all logits negative): more tied keys than the selection stages in shared memory, so
-  // it resolves them from global memory, and ties go to the lowest indices.
-  Tensor negative = host_random({3, 40000}, -4, -1);
-  Tensor tied = cuda_->alloc(DType::I32, {12345});
-  cuda_->route_neurons(dev(negative), dev(host_i32({3})), tied);
-  Tensor t = back(tied);
-  for (int32_t i = 0; i < 12345; ++i) ASSERT_EQ(t.data<int32_t>()[i], i);
+  // Every score 0 (all logits negative): every key is tied, in one histogram bin of every digit, and ties
+  // go to the lowest indices — with the keys in shared memory (D = 40000) and in global memory (70001).
+  for (int64_t D : {40000, 70001}) {
+    Tensor negative = host_random({3, D}, -4, -1);
+    Tensor tied = cuda_->alloc(DType::I32, {12345});
+    cuda_->route_neurons(dev(negative), dev(host_i32({3})), tied);
+    Tensor t = back(tied);
+    for (int32_t i = 0; i < 12345; ++i) ASSERT_EQ(t.data<int32_t>()[i], i) << "D " << D;
+  }
 }
 
 // The oracle's ops: row norms within the dtype's tolerance; keep_heads zeroes exactly the rows the CPU does

@@ -459,21 +459,23 @@ __global__ void l2_norms_kernel(const T* x, int64_t n, T* out) {
 // unsigned ints; the k-th best key (the threshold) is found digit by digit, 11 + 11 + 10 bits:
 //   1. relu_column_sum_kernel (one thread per neuron, many CTAs) computes the keys and adds them to a
 //      global histogram of their top 11 bits (per-CTA shared histograms first);
-//   2. select_top_kernel (one CTA) finds the threshold's top digit from that histogram, collects the keys
-//      with that digit (usually a few percent of D) into shared memory, resolves the last two digits
-//      over those candidates alone, and compacts the selection in index order.
+//   2. select_top_kernel (one CTA) copies all D keys into shared memory with every copy in flight at
+//      once (cp.async), finds the threshold's top digit from the global histogram meanwhile, resolves the
+//      last two digits with a histogram over the keys that share the digits found so far, and compacts
+//      the selection in index order. Every pass after the copy reads shared memory, so none of them waits
+//      on L2 latencies one after another. D up to the opt-in shared memory beside the kernel's static
+//      arrays fits (about 55k keys on Hopper: every OPT); larger D runs the same passes over global memory.
 // Shared histogram atomics are aggregated per warp (__match_any_sync): the keys of one layer share
 // their leading bits, and unaggregated atomics would serialise on one bin.
 
 constexpr int kSelectThreads = 1024;
+constexpr int kSelectWarps = kSelectThreads / 32;
 constexpr int kDigitBins = 2048;  // 11-bit digits
-// Candidates staged in shared memory (96 KB); more than that (a degenerate layer whose scores share
-// their top 11 bits, e.g. all zero) and the last digits are resolved over every key from global memory.
-constexpr int kSelectCandidates = 24576;
 
 // Adds 1 to hist[bin] for every lane with bin >= 0, one atomic per distinct bin in the warp. Every lane of
-// the warp must call it.
+// the warp must call it. A warp without a bin skips the match: most keys miss the prefix of the later digits.
 __device__ __forceinline__ void warp_histogram_add(int* hist, int bin) {
+  if (!__any_sync(0xffffffffu, bin >= 0)) return;
   const uint32_t peers = __match_any_sync(0xffffffffu, bin);
   if (bin >= 0 && (threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
 }
@@ -523,78 +525,110 @@ __device__ void find_digit(const int* hist, int need, typename Scan::TempStorage
   __syncthreads();
 }
 
-// One CTA: idx[k] = the k best of key[D], ascending (ties: lower index first). top_hist: the histogram of
-// key >> 21 that relu_column_sum_kernel built.
-__global__ void __launch_bounds__(kSelectThreads) select_top_kernel(const uint32_t* key, int64_t D, int64_t k,
-                                                                    const int* top_hist, int32_t* idx) {
+// What select_top_kernel shares between its steps: the block scan, the digit histogram, the warps' counts
+// for the compaction and find_digit's results.
+struct SelectShared {
   using Scan = cub::BlockScan<int, kSelectThreads>;
-  extern __shared__ uint32_t candidates[];  // [kSelectCandidates]
-  __shared__ typename Scan::TempStorage scan;
-  __shared__ int hist[kDigitBins];
-  __shared__ int bin_s, need_s, count_s;
-  const int tid = threadIdx.x, lane = tid & 31;
-  static_assert(2 * kSelectThreads == kDigitBins, "find_digit gives each thread two bins");
+  typename Scan::TempStorage scan;
+  int hist[kDigitBins];
+  int above[kSelectWarps], equal[kSelectWarps];
+  int bin, need;
+};
 
-  // Digit 1 (bits 31..21) from the global histogram.
-  hist[2 * tid] = top_hist[2 * tid];
-  hist[2 * tid + 1] = top_hist[2 * tid + 1];
-  if (tid == 0) count_s = 0;
-  __syncthreads();
-  find_digit<Scan>(hist, static_cast<int>(k), scan, &bin_s, &need_s);
-  uint32_t prefix = uint32_t(bin_s) << 21, mask = 0xFFE00000u;
-  int need = need_s;
+// After digit 1 (prefix/mask: the threshold's top 11 bits, need: the keys still to take inside them):
+// digits 2 and 3 and the compaction over src[D], the keys in shared memory or in global memory. Inlined
+// once per memory space, so shared-memory reads compile to shared loads.
+__device__ __forceinline__ void select_top_rest(const uint32_t* src, int D, uint32_t prefix, uint32_t mask, int need,
+                                                SelectShared& sh, int32_t* idx) {
+  using Scan = SelectShared::Scan;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
-  // Candidates: the keys with the threshold's top digit, appended in any order (a warp reserves its
-  // slots with one atomic). Past the capacity only the count goes on.
-  for (int64_t base = 0; base < D; base += kSelectThreads) {
-    const int64_t j = base + tid;
-    const uint32_t kj = j < D ? key[j] : 0;
-    const bool hit = j < D && (kj & mask) == prefix;
-    const uint32_t ballot = __ballot_sync(0xffffffffu, hit);
-    int slot = 0;
-    if (lane == 0 && ballot) slot = atomicAdd(&count_s, __popc(ballot));
-    slot = __shfl_sync(0xffffffffu, slot, 0) + __popc(ballot & ((1u << lane) - 1));
-    if (hit && slot < kSelectCandidates) candidates[slot] = kj;
-  }
-  __syncthreads();
-  const bool staged = count_s <= kSelectCandidates;
-  const uint32_t* src = staged ? candidates : key;
-  const int64_t n = staged ? count_s : D;
-
-  // Digits 2 (bits 20..10) and 3 (bits 9..0) over the candidates (or, past the capacity, every key).
+  // Digits 2 (bits 20..10) and 3 (bits 9..0) over the keys with the digits found so far.
   for (int shift = 10; shift >= 0; shift -= 10) {
     const uint32_t digit_mask = shift ? 0x7FFu : 0x3FFu;
-    hist[2 * tid] = hist[2 * tid + 1] = 0;
+    sh.hist[2 * tid] = sh.hist[2 * tid + 1] = 0;
     __syncthreads();
-    for (int64_t base = 0; base < n; base += kSelectThreads) {
-      const int64_t j = base + tid;
-      const uint32_t kj = j < n ? src[j] : 0;
-      warp_histogram_add(hist, j < n && (kj & mask) == prefix ? static_cast<int>((kj >> shift) & digit_mask) : -1);
+    for (int base = 0; base < D; base += kSelectThreads) {
+      const int j = base + tid;
+      const uint32_t kj = j < D ? src[j] : 0;
+      warp_histogram_add(sh.hist, j < D && (kj & mask) == prefix ? static_cast<int>((kj >> shift) & digit_mask) : -1);
     }
     __syncthreads();
-    find_digit<Scan>(hist, need, scan, &bin_s, &need_s);
-    prefix |= uint32_t(bin_s) << shift;
+    find_digit<Scan>(sh.hist, need, sh.scan, &sh.bin, &sh.need);
+    prefix |= uint32_t(sh.bin) << shift;
     mask |= digit_mask << shift;
-    need = need_s;
+    need = sh.need;
   }
 
-  // prefix is now the k-th best key; `need` of the keys equal to it are taken, lowest indices first.
-  // Thread t owns indices [t·per, (t+1)·per): counts, two scans for its output offset, then writes.
-  const int64_t per = (D + kSelectThreads - 1) / kSelectThreads, lo = min(D, tid * per), hi = min(D, lo + per);
+  // prefix is now the k-th best key; `need` of the keys equal to it are taken, lowest indices first. Warp w
+  // owns keys [w·seg, (w+1)·seg) and reads them 32 consecutive at a time (no bank conflicts, coalesced):
+  // it counts its keys above and equal to the threshold, learns from the other warps' counts where its
+  // output starts and how many equal keys lie before it, then writes its taken keys in order.
+  const int seg = (D + kSelectThreads - 1) / kSelectThreads * 32, lo = min(D, warp * seg), hi = min(D, lo + seg);
   int above = 0, equal = 0;
-  for (int64_t j = lo; j < hi; ++j) {
-    above += key[j] > prefix;
-    equal += key[j] == prefix;
+  for (int j = lo + lane; j < hi; j += 32) {
+    const uint32_t kj = src[j];
+    above += kj > prefix;
+    equal += kj == prefix;
   }
-  int equal_before;
-  Scan(scan).ExclusiveSum(equal, equal_before);
+  above = __reduce_add_sync(0xffffffffu, above);
+  equal = __reduce_add_sync(0xffffffffu, equal);
+  if (lane == 0) {
+    sh.above[warp] = above;
+    sh.equal[warp] = equal;
+  }
   __syncthreads();
-  int equal_left = max(0, min(equal, need - equal_before));  // equal keys this thread takes
-  int at;
-  Scan(scan).ExclusiveSum(above + equal_left, at);
-  for (int64_t j = lo; j < hi; ++j) {
-    const bool take = key[j] > prefix || (key[j] == prefix && equal_left-- > 0);
-    if (take) idx[at++] = static_cast<int32_t>(j);
+  static_assert(kSelectWarps == 32, "one lane per warp sums the warps before it");
+  const int equal_before = __reduce_add_sync(0xffffffffu, lane < warp ? sh.equal[lane] : 0);
+  int at = __reduce_add_sync(0xffffffffu, lane < warp ? sh.above[lane] : 0) + min(need, equal_before);
+  int equal_seen = equal_before;  // equal keys at lower indices than this round's
+  const uint32_t lanes_below = (1u << lane) - 1;
+  for (int base = lo; base < hi; base += 32) {
+    const int j = base + lane;
+    const uint32_t kj = j < hi ? src[j] : 0;
+    const bool is_equal = j < hi && kj == prefix;
+    const uint32_t equal_lanes = __ballot_sync(0xffffffffu, is_equal);
+    const bool take = (j < hi && kj > prefix) || (is_equal && equal_seen + __popc(equal_lanes & lanes_below) < need);
+    const uint32_t take_lanes = __ballot_sync(0xffffffffu, take);
+    if (take) idx[at + __popc(take_lanes & lanes_below)] = j;
+    at += __popc(take_lanes);
+    equal_seen += __popc(equal_lanes);
+  }
+}
+
+// One CTA: idx[k] = the k best of key[D], ascending (ties: lower index first). top_hist: the histogram of
+// key >> 21 that relu_column_sum_kernel built. staged: the dynamic shared memory holds D keys, which are
+// copied there; otherwise every pass reads key from global memory.
+__global__ void __launch_bounds__(kSelectThreads) select_top_kernel(const uint32_t* key, int D, int k,
+                                                                    const int* top_hist, bool staged, int32_t* idx) {
+  extern __shared__ __align__(16) uint32_t keys[];  // [D] when staged
+  __shared__ SelectShared sh;
+  const int tid = threadIdx.x;
+  static_assert(2 * kSelectThreads == kDigitBins, "find_digit gives each thread two bins");
+
+  // 16-byte copies where the keys are 16-byte aligned (cudaMalloc'd scratch always is), 4-byte ones for
+  // the rest; they land while digit 1 is found.
+  if (staged) {
+    const int chunks = (reinterpret_cast<uintptr_t>(key) & 15) == 0 ? D / 4 : 0;
+    for (int c = tid; c < chunks; c += kSelectThreads) cp_async16(keys + 4 * c, key + 4 * c, true);
+    for (int j = 4 * chunks + tid; j < D; j += kSelectThreads) cp_async4(keys + j, key + j);
+    cp_async_commit();
+  }
+
+  // Digit 1 (bits 31..21) from the global histogram.
+  sh.hist[2 * tid] = top_hist[2 * tid];
+  sh.hist[2 * tid + 1] = top_hist[2 * tid + 1];
+  __syncthreads();
+  find_digit<SelectShared::Scan>(sh.hist, k, sh.scan, &sh.bin, &sh.need);
+  const uint32_t prefix = uint32_t(sh.bin) << 21, mask = 0xFFE00000u;
+  const int need = sh.need;
+
+  if (staged) {
+    cp_async_wait<0>();
+    __syncthreads();  // every thread's copies are visible
+    select_top_rest(keys, D, prefix, mask, need, sh, idx);
+  } else {
+    select_top_rest(key, D, prefix, mask, need, sh, idx);
   }
 }
 
@@ -705,10 +739,20 @@ void route_neurons(const void* logits, int64_t R, int64_t D, const int32_t* live
     relu_column_sum_kernel<<<blocks, kThreads, 0, stream>>>(static_cast<const Ty*>(logits), R, D, live_rows, key, top_hist);
   });
   check_launch("route_neurons (scores)");
-  const int bytes = kSelectCandidates * static_cast<int>(sizeof(uint32_t));
+  // The keys are staged in shared memory when they fit beside the kernel's static arrays.
+  int device = 0, optin = 0;
+  cudaFuncAttributes attr{};
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
+      cudaFuncGetAttributes(&attr, select_top_kernel) != cudaSuccess)
+    fail("route_neurons: cannot query the selection's shared memory");
+  const int64_t key_bytes = D * int64_t(sizeof(uint32_t));
+  const bool staged = key_bytes + int64_t(attr.sharedSizeBytes) <= optin;
+  const int bytes = staged ? static_cast<int>(key_bytes) : 0;
   if (cudaFuncSetAttribute(select_top_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess)
     fail("route_neurons: cannot reserve {} bytes of shared memory", bytes);
-  select_top_kernel<<<1, kSelectThreads, bytes, stream>>>(key, D, k, top_hist, idx);
+  select_top_kernel<<<1, kSelectThreads, bytes, stream>>>(key, static_cast<int>(D), static_cast<int>(k), top_hist,
+                                                          staged, idx);
   check_launch("route_neurons (selection)");
 }
 
