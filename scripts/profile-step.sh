@@ -3,9 +3,12 @@
 # Compute (each kernel timed alone, gpu__time_duration), finds the last decode step (the longest tail of
 # kernel names that repeats the one before it) and prints its kernels summed by name, largest first, with
 # the step's total. Kernels run one at a time under ncu, so the total lacks the overlap of a real replay
-# and holds no launch gaps: compare it with the bench's step time to see what the gaps cost.
+# and holds no launch gaps: compare it with the bench's step time to see what the gaps cost. Choices the
+# backend times at first use are made under ncu too, where timings are distorted: cuBLASLt's algorithm
+# picks may differ from a plain run, and the sparse MLP's path is fixed by SPARSE_MLP (default kernel: the
+# gather kernel; fastest let the timing under ncu pick, which chose the dense GEMM even at batch 1).
 #
-#   scripts/profile-step.sh BUILD_DIR SHAPE CTX BATCH DENSITY [OUT_CSV]
+#   [SPARSE_MLP=kernel|dense|fastest] scripts/profile-step.sh BUILD_DIR SHAPE CTX BATCH DENSITY [OUT_CSV]
 #   e.g. scripts/profile-step.sh build-gpu opt-6.7b 1920 8 0.5
 set -euo pipefail
 build=${1:?usage: scripts/profile-step.sh BUILD_DIR SHAPE CTX BATCH DENSITY [OUT_CSV]}
@@ -13,6 +16,7 @@ shape=${2:?shape}; ctx=${3:?ctx}; batch=${4:?batch}; density=${5:?density}
 out=${6:-$(mktemp)}
 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
   "$build/src/polar" bench --device cuda --shape "$shape" --ctx "$ctx" --batch "$batch" --density "$density" --steps 1 \
+  --sparse-mlp "${SPARSE_MLP:-kernel}" \
   2>/dev/null | grep '^"' > "$out"
 python3 - "$out" "$shape" "$ctx" "$batch" "$density" <<'EOF'
 import csv, sys, collections
