@@ -56,8 +56,11 @@ constexpr int kPrefillRows = 64;    // prefill: (token, head) rows per CTA, 16 p
 // Split-K sizing (decode), tuned on an H100 over batch 1..256, contexts 512..32768, groups 1..8: aim for
 // >= 8 CTAs per SM (2-3 waves at 3 resident CTAs per SM), so tails and uneven contexts even out, but never
 // below 512 keys per split, where the prologue and the combine start to cost more than the balance gains.
+// Within that, the split count is chosen so that the last wave is not mostly empty (plan_splits).
 constexpr int kTargetCtasPerSm = 8;
 constexpr int kMinSplitKeys = 512;
+// A split's fixed cost (prologue, pipeline fill, partials and their combine) counted as this many keys.
+constexpr int kSplitCostKeys = 64;
 constexpr float kLog2e = 1.4426950408889634f;
 
 // Compile-time sizes for head dim DH. DH = 8 is padded to 16 (the MMA's K) with zero columns.
@@ -466,9 +469,14 @@ int head_chunks(const PagedAttention& a, bool decode) {
 // KV heads a decode step launches CTAs for per token: the selected ones, or all.
 int launched_kv_heads(const PagedAttention& a) { return a.kv_heads ? a.kv_heads_per_token : a.Hkv; }
 
-// Split count for a decode step: enough CTAs for ~kTargetCtasPerSm per SM, each split at least
-// kMinSplitKeys keys and a whole number of 64-key tiles and KV blocks. A function of sizes only.
-SplitPlan plan_splits(const PagedAttention& a, int num_sms) {
+// Split count for a decode step on a GPU that holds `resident` decode CTAs at once. A decode step's CTAs
+// carry about the same work each (equal contexts in a batch are the common case), so they run in waves of
+// `resident` and a last wave that is mostly empty costs nearly a whole one: B16 x 16 selected heads at
+// 3968 keys took 5 splits by the CTA target alone, 1280 CTAs = 3.2 waves of 396. So among the split
+// counts from half to twice the target's (at most what the context allows: each split >= kMinSplitKeys
+// keys, whole 64-key tiles and KV blocks), the one with the fewest waves x (keys per split +
+// kSplitCostKeys) wins, the fewer splits on a tie. A function of the sizes and the device only.
+SplitPlan plan_splits(const PagedAttention& a, int num_sms, int resident) {
   SplitPlan plan;
   if (a.max_chunk > 1 || a.max_ctx <= 0 || a.Hkv <= 0 || a.block_size <= 0) return plan;
   const int64_t ctas = int64_t(a.T) * launched_kv_heads(a) * head_chunks(a, true);
@@ -476,11 +484,18 @@ SplitPlan plan_splits(const PagedAttention& a, int num_sms) {
   const int64_t min_keys = (kMinSplitKeys + grain - 1) / grain * grain;
   const int64_t by_ctx = std::max<int64_t>(1, a.max_ctx / min_keys);
   const int64_t wanted = (int64_t(kTargetCtasPerSm) * std::max(num_sms, 1) + ctas - 1) / std::max<int64_t>(ctas, 1);
-  const int64_t splits = std::clamp<int64_t>(wanted, 1, by_ctx);
-  if (splits == 1) return plan;
-  const int64_t keys = ((a.max_ctx + splits - 1) / splits + grain - 1) / grain * grain;
-  plan.splits = static_cast<int>((a.max_ctx + keys - 1) / keys);
-  plan.keys_per_split = static_cast<int>(keys);
+  const int64_t waves_of = std::max(resident, 1);
+  int64_t best_cost = INT64_MAX;
+  for (int64_t s = std::clamp<int64_t>((wanted + 1) / 2, 1, by_ctx); s <= std::min(2 * wanted, by_ctx); ++s) {
+    const int64_t keys = ((a.max_ctx + s - 1) / s + grain - 1) / grain * grain;
+    const int64_t splits = (a.max_ctx + keys - 1) / keys;
+    const int64_t cost = (ctas * splits + waves_of - 1) / waves_of * (keys + kSplitCostKeys);
+    if (cost < best_cost) {
+      best_cost = cost;
+      plan.splits = static_cast<int>(splits);
+      plan.keys_per_split = splits > 1 ? static_cast<int>(keys) : 0;
+    }
+  }
   return plan;
 }
 
@@ -548,6 +563,24 @@ template <typename F> void dispatch(const PagedAttention& a, F&& f) {
   } else {
     with_dh(static_cast<__half*>(nullptr));
   }
+}
+
+// Decode CTAs the GPU holds at once: num_sms x as many as one SM fits (shared memory, registers).
+int resident_decode_ctas(const PagedAttention& a, int num_sms) {
+  int per_sm = 1;
+  dispatch(a, [&](auto* tag, auto dh) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    constexpr int DH = decltype(dh)::value;
+    const auto kernel = attention_kernel<T, DH, true>;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Dims<DH>::kSmemBytes) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, Dims<DH>::kSmemBytes) != cudaSuccess)
+      fail("attention: cannot size the decode kernel's occupancy (dh {})", DH);
+  });
+  return std::max(per_sm, 1) * std::max(num_sms, 1);
+}
+
+SplitPlan plan_splits(const PagedAttention& a, int num_sms) {
+  return plan_splits(a, num_sms, a.max_chunk == 1 ? resident_decode_ctas(a, num_sms) : 1);
 }
 
 }  // namespace

@@ -43,7 +43,8 @@ struct PagedAttention {
 bool attention_supports_head_dim(int dh);
 
 // Scratch bytes paged_attention needs for these arguments on a device with `num_sms` SMs (split-K
-// partial results). Depends only on the sizes (T, H, Hkv, dh, block_size, max_ctx, max_chunk) and num_sms,
+// partial results). Depends only on the sizes (T, H, Hkv, dh, block_size, max_ctx, max_chunk), num_sms and
+// how many decode CTAs an SM of this device holds,
 // never on the data.
 size_t attention_workspace_bytes(const PagedAttention& a, int num_sms);
 
