@@ -53,14 +53,13 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kTileKeys = 64;       // keys per pipeline stage; decode: 16 per warp
 constexpr int kDecodeRows = 16;     // decode: query heads per CTA (the MMA's M; all warps share them)
 constexpr int kPrefillRows = 64;    // prefill: (token, head) rows per CTA, 16 per warp
-// Split-K sizing (decode), tuned on an H100 over batch 1..256, contexts 512..32768, groups 1..8: aim for
-// >= 8 CTAs per SM (2-3 waves at 3 resident CTAs per SM), so tails and uneven contexts even out, but never
-// below 512 keys per split, where the prologue and the combine start to cost more than the balance gains.
-// Within that, the split count is chosen so that the last wave is not mostly empty (plan_splits).
-constexpr int kTargetCtasPerSm = 8;
-constexpr int kMinSplitKeys = 512;
-// A split's fixed cost (prologue, pipeline fill, partials and their combine) counted as this many keys.
-constexpr int kSplitCostKeys = 64;
+// Split-K sizing (decode, plan_splits): at least kMinSplitKeys keys a split; a CTA's fixed cost (prologue,
+// pipeline fill, writing its partials) counted as kCtaCostKeys keys, and each split of a row as
+// kSplitCostKeys more in the combine, which walks a row's splits one after another (fit to H200 timings of
+// batch 1..64, contexts 512..32768, MHA and GQA).
+constexpr int kMinSplitKeys = 256;
+constexpr int kCtaCostKeys = 64;
+constexpr int kSplitCostKeys = 32;
 constexpr float kLog2e = 1.4426950408889634f;
 
 // Compile-time sizes for head dim DH. DH = 8 is padded to 16 (the MMA's K) with zero columns.
@@ -471,25 +470,25 @@ int launched_kv_heads(const PagedAttention& a) { return a.kv_heads ? a.kv_heads_
 
 // Split count for a decode step on a GPU that holds `resident` decode CTAs at once. A decode step's CTAs
 // carry about the same work each (equal contexts in a batch are the common case), so they run in waves of
-// `resident` and a last wave that is mostly empty costs nearly a whole one: B16 x 16 selected heads at
-// 3968 keys took 5 splits by the CTA target alone, 1280 CTAs = 3.2 waves of 396. So among the split
-// counts from half to twice the target's (at most what the context allows: each split >= kMinSplitKeys
-// keys, whole 64-key tiles and KV blocks), the one with the fewest waves x (keys per split +
-// kSplitCostKeys) wins, the fewer splits on a tie. A function of the sizes and the device only.
-SplitPlan plan_splits(const PagedAttention& a, int num_sms, int resident) {
+// `resident`, and a last wave that is mostly empty costs nearly a whole one (B16 x 16 selected heads at
+// 3968 keys: 5 splits = 1280 CTAs = 3.2 waves of 396 took 4% longer than 3 splits = 1.9 waves). Among the
+// split counts the context allows (each split >= kMinSplitKeys keys, whole 64-key tiles and KV blocks),
+// the one with the least waves x (keys per split + kCtaCostKeys) + splits x kSplitCostKeys wins, the fewer
+// splits on a tie. A function of the sizes and the device only.
+SplitPlan plan_splits_for(const PagedAttention& a, int resident) {
   SplitPlan plan;
   if (a.max_chunk > 1 || a.max_ctx <= 0 || a.Hkv <= 0 || a.block_size <= 0) return plan;
   const int64_t ctas = int64_t(a.T) * launched_kv_heads(a) * head_chunks(a, true);
   const int64_t grain = std::lcm(int64_t(kTileKeys), int64_t(a.block_size));
   const int64_t min_keys = (kMinSplitKeys + grain - 1) / grain * grain;
   const int64_t by_ctx = std::max<int64_t>(1, a.max_ctx / min_keys);
-  const int64_t wanted = (int64_t(kTargetCtasPerSm) * std::max(num_sms, 1) + ctas - 1) / std::max<int64_t>(ctas, 1);
   const int64_t waves_of = std::max(resident, 1);
   int64_t best_cost = INT64_MAX;
-  for (int64_t s = std::clamp<int64_t>((wanted + 1) / 2, 1, by_ctx); s <= std::min(2 * wanted, by_ctx); ++s) {
+  for (int64_t s = 1; s <= by_ctx; ++s) {
     const int64_t keys = ((a.max_ctx + s - 1) / s + grain - 1) / grain * grain;
     const int64_t splits = (a.max_ctx + keys - 1) / keys;
-    const int64_t cost = (ctas * splits + waves_of - 1) / waves_of * (keys + kSplitCostKeys);
+    const int64_t cost = (ctas * splits + waves_of - 1) / waves_of * (keys + kCtaCostKeys) +
+                         (splits > 1 ? splits * kSplitCostKeys : 0);
     if (cost < best_cost) {
       best_cost = cost;
       plan.splits = static_cast<int>(splits);
@@ -580,7 +579,7 @@ int resident_decode_ctas(const PagedAttention& a, int num_sms) {
 }
 
 SplitPlan plan_splits(const PagedAttention& a, int num_sms) {
-  return plan_splits(a, num_sms, a.max_chunk == 1 ? resident_decode_ctas(a, num_sms) : 1);
+  return plan_splits_for(a, a.max_chunk == 1 ? resident_decode_ctas(a, num_sms) : 1);
 }
 
 }  // namespace
