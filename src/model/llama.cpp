@@ -83,15 +83,20 @@ class Llama final : public Model {
       be.region("other");
       be.rms_norm(x, L.attn_norm, static_cast<float>(c.norm_eps), h);
       if (probe) probe->attn_in(static_cast<int>(l), be.to_host_f32(h));
+      // The attention router as side work (backend.h): its launches can overlap the QKV projection.
       Tensor heads;
+      int heads_ready = 0;
       if (in.sparsity) {
         be.region("routers");
+        be.begin_side_work();
         heads = in.sparsity->attention_heads(static_cast<int>(l), h);
+        heads_ready = be.end_side_work();
       }
       be.region("qkv_o");
       be.linear(h, L.wqkv, ptr(L.bqkv), qkv);
       be.region("attention");
       be.rope_kv_append(qkv, cache[l], in.layout, inv_freq_, q);
+      be.wait_side_work(heads_ready);
       attend(static_cast<int>(l), in, heads, q, cache[l], scale, c.sliding_window, attn);
       if (probe) report_head_norms(probe, static_cast<int>(l), attn);
       be.region("qkv_o");

@@ -100,23 +100,33 @@ class Opt final : public Model {
       }
       if (probe) probe->attn_in(static_cast<int>(l), be.to_host_f32(*attn_in));
       // Both routers read the attention block's input, so the MLP's neurons are chosen here too: one set for
-      // a decode batch, or in a scored pass one per token ([T, k]).
+      // a decode batch, or in a scored pass one per token ([T, k]). As side work (backend.h) the heads are
+      // waited for at the attention and the neurons at the output projection, the first op to overwrite
+      // attn_in (x itself in post-LN models), so the router launches can overlap the QKV projection and
+      // the attention.
       Tensor heads, neurons, token_neurons;
+      int heads_ready = 0, neurons_ready = 0;
       if (in.sparsity) {
         be.region("routers");
+        be.begin_side_work();
         heads = in.sparsity->attention_heads(static_cast<int>(l), *attn_in);
+        heads_ready = be.end_side_work();
+        be.begin_side_work();
         if (in.scored())
           token_neurons = in.sparsity->mlp_neurons_per_token(static_cast<int>(l), *attn_in, ptr(in.dense_tokens));
         else
           neurons = in.sparsity->mlp_neurons(static_cast<int>(l), *attn_in, in.layout);
+        neurons_ready = be.end_side_work();
       }
       be.region("qkv_o");
       be.linear(*attn_in, L.wqkv, ptr(L.bqkv), qkv);
       be.region("attention");
       be.rope_kv_append(qkv, cache[l], in.layout, Tensor(), q);  // learned positions: no rotation
+      be.wait_side_work(heads_ready);
       attend(static_cast<int>(l), in, heads, q, cache[l], scale, 0, attn);
       if (probe) report_head_norms(probe, static_cast<int>(l), attn);
       be.region("qkv_o");
+      be.wait_side_work(neurons_ready);
       be.linear(attn.reshape({T, c.hidden}), L.wo, ptr(L.bo), x, /*accumulate=*/true);
       be.region("other");
       if (!c.pre_norm) be.layer_norm(x, L.ln1_w, L.ln1_b, eps, x);

@@ -131,6 +131,14 @@ class Backend {
   virtual bool supports_graphs() const { return false; }
   virtual void begin_capture();
   virtual std::unique_ptr<Graph> end_capture();
+  // Side work: ops issued between begin_side_work() and end_side_work() need not be ordered before the ops
+  // that follow, up to wait_side_work(ticket) with the ticket end_side_work() returned; a backend may run
+  // them concurrently there (the CUDA backend does inside a captured graph). The routers use it: small,
+  // latency-bound launches that can hide behind the QKV projection instead of preceding it. The inputs of
+  // side work must not be overwritten before its wait. By default everything runs in order.
+  virtual void begin_side_work() {}
+  virtual int end_side_work() { return 0; }
+  virtual void wait_side_work(int /*ticket*/) {}
 
   // out[r] (I32) = the token the rule of ops/sampling.h picks from row r of logits [R, V] with the
   // uniform number uniforms[r] (F32 [R]); no host synchronisation.

@@ -153,9 +153,11 @@ class CudaBackend final : public Backend {
     name_ = fmt::format("cuda:{} ({})", device, prop.name);
     num_sms_ = prop.multiProcessorCount;
     cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+    cuda_check(cudaStreamCreateWithFlags(&side_stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     lt_check(cublasLtCreate(&lt_), "cublasLtCreate");
     alloc_ = std::make_shared<DeviceAllocator>();
     workspace_ = alloc(DType::U8, {kGemmWorkspace});
+    side_workspace_ = alloc(DType::U8, {kGemmWorkspace});
     error_flag_ = alloc(DType::I32, {1});
     cuda_check(cudaMemsetAsync(error_flag_.raw(), 0, 4, stream_), "cudaMemset");
   }
@@ -169,8 +171,10 @@ class CudaBackend final : public Backend {
       cublasLtMatmulDescDestroy(plan.desc);
     }
     for (cudaEvent_t e : events_) cudaEventDestroy(e);
+    for (cudaEvent_t e : side_events_) cudaEventDestroy(e);
     cublasLtDestroy(lt_);
     cudaStreamDestroy(stream_);
+    cudaStreamDestroy(side_stream_);
   }
 
   Device device() const override { return Device::CUDA; }
@@ -201,10 +205,53 @@ class CudaBackend final : public Backend {
     check(!capturing_, "cuda backend: a graph capture is already in progress");
     cuda_check(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed), "cudaStreamBeginCapture");
     capturing_ = true;
+    side_tickets_ = 0;
+  }
+
+  // Side work (backend.h) forks to side_stream_ while a graph is captured: the graph then holds the side
+  // ops as a branch that runs beside the main ones until the join. Outside capture it runs in order on the
+  // main stream, because the caching allocator reuses freed buffers in stream order, which a second
+  // stream would break (a capture keeps every buffer it allocates alive until the graph goes). The side
+  // stream has its own cuBLASLt workspace; the other ops allocate theirs per call.
+  void begin_side_work() override {
+    if (!capturing_ || on_side_) return;
+    cuda_check(cudaEventRecord(side_event(0), stream_), "side work fork");
+    cuda_check(cudaStreamWaitEvent(side_stream_, side_event(0), 0), "side work fork");
+    std::swap(stream_, side_stream_);
+    std::swap(workspace_, side_workspace_);
+    on_side_ = true;
+  }
+
+  int end_side_work() override {
+    if (!on_side_) return 0;
+    std::swap(stream_, side_stream_);
+    std::swap(workspace_, side_workspace_);
+    on_side_ = false;
+    const int ticket = ++side_tickets_;
+    cuda_check(cudaEventRecord(side_event(ticket), side_stream_), "side work join");
+    return ticket;
+  }
+
+  void wait_side_work(int ticket) override {
+    if (ticket <= 0 || !capturing_) return;
+    cuda_check(cudaStreamWaitEvent(stream_, side_event(ticket), 0), "side work join");
+  }
+
+  // The event of side ticket t (0: the fork), created on first use; events are reused by later captures.
+  cudaEvent_t side_event(int t) {
+    while (static_cast<int>(side_events_.size()) <= t) {
+      cudaEvent_t e = nullptr;
+      cuda_check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
+      side_events_.push_back(e);
+    }
+    return side_events_[t];
   }
 
   std::unique_ptr<Graph> end_capture() override {
     check(capturing_, "cuda backend: end_capture without begin_capture");
+    // Side work not waited for (an error cut the step short) is joined, or the capture could not end.
+    if (on_side_) end_side_work();
+    for (int t = 1; t <= side_tickets_; ++t) wait_side_work(t);
     capturing_ = false;
     cudaGraph_t graph = nullptr;
     cuda_check(cudaStreamEndCapture(stream_, &graph), "cudaStreamEndCapture");
@@ -832,6 +879,11 @@ class CudaBackend final : public Backend {
   size_t next_event_ = 0;
   bool capturing_ = false;
   std::vector<std::shared_ptr<Storage>> captured_;
+  cudaStream_t side_stream_ = nullptr;
+  Tensor side_workspace_;
+  std::vector<cudaEvent_t> side_events_;  // [0] forks, [t] joins side ticket t of the current capture
+  int side_tickets_ = 0;
+  bool on_side_ = false;
   SparseMlpPath mlp_path_;
   std::map<SparseMlpKey, bool> mlp_paths_;
 };
