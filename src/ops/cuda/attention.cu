@@ -571,8 +571,9 @@ int resident_decode_ctas(const PagedAttention& a, int num_sms) {
     using T = std::remove_pointer_t<decltype(tag)>;
     constexpr int DH = decltype(dh)::value;
     const auto kernel = attention_kernel<T, DH, true>;
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Dims<DH>::kSmemBytes) != cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, Dims<DH>::kSmemBytes) != cudaSuccess)
+    constexpr int bytes = Dims<DH>::kSmemBytes;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, bytes) != cudaSuccess)
       fail("attention: cannot size the decode kernel's occupancy (dh {})", DH);
   });
   return std::max(per_sm, 1) * std::max(num_sms, 1);

@@ -144,7 +144,8 @@ class CudaGraph final : public Graph {
 
 class CudaBackend final : public Backend {
  public:
-  CudaBackend(int device, DType dtype, SparseMlpPath mlp_path) : device_(device), dtype_(dtype), mlp_path_(mlp_path) {
+  CudaBackend(int device, DType dtype, SparseMlpPath mlp_path)
+      : device_(device), dtype_(dtype), mlp_path_(mlp_path) {
     check(dtype == DType::F16 || dtype == DType::BF16, "cuda backend: activations must be f16 or bf16, not {}",
           dtype_name(dtype));
     cuda_check(cudaSetDevice(device), "cudaSetDevice");
@@ -601,8 +602,6 @@ class CudaBackend final : public Backend {
                out.raw(), elem(), stream_);
   }
 
-  // The sparse MLP's GEMMs over the rows idx [k] of a neuron-major w [D, d] (gather_gemm.h): up (gather_n)
-  // y [R, k] = ReLU(x [R, d] · w[idx]ᵀ + bias[idx]); down y [R, d] (+)= x [R, k] · w[idx] + bias.
   // The sparse MLP projection over the neurons idx [k] of a neuron-major weight w [D, d]: up, y[R, k] =
   // ReLU(x[R, d]·w[idx]ᵀ + bias[idx]); down, y[R, d] (+)= x[R, k]·w[idx] + bias. Two ways compute the same
   // values: the gather kernel, which reads only the k selected rows, and cuBLASLt's dense GEMM over all D
@@ -618,8 +617,8 @@ class CudaBackend final : public Backend {
     expect_i32(idx, what);
     check(w.ndim() == 2, "{}: weight {} is not a matrix", what, shape_str(w.shape()));
     const int64_t D = w.dim(0), d = w.dim(1), k = idx.numel(), R = x.numel() / std::max<int64_t>(up ? d : k, 1);
-    check(x.numel() == R * (up ? d : k) && y.numel() == R * (up ? k : d), "{}: x {} w {} idx {} y {} do not agree", what,
-          shape_str(x.shape()), shape_str(w.shape()), shape_str(idx.shape()), shape_str(y.shape()));
+    check(x.numel() == R * (up ? d : k) && y.numel() == R * (up ? k : d), "{}: x {} w {} idx {} y {} do not agree",
+          what, shape_str(x.shape()), shape_str(w.shape()), shape_str(idx.shape()), shape_str(y.shape()));
     if (bias) {
       expect_act(*bias, what);
       check(bias->numel() == (up ? D : d), "{}: bias {} for weight {}", what, shape_str(bias->shape()),

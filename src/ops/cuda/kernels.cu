@@ -775,7 +775,8 @@ void keep_heads(void* out, int64_t T, int64_t H, int64_t group, int64_t dh, cons
 void move_columns(const void* src, void* dst, int64_t M, int64_t D, const int32_t* idx, int64_t k, bool gather,
                   int32_t* error_flag, Elem e, cudaStream_t stream) {
   if (M == 0 || k == 0) return;
-  const dim3 grid(static_cast<unsigned>((k + kThreads - 1) / kThreads), static_cast<unsigned>((M + kMoveRows - 1) / kMoveRows));
+  const dim3 grid(static_cast<unsigned>((k + kThreads - 1) / kThreads),
+                  static_cast<unsigned>((M + kMoveRows - 1) / kMoveRows));
   dispatch(e, [&](auto* tag) {
     using Ty = std::remove_pointer_t<decltype(tag)>;
     if (gather)
