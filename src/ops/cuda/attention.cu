@@ -55,8 +55,9 @@ constexpr int kDecodeRows = 16;     // decode: query heads per CTA (the MMA's M;
 constexpr int kPrefillRows = 64;    // prefill: (token, head) rows per CTA, 16 per warp
 // Split-K sizing (decode, plan_splits): at least kMinSplitKeys keys a split; a CTA's fixed cost (prologue,
 // pipeline fill, writing its partials) counted as kCtaCostKeys keys, and each split of a row as
-// kSplitCostKeys more in the combine, which walks a row's splits one after another (fit to H200 timings of
-// batch 1..64, contexts 512..32768, MHA and GQA).
+// kSplitCostKeys more in the combine, which walks a row's splits one after another. Values picked from H200
+// timings and checked against the CTA-count rule they replaced (A/B over batch 1..128, contexts
+// 512..32768, MHA and GQA, densities 1 / 0.5 / 0.3: docs/benchmarks.md).
 constexpr int kMinSplitKeys = 256;
 constexpr int kCtaCostKeys = 64;
 constexpr int kSplitCostKeys = 32;
