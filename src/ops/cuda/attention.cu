@@ -25,8 +25,9 @@
 //   and 64-bit products per 16-byte copy: 2.5-12% faster decode at every `polar bench-kernels` shape.
 // - Softmax: fp32, base 2 (scores prescaled by scale*log2e), online per row; a row that has seen no key
 //   yet keeps m = -inf and uses 0 as its reference so that no -inf - -inf is ever evaluated.
-// - Split-K (decode only): splits are sized on the host from the grid (T*Hkv CTAs vs SMs) and max_ctx;
-//   each split covers a multiple of lcm(64, block_size) keys. Split CTAs write fp32 partials (m, l, acc)
+// - Split-K (decode only): splits are sized on the host from the grid (launched heads x tokens, in waves
+//   of the CTAs the GPU holds at once) and max_ctx (plan_splits); each split covers a multiple of
+//   lcm(64, block_size) keys. Split CTAs write fp32 partials (m, l, acc)
 //   to the workspace, and the combine kernel merges them; empty splits write m = -inf, l = 0.
 // Shared memory rows are padded by 16 bytes so the 8 rows an ldmatrix phase touches fall in distinct banks.
 #include <cuda_bf16.h>
