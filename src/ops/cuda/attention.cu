@@ -572,13 +572,9 @@ int resident_decode_ctas(const PagedAttention& a, int num_sms) {
   dispatch(a, [&](auto* tag, auto dh) {
     using T = std::remove_pointer_t<decltype(tag)>;
     constexpr int DH = decltype(dh)::value;
-    const auto kernel = attention_kernel<T, DH, true>;
-    constexpr int bytes = Dims<DH>::kSmemBytes;
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, bytes) != cudaSuccess)
-      fail("attention: cannot size the decode kernel's occupancy (dh {})", DH);
+    per_sm = ctas_per_sm(attention_kernel<T, DH, true>, kThreads, Dims<DH>::kSmemBytes, "attention decode");
   });
-  return std::max(per_sm, 1) * std::max(num_sms, 1);
+  return per_sm * std::max(num_sms, 1);
 }
 
 SplitPlan plan_splits(const PagedAttention& a, int num_sms) {

@@ -250,9 +250,10 @@ class CudaBackend final : public Backend {
 
   std::unique_ptr<Graph> end_capture() override {
     check(capturing_, "cuda backend: end_capture without begin_capture");
-    // Side work not waited for (an error cut the step short) is joined, or the capture could not end.
+    // Side work not waited for (an error cut the step short) is joined, or the capture could not end. The
+    // side stream runs its work in order, so its last ticket covers every earlier one.
     if (on_side_) end_side_work();
-    for (int t = 1; t <= side_tickets_; ++t) wait_side_work(t);
+    wait_side_work(side_tickets_);
     capturing_ = false;
     cudaGraph_t graph = nullptr;
     cuda_check(cudaStreamEndCapture(stream_, &graph), "cudaStreamEndCapture");
@@ -625,7 +626,7 @@ class CudaBackend final : public Backend {
             shape_str(w.shape()));
     }
     if (R == 0) return;
-    auto kernel = [&](Tensor& out) { gather_gemm(x, w, idx, bias, out, up, accumulate, R, D, d, k); };
+    auto kernel = [&](Tensor& out) { gather_gemm(x, w, idx, bias, out, up, accumulate); };
     auto dense = [&](Tensor& out) {
       Tensor full = alloc(dtype_, {R, D});
       const int32_t* ids = idx.data<int32_t>();
@@ -673,9 +674,10 @@ class CudaBackend final : public Backend {
     return faster;
   }
 
-  // sparse_projection's gather kernel (gather_gemm.cu) on operands it checked: R rows, w [D, d], k ids.
+  // sparse_projection's gather kernel (gather_gemm.cu) on operands it checked.
   void gather_gemm(const Tensor& x, const Tensor& w, const Tensor& idx, const Tensor* bias, Tensor& y, bool gather_n,
-                   bool accumulate, int64_t R, int64_t D, int64_t d, int64_t k) {
+                   bool accumulate) {
+    const int64_t D = w.dim(0), d = w.dim(1), k = idx.numel(), R = x.numel() / std::max<int64_t>(gather_n ? d : k, 1);
     cuda::GatherGemm g;
     g.x = x.raw();
     g.ldx = gather_n ? d : k;

@@ -32,6 +32,17 @@ inline void check_launch(const char* what) {
   if (err != cudaSuccess) fail("CUDA kernel {} failed to launch: {}", what, cudaGetErrorString(err));
 }
 
+// How many CTAs of `kernel` (`threads` each, `bytes` of dynamic shared memory, which is reserved for it
+// here, as a launch needs) one SM holds at once; `what` names the kernel in the error when none fits.
+template <typename Kernel> int ctas_per_sm(Kernel kernel, int threads, int bytes, const char* what) {
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess)
+    fail("{}: cannot reserve {} bytes of shared memory per block", what, bytes);
+  int per_sm = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, bytes) != cudaSuccess || per_sm < 1)
+    fail("{}: the kernel does not fit on an SM", what);
+  return per_sm;
+}
+
 // Calls f with a null pointer of the element type that `e` names (for template dispatch).
 template <typename F> void dispatch(Elem e, F&& f) {
   if (e == Elem::F16) {

@@ -352,14 +352,7 @@ template <typename F> void dispatch_config(const GatherGemm& g, Elem e, F&& f) {
 // The configuration's kernel with its shared memory reserved, and how many CTAs of it the GPU holds at once.
 template <typename T, int BM, bool kGatherN> int resident_ctas(int num_sms) {
   using C = Cfg<BM, kGatherN>;
-  auto kernel = gather_gemm_kernel<T, BM, kGatherN>;
-  constexpr int bytes = C::kSmemBytes;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess)
-    fail("gather GEMM: cannot reserve {} bytes of shared memory per block", bytes);
-  int per_sm = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, C::kThreads, bytes) != cudaSuccess || per_sm < 1)
-    fail("gather GEMM: the kernel does not fit on an SM");
-  return per_sm * num_sms;
+  return ctas_per_sm(gather_gemm_kernel<T, BM, kGatherN>, C::kThreads, C::kSmemBytes, "gather GEMM") * num_sms;
 }
 
 template <typename T, int BM, bool kGatherN> Plan plan_of(const GatherGemm& g, int num_sms) {
