@@ -18,6 +18,7 @@
 
 using namespace polar;
 using ::testing::HasSubstr;
+using ::testing::Not;
 using test::run_polar;
 using test::RunResult;
 using test::shared_path;
@@ -99,6 +100,34 @@ TEST(BadInput, SelectorMistakesNameTheChoices) {
     EXPECT_GT(r.exit_code, 0) << describe(r);
     EXPECT_LT(r.exit_code, 128) << "killed by a signal: " << describe(r);
     EXPECT_THAT(r.err, HasSubstr(expect)) << describe(r);
+  }
+}
+
+// Numeric flags out of range say what is allowed in a person's words (CLI11's own checks print the largest
+// double as the upper bound) and name the flag and the value given.
+TEST(BadInput, FlagRangesSayWhatIsAllowed) {
+  const std::string gguf = shared_path(kGgufRel);
+  const std::vector<std::string> gen = {"generate", "--model", gguf, "--prompt", "x"};
+  auto generate_with = [&](std::vector<std::string> extra) {
+    std::vector<std::string> a = gen;
+    a.insert(a.end(), extra.begin(), extra.end());
+    return a;
+  };
+  const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
+      {generate_with({"--temperature", "-1"}), "--temperature: must be >= 0, got -1"},
+      {generate_with({"--top-p", "1.5"}), "--top-p: must be in [0, 1], got 1.5"},
+      {generate_with({"--density", "0"}), "--density: must be in (0, 1], got 0"},
+      {generate_with({"--max-tokens", "-3"}), "--max-tokens: must be >= 0, got -3"},
+      {generate_with({"--temperature", "warm"}), "warm"},
+      {{"perplexity", "--model", gguf, "--text", "t", "--batch", "0"}, "--batch: must be in [1, 4096], got 0"},
+      {{"calibrate", "--model", gguf, "--text", "t", "--out", "o", "--lr", "0"}, "--lr: must be > 0, got 0"},
+  };
+  for (const auto& [args, expect] : cases) {
+    RunResult r = run_polar(args);
+    EXPECT_GT(r.exit_code, 0) << describe(r);
+    EXPECT_LT(r.exit_code, 128) << "killed by a signal: " << describe(r);
+    EXPECT_THAT(r.err, HasSubstr(expect)) << describe(r);
+    EXPECT_THAT(r.err, Not(HasSubstr("179769"))) << describe(r);
   }
 }
 

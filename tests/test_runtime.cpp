@@ -24,7 +24,8 @@ using ::testing::HasSubstr;
 
 namespace {
 
-// Logits of batched and unbatched runs differ only by float summation order inside GEMMs.
+// Logits of batched and unbatched runs differ only by float summation order inside GEMMs (compared relative to
+// their magnitude: test::scaled_diff).
 constexpr double kLogitTol = 1e-5;
 
 struct Loaded {
@@ -65,9 +66,7 @@ Rows rows_of(const Tensor& logits) {
 
 double max_diff(const std::vector<float>& a, const std::vector<float>& b) {
   EXPECT_EQ(a.size(), b.size());
-  double m = 0;
-  for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) m = std::max(m, double(std::fabs(a[i] - b[i])));
-  return m;
+  return test::scaled_diff(a, b);
 }
 
 // Logits of every position of `stream` fed alone, in one step.
@@ -285,6 +284,12 @@ TEST(Runtime, KvCacheAllocatesReleasesAndReusesBlocks) {
   EXPECT_EQ(all, (std::vector<int32_t>{0, 1, 2, 3})) << "every block owned by exactly one sequence";
   cache.release(7);  // unknown: no effect
   EXPECT_EQ(cache.free_blocks(), 0);
+  // A new sequence the pool cannot hold is refused and leaves no (empty) entry behind.
+  EXPECT_THROW(cache.reserve(9, 1), Error);
+  EXPECT_THROW(cache.blocks(9), Error) << "a failed reserve of a new sequence registers nothing";
+  cache.release(1);
+  cache.reserve(9, 0);  // zero tokens: the sequence exists with no blocks
+  EXPECT_TRUE(cache.blocks(9).empty());
 }
 
 // A full cache refuses a sequence cleanly; once another leaves, the newcomer reuses its blocks (still

@@ -46,6 +46,9 @@ Tensor i32(std::vector<int32_t> v) {
   return t;
 }
 std::vector<int32_t> ints(const Tensor& t) { return {t.data<int32_t>(), t.data<int32_t>() + t.numel()}; }
+// An f32 tensor's values, for test::scaled_diff.
+std::span<const float> span_of(const Tensor& t) { return {t.data<float>(), static_cast<size_t>(t.numel())}; }
+
 Tensor copy_of(const Tensor& t) {
   Tensor c = Tensor::empty(t.dtype(), t.shape());
   std::copy(t.data<float>(), t.data<float>() + t.numel(), c.data<float>());
@@ -107,14 +110,14 @@ TEST(SparseOps, GatherGemmsEqualTheDenseMlpOnTheSelectedNeurons) {
   Tensor masked = Tensor::zeros(DType::F32, {R, D});
   for (int64_t r = 0; r < R; ++r)
     for (size_t i = 0; i < pick.size(); ++i) {
-      EXPECT_NEAR(up.data<float>()[r * 5 + i], dense_up.data<float>()[r * D + pick[i]], 1e-5);
+      EXPECT_NEAR(up.data<float>()[r * 5 + i], dense_up.data<float>()[r * D + pick[i]],
+                  test::scaled_tol(1e-5, dense_up.data<float>()[r * D + pick[i]]));
       masked.data<float>()[r * D + pick[i]] = up.data<float>()[r * 5 + i];
     }
   Tensor sparse_down = copy_of(residual), dense_down = copy_of(residual);
   cpu->gather_down(up, w2t, &idx, &b2, sparse_down, true);
   cpu->gather_down(masked, w2t, nullptr, &b2, dense_down, true);
-  for (int64_t i = 0; i < sparse_down.numel(); ++i)
-    EXPECT_NEAR(sparse_down.data<float>()[i], dense_down.data<float>()[i], 1e-5);
+  EXPECT_LE(test::scaled_diff(span_of(sparse_down), span_of(dense_down)), 1e-5);
   Tensor bad = i32({0, 40});
   Tensor two = Tensor::empty(DType::F32, {R, 2});
   EXPECT_THROW(cpu->gather_up_relu(x, w1, &b1, &bad, two), Error);
@@ -292,13 +295,12 @@ TEST(SparseModels, ScoredPrefillEqualsTokenByTokenSparseDecode) {
         // The first token is a one-token prompt (dense), as sparse_from = 1 has it; then decode steps.
         const std::optional<int64_t> dense_first = i == 0 ? std::optional<int64_t>(1) : std::nullopt;
         Tensor row = stepwise.step({{seq, std::span<const int32_t>(&text[i], 1), dense_first}}, false);
-        for (int64_t j = 0; j < V; ++j)
-          ASSERT_NEAR(row.data<float>()[j], all.data<float>()[i * V + j], 2e-5) << "token " << i;
+        ASSERT_LE(test::scaled_diff(span_of(row), span_of(all).subspan(i * V, V)), 2e-5) << "token " << i;
       }
       // And the dense rows of a scored step are the dense model's.
       Engine dense(*model, {.kv_tokens = 64});
       Tensor d = dense.step({{dense.add_sequence(), text}}, true);
-      for (int64_t j = 0; j < V; ++j) EXPECT_NEAR(d.data<float>()[j], all.data<float>()[j], 1e-6);
+      EXPECT_LE(test::scaled_diff(span_of(d).first(V), span_of(all).first(V)), 1e-6);
       double differs = 0;
       for (int64_t j = V; j < d.numel(); ++j) differs = std::max(differs, double(std::abs(d.data<float>()[j] - all.data<float>()[j])));
       EXPECT_GT(differs, 1e-3);  // the sparse rows are not the dense ones
@@ -356,7 +358,7 @@ TEST(SparseModels, SparseScoringEqualsDensePrefillThenSparseDecode) {
         logprob += log_prob(logits.data<float>(), V, r.tokens[t]);
         if (t + 1 < r.tokens.size()) logits = e.step({{seq, std::span<const int32_t>(&r.tokens[t], 1)}}, false);
       }
-      EXPECT_NEAR(sparse[i].logprob, logprob, 1e-4) << "request " << i;
+      EXPECT_NEAR(sparse[i].logprob, logprob, test::scaled_tol(1e-5, logprob)) << "request " << i;
       EXPECT_GT(std::abs(sparse[i].logprob - dense[i].logprob), 1e-4);
     }
   }
@@ -473,8 +475,7 @@ TEST(SparseModels, ScoredPassGivesEachTokenTheMlpNeuronsOfItsOwnDecodeStep) {
       Tensor row = e.step({{seq, std::span<const int32_t>(kText.data(), context)}}, false);
       for (int64_t t = context - 1; t < T; ++t) {
         if (t >= context) row = e.step({{seq, std::span<const int32_t>(&kText[t], 1)}}, false);
-        for (int64_t j = 0; j < V; ++j)
-          ASSERT_NEAR(row.data<float>()[j], all.data<float>()[t * V + j], 2e-5) << "token " << t;
+        ASSERT_LE(test::scaled_diff(span_of(row), span_of(all).subspan(t * V, V)), 2e-5) << "token " << t;
       }
       for (const auto& [layer, act] : probe.act)
         for (int64_t t = context; t < T; ++t) {
@@ -629,8 +630,7 @@ TEST(SparseModels, HeadGranularityIsDenseWithTheOtherQueryHeadsZeroed) {
   }
   auto masked_model = make_model(masked, *cpu);
   const Tensor reference = scored(*masked_model, nullptr, kText);
-  for (int64_t i = 0; i < sparse.numel(); ++i)
-    ASSERT_NEAR(sparse.data<float>()[i], reference.data<float>()[i], 1e-5) << "logit " << i;
+  EXPECT_LE(test::scaled_diff(span_of(sparse), span_of(reference)), 1e-5);
   // Routers at head granularity pick per query head: k of H, not whole groups.
   RouterSparsity heads(*model, attention_routers(ck, 3), 0.5, Granularity::Head);
   EXPECT_TRUE(heads.per_query_head());

@@ -3,6 +3,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cmath>
 #include <fstream>
 #include <iterator>
 #include <random>
@@ -11,6 +13,19 @@
 #include "core/error.h"
 
 namespace polar::test {
+
+double scaled_diff(std::span<const float> got, std::span<const float> want) {
+  if (got.size() != want.size()) return INFINITY;
+  double diff = 0, scale = 1;
+  for (size_t i = 0; i < got.size(); ++i) {
+    diff = std::max(diff, std::fabs(double(got[i]) - double(want[i])));
+    scale = std::max(scale, std::fabs(double(want[i])));
+    if (std::isnan(got[i]) != std::isnan(want[i])) return INFINITY;
+  }
+  return diff / scale;
+}
+
+double scaled_tol(double rel, double want) { return rel * std::max(1.0, std::fabs(want)); }
 
 TempDir::TempDir() {
   std::random_device rd;

@@ -3,6 +3,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <functional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -36,6 +37,14 @@ struct RunResult {
 };
 // Runs the built polar binary with the given arguments (no shell), capturing stdout and stderr.
 RunResult run_polar(const std::vector<std::string>& args);
+
+// Two fp32 results that differ only in summation order (batched against unbatched GEMMs, one BLAS kernel
+// set against another: OpenBLAS picks its kernels by processor) differ by rounding that grows with the
+// magnitude of the values, so tests compare them relative to it. scaled_diff is the largest |got - want|
+// over max(1, the largest |want|): values near zero compare absolutely. scaled_tol is rel * max(1, |want|),
+// the tolerance for one such scalar (a sum of log-probabilities, say).
+double scaled_diff(std::span<const float> got, std::span<const float> want);
+double scaled_tol(double rel, double want);
 
 // The message of the polar::Error that f throws, or "(no error)".
 std::string error_of(const std::function<void()>& f);

@@ -369,10 +369,10 @@ Command bench_command() {
             c->add_option("--ctx", a->sweep.contexts, "Context lengths, e.g. 512,1024")->delimiter(',')->capture_default_str();
             c->add_option("--steps,--decode-steps", a->sweep.steps, "Timed decode steps per point")
                 ->capture_default_str()
-                ->check(CLI::PositiveNumber);
+                ->check(above(0));
             c->add_option("--prompt-len", a->prompt_len, "Also time the prefill of one prompt this long (0: no prefill)")
                 ->capture_default_str()
-                ->check(CLI::NonNegativeNumber);
+                ->check(at_least(0));
             c->add_option("--seed", a->sweep.seed, "Seed of the random weights, tokens and KV cache")->capture_default_str();
             c->add_option("--csv", a->csv, "Also write the rows to this CSV file");
             c->add_option("--plot", a->plot, "Also plot tokens/s and the attention share against batch size to this PNG");

@@ -139,7 +139,7 @@ Command bench_kernels_command() {
             c->add_option("--route", a->route, "route_neurons shapes RxDxK: the K best of D neurons over R rows")
                 ->delimiter(',');
             c->add_option("--reps", a->bench.reps, "Timed repetitions per shape")->capture_default_str()
-                ->check(CLI::PositiveNumber);
+                ->check(above(0));
             c->add_option("--csv", a->csv, "Also write the rows to this CSV file");
             c->add_flag("--json", a->json, "Print JSON instead of a table");
           },

@@ -202,18 +202,18 @@ Command calibrate_command() {
             c->add_option("--text", a->text, "Calibration text files (plain text or .jsonl)")->required()->expected(1, -1);
             c->add_option("--out,-o", a->out, "Router file to write (e.g. M.routers.safetensors)")->required();
             c->add_option("--tokens", a->tokens, "Tokens to calibrate on")->capture_default_str();
-            c->add_option("--seq", a->seq, "Tokens per sequence")->capture_default_str()->check(CLI::Range(2, 1 << 20));
+            c->add_option("--seq", a->seq, "Tokens per sequence")->capture_default_str()->check(between(2, 1 << 20));
             c->add_option("--seed", a->seed, "Seed of the split, initial weights, minibatch order and k-table groups")
                 ->capture_default_str();
             c->add_option("--mlp-rank", a->mlp_rank, "Rank of the MLP routers (ReLU models only)")
                 ->capture_default_str()
-                ->check(CLI::PositiveNumber);
-            c->add_option("--lr", a->lr, "AdamW learning rate")->capture_default_str()->check(CLI::PositiveNumber);
+                ->check(above(0));
+            c->add_option("--lr", a->lr, "AdamW learning rate")->capture_default_str()->check(above(0));
             c->add_option("--epochs", a->epochs,
                           "Attention routers: epochs (the best by validation recall is kept); MLP routers: at most "
                           "this many (early stop on validation F1)")
                 ->capture_default_str()
-                ->check(CLI::Range(1, 100000));
+                ->check(between(1, 100000));
             c->add_option("--work", a->work, "Work directory for the collection and resume state (default: --out + .work)");
             c->add_flag("--keep-work", a->keep_work, "Keep the work directory after success (to retrain with other "
                                                      "training options without collecting again)");

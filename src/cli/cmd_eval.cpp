@@ -229,10 +229,10 @@ Command eval_command() {
             c->add_option("--task", a->tasks, "Task file (JSON Lines); repeat for several tasks")->required();
             c->add_option("--limit", a->limit, "Evaluate the first N items of each task (0 = all)")
                 ->capture_default_str()
-                ->check(CLI::NonNegativeNumber);
+                ->check(at_least(0));
             c->add_option("--batch", a->batch, "Requests (candidate continuations) per forward pass")
                 ->capture_default_str()
-                ->check(CLI::Range(1, 4096));
+                ->check(between(1, 4096));
             c->add_flag("--json", a->json, "Print JSON (with every item's log-likelihoods) instead of a table");
             c->add_option("--plot", a->plot, "Also plot accuracy against head density per task to this PNG");
             c->add_flag("--skip-bad", a->skip_bad,

@@ -101,13 +101,13 @@ Command generate_command() {
             a->model.add_sparsity(*c);
             c->add_option("--prompt,-p", a->prompts, "Prompt text (repeat for a batch)")->required();
             c->add_option("--max-tokens,-n", a->max_tokens, "Tokens to generate per prompt")->capture_default_str()
-                ->check(CLI::NonNegativeNumber);
+                ->check(at_least(0));
             c->add_option("--temperature,-t", a->sampling.temperature, "Sampling temperature; 0 = greedy")
-                ->capture_default_str()->check(CLI::NonNegativeNumber);
+                ->capture_default_str()->check(at_least(0));
             c->add_option("--top-k", a->sampling.top_k, "Keep the k most likely tokens (0 = all)")->capture_default_str()
-                ->check(CLI::NonNegativeNumber);
+                ->check(at_least(0));
             c->add_option("--top-p", a->sampling.top_p, "Nucleus sampling mass")->capture_default_str()
-                ->check(CLI::Range(0.0, 1.0));
+                ->check(between(0.0, 1.0));
             c->add_option("--seed", a->sampling.seed, "Random seed")->capture_default_str();
             c->add_flag("--echo", a->echo, "Print the prompt before its continuation");
             c->add_flag("--json", a->json, "Print one JSON document with ids, text and speed instead of streaming");

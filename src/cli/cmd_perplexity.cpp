@@ -57,10 +57,10 @@ Command perplexity_command() {
             a->model.add(*c);
             a->model.add_sparsity(*c, /*selectors=*/true);
             c->add_option("--text", a->text, "Text file to score")->required();
-            c->add_option("--ctx", a->ctx, "Window length in tokens")->capture_default_str()->check(CLI::Range(2, 1 << 20));
+            c->add_option("--ctx", a->ctx, "Window length in tokens")->capture_default_str()->check(between(2, 1 << 20));
             c->add_option("--max-tokens", a->max_tokens, "Score at most this many tokens (0 = all)")->capture_default_str()
-                ->check(CLI::NonNegativeNumber);
-            c->add_option("--batch", a->batch, "Windows per forward pass")->capture_default_str()->check(CLI::Range(1, 4096));
+                ->check(at_least(0));
+            c->add_option("--batch", a->batch, "Windows per forward pass")->capture_default_str()->check(between(1, 4096));
             c->add_flag("--json", a->json, "Print the result as JSON");
           },
           [a] { return run_perplexity(*a); }};

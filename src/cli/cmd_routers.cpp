@@ -12,6 +12,7 @@
 
 #include "bench/shapes.h"
 #include "cli/commands.h"
+#include "cli/common.h"
 #include "io/checkpoint.h"
 #include "sparse/routers.h"
 
@@ -188,7 +189,7 @@ Command routers_command() {
                 ->capture_default_str();
             c->add_option("--mlp-rank", a->mlp_rank, "Rank of the random MLP routers (ReLU models only)")
                 ->capture_default_str()
-                ->check(CLI::PositiveNumber)
+                ->check(above(0))
                 ->needs(random);
             c->add_flag("--json", a->json, "With --show: print JSON instead of a summary")->needs(show);
           },

@@ -23,12 +23,43 @@ CLI::Option* ModelOptions::add(CLI::App& app) {
   return model_option;
 }
 
+namespace {
+
+// A validator over the flag's value as a double; `ok` says whether it is allowed and `rule` what is.
+CLI::Validator numeric_rule(std::function<bool(double)> ok, std::string rule) {
+  return CLI::Validator(
+      [ok = std::move(ok), rule](std::string& text) -> std::string {
+        double x = 0;
+        if (!CLI::detail::lexical_cast(text, x)) return fmt::format("must be a number, got '{}'", text);
+        return ok(x) ? std::string() : fmt::format("must be {}, got {}", rule, text);
+      },
+      rule);
+}
+
+}  // namespace
+
+CLI::Validator at_least(double lo) {
+  return numeric_rule([lo](double x) { return x >= lo; }, fmt::format(">= {}", lo));
+}
+
+CLI::Validator above(double lo) {
+  return numeric_rule([lo](double x) { return x > lo; }, fmt::format("> {}", lo));
+}
+
+CLI::Validator between(double lo, double hi) {
+  return numeric_rule([lo, hi](double x) { return x >= lo && x <= hi; }, fmt::format("in [{}, {}]", lo, hi));
+}
+
+CLI::Validator above_at_most(double lo, double hi) {
+  return numeric_rule([lo, hi](double x) { return x > lo && x <= hi; }, fmt::format("in ({}, {}]", lo, hi));
+}
+
 void ModelOptions::add_sparsity(CLI::App& app, bool selectors) {
   app.add_option("--routers", routers, "Router file for sparse decoding (polar routers)");
   app.add_option("--density", density,
                  "Share of attention heads (KV groups for GQA) each sequence keeps in decode steps, in (0, 1]; "
                  "default: the router file's")
-      ->check(CLI::Range(0.0, 1.0));
+      ->check(above_at_most(0, 1));
   add_sparse_mlp_option(app, sparse_mlp);
   if (!selectors) return;
   app.add_option("--selector", selector,

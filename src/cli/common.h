@@ -56,6 +56,14 @@ LoadedModel load_model(const ModelOptions& opt, const std::function<Checkpoint()
 // error. Nothing when neither option is given or the density is 1.
 void load_sparsity(LoadedModel& m, const ModelOptions& opt, bool random_allowed, uint64_t seed);
 
+// Range checks for numeric flags whose messages read as a person would say them ("--temperature: must be
+// >= 0, got -1"); CLI11's own NonNegativeNumber prints the largest double as the upper bound. A value that
+// is not a number is CLI11's conversion error before these run.
+CLI::Validator at_least(double lo);       // x >= lo
+CLI::Validator above(double lo);          // x > lo
+CLI::Validator between(double lo, double hi);  // lo <= x <= hi
+CLI::Validator above_at_most(double lo, double hi);  // lo < x <= hi
+
 // "5,17,42" -> {5, 17, 42}; anything else is a polar::Error.
 std::vector<int32_t> parse_token_list(const std::string& s);
 

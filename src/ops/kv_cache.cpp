@@ -15,10 +15,13 @@ KVCache::KVCache(Backend& backend, int64_t n_layers, int64_t n_kv_heads, int64_t
 }
 
 void KVCache::reserve(int64_t seq, int64_t n_tokens) {
-  std::vector<int32_t>& mine = owned_[seq];
-  const int64_t need = (n_tokens + block_size_ - 1) / block_size_ - static_cast<int64_t>(mine.size());
+  // Checked before owned_[seq] is touched: a failed reserve of a new sequence leaves no entry behind.
+  auto it = owned_.find(seq);
+  const int64_t have = it == owned_.end() ? 0 : static_cast<int64_t>(it->second.size());
+  const int64_t need = (n_tokens + block_size_ - 1) / block_size_ - have;
   check(need <= free_blocks(), "KV cache exhausted: sequence {} needs {} more blocks of {} tokens, {} free of {}", seq,
         need, block_size_, free_blocks(), num_blocks_);
+  std::vector<int32_t>& mine = it == owned_.end() ? owned_[seq] : it->second;
   for (int64_t i = 0; i < need; ++i) {
     mine.push_back(free_.back());
     free_.pop_back();
