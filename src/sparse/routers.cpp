@@ -104,9 +104,12 @@ const json& as_array(const std::string& path, const json& v, const std::string& 
 }
 
 void check_keys(const std::string& path, const json& obj, std::initializer_list<const char*> known, const char* what) {
-  for (const auto& [key, value] : obj.items())
+  // Not a structured binding: clang 14 (the fuzz build) cannot capture one in a lambda.
+  for (const auto& item : obj.items()) {
+    const std::string& key = item.key();
     check(std::find_if(known.begin(), known.end(), [&](const char* k) { return key == k; }) != known.end(),
           "{}: router metadata {} has an unknown field \"{}\"", path, what, key);
+  }
 }
 
 MlpKTable parse_k_table(const std::string& path, const json& mk, const Dims& dims) {
