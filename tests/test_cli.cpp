@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -101,6 +102,32 @@ TEST(BadInput, SelectorMistakesNameTheChoices) {
     EXPECT_LT(r.exit_code, 128) << "killed by a signal: " << describe(r);
     EXPECT_THAT(r.err, HasSubstr(expect)) << describe(r);
   }
+}
+
+// Unless the user chose one, polar runs with OpenMP's passive wait policy (cli/openmp_defaults.h: spinning
+// workers collapse on a busy machine); a policy or spin count the user set is left alone. libgomp reports
+// the spin count it uses (0 for passive) under OMP_DISPLAY_ENV=verbose, each time it starts.
+TEST(Cli, ChoosesPassiveOpenMpWaitingUnlessTheUserChose) {
+  auto last_spin_count = [](const std::string& err) {
+    const std::string key = "GOMP_SPINCOUNT = '";
+    const size_t at = err.rfind(key);
+    return at == std::string::npos ? std::string("(not shown)") : err.substr(at + key.size(), err.find('\'', at + key.size()) - at - key.size());
+  };
+  const char* saved_policy = std::getenv("OMP_WAIT_POLICY");
+  const std::string policy = saved_policy ? saved_policy : "";
+  unsetenv("OMP_WAIT_POLICY");
+  unsetenv("GOMP_SPINCOUNT");
+  setenv("OMP_DISPLAY_ENV", "verbose", 1);
+  RunResult chosen = run_polar({"info", "--help"});
+  setenv("GOMP_SPINCOUNT", "12345", 1);
+  RunResult users = run_polar({"info", "--help"});
+  unsetenv("GOMP_SPINCOUNT");
+  unsetenv("OMP_DISPLAY_ENV");
+  if (saved_policy) setenv("OMP_WAIT_POLICY", policy.c_str(), 1);
+  EXPECT_EQ(chosen.exit_code, 0) << describe(chosen);
+  EXPECT_EQ(last_spin_count(chosen.err), "0") << describe(chosen);
+  EXPECT_EQ(users.exit_code, 0) << describe(users);
+  EXPECT_EQ(last_spin_count(users.err), "12345") << describe(users);
 }
 
 // Numeric flags out of range say what is allowed in a person's words (CLI11's own checks print the largest

@@ -4,9 +4,11 @@
 #include <fmt/core.h>
 
 #include "cli/commands.h"
+#include "cli/openmp_defaults.h"
 #include "core/error.h"
 
 int main(int argc, char** argv) {
+  polar::cli::choose_openmp_wait_policy(argv);
   CLI::App app{"polar: batched LLM inference with scalable contextual sparsity"};
   app.require_subcommand(1);
   app.set_help_all_flag("--help-all", "Show help for every subcommand");
