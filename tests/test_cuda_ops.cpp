@@ -66,7 +66,7 @@ class CudaOps : public ::testing::TestWithParam<DType> {
   Tensor back(const Tensor& t) { return cuda_->to_host_f32(t); }
   // gather_up_relu and gather_down against the CPU over odd shapes, and their errors for bad neuron ids.
   void check_gather_gemms();
-  // keep_heads of x [T, H, dh] with heads [T, k] on both backends, tokens 1, 4, 7, ... flagged dense: the
+  // keep_heads of x [T, H, dh] with heads [T, k] (or one set [1, k]) on both backends, tokens 1, 4, 7, ... flagged dense: the
   // elements where the results differ (zeroing and copying are exact, so none may).
   int64_t keep_heads_mismatches(const Tensor& x, const Tensor& heads, int64_t group) {
     std::vector<int32_t> flags(static_cast<size_t>(x.dim(0)));
@@ -434,6 +434,11 @@ TEST_P(CudaOps, KeepHeadsAtMlpWidthMatchesCpu) {
   Tensor good = Tensor::empty(DType::I32, {3, 1});
   good.data<int32_t>()[0] = 3, good.data<int32_t>()[1] = 0, good.data<int32_t>()[2] = 63;
   EXPECT_EQ(keep_heads_mismatches(x, good, 1), 0);
+  // One set [1, k] for every token, as a decode batch's MLP neurons in a mixed step.
+  Tensor wide = host_random({9, 4100, 1});
+  Tensor shared = Tensor::empty(DType::I32, {1, 517});
+  for (int32_t j = 0; j < 517; ++j) shared.data<int32_t>()[j] = j * 7 + 3;
+  EXPECT_EQ(keep_heads_mismatches(wide, shared, 1), 0);
 }
 
 // The sparse MLP projections on each of the CUDA backend's paths: the gather kernel, the dense GEMM with

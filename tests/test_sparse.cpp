@@ -202,6 +202,18 @@ TEST(SparseOps, L2NormsAndKeepHeads) {
   cpu->keep_heads(z, groups, 3, nullptr);  // group 1 = heads 3..5
   for (int64_t i = 0; i < z.numel(); ++i)
     ASSERT_EQ(z.data<float>()[i], (i / dh) % H >= 3 ? x.data<float>()[i] : 0.0f) << i;
+  // One set [1, k] for every token (a decode batch's MLP neurons in a mixed step): {0, 5} for tokens 0 and
+  // 2, token 1 flagged dense.
+  Tensor shared = i32({0, 5}).reshape({1, 2});
+  Tensor w = copy_of(x), middle_dense = i32({0, 1, 0});
+  cpu->keep_heads(w, shared, 1, &middle_dense);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < H; ++h) {
+      const bool kept = t == 1 || h == 0 || h == 5;
+      for (int64_t i = 0; i < dh; ++i)
+        ASSERT_EQ(w.data<float>()[(t * H + h) * dh + i], kept ? x.data<float>()[(t * H + h) * dh + i] : 0.0f)
+            << "shared set: t " << t << " h " << h;
+    }
   Tensor outside = Tensor::empty(DType::I32, {T, 1});
   std::fill_n(outside.data<int32_t>(), T, 2);
   EXPECT_THROW(cpu->keep_heads(z, outside, 3, nullptr), Error);  // only groups 0 and 1 exist

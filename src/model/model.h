@@ -64,11 +64,15 @@ struct StepInput {
   Tensor logit_rows;  // [R] I32 on the backend: rows of T whose logits are wanted
   Sparsity* sparsity = nullptr;  // set for sparse steps; dense steps leave it null
   // [T] I32, with sparsity: tokens flagged 1 run densely (a prompt before tokens scored as sparse decode
-  // steps). Undefined: every token of a sparse step is sparse.
+  // steps, or the prefill chunks of a mixed step). Undefined: every token of a sparse step is sparse.
   Tensor dense_tokens;
+  // A mixed serving step (decode tokens beside prefill chunks): its first mixed_decode_tokens tokens are
+  // decode tokens, processed as a decode-only step over them would (each its own heads, one MLP neuron set
+  // chosen over them all); the others, flagged in dense_tokens, run densely. 0: not a mixed step.
+  int64_t mixed_decode_tokens = 0;
   // A scored pass (perplexity, evaluation): each sparse token is processed as the decode step that would
   // process it alone, rather than the step's tokens as one decode batch (which shares one MLP neuron set).
-  bool scored() const { return dense_tokens.defined() || layout.max_chunk > 1; }
+  bool scored() const { return mixed_decode_tokens == 0 && (dense_tokens.defined() || layout.max_chunk > 1); }
 };
 
 class Model {

@@ -104,7 +104,7 @@ class Opt final : public Model {
       // waited for at the attention and the neurons at the output projection, the first op to overwrite
       // attn_in (x itself in post-LN models), so the router launches can overlap the QKV projection and
       // the attention.
-      Tensor heads, neurons, token_neurons;
+      Tensor heads, neurons, token_neurons, decode_neurons;
       int heads_ready = 0, neurons_ready = 0;
       if (in.sparsity) {
         be.region("routers");
@@ -114,6 +114,9 @@ class Opt final : public Model {
         be.begin_side_work();
         if (in.scored())
           token_neurons = in.sparsity->mlp_neurons_per_token(static_cast<int>(l), *attn_in, ptr(in.dense_tokens));
+        else if (in.mixed_decode_tokens)  // the decode tokens' set: their rows, at their batch's k
+          decode_neurons = in.sparsity->mlp_neurons(static_cast<int>(l), attn_in->slice_rows(0, in.mixed_decode_tokens),
+                                                    in.layout);
         else
           neurons = in.sparsity->mlp_neurons(static_cast<int>(l), *attn_in, in.layout);
         neurons_ready = be.end_side_work();
@@ -140,11 +143,14 @@ class Opt final : public Model {
       const Tensor* idx = neurons.defined() ? &neurons : nullptr;
       Tensor act = idx ? ffn_act.view(0, {T, neurons.numel()}) : ffn_act;
       be.gather_up_relu(*mlp_in, L.w1, ptr(L.b1), idx, act);
-      if (token_neurons.defined()) {
-        // Per-token sets: the dense activations with each sparse token's unselected neurons zeroed, which
-        // the down projection then ignores: the gather GEMMs over each token's own neurons, in one pass.
+      if (token_neurons.defined() || decode_neurons.defined()) {
+        // Per-token sets, or in a mixed step the decode tokens' one set: the dense activations with each
+        // sparse token's unselected neurons zeroed, which the down projection then ignores — the gather
+        // GEMMs over those neurons, in one pass. A mixed step's prefill rows read every weight anyway, so one
+        // dense pass plus the mask is cheaper than a second, gathered pass for the decode rows.
         Tensor neuron_rows = act.reshape({T, c.ffn, 1});
-        be.keep_heads(neuron_rows, token_neurons, 1, ptr(in.dense_tokens));
+        be.keep_heads(neuron_rows, token_neurons.defined() ? token_neurons : decode_neurons.reshape({1, decode_neurons.numel()}),
+                      1, ptr(in.dense_tokens));
       }
       if (probe) probe->mlp_act(static_cast<int>(l), be.to_host_f32(act));
       be.gather_down(act, L.w2t, idx, ptr(L.b2), x, /*accumulate=*/true);

@@ -105,8 +105,9 @@ class Backend {
   // [T, H, dh] viewed as [T·H, dh] (a KV group's as [T·Hkv, group·dh]), as calibration measures them.
   virtual void l2_norms(const Tensor& x, Tensor& out) = 0;
   // Zeroes the rows of x [T, H, dh] whose head h is not kept, h / group not among heads[t] ([T, k] I32, < H /
-  // group): group 1 selects query heads, group H / Hkv KV groups. Tokens flagged 1 in dense_tokens [T]
-  // (optional) keep every head. Selections that cannot go to the attention op as kv_heads (per query head,
+  // group; or [1, k]: one set for every token, as a decode batch's MLP neurons in a mixed step): group 1
+  // selects query heads, group H / Hkv KV groups. Tokens flagged 1 in dense_tokens [T] (optional) keep every
+  // head. Selections that cannot go to the attention op as kv_heads (per query head,
   // or made from the attention output itself) are applied this way.
   virtual void keep_heads(Tensor& x, const Tensor& heads, int64_t group, const Tensor* dense_tokens) = 0;
   // MLP router selection for the whole batch: score[j] = Σ_r max(logits[r, j], 0) over logits [R, D];

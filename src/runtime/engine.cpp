@@ -1,6 +1,7 @@
 #include "runtime/engine.h"
 
 #include <algorithm>
+#include <numeric>
 #include <set>
 
 namespace polar {
@@ -92,49 +93,70 @@ Tensor Engine::forward(const std::vector<SeqChunk>& chunks, bool all_logits, Pro
   const bool scored_sparse = options_.sparsity && std::any_of(chunks.begin(), chunks.end(), [](const SeqChunk& ch) {
                                return ch.sparse_from.has_value();
                              });
-  if (max_chunk == 1 && !scored_sparse && probe == nullptr && options_.graphs && be.supports_graphs() &&
+  auto is_decode = [](const SeqChunk& ch) { return ch.tokens.size() == 1 && !ch.prefill && !ch.sparse_from; };
+  const int64_t decode_chunks = std::count_if(chunks.begin(), chunks.end(), is_decode);
+  const int64_t S = static_cast<int64_t>(chunks.size());
+  // Decode-only steps replay graphs (without sparsity a one-token prefill chunk is no different).
+  if ((decode_chunks == S || (!options_.sparsity && max_chunk == 1)) && !scored_sparse && probe == nullptr && options_.graphs && be.supports_graphs() &&
       !be.profiling())
     return decode_with_graph(chunks);
-  const int64_t S = static_cast<int64_t>(chunks.size());
+  // A mixed step (sparse decode tokens beside prefill chunks): the decode chunks go first, so that their
+  // tokens are rows [0, decode_chunks) (where the MLP router looks, model.h), the logit rows staying in the
+  // caller's chunk order.
+  const bool mixed = options_.sparsity && !scored_sparse && decode_chunks > 0 && decode_chunks < S;
+  std::vector<int64_t> order(static_cast<size_t>(S));
+  std::iota(order.begin(), order.end(), 0);
+  if (mixed)
+    std::stable_partition(order.begin(), order.end(), [&](int64_t s) { return is_decode(chunks[static_cast<size_t>(s)]); });
   Tensor ids = Tensor::empty(DType::I32, {T}), pos = Tensor::empty(DType::I32, {T});
   Tensor seq = Tensor::empty(DType::I32, {T}), slots = Tensor::empty(DType::I32, {T});
   Tensor tables = Tensor::zeros(DType::I32, {S, max_blocks});
   Tensor starts = Tensor::empty(DType::I32, {S + 1});
   Tensor rows = Tensor::empty(DType::I32, {all_logits ? R : S});
-  // Per token, 1 = dense: only read when some chunk sets sparse_from.
-  Tensor dense = Tensor::empty(DType::I32, {scored_sparse ? T : 0});
-  int64_t t = 0, r = 0;
-  for (int64_t s = 0; s < S; ++s) {
-    const SeqChunk& ch = chunks[s];
+  // Per token, 1 = dense: only read when some chunk sets sparse_from, or in a mixed step.
+  const bool flags = scored_sparse || mixed;
+  Tensor dense = Tensor::empty(DType::I32, {flags ? T : 0});
+  std::vector<int64_t> first_token(static_cast<size_t>(S));  // of each chunk, in the caller's order
+  int64_t t = 0;
+  for (int64_t s = 0; s < S; ++s) {  // s: the chunk's place in the step
+    const SeqChunk& ch = chunks[static_cast<size_t>(order[static_cast<size_t>(s)])];
     const int64_t len = length(ch.seq);
     const std::vector<int32_t>& blocks = cache_.blocks(ch.seq);
     starts.data<int32_t>()[s] = static_cast<int32_t>(t);
+    first_token[static_cast<size_t>(order[static_cast<size_t>(s)])] = t;
     std::copy(blocks.begin(), blocks.end(), tables.data<int32_t>() + s * max_blocks);
     const int64_t n = static_cast<int64_t>(ch.tokens.size());
-    const int64_t sparse_from = ch.sparse_from.value_or(n == 1 ? 0 : n);
+    const int64_t sparse_from = ch.sparse_from.value_or(is_decode(ch) ? 0 : n);
     for (size_t i = 0; i < ch.tokens.size(); ++i, ++t) {
       ids.data<int32_t>()[t] = ch.tokens[i];
       pos.data<int32_t>()[t] = static_cast<int32_t>(len + i);
       seq.data<int32_t>()[t] = static_cast<int32_t>(s);
       slots.data<int32_t>()[t] = cache_.slot(ch.seq, len + i);
-      if (scored_sparse) dense.data<int32_t>()[t] = static_cast<int64_t>(i) < sparse_from;
-      if (all_logits && static_cast<int64_t>(i) >= ch.logits_from) rows.data<int32_t>()[r++] = static_cast<int32_t>(t);
+      if (flags) dense.data<int32_t>()[t] = static_cast<int64_t>(i) < sparse_from;
     }
-    if (!all_logits) rows.data<int32_t>()[s] = static_cast<int32_t>(t - 1);
   }
   starts.data<int32_t>()[S] = static_cast<int32_t>(T);
+  int64_t r = 0;
+  for (int64_t s = 0; s < S; ++s) {  // logit rows in the caller's chunk order
+    const SeqChunk& ch = chunks[static_cast<size_t>(s)];
+    const int64_t t0 = first_token[static_cast<size_t>(s)], n = static_cast<int64_t>(ch.tokens.size());
+    if (!all_logits) rows.data<int32_t>()[r++] = static_cast<int32_t>(t0 + n - 1);
+    else
+      for (int64_t i = ch.logits_from; i < n; ++i) rows.data<int32_t>()[r++] = static_cast<int32_t>(t0 + i);
+  }
   StepInput in;
   in.ids = be.upload(ids, DType::I32);
   in.layout = {be.upload(pos, DType::I32),    be.upload(seq, DType::I32),    be.upload(slots, DType::I32),
                be.upload(tables, DType::I32), be.upload(starts, DType::I32), cache_.block_size(),
                max_ctx,                       max_chunk,                     Tensor()};
   in.logit_rows = be.upload(rows, DType::I32);
-  if (options_.sparsity && (scored_sparse || max_chunk == 1)) {
+  if (options_.sparsity && (flags || decode_chunks == S)) {
     in.sparsity = options_.sparsity;
-    Tensor live = Tensor::empty(DType::I32, {1});  // an eager step has no padding rows
-    live.data<int32_t>()[0] = static_cast<int32_t>(T);
+    Tensor live = Tensor::empty(DType::I32, {1});  // an eager step has no padding rows; a mixed one's MLP
+    live.data<int32_t>()[0] = static_cast<int32_t>(mixed ? decode_chunks : T);  // router reads its decode rows
     in.layout.live_tokens = be.upload(live, DType::I32);
-    if (scored_sparse) in.dense_tokens = be.upload(dense, DType::I32);
+    if (flags) in.dense_tokens = be.upload(dense, DType::I32);
+    if (mixed) in.mixed_decode_tokens = decode_chunks;
   }
   Tensor logits = model_.forward(in, cache_.layers(), probe);
   for (const SeqChunk& ch : chunks) lengths_[ch.seq] += static_cast<int64_t>(ch.tokens.size());

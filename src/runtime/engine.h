@@ -20,8 +20,8 @@ struct EngineOptions {
   // Decode steps (one token per sequence) replay a graph captured per (batch bucket, context bucket) on
   // backends that support graphs; steps with a probe or while profiling always run op by op.
   bool graphs = true;
-  // Sparse decoding: pure decode steps (one token per sequence) consult it; prefill and mixed steps stay
-  // dense. Null = dense. Not owned.
+  // Sparse decoding: decode tokens (one-token chunks not marked prefill) consult it, in decode-only steps
+  // and beside prefill chunks in mixed steps; prefill runs dense. Null = dense. Not owned.
   Sparsity* sparsity = nullptr;
 };
 
@@ -36,6 +36,9 @@ struct SeqChunk {
   // With all_logits: the logit rows of this chunk start at its token logits_from (scoring needs only the
   // rows that predict a continuation; the rest would be computed and copied to the host for nothing).
   int64_t logits_from = 0;
+  // A piece of a prompt: runs densely in a sparse engine even when it is a single token (an unmarked
+  // one-token chunk is a decode token, and sparse). Longer chunks are prefill whatever this says.
+  bool prefill = false;
 };
 
 class Engine {

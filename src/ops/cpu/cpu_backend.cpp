@@ -298,16 +298,17 @@ class CpuBackend final : public Backend {
   void keep_heads(Tensor& x, const Tensor& heads, int64_t group, const Tensor* dense_tokens) override {
     const int64_t T = x.dim(0), H = x.dim(1), dh = x.dim(2), k = heads.dim(1);
     check(x.ndim() == 3 && group >= 1 && H % group == 0 && heads.dtype() == DType::I32 && heads.ndim() == 2 &&
-              heads.dim(0) == T && k >= 1 && k <= H / group,
+              (heads.dim(0) == T || heads.dim(0) == 1) && k >= 1 && k <= H / group,
           "keep_heads: heads {} for x {} in groups of {}", shape_str(heads.shape()), shape_str(x.shape()), group);
     check(!dense_tokens || dense_tokens->numel() == T, "keep_heads: dense_tokens {} for {} tokens",
           dense_tokens ? shape_str(dense_tokens->shape()) : "", T);
     std::vector<char> kept(H / group);
+    const int64_t stride = heads.dim(0) == 1 ? 0 : k;  // [1, k]: the same set for every token
     for (int64_t t = 0; t < T; ++t) {
       if (dense_tokens && dense_tokens->data<int32_t>()[t]) continue;
       std::fill(kept.begin(), kept.end(), 0);
       for (int64_t j = 0; j < k; ++j) {
-        const int32_t u = heads.data<int32_t>()[t * k + j];
+        const int32_t u = heads.data<int32_t>()[t * stride + j];
         check(u >= 0 && u < H / group, "keep_heads: head {} outside [0, {})", u, H / group);
         kept[u] = 1;
       }

@@ -470,7 +470,8 @@ class CudaBackend final : public Backend {
   void keep_heads(Tensor& x, const Tensor& heads, int64_t group, const Tensor* dense_tokens) override {
     expect_act(x, "keep_heads input");
     expect_i32(heads, "keep_heads heads");
-    check(x.ndim() == 3 && group >= 1 && x.dim(1) % group == 0 && heads.ndim() == 2 && heads.dim(0) == x.dim(0) &&
+    check(x.ndim() == 3 && group >= 1 && x.dim(1) % group == 0 && heads.ndim() == 2 &&
+              (heads.dim(0) == x.dim(0) || heads.dim(0) == 1) &&
               heads.dim(1) >= 1 && heads.dim(1) <= x.dim(1) / group,
           "keep_heads: heads {} for x {} in groups of {}", shape_str(heads.shape()), shape_str(x.shape()), group);
     if (dense_tokens) {
@@ -479,7 +480,7 @@ class CudaBackend final : public Backend {
             shape_str(dense_tokens->shape()), x.dim(0));
     }
     cuda::keep_heads(x.raw(), x.dim(0), x.dim(1), group, x.dim(2), heads.data<int32_t>(), heads.dim(1),
-                     dense_tokens ? dense_tokens->data<int32_t>() : nullptr, error_flag_.data<int32_t>(), elem(),
+                     heads.dim(0) == 1 ? 0 : heads.dim(1), dense_tokens ? dense_tokens->data<int32_t>() : nullptr, error_flag_.data<int32_t>(), elem(),
                      stream_);
   }
 

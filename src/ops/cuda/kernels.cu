@@ -415,7 +415,7 @@ __global__ void route_heads_kernel(const T* scores, int H, int group, int k, int
 // token: looking each element's unit up in the kept list would be O(H·dh·k), with k in the thousands for
 // MLP neurons. A unit id outside [0, U) marks nothing and raises kErrorHeadOutOfRange.
 template <typename T>
-__global__ void keep_heads_kernel(T* out, int H, int group, int dh, const int32_t* heads, int k,
+__global__ void keep_heads_kernel(T* out, int H, int group, int dh, const int32_t* heads, int k, int heads_stride,
                                   const int32_t* dense_tokens, int32_t* error_flag) {
   extern __shared__ uint32_t kept_bits[];  // [(U + 31) / 32]
   const int64_t t = blockIdx.x;
@@ -424,7 +424,7 @@ __global__ void keep_heads_kernel(T* out, int H, int group, int dh, const int32_
   for (int w = threadIdx.x; w < words; w += blockDim.x) kept_bits[w] = 0;
   __syncthreads();
   for (int j = threadIdx.x; j < k; j += blockDim.x) {
-    const int32_t u = heads[t * k + j];
+    const int32_t u = heads[t * heads_stride + j];
     if (u >= 0 && u < U)
       atomicOr(&kept_bits[u >> 5], 1u << (u & 31));
     else
@@ -757,7 +757,7 @@ void route_neurons(const void* logits, int64_t R, int64_t D, const int32_t* live
 }
 
 void keep_heads(void* out, int64_t T, int64_t H, int64_t group, int64_t dh, const int32_t* heads, int64_t k,
-                const int32_t* dense_tokens, int32_t* error_flag, Elem e, cudaStream_t stream) {
+                int64_t heads_stride, const int32_t* dense_tokens, int32_t* error_flag, Elem e, cudaStream_t stream) {
   if (T == 0) return;
   if (H * dh > INT32_MAX || k > INT32_MAX) fail("keep_heads: {} heads of {} overflow the kernel's int indices", H, dh);
   const int64_t bytes = (H / group + 31) / 32 * int64_t(sizeof(uint32_t));
@@ -767,7 +767,7 @@ void keep_heads(void* out, int64_t T, int64_t H, int64_t group, int64_t dh, cons
     using Ty = std::remove_pointer_t<decltype(tag)>;
     keep_heads_kernel<<<static_cast<unsigned>(T), row_threads(H * dh), static_cast<size_t>(bytes), stream>>>(
         static_cast<Ty*>(out), static_cast<int>(H), static_cast<int>(group), static_cast<int>(dh), heads,
-        static_cast<int>(k), dense_tokens, error_flag);
+        static_cast<int>(k), static_cast<int>(heads_stride), dense_tokens, error_flag);
   });
   check_launch("keep_heads");
 }
