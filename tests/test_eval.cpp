@@ -196,6 +196,15 @@ TEST(EvalBadInput, MalformedLinesNameFileAndLine) {
   }
 }
 
+// A million nested arrays in one 2 MB line: refused while parsing (quoting the bad 'gold' in the error would
+// recurse a million deep and overflow the stack).
+TEST(EvalBadInput, DeeplyNestedJsonIsRefusedNotACrash) {
+  test::TempDir dir;
+  const std::string nested = std::string(1'000'000, '[') + std::string(1'000'000, ']');
+  const std::string path = write_lines(dir, "deep.jsonl", {R"({"query": "q", "choices": ["a"], "gold": )" + nested + "}"});
+  EXPECT_THAT(error_of([&] { load_task(path); }), HasSubstr(path + ":1: invalid JSON: parse error: nested deeper than 128"));
+}
+
 TEST(EvalBadInput, FilesWithoutValidItems) {
   test::TempDir dir;
   std::string path = write_lines(dir, "unknown.jsonl", {R"({"foo": 1, "bar": 2})"});

@@ -534,6 +534,31 @@ TEST(GgufMalformed, HeaderErrors) {
   EXPECT_TRUE(Contains(open_error(Raw().header(~0ull, 0).b), "more than the file can hold"));
 }
 
+// Bounded work: counts and lengths are checked against the bytes left in the file before anything is
+// allocated for them (under ASan an allocation of these sizes would abort the test instead of failing it).
+TEST(GgufMalformed, HugeCountsAndLengthsAreRefusedBeforeAllocating) {
+  constexpr uint64_t k2_40 = 1ull << 40, k2_60 = 1ull << 60;
+  const std::vector<uint8_t> pad(64, 0);  // enough bytes left for one tensor info or metadata entry
+  auto padded = [&](Raw r) {
+    r.b.insert(r.b.end(), pad.begin(), pad.end());
+    return r.b;
+  };
+  EXPECT_TRUE(Contains(open_error(padded(Raw().header(k2_40, 0))),
+                       "header claims 0 metadata entries and 1099511627776 tensors, more than the file can hold"));
+  EXPECT_TRUE(Contains(open_error(padded(Raw().header(0, k2_40))), "1099511627776 metadata entries"));
+  EXPECT_TRUE(Contains(open_error(padded(Raw().header(0, 1).num(k2_60))),
+                       "metadata key: string length 1152921504606846976 at offset 24 runs past the end"));
+  EXPECT_TRUE(Contains(open_error(padded(Raw().header(0, 1).str("k").num(STRING).num(k2_60))),
+                       "k: string length 1152921504606846976"));
+  EXPECT_TRUE(Contains(open_error(padded(Raw().header(1, 0).num(k2_60))),
+                       "tensor name: string length 1152921504606846976"));
+  EXPECT_TRUE(Contains(open_error(padded(Raw().header(0, 1).str("arr").num(ARRAY).num(STRING).num(k2_40))),
+                       "metadata key arr: array of 1099511627776 elements"));
+  // A tensor of 2^40 elements (4 TiB of F32) in a small file.
+  EXPECT_TRUE(Contains(open_error(padded(Raw().header(1, 0).str("t").num<uint32_t>(1).num(k2_40).num<uint32_t>(0))),
+                       "tensor t (1099511627776 elements of F32) is larger than the file"));
+}
+
 TEST(GgufMalformed, MetadataErrors) {
   // String lengths past the end: in a key and in a value.
   EXPECT_TRUE(Contains(open_error(Raw().header(0, 1).num<uint64_t>(1ull << 62).num<uint64_t>(0).b),

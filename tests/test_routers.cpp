@@ -365,6 +365,11 @@ std::vector<BadFile> bad_files() {
        {"malformed \"polar.routers\" metadata"}},
       {"MetadataNotAnObject", kOpt, [](Parts& p) { p.metadata[kMetaKey] = "[1, 2]"; }, {"is not a JSON object"}},
       {"MissingField", kOpt, meta([](json& j) { j.erase("granularity"); }), {"lacks \"granularity\""}},
+      // A million nested arrays: refused while parsing (quoting the bad "format" in the error would recurse a
+      // million deep and overflow the stack).
+      {"DeeplyNestedMetadata", kOpt,
+       [](Parts& p) { p.metadata[kMetaKey] = R"({"format": )" + std::string(1'000'000, '[') + std::string(1'000'000, ']') + "}"; },
+       {"malformed \"polar.routers\" metadata", "nested deeper than 128 levels"}},
       {"FormatTwo", kOpt, meta([](json& j) { j["format"] = 2; }), {"format 2", "reads format 1"}},
       {"FormatNotANumber", kOpt, meta([](json& j) { j["format"] = "1"; }), {"format must be an integer"}},
       {"UnknownField", kOpt, meta([](json& j) { j["mlp_density"] = 0.5; }), {"unknown field \"mlp_density\""}},

@@ -173,6 +173,14 @@ std::vector<BadFile> bad_files() {
       {"ShorterThanHeaderLength", {1, 0, 0, 0, 0}, "only 5 bytes"},
       {"HeaderLengthPastEnd", file_image("{}", 0, 1000), "runs past the end of the file"},
       {"HugeHeaderLength", file_image("{}", 0, std::numeric_limits<uint64_t>::max()), "implausibly large"},
+      // Bounded work: a header length or a tensor size the file cannot hold is refused before anything is read
+      // or allocated for it.
+      {"HeaderLength2To60", file_image("{}", 0, 1ull << 60), "header length 1152921504606846976 is implausibly large"},
+      {"Tensor2To40Elements",
+       file_image(one(R"("a": {"dtype": "F32", "shape": [1099511627776], "data_offsets": [0, 16]})"), 16),
+       "'a' has shape [1099511627776] (f32) but 16 bytes of data"},
+      {"DeeplyNestedHeader", file_image(R"({"a": )" + std::string(200, '[') + std::string(200, ']') + "}"),
+       "nested deeper than 128 levels"},
       {"HeaderLengthJustPastEnd", file_image(one(kTensorA), 16, one(kTensorA).size() + 17), "runs past the end"},
       {"MalformedJson", file_image(R"({"a": {"dtype": "F32", )"), "malformed safetensors header"},
       {"HeaderNotObject", file_image("[1, 2, 3]"), "not a JSON object"},

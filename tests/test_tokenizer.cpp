@@ -457,6 +457,16 @@ TEST(TokenizerBpeSynthetic, DigitsAndPrefixSpacePreTokenizers) {
   EXPECT_EQ(tok->encode("a12", false), (std::vector<int32_t>{v.id(" a"), v.id(" "), v.id("1"), v.id(" "), v.id("2")}));
 }
 
+// A million nested arrays as the normalizer: refused while parsing (quoting the unsupported normalizer in the
+// error would recurse a million deep and overflow the stack).
+TEST(TokenizerBadInput, DeeplyNestedTokenizerJsonIsRefusedNotACrash) {
+  TempDir dir;
+  const std::string nested = std::string(1'000'000, '[') + std::string(1'000'000, ']');
+  write_text(dir.path("tokenizer.json"), R"({"model": {"vocab": {"a": 0}, "merges": []}, "normalizer": )" + nested + "}");
+  expect_error([&] { load_tokenizer_dir(dir.path("")); }, "tokenizer.json: not valid JSON");
+  expect_error([&] { load_tokenizer_dir(dir.path("")); }, "nested deeper than 128 levels");
+}
+
 TEST(TokenizerBpeSynthetic, SplitPreTokenizerWithRegexAndString) {
   TempDir dir;
   SyntheticBpe v(RawMerges{{"x", "y"}, {"a", "b"}});

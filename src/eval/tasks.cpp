@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "io/json.h"
 
 namespace polar {
 
@@ -79,7 +80,7 @@ TaskFormat first_format(const json& j) {
 
 json parse_line(const std::string& line) {
   try {
-    return json::parse(line);
+    return parse_json(line);
   } catch (const json::exception& e) {
     // nlohmann's message starts with its exception id ("[json.exception.parse_error.101] "): not for users.
     const std::string what = e.what();

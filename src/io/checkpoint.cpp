@@ -8,6 +8,7 @@
 #include <fmt/format.h>
 
 #include "io/gguf.h"
+#include "io/json.h"
 #include "io/safetensors.h"
 
 namespace polar {
@@ -44,7 +45,7 @@ json read_json(const fs::path& p) {
   std::ifstream f(p);
   check(f.good(), "cannot read {}", p.string());
   try {
-    return json::parse(f);
+    return parse_json(f);
   } catch (const json::exception& e) {
     fail("{}: malformed JSON: {}", p.string(), e.what());
   }

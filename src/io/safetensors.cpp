@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/half.h"
+#include "io/json.h"
 
 namespace polar::safetensors {
 
@@ -51,7 +52,7 @@ File File::open(const std::string& path) {
         path, header_len, size);
   nlohmann::json header;
   try {
-    header = nlohmann::json::parse(f.map_->bytes() + 8, f.map_->bytes() + 8 + header_len);
+    header = parse_json(f.map_->bytes() + 8, f.map_->bytes() + 8 + header_len);
   } catch (const nlohmann::json::exception& e) {
     fail("{}: malformed safetensors header: {}", path, e.what());
   }

@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "io/json.h"
 #include "io/tokenizer_impl.h"
 
 namespace polar {
@@ -28,7 +29,7 @@ json read_json(const fs::path& path) {
   std::ifstream f(path, std::ios::binary);
   check(f.good(), "{}: cannot open", path.string());
   try {
-    return json::parse(f);
+    return parse_json(f);
   } catch (const json::parse_error& e) {
     fail("{}: not valid JSON: {}", path.string(), e.what());
   }

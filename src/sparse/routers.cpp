@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 
 #include "core/random.h"
+#include "io/json.h"
 #include "io/safetensors.h"
 
 namespace polar {
@@ -213,7 +214,7 @@ Routers read_file(const std::string& path, const ModelConfig* config, const std:
   check(it != f.metadata().end(), "{}: not a router file (no \"{}\" metadata)", path, kMetadataKey);
   json meta;
   try {
-    meta = json::parse(it->second);
+    meta = parse_json(it->second);
   } catch (const json::exception& e) {
     fail("{}: malformed \"{}\" metadata: {}", path, kMetadataKey, e.what());
   }
