@@ -1,0 +1,397 @@
+#include "runtime/scheduler.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace polar {
+
+namespace {
+
+double seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
+
+bool same_rule(const SamplingParams& a, const SamplingParams& b) {
+  return a.temperature == b.temperature && a.top_k == b.top_k && a.top_p == b.top_p;
+}
+
+}  // namespace
+
+const char* finish_reason_name(FinishReason r) {
+  switch (r) {
+    case FinishReason::stop: return "stop";
+    case FinishReason::length: return "length";
+    case FinishReason::cancelled: return "cancelled";
+  }
+  return "?";
+}
+
+// ---- RequestStream
+
+void RequestStream::push(RequestEvent e) {
+  {
+    std::lock_guard lock(mu_);
+    if (e.token) times_.tokens.push_back(e.time);
+    if (e.token && times_.tokens.size() == 1) times_.first_token = e.time;
+    if (e.finish) {
+      done_ = true;
+      times_.finished = e.time;
+    }
+    events_.push_back(std::move(e));
+  }
+  cv_.notify_all();
+}
+
+std::optional<RequestEvent> RequestStream::next(std::optional<Clock::time_point> deadline) {
+  std::unique_lock lock(mu_);
+  auto ready = [&] { return !events_.empty() || drained_; };
+  if (deadline) {
+    if (!cv_.wait_until(lock, *deadline, ready)) return std::nullopt;
+  } else {
+    cv_.wait(lock, ready);
+  }
+  if (events_.empty()) return std::nullopt;
+  RequestEvent e = std::move(events_.front());
+  events_.pop_front();
+  if (e.finish) drained_ = true;
+  return e;
+}
+
+bool RequestStream::finished() const {
+  std::lock_guard lock(mu_);
+  return done_;
+}
+
+RequestTimes RequestStream::times() const {
+  std::lock_guard lock(mu_);
+  return times_;
+}
+
+// ---- Scheduler
+
+struct Scheduler::Sequence {
+  Sequence(int64_t id_, Request r, const Tokenizer* tok)
+      : id(id_), request(std::move(r)), stream(new RequestStream(id_)), sampler(request.params.sampling,
+                                                                                 request.params.sample_stream) {
+    tokens = request.prompt;
+    if (tok) decoder.emplace(*tok);
+  }
+  int64_t id;
+  Request request;
+  std::shared_ptr<RequestStream> stream;
+  Sampler sampler;
+  std::vector<int32_t> tokens;  // the prompt, then every produced token
+  int64_t produced = 0;
+  int64_t engine_seq = -1;  // -1: holds no place in the engine (waiting)
+  int64_t cached = 0;       // tokens of `tokens` whose K/V are in the cache
+  int64_t admitted = -1;    // admission order, for preemption
+  int64_t prompt_end = 0;   // tokens read as a prompt (dense) from admission on: the prompt, or all on recompute
+  std::optional<StreamDecoder> decoder;
+  std::string held;  // decoded text not yet sent: it might be the start of a stop string
+  // Read its prompt (and anything it recomputes): its next step is a decode token, tokens.back().
+  bool prefilled() const { return cached >= prompt_end; }
+};
+
+Scheduler::Scheduler(Model& model, SchedulerOptions options)
+    : model_(model),
+      options_(std::move(options)),
+      engine_(model, {.kv_tokens = options_.kv_tokens, .block_size = options_.block_size, .graphs = options_.graphs,
+                      .sparsity = options_.sparsity}),
+      blocks_total_(engine_.cache().num_blocks()) {
+  check(options_.kv_tokens > 0, "scheduler: the KV cache needs a capacity (kv_tokens)");
+  check(options_.max_seqs >= 1, "--max-seqs must be >= 1, got {}", options_.max_seqs);
+  // Every running sequence decodes in every step: the step budget must hold a full batch of decode tokens.
+  check(options_.max_batch_tokens >= options_.max_seqs, "--max-batch-tokens ({}) must be >= --max-seqs ({})",
+        options_.max_batch_tokens, options_.max_seqs);
+}
+
+Scheduler::~Scheduler() = default;
+
+std::shared_ptr<RequestStream> Scheduler::submit(Request r) {
+  const ModelConfig& c = model_.config();
+  const RequestParams& p = r.params;
+  check(!r.prompt.empty(), "empty prompt: nothing to condition on");
+  for (int32_t id : r.prompt)
+    check(id >= 0 && id < c.vocab_size, "token id {} is out of range for a vocabulary of {}", id, c.vocab_size);
+  check(p.max_tokens >= 0, "max_tokens must be >= 0, got {}", p.max_tokens);
+  check(p.min_tokens >= 0 && p.min_tokens <= p.max_tokens, "min_tokens must be in [0, max_tokens = {}], got {}",
+        p.max_tokens, p.min_tokens);
+  validate(p.sampling);
+  for (int32_t id : p.stop_token_ids)
+    check(id >= 0 && id < c.vocab_size, "stop token id {} is out of range for a vocabulary of {}", id, c.vocab_size);
+  check(p.stop_strings.empty() || options_.tokenizer, "stop strings need a tokenizer (the model has none)");
+  for (const std::string& s : p.stop_strings) check(!s.empty(), "empty stop string");
+  const int64_t total = static_cast<int64_t>(r.prompt.size()) + p.max_tokens;
+  check(total <= c.max_positions, "prompt of {} tokens plus {} new tokens exceeds the model's context length of {}",
+        r.prompt.size(), p.max_tokens, c.max_positions);
+  const int64_t bs = engine_.cache().block_size();
+  check((total + bs - 1) / bs <= blocks_total_,
+        "prompt of {} tokens plus {} new tokens exceeds the KV cache of {} tokens", r.prompt.size(), p.max_tokens,
+        blocks_total_ * bs);
+  std::lock_guard lock(submit_mu_);
+  auto s = std::make_unique<Sequence>(next_id_++, std::move(r), options_.tokenizer);
+  std::shared_ptr<RequestStream> stream = s->stream;
+  stream->times_.arrival = Clock::now();
+  if (s->request.params.max_tokens == 0) {  // nothing to compute: finished on arrival
+    stream->push({std::nullopt, "", FinishReason::length, stream->times_.arrival});
+    return stream;
+  }
+  submitted_.push_back(std::move(s));
+  waiting_count_.fetch_add(1);
+  submit_cv_.notify_all();
+  return stream;
+}
+
+void Scheduler::admit_submitted() {
+  std::lock_guard lock(submit_mu_);
+  for (auto& s : submitted_) waiting_.push_back(std::move(s));
+  submitted_.clear();
+}
+
+int64_t Scheduler::waiting() const { return waiting_count_.load(); }
+int64_t Scheduler::running() const { return running_count_.load(); }
+
+void Scheduler::finish(Sequence& s, FinishReason reason) {
+  std::string text = s.held;
+  if (s.decoder && reason != FinishReason::cancelled) text += s.decoder->flush();
+  s.held.clear();
+  if (s.engine_seq >= 0) engine_.remove_sequence(s.engine_seq);
+  s.engine_seq = -1;
+  s.stream->push({std::nullopt, reason == FinishReason::cancelled ? "" : text, reason, Clock::now()});
+}
+
+void Scheduler::preempt(Sequence& s) {
+  engine_.remove_sequence(s.engine_seq);
+  s.engine_seq = -1;
+  s.cached = 0;  // recomputed: the prompt and the produced tokens are read again as a prompt
+  s.admitted = -1;
+  ++stats_.preemptions;
+}
+
+bool Scheduler::is_stop_token(const Sequence& s, int32_t token) const {
+  const RequestParams& p = s.request.params;
+  if (std::find(p.stop_token_ids.begin(), p.stop_token_ids.end(), token) != p.stop_token_ids.end()) return true;
+  return !p.ignore_eos && options_.tokenizer && options_.tokenizer->is_eos(token);
+}
+
+bool Scheduler::produce(Sequence& s, int32_t token, Clock::time_point now) {
+  const RequestParams& p = s.request.params;
+  s.tokens.push_back(token);
+  ++s.produced;
+  ++stats_.generated_tokens;
+  const bool stop_token = s.produced > p.min_tokens && is_stop_token(s, token);
+  std::string text;
+  if (s.decoder && !stop_token) text = s.decoder->push(token);
+  // Stop strings: search the text not yet sent; send all of it but the longest tail that could still grow
+  // into a stop string.
+  std::optional<FinishReason> finish;
+  bool stop_string = false;
+  if (!p.stop_strings.empty() && s.produced > p.min_tokens) {
+    s.held += text;
+    size_t cut = std::string::npos;
+    for (const std::string& stop : p.stop_strings) cut = std::min(cut, s.held.find(stop));
+    if (cut != std::string::npos) {
+      text = s.held.substr(0, cut);
+      s.held.clear();
+      finish = FinishReason::stop;
+      stop_string = true;
+    } else {
+      size_t keep = 0;
+      for (const std::string& stop : p.stop_strings)
+        for (size_t n = std::min(stop.size() - 1, s.held.size()); n > keep; --n)
+          if (s.held.compare(s.held.size() - n, n, stop, 0, n) == 0) {
+            keep = n;
+            break;
+          }
+      text = s.held.substr(0, s.held.size() - keep);
+      s.held.erase(0, s.held.size() - keep);
+    }
+  } else if (!p.stop_strings.empty()) {
+    text = s.held + text;  // before min_tokens nothing stops, nothing is held
+    s.held.clear();
+  }
+  if (!finish && stop_token) finish = FinishReason::stop;
+  if (!finish && s.produced >= p.max_tokens) finish = FinishReason::length;
+  if (finish) {  // what was held back is text after all, unless a stop string ended it
+    if (!stop_string) text += s.held + (s.decoder ? s.decoder->flush() : "");
+    s.held.clear();
+    if (s.engine_seq >= 0) engine_.remove_sequence(s.engine_seq);
+    s.engine_seq = -1;
+  }
+  s.stream->push({token, std::move(text), finish, now});
+  return finish.has_value();
+}
+
+std::vector<int32_t> Scheduler::sample(const Tensor& logits, const std::vector<Sequence*>& seqs,
+                                       const std::vector<int64_t>& rows) {
+  Backend& be = model_.backend();
+  const int64_t R = logits.dim(0), V = logits.dim(1);  // rows[i]: seqs[i]'s row
+  std::vector<int32_t> out(seqs.size(), -1);
+  std::vector<float> u(seqs.size());
+  for (size_t i = 0; i < seqs.size(); ++i) u[i] = seqs[i]->sampler.next_uniform();
+  // Rows that must not produce a stop token yet (min_tokens): sampled on the host from their own row with
+  // the stop tokens' logits at -inf. Every other row: on the device, one pass per distinct sampling rule.
+  std::vector<bool> masked(seqs.size(), false);
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const Sequence& s = *seqs[i];
+    if (s.produced >= s.request.params.min_tokens) continue;
+    masked[i] = true;
+    Tensor row = be.to_host_f32(logits.slice_rows(rows[i], rows[i] + 1));
+    float* l = row.data<float>();
+    for (int64_t v = 0; v < V; ++v)
+      if (is_stop_token(s, static_cast<int32_t>(v))) l[v] = -INFINITY;
+    out[i] = sample_row(l, V, s.request.params.sampling, u[i]);
+  }
+  std::vector<bool> done = masked;
+  for (size_t first = 0; first < seqs.size(); ++first) {
+    if (done[first]) continue;
+    const SamplingParams& rule = seqs[first]->request.params.sampling;
+    Tensor uniforms = Tensor::zeros(DType::F32, {R});
+    for (size_t i = first; i < seqs.size(); ++i)
+      if (!done[i] && same_rule(seqs[i]->request.params.sampling, rule)) uniforms.data<float>()[rows[i]] = u[i];
+    Tensor ids = be.alloc(DType::I32, {R});
+    be.sample(logits, rule, be.upload(uniforms, DType::F32), ids);
+    Tensor host = be.to_host_f32(ids);
+    for (size_t i = first; i < seqs.size(); ++i)
+      if (!done[i] && same_rule(seqs[i]->request.params.sampling, rule)) {
+        out[i] = host.data<int32_t>()[rows[i]];
+        done[i] = true;
+      }
+  }
+  return out;
+}
+
+bool Scheduler::step() {
+  const Clock::time_point t0 = Clock::now();
+  admit_submitted();
+  // Cancellations, wherever the request is.
+  auto cancelled = [](const std::unique_ptr<Sequence>& s) { return s->stream->cancelled_.load(); };
+  for (auto& s : running_)
+    if (cancelled(s)) finish(*s, FinishReason::cancelled);
+  for (auto& s : waiting_)
+    if (cancelled(s)) finish(*s, FinishReason::cancelled);
+  std::erase_if(running_, cancelled);
+  std::erase_if(waiting_, cancelled);
+  if (running_.empty() && waiting_.empty()) {
+    waiting_count_.store(0);
+    running_count_.store(0);
+    return false;
+  }
+  KVCache& cache = engine_.cache();
+  const int64_t bs = cache.block_size();
+  auto blocks_for = [&](int64_t tokens) { return (tokens + bs - 1) / bs; };
+  // Reserves blocks for n tokens of s if the pool has them.
+  auto try_reserve = [&](const Sequence& s, int64_t n) {
+    const int64_t need = blocks_for(n) - static_cast<int64_t>(cache.blocks(s.engine_seq).size());
+    if (need > cache.free_blocks()) return false;
+    cache.reserve(s.engine_seq, n);
+    return true;
+  };
+  auto requeue_last = [&] {  // preempts the most recently admitted running sequence
+    std::unique_ptr<Sequence> victim = std::move(running_.back());
+    running_.pop_back();
+    preempt(*victim);
+    waiting_.push_front(std::move(victim));
+  };
+
+  std::vector<SeqChunk> chunks;
+  std::vector<Sequence*> owners;
+  int64_t budget = options_.max_batch_tokens;
+  // Decode tokens: every sequence that has read its prompt, oldest first. When the cache cannot grow one,
+  // the most recently admitted sequence gives its blocks back (it may be this one).
+  for (size_t i = 0; i < running_.size() && budget > 0; ++i) {
+    Sequence& s = *running_[i];
+    if (!s.prefilled()) continue;
+    bool placed = true;
+    while (!try_reserve(s, s.cached + 1)) {
+      const bool self = running_.back().get() == &s;
+      requeue_last();
+      if (self) {
+        placed = false;
+        break;
+      }
+    }
+    if (!placed) break;
+    chunks.push_back({s.engine_seq, std::span<const int32_t>(&s.tokens[s.cached], 1)});
+    owners.push_back(&s);
+    --budget;
+  }
+  const int64_t decode_tokens = static_cast<int64_t>(chunks.size());
+  // Prompt chunks: sequences reading their prompts (their blocks were reserved at admission), then new
+  // admissions, first come first served, while the batch and the cache have room for a whole prompt.
+  auto add_prompt_chunk = [&](Sequence& s) {
+    const int64_t take = std::min<int64_t>(s.prompt_end - s.cached, budget);
+    chunks.push_back({s.engine_seq, std::span<const int32_t>(s.tokens).subspan(static_cast<size_t>(s.cached),
+                                                                                static_cast<size_t>(take)),
+                      std::nullopt, 0, /*prefill=*/true});
+    owners.push_back(&s);
+    budget -= take;
+  };
+  for (auto& s : running_) {
+    if (budget == 0) break;
+    if (!s->prefilled()) add_prompt_chunk(*s);
+  }
+  while (budget > 0 && !waiting_.empty() && static_cast<int64_t>(running_.size()) < options_.max_seqs) {
+    Sequence& s = *waiting_.front();
+    if (blocks_for(static_cast<int64_t>(s.tokens.size())) > cache.free_blocks()) break;
+    s.engine_seq = engine_.add_sequence();
+    s.admitted = admissions_++;
+    s.prompt_end = static_cast<int64_t>(s.tokens.size());
+    cache.reserve(s.engine_seq, static_cast<int64_t>(s.tokens.size()));
+    running_.push_back(std::move(waiting_.front()));
+    waiting_.pop_front();
+    add_prompt_chunk(s);
+  }
+  waiting_count_.store(static_cast<int64_t>(waiting_.size()));
+  running_count_.store(static_cast<int64_t>(running_.size()));
+  if (chunks.empty()) return !running_.empty() || !waiting_.empty();  // nothing fits this step (cannot last)
+
+  const Clock::time_point t1 = Clock::now();
+  const Tensor logits = engine_.forward(chunks, /*all_logits=*/false);
+  std::vector<Sequence*> ready;  // sequences whose pending tokens are all read: they sample
+  std::vector<int64_t> rows;
+  for (size_t r = 0; r < chunks.size(); ++r) {
+    Sequence& s = *owners[r];
+    s.cached += static_cast<int64_t>(chunks[r].tokens.size());
+    if (r >= static_cast<size_t>(decode_tokens)) stats_.prompt_tokens += static_cast<int64_t>(chunks[r].tokens.size());
+    if (s.cached == static_cast<int64_t>(s.tokens.size())) {
+      ready.push_back(&s);
+      rows.push_back(static_cast<int64_t>(r));
+    }
+  }
+  const std::vector<int32_t> next = ready.empty() ? std::vector<int32_t>() : sample(logits, ready, rows);
+  const Clock::time_point t2 = Clock::now();
+  for (size_t i = 0; i < ready.size(); ++i) produce(*ready[i], next[i], t2);
+  std::erase_if(running_, [](const std::unique_ptr<Sequence>& s) { return s->engine_seq < 0; });
+  running_count_.store(static_cast<int64_t>(running_.size()));
+
+  ++stats_.steps;
+  stats_.batch_sum += static_cast<int64_t>(chunks.size());
+  if (decode_tokens == static_cast<int64_t>(chunks.size())) ++stats_.decode_only_steps;
+  else if (decode_tokens == 0) ++stats_.prefill_only_steps;
+  else ++stats_.mixed_steps;
+  const Clock::time_point t3 = Clock::now();
+  stats_.engine_seconds += seconds(t2 - t1);
+  stats_.schedule_seconds += seconds(t1 - t0) + seconds(t3 - t2);
+  return true;
+}
+
+void Scheduler::run_until_idle() {
+  while (step()) {
+  }
+}
+
+void Scheduler::run() {
+  for (;;) {
+    if (step()) continue;
+    std::unique_lock lock(submit_mu_);
+    submit_cv_.wait(lock, [&] { return stopping_ || !submitted_.empty(); });
+    if (stopping_) return;
+  }
+}
+
+void Scheduler::stop() {
+  std::lock_guard lock(submit_mu_);
+  stopping_ = true;
+  submit_cv_.notify_all();
+}
+
+}  // namespace polar

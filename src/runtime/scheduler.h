@@ -1,0 +1,165 @@
+// Scheduler: serves many requests at once over one Engine by iteration-level (continuous) batching.
+// Requests arrive at any time (submit, from any thread); each engine step is formed anew: every running
+// sequence that has read its prompt decodes one token, and the rest of a per-step token budget goes to
+// prompt chunks — first of sequences already reading theirs, then of waiting requests admitted first come,
+// first served while the batch has room (max_seqs) and the KV cache has blocks. When the cache runs out,
+// the most recently admitted sequence is preempted: its blocks are freed and it is requeued at the front,
+// to be recomputed (its prompt and the tokens it produced, read again as a prompt) when blocks free up.
+// Finished sequences leave the batch at once. One thread runs the loop (step / run) and owns the engine;
+// other threads only submit, read their request's events and cancel.
+#pragma once
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "io/tokenizer.h"
+#include "runtime/engine.h"
+#include "runtime/sampler.h"
+
+namespace polar {
+
+using Clock = std::chrono::steady_clock;
+
+struct RequestParams {
+  SamplingParams sampling;  // temperature, top_k, top_p, seed
+  // The request's random stream (Sampler): requests with the same seed and stream draw the same numbers,
+  // whatever else shares their batches.
+  uint64_t sample_stream = 0;
+  int64_t max_tokens = 16;  // tokens to produce at most (0: none; the request finishes at once)
+  int64_t min_tokens = 0;   // EOS and stop tokens are not sampled before this many
+  std::vector<int32_t> stop_token_ids;    // finish when one is produced (it is reported, its text is not)
+  std::vector<std::string> stop_strings;  // finish when the text contains one (the text ends before it)
+  bool ignore_eos = false;                // the tokenizer's EOS tokens do not finish the request
+};
+
+struct Request {
+  std::vector<int32_t> prompt;
+  RequestParams params;
+};
+
+enum class FinishReason { stop, length, cancelled };
+const char* finish_reason_name(FinishReason r);  // "stop", "length", "cancelled"
+
+// What a request's stream delivers: one event per produced token (its text is the newly complete UTF-8,
+// held back while it might be the start of a stop string), and a last event with the finish reason.
+struct RequestEvent {
+  std::optional<int32_t> token;  // unset for a final event that produced no token (cancellation, max_tokens 0)
+  std::string text;
+  std::optional<FinishReason> finish;  // set on the last event
+  Clock::time_point time;
+};
+
+// Timings of a finished request, for benchmarks (all on Clock).
+struct RequestTimes {
+  Clock::time_point arrival, first_token, finished;
+  std::vector<Clock::time_point> tokens;  // each produced token's time
+};
+
+// One request's event stream: the scheduler's loop pushes, any thread reads or cancels.
+class RequestStream {
+ public:
+  // Blocks until an event is there (or until `deadline`, then nullopt). After the final event: nullopt.
+  std::optional<RequestEvent> next(std::optional<Clock::time_point> deadline = std::nullopt);
+  // Asks the loop to finish the request with FinishReason::cancelled at its next step (its blocks are freed
+  // there); no effect once it has finished.
+  void cancel() { cancelled_.store(true); }
+  bool finished() const;
+  // After the final event: the request's timings (arrival, first token, each token, finish).
+  RequestTimes times() const;
+  int64_t id() const { return id_; }
+
+ private:
+  friend class Scheduler;
+  explicit RequestStream(int64_t id) : id_(id) {}
+  void push(RequestEvent e);
+
+  const int64_t id_;
+  std::atomic<bool> cancelled_{false};
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<RequestEvent> events_;
+  bool done_ = false;     // the final event was pushed
+  bool drained_ = false;  // and read
+  RequestTimes times_;
+};
+
+struct SchedulerOptions {
+  int64_t max_seqs = 256;          // sequences in the running batch at most
+  int64_t max_batch_tokens = 2048;  // tokens per engine step at most (decode tokens + prompt chunks)
+  int64_t kv_tokens = 0;           // KV cache capacity in tokens (EngineOptions::kv_tokens); required
+  int64_t block_size = 16;
+  bool graphs = true;
+  Sparsity* sparsity = nullptr;  // sparse decode tokens in every step (EngineOptions::sparsity); not owned
+  // Text of the events, stop strings and EOS; null: events carry token ids only (stop strings refused), and
+  // no token is EOS. Not owned.
+  const Tokenizer* tokenizer = nullptr;
+};
+
+struct SchedulerStats {
+  int64_t steps = 0, decode_only_steps = 0, mixed_steps = 0, prefill_only_steps = 0;
+  int64_t prompt_tokens = 0, generated_tokens = 0;
+  int64_t preemptions = 0;
+  int64_t batch_sum = 0;  // Σ over steps of the running sequences served (mean running batch = batch_sum / steps)
+  double engine_seconds = 0;     // in Engine::forward and sampling
+  double schedule_seconds = 0;   // the loop's own host time: forming steps, events, bookkeeping
+};
+
+class Scheduler {
+ public:
+  Scheduler(Model& model, SchedulerOptions options);
+  ~Scheduler();
+
+  // Queues a request (any thread). A request that can never run — an empty prompt, token ids outside the
+  // vocabulary, prompt + max_tokens over the model's context or over the whole cache, stop strings without a
+  // tokenizer — is a polar::Error here, naming the limit.
+  std::shared_ptr<RequestStream> submit(Request request);
+  // One engine step over what is running and waiting (the loop thread). False when there was nothing to do.
+  bool step();
+  // Steps until no request is running or waiting.
+  void run_until_idle();
+  // The loop for a server: steps while there is work, sleeps while there is none, returns after stop().
+  void run();
+  void stop();
+
+  int64_t waiting() const;  // requests queued, not yet admitted (or preempted)
+  int64_t running() const;  // sequences in the batch
+  const SchedulerStats& stats() const { return stats_; }
+  KVCache& cache() { return engine_.cache(); }
+
+ private:
+  struct Sequence;
+  void admit_submitted();
+  void finish(Sequence& s, FinishReason reason);
+  void preempt(Sequence& s);
+  // Appends a produced token: its event, stop conditions. Returns true when the sequence finished.
+  bool produce(Sequence& s, int32_t token, Clock::time_point now);
+  // The next token of each listed sequence from its logits row, by its own sampling parameters, on the device.
+  std::vector<int32_t> sample(const Tensor& logits, const std::vector<Sequence*>& seqs, const std::vector<int64_t>& rows);
+  bool is_stop_token(const Sequence& s, int32_t token) const;
+
+  Model& model_;
+  SchedulerOptions options_;
+  Engine engine_;
+  int64_t blocks_total_;
+
+  mutable std::mutex submit_mu_;
+  std::condition_variable submit_cv_;
+  std::vector<std::unique_ptr<Sequence>> submitted_;  // by other threads, taken by the loop
+  int64_t next_id_ = 0;
+  bool stopping_ = false;
+
+  std::deque<std::unique_ptr<Sequence>> waiting_;   // FCFS; preempted sequences go to the front
+  std::vector<std::unique_ptr<Sequence>> running_;  // in admission order
+  int64_t admissions_ = 0;
+  SchedulerStats stats_;
+  std::atomic<int64_t> waiting_count_{0}, running_count_{0};
+};
+
+}  // namespace polar

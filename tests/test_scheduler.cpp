@@ -1,0 +1,347 @@
+// The continuous-batching scheduler (runtime/scheduler.h) on the CPU backend: every request's output through
+// the scheduler equals the same prompt decoded alone — arriving together or staggered, with chunked
+// prefill, queueing and preemption forced by small limits —, sparse decode tokens in mixed steps select as
+// in decode-only steps, and the stop conditions, cancellation and limits behave as documented.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <thread>
+
+#include "io/checkpoint.h"
+#include "model/model.h"
+#include "runtime/scheduler.h"
+#include "sparse/router_sparsity.h"
+#include "sparse/routers.h"
+#include "test_util.h"
+
+using namespace polar;
+using ::testing::HasSubstr;
+
+namespace {
+
+struct Loaded {
+  Checkpoint ck;
+  std::unique_ptr<Backend> backend;
+  std::unique_ptr<Model> model;
+};
+
+Loaded load(const std::string& rel) {
+  Loaded m;
+  m.ck = load_checkpoint(test::shared_path(rel));
+  m.backend = make_cpu_backend();
+  m.model = make_model(m.ck, *m.backend);
+  return m;
+}
+
+Loaded& stories() {
+  static Loaded s = load("models/stories260K/stories260K.gguf");
+  return s;
+}
+
+// Greedy decoding of one prompt alone, straight on an Engine (prefill, then one decode step per token,
+// argmax on the host): the reference every scheduled request must match. With sparsity, decode-only steps.
+std::vector<int32_t> alone(Model& model, const std::vector<int32_t>& prompt, int64_t n, Sparsity* sparsity = nullptr,
+                           std::vector<float>* margins = nullptr) {
+  Engine e(model, {.kv_tokens = static_cast<int64_t>(prompt.size()) + n + 16, .sparsity = sparsity});
+  const int64_t seq = e.add_sequence();
+  Tensor logits = e.step({{seq, prompt}}, false);
+  std::vector<int32_t> out;
+  const int64_t V = model.config().vocab_size;
+  while (static_cast<int64_t>(out.size()) < n) {
+    const float* row = logits.data<float>();
+    const int32_t best = static_cast<int32_t>(std::max_element(row, row + V) - row);
+    if (margins) {  // the gap to the runner-up: how close a near-tie is
+      std::vector<float> sorted(row, row + V);
+      std::nth_element(sorted.begin(), sorted.begin() + 1, sorted.end(), std::greater<float>());
+      margins->push_back(sorted[0] - sorted[1]);
+    }
+    out.push_back(best);
+    if (static_cast<int64_t>(out.size()) < n) logits = e.step({{seq, std::span<const int32_t>(&out.back(), 1)}}, false);
+  }
+  return out;
+}
+
+// n deterministic pseudo-random prompts of lengths in [lo, hi] over ids [3, vocab).
+std::vector<std::vector<int32_t>> prompts(int n, int64_t lo, int64_t hi, int64_t vocab, uint32_t seed) {
+  std::vector<std::vector<int32_t>> out;
+  uint32_t x = seed * 2654435761u + 7u;
+  auto next = [&] { return x = x * 1664525u + 1013904223u; };
+  for (int i = 0; i < n; ++i) {
+    const int64_t len = lo + static_cast<int64_t>((next() >> 8) % static_cast<uint32_t>(hi - lo + 1));
+    std::vector<int32_t> p;
+    for (int64_t j = 0; j < len; ++j) p.push_back(static_cast<int32_t>(3 + (next() >> 8) % (vocab - 3)));
+    out.push_back(p);
+  }
+  return out;
+}
+
+struct Outcome {
+  std::vector<int32_t> tokens;
+  std::string text;
+  std::optional<FinishReason> finish;
+  int64_t events = 0;
+};
+
+// Everything a stream delivered, read after the loop ran.
+Outcome drain(RequestStream& s) {
+  Outcome o;
+  while (auto e = s.next(Clock::now())) {
+    ++o.events;
+    if (e->token) o.tokens.push_back(*e->token);
+    o.text += e->text;
+    if (e->finish) o.finish = e->finish;
+  }
+  return o;
+}
+
+Request greedy(std::vector<int32_t> prompt, int64_t max_tokens) {
+  Request r;
+  r.prompt = std::move(prompt);
+  r.params.max_tokens = max_tokens;
+  r.params.ignore_eos = true;
+  return r;
+}
+
+}  // namespace
+
+// 64 requests of mixed prompt lengths through 4 running sequences and 24-token steps (chunked prefill,
+// queueing, mixed steps): each equals its prompt decoded alone, all at once and with arrivals spread over
+// the run; the cache is empty afterwards.
+TEST(Scheduler, EveryRequestEqualsItsPromptAlone) {
+  for (const char* rel : {"models/stories260K/stories260K.gguf", "fixtures/hf/llama3_gqa", "fixtures/hf/opt"}) {
+    SCOPED_TRACE(rel);
+    Loaded m = load(rel);
+    const auto ps = prompts(64, 1, 40, m.ck.config.vocab_size, 3);
+    std::vector<std::vector<int32_t>> want;
+    for (size_t i = 0; i < ps.size(); ++i) want.push_back(alone(*m.model, ps[i], 3 + static_cast<int64_t>(i % 9)));
+    for (bool staggered : {false, true}) {
+      SCOPED_TRACE(staggered ? "staggered" : "together");
+      Scheduler sched(*m.model, {.max_seqs = 4, .max_batch_tokens = 24, .kv_tokens = 4096});
+      std::vector<std::shared_ptr<RequestStream>> streams;
+      for (size_t i = 0; i < ps.size(); ++i) {
+        streams.push_back(sched.submit(greedy(ps[i], static_cast<int64_t>(want[i].size()))));
+        if (staggered) sched.step();  // one arrival per step
+      }
+      sched.run_until_idle();
+      for (size_t i = 0; i < ps.size(); ++i) {
+        const Outcome o = drain(*streams[i]);
+        EXPECT_EQ(o.tokens, want[i]) << "request " << i;
+        EXPECT_EQ(o.finish, FinishReason::length) << "request " << i;
+      }
+      EXPECT_GT(sched.stats().mixed_steps, 0);
+      EXPECT_EQ(sched.cache().free_blocks(), sched.cache().num_blocks()) << "every block came back";
+      EXPECT_EQ(sched.running(), 0);
+      EXPECT_EQ(sched.waiting(), 0);
+    }
+  }
+}
+
+// A cache too small for every running sequence at once: the most recently admitted ones are preempted and
+// recomputed, and every request still produces what it would have alone.
+TEST(Scheduler, PreemptionLosesNoRequestAndChangesNoOutput) {
+  Loaded& m = stories();
+  const auto ps = prompts(12, 5, 20, m.ck.config.vocab_size, 5);
+  Scheduler sched(*m.model, {.max_seqs = 8, .max_batch_tokens = 64, .kv_tokens = 96, .block_size = 8});
+  std::vector<std::shared_ptr<RequestStream>> streams;
+  std::vector<std::vector<int32_t>> want;
+  std::vector<std::vector<float>> margins(ps.size());
+  for (size_t i = 0; i < ps.size(); ++i) {
+    want.push_back(alone(*m.model, ps[i], 40, nullptr, &margins[i]));
+    streams.push_back(sched.submit(greedy(ps[i], 40)));
+  }
+  sched.run_until_idle();
+  EXPECT_GT(sched.stats().preemptions, 0) << "the cache holds 96 tokens, the requests need up to 8 x 60";
+  for (size_t i = 0; i < ps.size(); ++i) {
+    const Outcome o = drain(*streams[i]);
+    // A recomputed sequence reads its tokens as a prompt (one GEMM over them) instead of one by one, so
+    // its logits differ by float rounding; only a near-tie could flip a greedy choice, and none is.
+    EXPECT_EQ(o.tokens, want[i]) << "request " << i << ", smallest top-2 margin "
+                                 << *std::min_element(margins[i].begin(), margins[i].end());
+    EXPECT_EQ(o.finish, FinishReason::length);
+  }
+  EXPECT_EQ(sched.cache().free_blocks(), sched.cache().num_blocks());
+}
+
+// Sparse decode tokens in mixed steps: a request decoding beside another's prompt chunks produces exactly
+// what it produces alone in decode-only steps (its own heads; for OPT the MLP neuron set chosen over the
+// step's decode tokens only). Density 1 equals dense.
+TEST(Scheduler, SparseDecodeTokensInMixedStepsSelectAsInDecodeOnlySteps) {
+  for (const char* rel : {"fixtures/hf/llama3_gqa", "fixtures/hf/opt", "fixtures/hf/llama_mha"}) {
+    SCOPED_TRACE(rel);
+    Loaded m = load(rel);
+    const Routers routers = random_routers(m.ck.config, model_fingerprint(m.ck), 7, 16);
+    RouterSparsity half(*m.model, routers, 0.5);
+    const auto ps = prompts(2, 6, 6, m.ck.config.vocab_size, 9);
+    const std::vector<int32_t> long_prompt = prompts(1, 60, 60, m.ck.config.vocab_size, 11)[0];
+    const std::vector<int32_t> want = alone(*m.model, ps[0], 12, &half);
+    EXPECT_NE(want, alone(*m.model, ps[0], 12)) << "the sparse decode differs from the dense one";
+    // Request 0 decodes while request 1's 60-token prompt is read 4 tokens a step beside it; request 0
+    // finishes first, so neither decodes beside the other (OPT's decode batches share one neuron set, so a
+    // batch of two would select differently from either alone, by definition).
+    Scheduler sched(*m.model, {.max_seqs = 2, .max_batch_tokens = 5, .kv_tokens = 512, .sparsity = &half});
+    auto first = sched.submit(greedy(ps[0], 12));
+    sched.step();  // prefill of request 0 alone
+    auto second = sched.submit(greedy(long_prompt, 4));
+    sched.run_until_idle();
+    EXPECT_GE(sched.stats().mixed_steps, 11);
+    EXPECT_EQ(drain(*first).tokens, want);
+    EXPECT_EQ(drain(*second).tokens, alone(*m.model, long_prompt, 4, &half));
+    // Density 1: the dense model's tokens.
+    RouterSparsity full(*m.model, routers, 1.0);
+    if (routers.mlp_k) continue;  // (OPT's k table keeps MLP sparsity at density 1)
+    Scheduler dense_sched(*m.model, {.max_seqs = 2, .max_batch_tokens = 5, .kv_tokens = 512, .sparsity = &full});
+    auto d = dense_sched.submit(greedy(ps[0], 12));
+    dense_sched.run_until_idle();
+    EXPECT_EQ(drain(*d).tokens, alone(*m.model, ps[0], 12));
+  }
+}
+
+// Stop strings that span tokens end the text before them; a stop string's first part is held back until
+// it is known not to be one; multi-byte UTF-8 split over tokens arrives whole.
+TEST(Scheduler, StopStringsAcrossTokensAndUtf8AcrossTokens) {
+  Loaded& m = stories();
+  const Tokenizer& tok = *m.ck.tokenizer;
+  const std::vector<int32_t> prompt = tok.encode("Once upon a time", true);
+  Scheduler sched(*m.model, {.max_seqs = 4, .max_batch_tokens = 64, .kv_tokens = 1024, .tokenizer = &tok});
+  auto plain = sched.submit(greedy(prompt, 40));
+  sched.run_until_idle();
+  const Outcome full = drain(*plain);
+  ASSERT_GT(full.text.size(), 30u);
+  // A stop string made of the end of one token's text and the start of the next's.
+  std::vector<std::string> pieces;
+  StreamDecoder dec(tok);
+  for (int32_t id : full.tokens) pieces.push_back(dec.push(id));
+  size_t at = 0, i = 3;
+  for (size_t j = 0; j < i; ++j) at += pieces[j].size();
+  while (pieces[i].size() < 2 || pieces[i + 1].size() < 2) at += pieces[i++].size();
+  const std::string stop = pieces[i].substr(pieces[i].size() - 2) + pieces[i + 1].substr(0, 2);
+  const size_t first_at = full.text.find(stop);
+  Request r = greedy(prompt, 40);
+  r.params.stop_strings = {"never appears", stop};
+  auto stopped = sched.submit(r);
+  sched.run_until_idle();
+  const Outcome o = drain(*stopped);
+  EXPECT_EQ(o.text, full.text.substr(0, first_at));
+  EXPECT_EQ(o.finish, FinishReason::stop);
+  EXPECT_LT(o.tokens.size(), full.tokens.size());
+  // Multi-byte characters: sampled at a high temperature, stories260K produces byte-fallback tokens; the
+  // events' texts never split a character and add up to the decoded tokens.
+  Request hot = greedy(prompt, 300);
+  hot.params.sampling = {.temperature = 3.0f, .seed = 4};
+  auto sampled = sched.submit(hot);
+  sched.run_until_idle();
+  std::string joined;
+  std::vector<int32_t> ids;
+  bool multibyte = false;
+  while (auto e = sampled->next(Clock::now())) {
+    const std::string& t = e->text;
+    for (char c : t) multibyte |= static_cast<unsigned char>(c) >= 0x80;
+    if (!t.empty() && !e->finish) {
+      const unsigned char lead = static_cast<unsigned char>(t[0]);
+      EXPECT_FALSE(lead >= 0x80 && lead < 0xC0) << "an event starts inside a character";
+    }
+    if (e->token) ids.push_back(*e->token);
+    joined += t;
+  }
+  EXPECT_TRUE(multibyte) << "the sample produced no multi-byte character: pick another seed";
+  StreamDecoder all(tok);
+  std::string want_text;
+  for (int32_t id : ids) want_text += all.push(id);
+  EXPECT_EQ(joined, want_text + all.flush());
+}
+
+// max_tokens 0 finishes at once with no token; 1 gives one token; min_tokens keeps EOS away; a stop token
+// ends the request (reported, no text).
+TEST(Scheduler, TokenLimitsAndStopTokens) {
+  Loaded& m = stories();
+  const Tokenizer& tok = *m.ck.tokenizer;
+  const std::vector<int32_t> prompt = tok.encode("Once upon a time", true);
+  Scheduler sched(*m.model, {.max_seqs = 4, .max_batch_tokens = 64, .kv_tokens = 1024, .tokenizer = &tok});
+  auto none = sched.submit(greedy(prompt, 0));
+  auto one = sched.submit(greedy(prompt, 1));
+  const std::vector<int32_t> want = alone(*m.model, prompt, 10);
+  Request stop_at_third = greedy(prompt, 10);
+  stop_at_third.params.stop_token_ids = {want[2]};
+  auto stopped = sched.submit(stop_at_third);
+  Request late = stop_at_third;
+  late.params.min_tokens = 3;  // the stop token is not sampled as one of the first 3
+  auto later = sched.submit(late);
+  sched.run_until_idle();
+  Outcome o = drain(*none);
+  EXPECT_TRUE(o.tokens.empty());
+  EXPECT_EQ(o.finish, FinishReason::length);
+  EXPECT_EQ(o.events, 1);
+  o = drain(*one);
+  EXPECT_EQ(o.tokens, std::vector<int32_t>{want[0]});
+  EXPECT_EQ(o.finish, FinishReason::length);
+  o = drain(*stopped);
+  EXPECT_EQ(o.tokens, std::vector<int32_t>(want.begin(), want.begin() + 3));
+  EXPECT_EQ(o.finish, FinishReason::stop);
+  EXPECT_EQ(o.text, tok.decode({want[0], want[1]}));
+  o = drain(*later);
+  ASSERT_GE(o.tokens.size(), 3u);
+  EXPECT_EQ(std::vector<int32_t>(o.tokens.begin(), o.tokens.begin() + 2), std::vector<int32_t>(want.begin(), want.begin() + 2));
+  EXPECT_NE(o.tokens[2], want[2]) << "min_tokens masks the stop token";
+}
+
+// Cancellation while the prompt is being read and while decoding, from another thread too: the request
+// finishes as cancelled and its blocks come back.
+TEST(Scheduler, CancellationMidPromptAndMidDecodeFreesTheBlocks) {
+  Loaded& m = stories();
+  Scheduler sched(*m.model, {.max_seqs = 4, .max_batch_tokens = 8, .kv_tokens = 1024});
+  const auto ps = prompts(2, 40, 40, m.ck.config.vocab_size, 13);
+  auto reading = sched.submit(greedy(ps[0], 20));
+  auto decoding = sched.submit(greedy(ps[1], 400));
+  sched.step();  // request 0 reads 8 of its 40 prompt tokens
+  reading->cancel();
+  for (int i = 0; i < 12; ++i) sched.step();  // request 1 is decoding by now
+  std::thread canceller([&] { decoding->cancel(); });
+  canceller.join();
+  sched.run_until_idle();
+  const Outcome a = drain(*reading), b = drain(*decoding);
+  EXPECT_EQ(a.finish, FinishReason::cancelled);
+  EXPECT_TRUE(a.tokens.empty());
+  EXPECT_EQ(b.finish, FinishReason::cancelled);
+  EXPECT_FALSE(b.tokens.empty());
+  EXPECT_LT(b.tokens.size(), 400u);
+  EXPECT_EQ(sched.cache().free_blocks(), sched.cache().num_blocks());
+}
+
+// Requests that can never run are refused at submission with the limit named.
+TEST(Scheduler, RequestsThatCannotFitAreRefusedAtSubmission) {
+  Loaded& m = stories();
+  Scheduler sched(*m.model, {.max_seqs = 4, .max_batch_tokens = 64, .kv_tokens = 128});
+  const auto ps = prompts(1, 100, 100, m.ck.config.vocab_size, 1);
+  EXPECT_THAT(test::error_of([&] { sched.submit(greedy(ps[0], 100)); }), HasSubstr("exceeds the KV cache of 128 tokens"));
+  EXPECT_THAT(test::error_of([&] { sched.submit(greedy(ps[0], 500)); }), HasSubstr("context length of 512"));
+  EXPECT_THAT(test::error_of([&] { sched.submit(greedy({}, 5)); }), HasSubstr("empty prompt"));
+  EXPECT_THAT(test::error_of([&] { sched.submit(greedy({1, 99999}, 5)); }), HasSubstr("token id 99999 is out of range"));
+  Request r = greedy({1, 2}, 5);
+  r.params.stop_strings = {"x"};
+  EXPECT_THAT(test::error_of([&] { sched.submit(r); }), HasSubstr("stop strings need a tokenizer"));
+  EXPECT_THAT(test::error_of([&] { Scheduler(*m.model, {.max_seqs = 8, .max_batch_tokens = 4, .kv_tokens = 64}); }),
+              HasSubstr("--max-batch-tokens (4) must be >= --max-seqs (8)"));
+  EXPECT_EQ(sched.waiting(), 0);
+}
+
+// 1000 tiny requests from a client thread while the loop runs on its own: all complete, nothing leaks.
+TEST(Scheduler, AThousandTinyRequestsFromAnotherThread) {
+  Loaded& m = stories();
+  Scheduler sched(*m.model, {.max_seqs = 32, .max_batch_tokens = 256, .kv_tokens = 2048});
+  std::thread loop([&] { sched.run(); });
+  std::vector<std::shared_ptr<RequestStream>> streams;
+  for (int i = 0; i < 1000; ++i) streams.push_back(sched.submit(greedy({1, static_cast<int32_t>(3 + i % 500)}, 2)));
+  int64_t tokens = 0;
+  for (auto& s : streams)
+    while (auto e = s->next(Clock::now() + std::chrono::seconds(60))) {
+      tokens += e->token.has_value();
+      if (e->finish) break;
+    }
+  sched.stop();
+  loop.join();
+  EXPECT_EQ(tokens, 2000);
+  for (auto& s : streams) EXPECT_TRUE(s->finished());
+  EXPECT_EQ(sched.cache().free_blocks(), sched.cache().num_blocks());
+  EXPECT_EQ(sched.running(), 0);
+}
