@@ -467,6 +467,16 @@ TEST(TokenizerBadInput, DeeplyNestedTokenizerJsonIsRefusedNotACrash) {
   expect_error([&] { load_tokenizer_dir(dir.path("")); }, "nested deeper than 128 levels");
 }
 
+// Found by fuzz_tokenizer_hf: nlohmann reports a number beyond double's range as out_of_range, not as a
+// parse_error, and it escaped as an exception of another type.
+TEST(TokenizerBadInput, NumberOutOfRangeIsAnError) {
+  TempDir dir;
+  write_text(dir.path("vocab.json"), R"({"a": 1e400})");
+  write_text(dir.path("merges.txt"), "");
+  expect_error([&] { load_tokenizer_dir(dir.path("")); }, "vocab.json: not valid JSON");
+  expect_error([&] { load_tokenizer_dir(dir.path("")); }, "number overflow parsing '1e400'");
+}
+
 TEST(TokenizerBpeSynthetic, SplitPreTokenizerWithRegexAndString) {
   TempDir dir;
   SyntheticBpe v(RawMerges{{"x", "y"}, {"a", "b"}});

@@ -30,7 +30,7 @@ json read_json(const fs::path& path) {
   check(f.good(), "{}: cannot open", path.string());
   try {
     return parse_json(f);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // a parse_error, or out_of_range for a number beyond double's range
     fail("{}: not valid JSON: {}", path.string(), e.what());
   }
 }
