@@ -212,9 +212,8 @@ TEST(Scheduler, StopStringsAcrossTokensAndUtf8AcrossTokens) {
   std::vector<std::string> pieces;
   StreamDecoder dec(tok);
   for (int32_t id : full.tokens) pieces.push_back(dec.push(id));
-  size_t at = 0, i = 3;
-  for (size_t j = 0; j < i; ++j) at += pieces[j].size();
-  while (pieces[i].size() < 2 || pieces[i + 1].size() < 2) at += pieces[i++].size();
+  size_t i = 3;
+  while (pieces[i].size() < 2 || pieces[i + 1].size() < 2) ++i;
   const std::string stop = pieces[i].substr(pieces[i].size() - 2) + pieces[i + 1].substr(0, 2);
   const size_t first_at = full.text.find(stop);
   Request r = greedy(prompt, 40);

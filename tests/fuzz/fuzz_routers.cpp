@@ -7,6 +7,7 @@
 #include "fuzz_util.h"
 #include "io/model_config.h"
 #include "sparse/routers.h"
+#include "router_models.h"
 
 using namespace polar;
 
@@ -19,20 +20,6 @@ void use(const Routers& r) {
     for (int64_t l = 0; l < static_cast<int64_t>(r.mlp_k->k.size()); ++l) r.mlp_k->k_for(l, 3);
 }
 
-// The dimensions of the seed corpus's files (make_corpus.cpp): a ReLU model and a gated one.
-ModelConfig model(bool relu) {
-  ModelConfig c;
-  c.model_type = relu ? "opt" : "llama";
-  c.gated_mlp = !relu;
-  c.n_layers = 3;
-  c.hidden = 8;
-  c.n_heads = 4;
-  c.n_kv_heads = relu ? 4 : 2;
-  c.head_dim = 2;
-  c.ffn = 16;
-  return c;
-}
-
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
@@ -42,7 +29,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   } catch (const Error&) {
   }
   for (bool relu : {true, false}) try {
-      const Routers r = load_routers(path, model(relu), "fuzz");
+      const Routers r = load_routers(path, fuzz::router_model(relu), "fuzz");
       use(r);
     } catch (const Error&) {
     }

@@ -17,6 +17,7 @@
 #include "io/model_config.h"
 #include "io/safetensors.h"
 #include "sparse/routers.h"
+#include "router_models.h"
 
 #include <unistd.h>
 
@@ -170,23 +171,10 @@ void safetensors_corpus(const fs::path& tmp) {
   put("fuzz_safetensors", "one.safetensors", read(path));
 }
 
-// The two models fuzz_routers.cpp loads against: a ReLU (OPT) one with MLP routers, a gated (Llama) one without.
-ModelConfig router_model(bool relu) {
-  ModelConfig c;
-  c.model_type = relu ? "opt" : "llama";
-  c.gated_mlp = !relu;
-  c.n_layers = 3;
-  c.hidden = 8;
-  c.n_heads = 4;
-  c.n_kv_heads = relu ? 4 : 2;
-  c.head_dim = 2;
-  c.ffn = 16;
-  return c;
-}
 
 void routers_corpus(const fs::path& tmp) {
   for (const bool relu : {true, false}) {
-    const ModelConfig c = router_model(relu);
+    const ModelConfig c = fuzz::router_model(relu);
     Routers r = random_routers(c, "fuzz", 7, 4);
     const std::string path = (tmp / "seed.routers.safetensors").string();
     save_routers(path, r);
