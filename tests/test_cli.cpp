@@ -323,6 +323,42 @@ TEST_F(CliStories, GenerateBatchPrintsEachPromptLikeAlone) {
   EXPECT_EQ(generate({"Once upon a time", "Lily and Ben"}), "=== prompt 1 ===\n" + first + "=== prompt 2 ===\n" + second);
 }
 
+// --prompts-file (lines, or JSONL objects with newlines in a prompt) adds to --prompt; with --max-seqs 1 and
+// 8-token steps the prompts queue and are read in chunks, and each output is still what the prompt gives alone.
+TEST_F(CliStories, GeneratePromptsFileQueuesPromptsAndPrintsThemInOrder) {
+  auto generate = [&](std::vector<std::string> extra) {
+    std::vector<std::string> args = {"generate", "-m", gguf_, "-n", "12"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    RunResult r = run_polar(args);
+    EXPECT_EQ(r.exit_code, 0) << describe(r);
+    return r.out;
+  };
+  std::ofstream(tmp_.path("prompts.txt")) << "Lily and Ben\n\n  \nThe dog\r\n";
+  std::ofstream(tmp_.path("prompts.jsonl")) << "{\"prompt\": \"The cat\\nsat\", \"id\": 3}\n\n";
+  const std::string together = generate({"-p", "Once upon a time", "--prompts-file", tmp_.path("prompts.txt")});
+  EXPECT_EQ(generate({"-p", "Once upon a time", "--prompts-file", tmp_.path("prompts.txt"), "--max-seqs", "1",
+                      "--max-batch-tokens", "8"}),
+            together);
+  EXPECT_EQ(together, "=== prompt 1 ===\n" + generate({"-p", "Once upon a time"}) + "=== prompt 2 ===\n" +
+                          generate({"-p", "Lily and Ben"}) + "=== prompt 3 ===\n" + generate({"-p", "The dog"}));
+  EXPECT_EQ(generate({"--prompts-file", tmp_.path("prompts.jsonl")}), generate({"-p", "The cat\nsat"}));
+
+  std::ofstream(tmp_.path("bad.jsonl")) << "{\"prompt\": \"ok\"}\n{\"text\": \"no prompt\"}\n";
+  std::ofstream(tmp_.path("empty.txt")) << "\n \n";
+  for (const auto& [args, expect] : std::vector<std::pair<std::vector<std::string>, std::string>>{
+           {{"--prompts-file", tmp_.path("bad.jsonl")}, "bad.jsonl line 2: expected an object with a \"prompt\" string"},
+           {{"--prompts-file", tmp_.path("empty.txt")}, "holds no prompts"},
+           {{"--prompts-file", tmp_.path("none.txt")}, "cannot open prompts file"},
+           {{}, "no prompts: give --prompt or --prompts-file"},
+           {{"-p", "x", "--max-seqs", "0"}, "--max-seqs: must be >= 1, got 0"}}) {
+    std::vector<std::string> a = {"generate", "-m", gguf_};
+    a.insert(a.end(), args.begin(), args.end());
+    RunResult r = run_polar(a);
+    EXPECT_GT(r.exit_code, 0) << describe(r);  // 1 for polar's errors, CLI11's own code for a flag's range
+    EXPECT_THAT(r.err, HasSubstr(expect)) << describe(r);
+  }
+}
+
 TEST_F(CliStories, GenerateJsonGivesIdsAndText) {
   RunResult r = run_polar({"generate", "--model", gguf_, "--prompt", "Once upon a time", "--max-tokens", "10", "--json"});
   ASSERT_EQ(r.exit_code, 0) << describe(r);

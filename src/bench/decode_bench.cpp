@@ -30,11 +30,6 @@ std::vector<int32_t> random_tokens(std::mt19937_64& rng, int64_t vocab, int64_t 
 
 int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
-// K and V of one token over all layers.
-int64_t kv_bytes_per_token(const ModelConfig& c, DType dtype) {
-  return c.n_layers * 2 * c.kv_dim() * static_cast<int64_t>(dtype_size(dtype));
-}
-
 // The bytes a decode step of B sequences at context read_ctx must read: the weights once and every
 // sequence's KV cache. A sparse step reads only its selected MLP rows (fc1 and fc2ᵀ rows of the kept
 // neurons, in layers whose MLP runs sparse), adds the routers it runs, and reads KV only for the heads
@@ -110,6 +105,10 @@ DecodePoint time_point(Model& model, int64_t batch, int64_t ctx, const DecodeSwe
 }
 
 }  // namespace
+
+int64_t kv_bytes_per_token(const ModelConfig& c, DType dtype) {
+  return c.n_layers * 2 * c.kv_dim() * static_cast<int64_t>(dtype_size(dtype));
+}
 
 int64_t decode_point_bytes(const ModelConfig& c, DType dtype, int64_t batch, int64_t ctx) {
   const int64_t block = EngineOptions{}.block_size;

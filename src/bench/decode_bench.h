@@ -56,6 +56,8 @@ struct DecodeSweep {
   std::vector<SkippedPoint> skipped;
 };
 
+// K and V of one token over all layers, in the cache's dtype.
+int64_t kv_bytes_per_token(const ModelConfig& c, DType dtype);
 // Device bytes a point needs besides the resident weights: its KV cache in whole blocks, plus the step's
 // activations (logits twice over, with a margin).
 int64_t decode_point_bytes(const ModelConfig& c, DType dtype, int64_t batch, int64_t ctx);

@@ -14,12 +14,10 @@
 #include <optional>
 
 #include <fmt/core.h>
-#include <fmt/ranges.h>
 
 #include <nlohmann/json.hpp>
 
 #include "bench/decode_bench.h"
-#include "bench/shapes.h"
 #include "cli/commands.h"
 #include "cli/common.h"
 #include "cli/gnuplot.h"
@@ -33,9 +31,7 @@ namespace fs = std::filesystem;
 constexpr int64_t kPrefillReps = 3;
 
 struct BenchArgs {
-  ModelOptions model;
-  std::string shape;
-  std::string config;
+  BenchModelOptions source;
   DecodeSweepOptions sweep;
   int64_t prompt_len = 0;
   std::string csv;
@@ -60,17 +56,6 @@ constexpr Column kColumns[] = {
     {"profiled_ms", &DecodePoint::profiled_ms, 3},
 };
 int column_width(const Column& c) { return std::max(static_cast<int>(std::strlen(c.name)), 9); }
-
-// What the results call the model: the shape, the folder of a config.json (else the file's stem), or a
-// checkpoint's file or folder name.
-std::string model_label(const BenchArgs& a) {
-  if (!a.shape.empty()) return a.shape;
-  const bool config = !a.config.empty();
-  fs::path p = fs::absolute(config ? a.config : a.model.model).lexically_normal();
-  if (!p.has_filename()) p = p.parent_path();  // a folder given with a trailing slash
-  if (config) return (p.filename() == "config.json" ? p.parent_path().filename() : p.stem()).string();
-  return p.filename().string();
-}
 
 void write_csv(const std::string& path, const std::string& label, const std::vector<DecodePoint>& points) {
   std::ofstream f(path);
@@ -275,17 +260,9 @@ int run_bench_cmd(const BenchArgs& a) {
     if (!a.plot.empty()) write_plot(a.plot, fmt::format("{} ({})", label, fs::path(a.from_csv).filename().string()), points);
     return 0;
   }
-  check(!a.model.model.empty() || !a.shape.empty() || !a.config.empty(),
-        "polar bench needs a model: --model PATH, --shape NAME or --config FILE");
-  const std::string label = model_label(a);
-  LoadedModel m;
-  if (a.model.model.empty()) {
-    const ModelConfig config = a.shape.empty() ? load_hf_config(a.config) : shape_config(a.shape);
-    m = load_model(a.model, [&] { return synthetic_checkpoint(config, "synthetic " + label, a.sweep.seed); });
-  } else {
-    m = load_model(a.model);
-  }
-  load_sparsity(m, a.model, /*random_allowed=*/true, a.sweep.seed);
+  const std::string label = a.source.label();
+  LoadedModel m = a.source.load(a.sweep.seed);
+  load_sparsity(m, a.source.model, /*random_allowed=*/true, a.sweep.seed);
   DecodeSweepOptions sweep_options = a.sweep;
   // A repeated --batch or --ctx adds to the list (1,2 then 2,4): each point is measured once.
   for (std::vector<int64_t>* list : {&sweep_options.batches, &sweep_options.contexts}) {
@@ -355,16 +332,7 @@ Command bench_command() {
                 "attention_ms, qkv_o_ms, mlp_ms, other_ms: device time per region of the profiled step, run op by op "
                 "without graphs; they add up to profiled_ms, not to step_ms.\n"
                 "Points beyond the model's context or the free device memory are skipped with a note on stderr.\n");
-            CLI::Option* model = a->model.add(*c);
-            a->model.add_sparsity(*c);
-            model->required(false);
-            CLI::Option* shape = c->add_option(
-                "--shape", a->shape,
-                fmt::format("Synthetic model with random weights of this shape: {}", fmt::join(shape_names(), ", ")));
-            CLI::Option* config = c->add_option("--config", a->config,
-                                                "Synthetic model with random weights shaped by this Hugging Face config.json");
-            shape->excludes(model)->excludes(config);
-            config->excludes(model);
+            a->source.add(*c);
             c->add_option("--batch", a->sweep.batches, "Batch sizes, e.g. 1,8,32")->delimiter(',')->capture_default_str();
             c->add_option("--ctx", a->sweep.contexts, "Context lengths, e.g. 512,1024")->delimiter(',')->capture_default_str();
             c->add_option("--steps,--decode-steps", a->sweep.steps, "Timed decode steps per point")
@@ -380,7 +348,7 @@ Command bench_command() {
             CLI::Option* from_csv =
                 c->add_option("--from-csv", a->from_csv,
                               "Print (and with --plot, plot) the rows of a CSV that --csv wrote, instead of measuring");
-            from_csv->excludes(model)->excludes(shape)->excludes(config);
+            for (const char* source : {"--model", "--shape", "--config"}) from_csv->excludes(c->get_option(source));
             c->add_option("--baseline", a->baseline,
                           "With --from-csv (a sparse sweep): the dense sweep's CSV to compare with; prints the "
                           "speedup and the ideal speedup per point, and --plot draws them")

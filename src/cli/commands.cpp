@@ -7,6 +7,7 @@ Command logits_command();
 Command perplexity_command();
 Command info_command();
 Command bench_command();
+Command bench_serve_command();
 Command bench_kernels_command();
 Command routers_command();
 Command eval_command();
@@ -14,7 +15,7 @@ Command calibrate_command();
 
 std::vector<Command> all_commands() {
   return {generate_command(), logits_command(), perplexity_command(), info_command(), bench_command(),
-          bench_kernels_command(), routers_command(), calibrate_command(), eval_command()};
+          bench_serve_command(), bench_kernels_command(), routers_command(), calibrate_command(), eval_command()};
 }
 
 }  // namespace polar::cli

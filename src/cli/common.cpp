@@ -1,11 +1,15 @@
 #include "cli/common.h"
 
 #include <charconv>
+#include <filesystem>
 #include <chrono>
 #include <fstream>
 #include <iterator>
 
 #include <fmt/core.h>
+#include <fmt/ranges.h>
+
+#include "bench/shapes.h"
 
 #include "sparse/oracle_sparsity.h"
 #include "sparse/random_sparsity.h"
@@ -94,6 +98,38 @@ std::unique_ptr<HeadSelector> baseline_selector(const LoadedModel& m, const Mode
 }
 
 }  // namespace
+
+void BenchModelOptions::add(CLI::App& app) {
+  CLI::Option* checkpoint = model.add(app);
+  model.add_sparsity(app);
+  checkpoint->required(false);
+  CLI::Option* shape_option = app.add_option(
+      "--shape", shape,
+      fmt::format("Synthetic model with random weights of this shape: {}", fmt::join(shape_names(), ", ")));
+  CLI::Option* config_option =
+      app.add_option("--config", config, "Synthetic model with random weights shaped by this Hugging Face config.json");
+  shape_option->excludes(checkpoint)->excludes(config_option);
+  config_option->excludes(checkpoint);
+}
+
+std::string BenchModelOptions::label() const {
+  namespace fs = std::filesystem;
+  check(!model.model.empty() || !shape.empty() || !config.empty(),
+        "a benchmark needs a model: --model PATH, --shape NAME or --config FILE");
+  if (!shape.empty()) return shape;
+  const bool from_config = !config.empty();
+  fs::path p = fs::absolute(from_config ? config : model.model).lexically_normal();
+  if (!p.has_filename()) p = p.parent_path();  // a folder given with a trailing slash
+  if (from_config) return (p.filename() == "config.json" ? p.parent_path().filename() : p.stem()).string();
+  return p.filename().string();
+}
+
+LoadedModel BenchModelOptions::load(uint64_t seed) const {
+  const std::string name = label();
+  if (!model.model.empty()) return load_model(model);
+  const ModelConfig c = shape.empty() ? load_hf_config(config) : shape_config(shape);
+  return load_model(model, [&] { return synthetic_checkpoint(c, "synthetic " + name, seed); });
+}
 
 void load_sparsity(LoadedModel& m, const ModelOptions& opt, bool random_allowed, uint64_t seed) {
   const ModelConfig& c = m.model->config();

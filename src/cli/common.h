@@ -51,6 +51,21 @@ struct LoadedModel {
 LoadedModel load_model(const ModelOptions& opt);
 LoadedModel load_model(const ModelOptions& opt, const std::function<Checkpoint()>& checkpoint);
 
+// The model of a benchmark: a checkpoint (--model), or a synthetic model with random weights of a named
+// shape (--shape) or shaped by a Hugging Face config.json (--config).
+struct BenchModelOptions {
+  ModelOptions model;
+  std::string shape;
+  std::string config;
+  // --model (not required), --device, --dtype, --shape, --config, and the sparsity flags.
+  void add(CLI::App& app);
+  // What results call the model: the shape, the folder of a config.json (else the file's stem), or a
+  // checkpoint's file or folder name.
+  std::string label() const;
+  // Loads it; synthetic weights are drawn from `seed`.
+  LoadedModel load(uint64_t seed) const;
+};
+
 // Sparse decoding per --routers / --density: the router file, validated against the model; without a file
 // but with a density below 1, random routers drawn from `seed` when `random_allowed` (benchmarks), else an
 // error. Nothing when neither option is given or the density is 1.

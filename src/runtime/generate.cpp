@@ -1,111 +1,76 @@
 #include "runtime/generate.h"
 
 #include <algorithm>
-#include <chrono>
-#include <numeric>
+#include <functional>
 
 namespace polar {
 
-namespace {
-double seconds_since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-}  // namespace
-
 std::vector<std::vector<int32_t>> generate(Model& model, const std::vector<std::vector<int32_t>>& prompts,
                                            const GenerateOptions& opt,
-                                           const std::function<void(size_t, int32_t)>& on_token, GenerateStats* stats) {
-  const ModelConfig& c = model.config();
+                                           const std::function<void(size_t, const RequestEvent&)>& on_event,
+                                           GenerateStats* stats) {
   check(!prompts.empty(), "no prompts given");
   check(opt.max_new_tokens >= 0, "max new tokens must be >= 0");
-  int64_t kv_tokens = 0;
-  for (auto& p : prompts) {
-    check(!p.empty(), "empty prompt: nothing to condition on");
-    const int64_t total = static_cast<int64_t>(p.size()) + opt.max_new_tokens;
-    check(total <= c.max_positions, "prompt of {} tokens plus {} new tokens exceeds the model's context length of {}",
-          p.size(), opt.max_new_tokens, c.max_positions);
-    kv_tokens += total + 16;  // + one partially used block per sequence
-  }
-  Engine engine(model, {.kv_tokens = kv_tokens, .sparsity = opt.sparsity});
-  GenerateStats st;
+  check(opt.max_step_tokens >= 1, "the step token budget must be >= 1, got {}", opt.max_step_tokens);
   const size_t n = prompts.size();
-  std::vector<int64_t> seq(n);
-  std::vector<Sampler> samplers;
+  const int64_t max_seqs = std::min({opt.max_seqs, opt.max_step_tokens, static_cast<int64_t>(n)});
+  check(max_seqs >= 1, "max seqs must be >= 1, got {}", opt.max_seqs);
+  // A cache for the max_seqs longest requests at once (plus a partly used block each): whatever runs
+  // together fits, so nothing is ever preempted, and a long list of prompts does not size the cache.
+  constexpr int64_t block_size = 16;
+  std::vector<int64_t> totals;
+  for (auto& p : prompts) totals.push_back(static_cast<int64_t>(p.size()) + opt.max_new_tokens + block_size);
+  std::partial_sort(totals.begin(), totals.begin() + max_seqs, totals.end(), std::greater<>());
+  int64_t kv_tokens = 0;
+  for (int64_t i = 0; i < max_seqs; ++i) kv_tokens += totals[static_cast<size_t>(i)];
+
+  Scheduler scheduler(model, {.max_seqs = max_seqs,
+                              .max_batch_tokens = opt.max_step_tokens,
+                              .kv_tokens = kv_tokens,
+                              .block_size = block_size,
+                              .sparsity = opt.sparsity,
+                              .tokenizer = opt.tokenizer});
+  std::vector<std::shared_ptr<RequestStream>> streams;
   for (size_t i = 0; i < n; ++i) {
-    seq[i] = engine.add_sequence();
-    samplers.emplace_back(opt.sampling, i);
-    st.prompt_tokens += static_cast<int64_t>(prompts[i].size());
+    RequestParams p;
+    p.sampling = opt.sampling;
+    p.sample_stream = i;
+    p.max_tokens = opt.max_new_tokens;
+    streams.push_back(scheduler.submit({prompts[i], p}));
   }
   std::vector<std::vector<int32_t>> out(n);
-  std::vector<int32_t> next(n, -1);
-  std::vector<bool> done(n, opt.max_new_tokens == 0);
-  // Tokens are drawn on the backend's device from its logits (ops/sampling.h), so only the chosen ids,
-  // never the [rows, vocab] logits, come back to the host.
-  Backend& be = model.backend();
-  auto emit_all = [&](const Tensor& logits, const std::vector<size_t>& owners, const std::vector<size_t>& rows) {
-    if (owners.empty()) return;
-    const int64_t R = logits.dim(0);
-    Tensor uniforms = Tensor::zeros(DType::F32, {R});
-    for (size_t j = 0; j < owners.size(); ++j) uniforms.data<float>()[rows[j]] = samplers[owners[j]].next_uniform();
-    Tensor ids = be.alloc(DType::I32, {R});
-    be.sample(logits, opt.sampling, be.upload(uniforms, DType::F32), ids);
-    Tensor host_ids = be.to_host_f32(ids);
-    for (size_t j = 0; j < owners.size(); ++j) {
-      const size_t i = owners[j];
-      const int32_t tok = host_ids.data<int32_t>()[rows[j]];
-      out[i].push_back(tok);
-      next[i] = tok;
-      ++st.generated_tokens;
-      if (on_token) on_token(i, tok);
-      if ((opt.is_stop && opt.is_stop(tok)) || static_cast<int64_t>(out[i].size()) >= opt.max_new_tokens) done[i] = true;
-    }
-  };
-
-  // Prefill: pack prompt chunks into steps of at most max_step_tokens tokens.
-  auto t0 = std::chrono::steady_clock::now();
-  std::vector<size_t> fed(n, 0);
-  for (size_t i = 0; i < n;) {
-    std::vector<SeqChunk> chunks;
-    std::vector<size_t> owners;
-    int64_t budget = opt.max_step_tokens;
-    while (i < n && budget > 0) {
-      const size_t take = std::min<size_t>(prompts[i].size() - fed[i], static_cast<size_t>(budget));
-      chunks.push_back({seq[i], std::span<const int32_t>(prompts[i]).subspan(fed[i], take)});
-      owners.push_back(i);
-      fed[i] += take;
-      budget -= static_cast<int64_t>(take);
-      if (fed[i] == prompts[i].size()) ++i;
-    }
-    Tensor logits = engine.forward(chunks, false);
-    std::vector<size_t> finished, rows;  // prompts complete in this step, and their logit rows
-    for (size_t r = 0; r < owners.size(); ++r)
-      if (fed[owners[r]] == prompts[owners[r]].size() && !done[owners[r]]) {
-        finished.push_back(owners[r]);
-        rows.push_back(r);
-      }
-    emit_all(logits, finished, rows);
-  }
-  st.prefill_seconds = seconds_since(t0);
-
-  // Decode: one token per unfinished sequence per step.
-  t0 = std::chrono::steady_clock::now();
-  for (;;) {
-    std::vector<SeqChunk> chunks;
-    std::vector<size_t> owners;
+  std::vector<bool> done(n, false);
+  auto drain = [&] {  // the events so far, without waiting
     for (size_t i = 0; i < n; ++i)
-      if (!done[i]) {
-        chunks.push_back({seq[i], std::span<const int32_t>(&next[i], 1)});
-        owners.push_back(i);
+      while (!done[i]) {
+        std::optional<RequestEvent> e = streams[i]->next(Clock::now());
+        if (!e) break;
+        if (e->token) out[i].push_back(*e->token);
+        if (e->finish) done[i] = true;
+        if (on_event) on_event(i, *e);
       }
-    if (chunks.empty()) break;
-    Tensor logits = engine.forward(chunks, false);
-    ++st.decode_steps;
-    std::vector<size_t> rows(owners.size());
-    std::iota(rows.begin(), rows.end(), size_t{0});
-    emit_all(logits, owners, rows);
+  };
+  const Clock::time_point t0 = Clock::now();
+  drain();  // requests of max_tokens 0 finished on arrival
+  while (scheduler.step()) drain();
+  drain();
+
+  if (stats) {
+    GenerateStats st;
+    st.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+    int64_t with_first = 0;
+    for (size_t i = 0; i < n; ++i) {
+      st.prompt_tokens += static_cast<int64_t>(prompts[i].size());
+      st.generated_tokens += static_cast<int64_t>(out[i].size());
+      const RequestTimes t = streams[i]->times();
+      if (t.tokens.empty()) continue;
+      st.mean_ttft_seconds += std::chrono::duration<double>(t.first_token - t.arrival).count();
+      ++with_first;
+    }
+    if (with_first) st.mean_ttft_seconds /= static_cast<double>(with_first);
+    st.scheduler = scheduler.stats();
+    *stats = st;
   }
-  st.decode_seconds = seconds_since(t0);
-  if (stats) *stats = st;
   return out;
 }
 

@@ -365,9 +365,15 @@ bool Scheduler::step() {
 
   ++stats_.steps;
   stats_.batch_sum += static_cast<int64_t>(chunks.size());
-  if (decode_tokens == static_cast<int64_t>(chunks.size())) ++stats_.decode_only_steps;
-  else if (decode_tokens == 0) ++stats_.prefill_only_steps;
-  else ++stats_.mixed_steps;
+  if (decode_tokens == static_cast<int64_t>(chunks.size())) {
+    ++stats_.decode_only_steps;
+    stats_.decode_only_tokens += decode_tokens;
+    stats_.decode_only_seconds += seconds(t2 - t1);
+  } else if (decode_tokens == 0) {
+    ++stats_.prefill_only_steps;
+  } else {
+    ++stats_.mixed_steps;
+  }
   const Clock::time_point t3 = Clock::now();
   stats_.engine_seconds += seconds(t2 - t1);
   stats_.schedule_seconds += seconds(t1 - t0) + seconds(t3 - t2);

@@ -108,6 +108,8 @@ struct SchedulerStats {
   int64_t preemptions = 0;
   int64_t batch_sum = 0;  // Σ over steps of the running sequences served (mean running batch = batch_sum / steps)
   double engine_seconds = 0;     // in Engine::forward and sampling
+  double decode_only_seconds = 0;  // the part of engine_seconds spent in decode-only steps
+  int64_t decode_only_tokens = 0;  // tokens those steps produced
   double schedule_seconds = 0;   // the loop's own host time: forming steps, events, bookkeeping
 };
 
@@ -131,6 +133,8 @@ class Scheduler {
   int64_t waiting() const;  // requests queued, not yet admitted (or preempted)
   int64_t running() const;  // sequences in the batch
   const SchedulerStats& stats() const { return stats_; }
+  void reset_stats() { stats_ = {}; }
+  size_t graph_count() const { return engine_.graph_count(); }  // decode graphs captured so far
   KVCache& cache() { return engine_.cache(); }
 
  private:
