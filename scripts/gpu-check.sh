@@ -3,7 +3,7 @@
 # sm_90a, runs every test (the CUDA parity and end-to-end tests included), runs the benchmarks, and writes
 # logs, CSVs and plots to a results folder; a short summary table comes last.
 #
-#   scripts/gpu-check.sh [STAGE ...]   stages: build test kernels bench sparse (default: all, in that order)
+#   scripts/gpu-check.sh [STAGE ...]   stages: build test kernels bench sparse serve (default: all, in that order)
 #
 # Environment:
 #   RESULTS         results folder (default: $OUT if set, else out/gpu-check)
@@ -15,6 +15,8 @@
 #   BENCH_BATCHES   default 1,8,32,64,128,256;  BENCH_CTX  default 512,1024,2048,4096
 #   SPARSE_POINTS   sparse-vs-dense sweeps as shape:ctx:density (default: the issue's three; random routers)
 #   SPARSE_BATCHES  default 1,8,16,32,64,128,256
+#   SERVE_RUNS      bench-serve workloads, by name from the table in the serve stage (default: all of them)
+#   SERVE_SCALE     divides every workload's request count (default 1; e.g. 8 for a quick smoke run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,7 +29,7 @@ SPARSE_POINTS=${SPARSE_POINTS:-"opt-6.7b:1920:0.5 llama-2-7b:3968:0.5 llama-3-8b
 SPARSE_BATCHES=${SPARSE_BATCHES:-1,8,16,32,64,128,256}
 mkdir -p "$RESULTS"
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(build test kernels bench sparse)
+[ ${#stages[@]} -eq 0 ] && stages=(build test kernels bench sparse serve)
 has_stage() { local s; for s in "${stages[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
 log() { echo "[gpu-check] $*" >&2; }
 
@@ -101,6 +103,47 @@ if has_stage sparse; then
   done
 fi
 
+# Serving (issue 14): bench-serve dense vs sparse in one process per workload, random routers. (a) decode-heavy,
+# (b) long context (prompts end at 3840, not 3968, so that prompt + 256 outputs fit llama-2's 4096 positions),
+# (c) online: Poisson arrivals from light load to past saturation.
+declare -A serve_workloads=(
+  [a-llama-2-7b]="--shape llama-2-7b --density 0.5 --requests 256 --prompt-len 512-1024 --output-len 1024 --max-seqs 64"
+  [b-llama-2-7b]="--shape llama-2-7b --density 0.5 --requests 128 --prompt-len 3000-3840 --output-len 256 --max-seqs 64"
+  [c-llama-2-7b]="--shape llama-2-7b --density 0.5 --requests 64 --prompt-len 256-512 --output-len 512 --max-seqs 64 --request-rate 2,4,8,16"
+  [a-opt-6.7b]="--shape opt-6.7b --density 0.5 --requests 256 --prompt-len 512-1024 --output-len 1024 --max-seqs 64"
+  [a-llama-3-8b]="--shape llama-3-8b --density 0.625 --requests 256 --prompt-len 512-1024 --output-len 1024 --max-seqs 64"
+)
+SERVE_RUNS=${SERVE_RUNS:-"a-llama-2-7b b-llama-2-7b c-llama-2-7b a-opt-6.7b a-llama-3-8b"}
+SERVE_SCALE=${SERVE_SCALE:-1}
+if has_stage serve; then
+  for run in $SERVE_RUNS; do
+    args=${serve_workloads[$run]:?"unknown serve workload $run"}
+    read -r -a argv <<< "$args"
+    for i in "${!argv[@]}"; do  # --requests N / SERVE_SCALE
+      [ "${argv[$i]}" = --requests ] && argv[$((i + 1))]=$(( (argv[$((i + 1))] + SERVE_SCALE - 1) / SERVE_SCALE ))
+    done
+    log "bench-serve $run: ${argv[*]}"
+    "$BUILD_DIR/src/polar" bench-serve --device cuda "${argv[@]}" --json --csv "$RESULTS/serve-$run.csv" \
+      --plot "$RESULTS/serve-$run.png" > "$RESULTS/serve-$run.json" 2> "$RESULTS/serve-$run.log" ||
+      { tail -20 "$RESULTS/serve-$run.log"; continue; }
+    # The dense run against decode-only steps at its mean running batch and mean decode context.
+    if [[ $run == a-* ]]; then
+      read -r shape batch ctx < <(python3 - "$RESULTS/serve-$run.json" <<'PY'
+import json, sys
+j = json.load(open(sys.argv[1]))
+d = next(r for r in j["runs"] if r["mode"] == "dense")
+lo, hi = (int(x) for x in j["workload"]["prompt_len"].split("-"))
+out = int(j["workload"]["output_len"])
+print(j["shape"], round(d["mean_batch"]), (lo + hi) // 2 + out // 2)
+PY
+      )
+      "$BUILD_DIR/src/polar" bench --device cuda --shape "$shape" --batch "$batch" --ctx "$ctx" --json \
+        > "$RESULTS/serve-$run-decode-only.json" 2> "$RESULTS/serve-$run-decode-only.log" ||
+        tail -20 "$RESULTS/serve-$run-decode-only.log"
+    fi
+  done
+fi
+
 echo
 echo "== gpu-check summary ($(date -u +%Y-%m-%d), $(tail -1 "$RESULTS/gpu.csv" | cut -d, -f1)) =="
 echo "tests: $test_summary"
@@ -143,4 +186,32 @@ if has_stage sparse; then
       "$BUILD_DIR/src/polar" bench --from-csv "$sparse" --baseline "$dense" || echo "($shape: comparison failed)"
     fi
   done
+fi
+if has_stage serve; then
+  echo "-- serving (bench-serve; ratio = sparse / dense at the same rate)"
+  python3 - "$RESULTS" $SERVE_RUNS <<'PY'
+import json, os, sys
+res = sys.argv[1]
+print(f"{'workload':<14} {'mode':<6} {'rate':>5} {'out tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>8} "
+      f"{'TPOT p99':>8} {'batch':>6} {'preempt':>7} {'sched%':>6}")
+for run in sys.argv[2:]:
+    path = f"{res}/serve-{run}.json"
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        print(f"{run:<14} (no result)")
+        continue
+    j = json.load(open(path))
+    for r in j["runs"]:
+        print(f"{run:<14} {r['mode']:<6} {r['rate']:>5} {r['output_tok_per_s']:>9.0f} {r['ttft_ms']['p50']:>9.1f} "
+              f"{r['ttft_ms']['p99']:>9.1f} {r['tpot_ms']['p50']:>8.2f} {r['tpot_ms']['p99']:>8.2f} "
+              f"{r['mean_batch']:>6.1f} {r['preemptions']:>7.0f} {r['sched_pct']:>6.2f}")
+    for c in j["sparse_vs_dense"]:
+        print(f"{run:<14} ratio  {c['rate']:>5} {c['output_throughput_ratio']:>9.3f} {'':>9} {c['ttft_p99_ratio']:>9.3f} "
+              f"{c['tpot_p50_ratio']:>8.3f}")
+    d = f"{res}/serve-{run}-decode-only.json"
+    if os.path.exists(d) and os.path.getsize(d) > 0:
+        p = json.load(open(d))["rows"][0]
+        dense = next(r for r in j["runs"] if r["mode"] == "dense")
+        print(f"{run:<14} decode-only bench at batch {p['batch']} ctx {p['ctx']}: {p['tokens_per_s']:.0f} tok/s; "
+              f"served dense = {dense['output_tok_per_s'] / p['tokens_per_s']:.3f} of it")
+PY
 fi
