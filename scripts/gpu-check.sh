@@ -109,7 +109,7 @@ fi
 declare -A serve_workloads=(
   [a-llama-2-7b]="--shape llama-2-7b --density 0.5 --requests 256 --prompt-len 512-1024 --output-len 1024 --max-seqs 64"
   [b-llama-2-7b]="--shape llama-2-7b --density 0.5 --requests 128 --prompt-len 3000-3840 --output-len 256 --max-seqs 64"
-  [c-llama-2-7b]="--shape llama-2-7b --density 0.5 --requests 64 --prompt-len 256-512 --output-len 512 --max-seqs 64 --request-rate 2,4,8,16"
+  [c-llama-2-7b]="--shape llama-2-7b --density 0.5 --requests 80 --prompt-len 256-512 --output-len 512 --max-seqs 64 --request-rate 2,4,8,16"
   [a-opt-6.7b]="--shape opt-6.7b --density 0.5 --requests 256 --prompt-len 512-1024 --output-len 1024 --max-seqs 64"
   [a-llama-3-8b]="--shape llama-3-8b --density 0.625 --requests 256 --prompt-len 512-1024 --output-len 1024 --max-seqs 64"
 )

@@ -51,7 +51,9 @@ TEST(ServeWorkload, SameRequestsAtEveryRateAndArrivalsArePoisson) {
     ASSERT_GE(at_once[i].output, 1);
     ASSERT_LE(at_once[i].output, 5);
     for (int32_t id : at_once[i].prompt) ASSERT_TRUE(id >= 0 && id < 100);
-    if (i > 0) ASSERT_GE(poisson[i].arrival_s, poisson[i - 1].arrival_s);
+    if (i > 0) {
+      ASSERT_GE(poisson[i].arrival_s, poisson[i - 1].arrival_s);
+    }
   }
   EXPECT_GT(short_prompts, 0) << "the lower end of the range is drawn";
   // 3999 exponential gaps of mean 1/50 s: their mean is within 5% (over 3 standard errors) of 0.02 s.
@@ -161,6 +163,15 @@ TEST(BenchServeCli, JsonCsvAndTableAgree) {
   int rows = 0;
   while (std::getline(csv, line)) rows += !line.empty();
   EXPECT_EQ(rows, 4);
+  // The CSV read back (for machines without gnuplot): the same table and comparison.
+  test::RunResult again = test::run_polar({"bench-serve", "--from-csv", tmp.path("s.csv")});
+  ASSERT_EQ(again.exit_code, 0) << describe(again);
+  EXPECT_THAT(again.out, HasSubstr("tiny-llama   sparse   300"));
+  EXPECT_THAT(again.out, HasSubstr("sparse vs dense at rate inf: output tokens/s x"));
+  std::ofstream(tmp.path("bad.csv")) << "shape,mode\n";
+  test::RunResult bad = test::run_polar({"bench-serve", "--from-csv", tmp.path("bad.csv")});
+  EXPECT_EQ(bad.exit_code, 1) << describe(bad);
+  EXPECT_THAT(bad.err, HasSubstr("not a polar bench-serve CSV")) << describe(bad);
 
   test::RunResult table = test::run_polar({"bench-serve", "--shape", "tiny-opt", "--requests", "3", "--prompt-len",
                                            "5", "--output-len", "2"});

@@ -32,9 +32,10 @@ struct BenchServeArgs {
   int64_t max_seqs = 64;
   int64_t max_batch_tokens = 2048;
   int64_t kv_tokens = 0;
+  int64_t warmup = 8;
   bool sparse_only = false;
   bool json = false;
-  std::string csv, plot;
+  std::string csv, plot, from_csv;
 };
 
 // "N" or "LO-HI" (uniform over [LO, HI]).
@@ -55,8 +56,10 @@ LengthRange parse_range(const std::string& flag, const std::string& s) {
   return r;
 }
 
+constexpr double kAllAtOnce = std::numeric_limits<double>::infinity();
+
 double parse_rate(const std::string& s) {
-  if (s == "inf") return std::numeric_limits<double>::infinity();
+  if (s == "inf") return kAllAtOnce;
   double r = 0;
   const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), r);
   check(ec == std::errc() && end == s.data() + s.size() && r > 0 && std::isfinite(r),
@@ -65,11 +68,6 @@ double parse_rate(const std::string& s) {
 }
 
 std::string rate_name(double rate) { return std::isinf(rate) ? "inf" : fmt::format("{:g}", rate); }
-
-struct Run {
-  std::string mode;  // dense or sparse
-  ServeResult result;
-};
 
 // The columns of the table, the CSV and the JSON rows: name, value, decimals in the table.
 struct Field {
@@ -104,26 +102,40 @@ const Field kFields[] = {
     {"prefill_only_steps", [](const ServeResult& r) { return static_cast<double>(r.stats.prefill_only_steps); }, 0},
     {"graphs_captured", [](const ServeResult& r) { return static_cast<double>(r.graphs_captured); }, 0},
 };
+constexpr size_t kNumFields = std::size(kFields);
 // The table shows these; the CSV and JSON all of kFields.
 const char* const kTableFields[] = {"req_per_s",   "output_tok_per_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms",
                                     "tpot_p99_ms", "itl_p99_ms",       "mean_batch",  "preemptions", "sched_pct"};
 
-const Field& field(const char* name) {
-  for (const Field& f : kFields)
-    if (std::string_view(f.name) == name) return f;
+size_t field_index(std::string_view name) {
+  for (size_t i = 0; i < kNumFields; ++i)
+    if (name == kFields[i].name) return i;
   fail("no field {}", name);
 }
 
-void print_table(const std::string& label, const std::vector<Run>& runs) {
+// One measured run as the table, CSV and plot see it (also read back from a CSV): kFields' values.
+struct Row {
+  std::string mode;  // dense or sparse
+  double rate = 0;
+  std::vector<double> values;
+  double operator[](std::string_view field) const { return values[field_index(field)]; }
+};
+
+Row row_of(const std::string& mode, const ServeResult& r) {
+  Row row{mode, r.rate, {}};
+  for (const Field& f : kFields) row.values.push_back(f.get(r));
+  return row;
+}
+
+void print_table(const std::string& label, const std::vector<Row>& rows) {
+  auto width = [](const char* name) { return std::max<size_t>(std::strlen(name), 7); };
   fmt::print("{:<12} {:<6} {:>5}", "shape", "mode", "rate");
-  for (const char* name : kTableFields) fmt::print(" {:>{}}", name, std::max<size_t>(std::strlen(name), 7));
+  for (const char* name : kTableFields) fmt::print(" {:>{}}", name, width(name));
   fmt::print("\n");
-  for (const Run& run : runs) {
-    fmt::print("{:<12} {:<6} {:>5}", label, run.mode, rate_name(run.result.rate));
-    for (const char* name : kTableFields) {
-      const Field& f = field(name);
-      fmt::print(" {:>{}.{}f}", f.get(run.result), std::max<size_t>(std::strlen(name), 7), f.decimals);
-    }
+  for (const Row& row : rows) {
+    fmt::print("{:<12} {:<6} {:>5}", label, row.mode, rate_name(row.rate));
+    for (const char* name : kTableFields)
+      fmt::print(" {:>{}.{}f}", row[name], width(name), kFields[field_index(name)].decimals);
     fmt::print("\n");
   }
 }
@@ -131,42 +143,87 @@ void print_table(const std::string& label, const std::vector<Run>& runs) {
 // Sparse against dense at each rate both measured.
 struct Comparison {
   double rate;
-  const ServeResult *dense, *sparse;
+  double output_throughput_ratio, ttft_p99_ratio, tpot_p50_ratio;  // sparse / dense
 };
-std::vector<Comparison> compare(const std::vector<Run>& runs) {
+std::vector<Comparison> compare(const std::vector<Row>& rows) {
   std::vector<Comparison> out;
-  for (const Run& s : runs)
-    for (const Run& d : runs)
-      if (s.mode == "sparse" && d.mode == "dense" && s.result.rate == d.result.rate)
-        out.push_back({s.result.rate, &d.result, &s.result});
+  for (const Row& s : rows)
+    for (const Row& d : rows)
+      if (s.mode == "sparse" && d.mode == "dense" && s.rate == d.rate)
+        out.push_back({s.rate, s["output_tok_per_s"] / d["output_tok_per_s"], s["ttft_p99_ms"] / d["ttft_p99_ms"],
+                       s["tpot_p50_ms"] / d["tpot_p50_ms"]});
   return out;
 }
 
-void write_csv(const std::string& path, const std::string& label, const std::vector<Run>& runs) {
+void print_comparisons(const std::vector<Comparison>& comparisons) {
+  for (const Comparison& x : comparisons)
+    fmt::print("sparse vs dense at rate {}: output tokens/s x{:.3f}, TTFT p99 x{:.3f}, TPOT p50 x{:.3f}\n",
+               rate_name(x.rate), x.output_throughput_ratio, x.ttft_p99_ratio, x.tpot_p50_ratio);
+}
+
+std::string csv_header() {
+  std::string h = "shape,mode,rate";
+  for (const Field& f : kFields) h += fmt::format(",{}", f.name);
+  return h;
+}
+
+void write_csv(const std::string& path, const std::string& label, const std::vector<Row>& rows) {
   std::ofstream f(path);
   check(f.good(), "cannot write {}", path);
-  f << "shape,mode,rate";
-  for (const Field& c : kFields) f << ',' << c.name;
-  f << '\n';
-  for (const Run& run : runs) {
-    f << fmt::format("{},{},{}", label, run.mode, rate_name(run.result.rate));
-    for (const Field& c : kFields) f << fmt::format(",{:.6g}", c.get(run.result));
+  f << csv_header() << '\n';
+  for (const Row& row : rows) {
+    f << fmt::format("{},{},{}", label, row.mode, rate_name(row.rate));
+    for (double v : row.values) f << fmt::format(",{:.6g}", v);
     f << '\n';
   }
   check(f.good(), "cannot write {}", path);
 }
 
+// The rows of a CSV that write_csv wrote, and its shape label.
+std::pair<std::string, std::vector<Row>> read_csv(const std::string& path) {
+  std::ifstream f(path);
+  check(f.good(), "cannot read {}", path);
+  std::string line;
+  check(std::getline(f, line) && line == csv_header(), "{}: not a polar bench-serve CSV (header should be '{}')", path,
+        csv_header());
+  std::string label;
+  std::vector<Row> rows;
+  for (int line_no = 2; std::getline(f, line); ++line_no) {
+    if (line.empty()) continue;
+    std::vector<std::string> cells;
+    std::stringstream cells_in(line);
+    for (std::string cell; std::getline(cells_in, cell, ',');) cells.push_back(cell);
+    check(cells.size() == 3 + kNumFields, "{} line {}: {} fields, expected {}", path, line_no, cells.size(),
+          3 + kNumFields);
+    check(label.empty() || cells[0] == label, "{} line {}: shape '{}' after '{}' (one shape per file)", path, line_no,
+          cells[0], label);
+    check(cells[1] == "dense" || cells[1] == "sparse", "{} line {}: mode '{}' is neither dense nor sparse", path,
+          line_no, cells[1]);
+    label = cells[0];
+    Row row{cells[1], parse_rate(cells[2]), {}};
+    for (size_t i = 3; i < cells.size(); ++i) {
+      double v = 0;
+      const auto [end, ec] = std::from_chars(cells[i].data(), cells[i].data() + cells[i].size(), v);
+      check(ec == std::errc() && end == cells[i].data() + cells[i].size(), "{} line {}: '{}' is not a number", path,
+            line_no, cells[i]);
+      row.values.push_back(v);
+    }
+    rows.push_back(std::move(row));
+  }
+  check(!rows.empty(), "{}: no rows", path);
+  return {label, rows};
+}
+
 // Three panels against the offered request rate, one line per mode: output tokens/s, TTFT p50/p99 and TPOT
 // p50/p99. Rates are placed in the order given (inf, all at once, among them), labelled by value.
-void write_plot(const std::string& path, const std::string& title, const std::vector<Run>& runs) {
+void write_plot(const std::string& path, const std::string& title, const std::vector<Row>& rows) {
   std::string data, throughput, ttft, tpot;
   for (const char* mode : {"dense", "sparse"}) {
     std::string block;
-    for (const Run& run : runs)
-      if (run.mode == mode)
-        block += fmt::format("{} {} {} {} {} {}\n", rate_name(run.result.rate), run.result.output_tokens_per_s,
-                             run.result.ttft_ms.p50, run.result.ttft_ms.p99, run.result.tpot_ms.p50,
-                             run.result.tpot_ms.p99);
+    for (const Row& row : rows)
+      if (row.mode == mode)
+        block += fmt::format("{} {} {} {} {} {}\n", rate_name(row.rate), row["output_tok_per_s"], row["ttft_p50_ms"],
+                             row["ttft_p99_ms"], row["tpot_p50_ms"], row["tpot_p99_ms"]);
     if (block.empty()) continue;
     data += fmt::format("${} << EOD\n{}EOD\n", mode, block);
     const std::string sep = throughput.empty() ? "" : ", ";
@@ -199,16 +256,16 @@ unset multiplot
   run_gnuplot(path, 1800, 520, script);
 }
 
-nlohmann::json run_json(const Run& run) {
-  nlohmann::json j = {{"mode", run.mode}, {"rate", rate_name(run.result.rate)}};
-  for (const Field& f : kFields) j[f.name] = f.get(run.result);
+nlohmann::json run_json(const std::string& mode, const ServeResult& r) {
+  nlohmann::json j = {{"mode", mode}, {"rate", rate_name(r.rate)}};
+  for (const Field& f : kFields) j[f.name] = f.get(r);
   auto pct = [](const Percentiles& p) { return nlohmann::json{{"mean", p.mean}, {"p50", p.p50}, {"p90", p.p90}, {"p99", p.p99}}; };
-  j["ttft_ms"] = pct(run.result.ttft_ms);
-  j["tpot_ms"] = pct(run.result.tpot_ms);
-  j["itl_ms"] = pct(run.result.itl_ms);
-  j["e2e_ms"] = pct(run.result.e2e_ms);
-  j["prompt_tokens"] = run.result.prompt_tokens;
-  j["output_tokens"] = run.result.output_tokens;
+  j["ttft_ms"] = pct(r.ttft_ms);
+  j["tpot_ms"] = pct(r.tpot_ms);
+  j["itl_ms"] = pct(r.itl_ms);
+  j["e2e_ms"] = pct(r.e2e_ms);
+  j["prompt_tokens"] = r.prompt_tokens;
+  j["output_tokens"] = r.output_tokens;
   return j;
 }
 
@@ -258,19 +315,28 @@ int run_bench_serve(BenchServeArgs& a) {
              c.describe(), kv_tokens, static_cast<double>(kv_tokens * per_token) / 1e9, w.requests, a.prompt_len,
              a.output_len, a.max_seqs);
 
-  std::vector<Run> runs;
+  std::vector<std::pair<std::string, ServeResult>> runs;
   std::vector<std::pair<std::string, Sparsity*>> modes;
   if (!a.sparse_only) modes.push_back({"dense", nullptr});
   if (m.sparsity) modes.push_back({"sparse", m.sparsity.get()});
+  auto progress = [](const std::string& s) { fmt::print(stderr, "{}\n", s); };
   for (const auto& [mode, sparsity] : modes) {
     Scheduler scheduler(*m.model, {.max_seqs = a.max_seqs,
                                    .max_batch_tokens = a.max_batch_tokens,
                                    .kv_tokens = kv_tokens,
                                    .sparsity = sparsity});
+    // First use of the device pays for GEMM plans, the allocator, the sparse MLP's path choice and the first
+    // decode graphs: a few requests of the workload, short, take it before anything is timed.
+    if (a.warmup > 0) {
+      ServeWorkloadOptions warm = w;
+      warm.requests = std::min(a.warmup, w.requests);
+      warm.output = {std::min<int64_t>(16, w.output.lo), std::min<int64_t>(16, w.output.lo)};
+      fmt::print(stderr, "{}: warming up with {} requests\n", mode, warm.requests);
+      run_serve_bench(scheduler, make_serve_workload(warm, c.vocab_size, kAllAtOnce));
+    }
     for (double rate : rates) {
       fmt::print(stderr, "{}, request rate {}:\n", mode, rate_name(rate));
-      const std::vector<ServeRequestSpec> requests = make_serve_workload(w, c.vocab_size, rate);
-      ServeResult r = run_serve_bench(scheduler, requests, [](const std::string& s) { fmt::print(stderr, "{}\n", s); });
+      ServeResult r = run_serve_bench(scheduler, make_serve_workload(w, c.vocab_size, rate), progress);
       r.rate = rate;
       fmt::print(stderr, "  {:.1f} s, {:.0f} output tokens/s, TTFT p99 {:.1f} ms, TPOT p50 {:.2f} ms\n", r.duration_s,
                  r.output_tokens_per_s, r.ttft_ms.p99, r.tpot_ms.p50);
@@ -278,16 +344,18 @@ int run_bench_serve(BenchServeArgs& a) {
     }
   }
 
-  const std::vector<Comparison> comparisons = compare(runs);
+  std::vector<Row> rows;
+  for (const auto& [mode, r] : runs) rows.push_back(row_of(mode, r));
+  const std::vector<Comparison> comparisons = compare(rows);
   const std::string device = fmt::format("{}, {}", be.name(), dtype_name(be.activation_dtype()));
   if (a.json) {
-    nlohmann::json rows = nlohmann::json::array(), cmp = nlohmann::json::array();
-    for (const Run& run : runs) rows.push_back(run_json(run));
+    nlohmann::json js = nlohmann::json::array(), cmp = nlohmann::json::array();
+    for (const auto& [mode, r] : runs) js.push_back(run_json(mode, r));
     for (const Comparison& x : comparisons)
       cmp.push_back({{"rate", rate_name(x.rate)},
-                     {"output_throughput_ratio", x.sparse->output_tokens_per_s / x.dense->output_tokens_per_s},
-                     {"ttft_p99_ratio", x.sparse->ttft_ms.p99 / x.dense->ttft_ms.p99},
-                     {"tpot_p50_ratio", x.sparse->tpot_ms.p50 / x.dense->tpot_ms.p50}});
+                     {"output_throughput_ratio", x.output_throughput_ratio},
+                     {"ttft_p99_ratio", x.ttft_p99_ratio},
+                     {"tpot_p50_ratio", x.tpot_p50_ratio}});
     fmt::print("{}\n", nlohmann::json{{"shape", label},
                                       {"config", c.describe()},
                                       {"device", device},
@@ -301,22 +369,30 @@ int run_bench_serve(BenchServeArgs& a) {
                                       {"max_seqs", a.max_seqs},
                                       {"max_batch_tokens", a.max_batch_tokens},
                                       {"kv_tokens", kv_tokens},
-                                      {"runs", rows},
+                                      {"warmup_requests", std::min(a.warmup, w.requests)},
+                                      {"runs", js},
                                       {"sparse_vs_dense", cmp}}
                                .dump(1));
   } else {
-    print_table(label, runs);
-    for (const Comparison& x : comparisons)
-      fmt::print("sparse (density {:g}) vs dense at rate {}: output tokens/s x{:.3f}, TTFT p99 x{:.3f}, TPOT p50 x{:.3f}\n",
-                 m.density, rate_name(x.rate), x.sparse->output_tokens_per_s / x.dense->output_tokens_per_s,
-                 x.sparse->ttft_ms.p99 / x.dense->ttft_ms.p99, x.sparse->tpot_ms.p50 / x.dense->tpot_ms.p50);
+    print_table(label, rows);
+    print_comparisons(comparisons);
   }
   std::fflush(stdout);
-  if (!a.csv.empty()) write_csv(a.csv, label, runs);
+  if (!a.csv.empty()) write_csv(a.csv, label, rows);
   if (!a.plot.empty())
     write_plot(a.plot, fmt::format("{} on {}: {} requests, prompts {}, outputs {}", label, device, w.requests,
                                    a.prompt_len, a.output_len),
-               runs);
+               rows);
+  return 0;
+}
+
+// --from-csv: the table, the comparison and (with --plot) the plot of a CSV that --csv wrote.
+int show_csv(const BenchServeArgs& a) {
+  const auto [label, rows] = read_csv(a.from_csv);
+  print_table(label, rows);
+  print_comparisons(compare(rows));
+  std::fflush(stdout);
+  if (!a.plot.empty()) write_plot(a.plot, fmt::format("{} ({})", label, a.from_csv), rows);
   return 0;
 }
 
@@ -355,12 +431,19 @@ Command bench_serve_command() {
                 ->capture_default_str()->check(at_least(0));
             c->add_option("--seed", a->workload.seed, "Seed of the workload, the random weights and routers")
                 ->capture_default_str();
+            c->add_option("--warmup", a->warmup,
+                          "Requests of the workload (16 output tokens each) served untimed before each mode's runs")
+                ->capture_default_str()->check(at_least(0));
             c->add_flag("--sparse-only", a->sparse_only, "With sparsity, skip the dense run");
             c->add_option("--csv", a->csv, "Also write the rows to this CSV file");
             c->add_option("--plot", a->plot, "Also plot throughput, TTFT and TPOT against the request rate to this PNG");
             c->add_flag("--json", a->json, "Print JSON instead of a table");
+            CLI::Option* from_csv = c->add_option(
+                "--from-csv", a->from_csv,
+                "Print (and with --plot, plot) the rows of a CSV that --csv wrote, instead of measuring");
+            for (const char* source : {"--model", "--shape", "--config"}) from_csv->excludes(c->get_option(source));
           },
-          [a] { return run_bench_serve(*a); }};
+          [a] { return a->from_csv.empty() ? run_bench_serve(*a) : show_csv(*a); }};
 }
 
 }  // namespace polar::cli
