@@ -109,6 +109,7 @@ fi
 declare -A serve_workloads=(
   [a-llama-2-7b]="--shape llama-2-7b --density 0.5 --requests 256 --prompt-len 512-1024 --output-len 1024 --max-seqs 64"
   [b-llama-2-7b]="--shape llama-2-7b --density 0.5 --requests 128 --prompt-len 3000-3840 --output-len 256 --max-seqs 64"
+  [probe]="--shape llama-2-7b --density 0.5 --requests 40 --prompt-len 256-512 --output-len 256 --max-seqs 64 --request-rate 4"
   [c-llama-2-7b]="--shape llama-2-7b --density 0.5 --requests 80 --prompt-len 256-512 --output-len 512 --max-seqs 64 --request-rate 2,4,8,16"
   [a-opt-6.7b]="--shape opt-6.7b --density 0.5 --requests 256 --prompt-len 512-1024 --output-len 1024 --max-seqs 64"
   [a-llama-3-8b]="--shape llama-3-8b --density 0.625 --requests 256 --prompt-len 512-1024 --output-len 1024 --max-seqs 64"
@@ -123,8 +124,10 @@ if has_stage serve; then
       [ "${argv[$i]}" = --requests ] && argv[$((i + 1))]=$(( (argv[$((i + 1))] + SERVE_SCALE - 1) / SERVE_SCALE ))
     done
     log "bench-serve $run: ${argv[*]}"
-    "$BUILD_DIR/src/polar" bench-serve --device cuda "${argv[@]}" --json --csv "$RESULTS/serve-$run.csv" \
-      --plot "$RESULTS/serve-$run.png" > "$RESULTS/serve-$run.json" 2> "$RESULTS/serve-$run.log" ||
+    plot=()  # without gnuplot here: bench-serve --from-csv CSV --plot PNG draws it elsewhere
+    command -v gnuplot >/dev/null && plot=(--plot "$RESULTS/serve-$run.png")
+    "$BUILD_DIR/src/polar" bench-serve --device cuda "${argv[@]}" --json --csv "$RESULTS/serve-$run.csv" "${plot[@]}" \
+      > "$RESULTS/serve-$run.json" 2> "$RESULTS/serve-$run.log" ||
       { tail -20 "$RESULTS/serve-$run.log"; continue; }
     # The dense run against decode-only steps at its mean running batch and mean decode context.
     if [[ $run == a-* ]]; then

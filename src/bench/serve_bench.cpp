@@ -139,6 +139,8 @@ ServeResult run_serve_bench(Scheduler& scheduler, const std::vector<ServeRequest
   const double steps = static_cast<double>(std::max<int64_t>(r.stats.steps, 1));
   r.mean_batch = static_cast<double>(r.stats.batch_sum) / steps;
   r.mean_step_ms = 1e3 * (r.stats.engine_seconds + r.stats.schedule_seconds) / steps;
+  r.mean_decode_step_ms = 1e3 * r.stats.decode_only_seconds / static_cast<double>(std::max<int64_t>(r.stats.decode_only_steps, 1));
+  r.mean_mixed_step_ms = 1e3 * r.stats.mixed_seconds / static_cast<double>(std::max<int64_t>(r.stats.mixed_steps, 1));
   r.schedule_share = r.stats.schedule_seconds / std::max(r.stats.engine_seconds + r.stats.schedule_seconds, 1e-12);
   r.graphs_captured = static_cast<int64_t>(scheduler.graph_count() - graphs_before);
   return r;

@@ -55,6 +55,7 @@ struct ServeResult {
   Percentiles ttft_ms, tpot_ms, itl_ms, e2e_ms;
   double mean_batch = 0;  // sequences served per step
   double mean_step_ms = 0;
+  double mean_decode_step_ms = 0, mean_mixed_step_ms = 0;  // engine time of decode-only and of mixed steps
   double schedule_share = 0;  // the scheduler's own host time / (its host time + engine time)
   int64_t graphs_captured = 0;
   SchedulerStats stats;

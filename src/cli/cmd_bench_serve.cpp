@@ -94,6 +94,8 @@ const Field kFields[] = {
     {"e2e_p99_ms", [](const ServeResult& r) { return r.e2e_ms.p99; }, 0},
     {"mean_batch", [](const ServeResult& r) { return r.mean_batch; }, 1},
     {"mean_step_ms", [](const ServeResult& r) { return r.mean_step_ms; }, 2},
+    {"decode_step_ms", [](const ServeResult& r) { return r.mean_decode_step_ms; }, 2},
+    {"mixed_step_ms", [](const ServeResult& r) { return r.mean_mixed_step_ms; }, 2},
     {"sched_pct", [](const ServeResult& r) { return 100 * r.schedule_share; }, 2},
     {"preemptions", [](const ServeResult& r) { return static_cast<double>(r.stats.preemptions); }, 0},
     {"steps", [](const ServeResult& r) { return static_cast<double>(r.stats.steps); }, 0},

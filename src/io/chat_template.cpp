@@ -31,11 +31,12 @@ namespace {
 using ojson = nlohmann::ordered_json;
 
 // ---- Limits ----
-// Rendering: a real template takes tens of steps per message and copies each message's text a few times, so
-// these allow conversations far beyond any context window, yet stop a template or input that would loop,
-// grow or recurse without end within seconds, before it costs gigabytes or the stack.
-constexpr int64_t kMaxSteps = int64_t{1} << 23;    // expressions evaluated, statements run, items touched
-constexpr int64_t kMaxBytes = int64_t{256} << 20;  // bytes of strings and lists created, the output's included
+// Rendering: a real template takes 20 to 60 steps per message (the fixtures' fit 33k to 95k messages) and
+// copies each message's text a few times, so these allow conversations far beyond any context window,
+// yet stop a template or input that would loop, grow or recurse without end: within a fraction of a second
+// (a few seconds under the sanitizers), before it costs more than a few hundred MB or the stack.
+constexpr int64_t kMaxSteps = int64_t{1} << 21;    // expressions evaluated, statements run, items touched
+constexpr int64_t kMaxBytes = int64_t{128} << 20;  // bytes of strings and lists created, the output's included
 constexpr int kMaxRenderDepth = 400;               // nesting of evaluation at once: expressions, blocks and macro calls
 constexpr int kMaxValueDepth = 200;                // nesting of lists and dicts (parse_json's inputs nest up to 128)
 // Parsing: far deeper than any real template, far shallower than the stack allows.
@@ -194,8 +195,9 @@ bool truthy(const Value& v) {
   }
 }
 
-// Jinja's Undefined fails on everything but printing, iterating, testing and comparing for equality.
-[[noreturn]] void fail_undefined(const Value& v) { throw Error(*v.text); }
+// Jinja's Undefined fails on everything but printing, iterating, testing and comparing for equality. One
+// without a reason is an argument not given.
+[[noreturn]] void fail_undefined(const Value& v) { throw Error(v.text ? *v.text : "an argument is missing"); }
 
 // Nesting and namespaces held, of a value inside a container (a loop value holds the list it goes over).
 int child_depth(const Value& v);
@@ -767,11 +769,13 @@ struct Args {
 bool given(const Value& v) { return v.kind != Kind::Undefined; }
 
 int64_t int_arg(const Value& v, std::string_view what) {
+  check(v.kind != Kind::Undefined || v.text, "{} is missing", what);
   check(is_integral(v), "{} must be an integer, not '{}'", what, type_name(v));
   return v.integer;
 }
 
 const std::string& str_arg(const Value& v, std::string_view what) {
+  check(v.kind != Kind::Undefined || v.text, "{} is missing", what);
   if (v.kind == Kind::Undefined) fail_undefined(v);
   check(v.kind == Kind::String, "{} must be a string, not '{}'", what, type_name(v));
   return *v.text;
@@ -795,10 +799,14 @@ class Renderer {
     steps_ += n;
     if (steps_ > kMaxSteps) fail("rendering takes more than {} steps (a runaway loop?)", kMaxSteps);
   }
-  void charge_bytes(int64_t n) {
-    bytes_ += n;
-    if (bytes_ > kMaxBytes)
+  // Fails before building what would take more bytes than are left (the building charges them).
+  void check_room(int64_t n) const {
+    if (bytes_ + n > kMaxBytes)
       fail("rendering creates more than {} MiB of strings and lists (runaway output?)", kMaxBytes >> 20);
+  }
+  void charge_bytes(int64_t n) {
+    check_room(n);
+    bytes_ += n;
   }
   void append(std::string& out, std::string_view piece) {
     charge_bytes(static_cast<int64_t>(piece.size()));
@@ -1172,9 +1180,10 @@ class Renderer {
     const int64_t first = index(start_v, stride < 0 ? n - 1 : 0);
     const int64_t last = index(stop_v, stride < 0 ? -1 : n);
     std::vector<int64_t> picked;
-    for (int64_t i = first; stride > 0 ? i < last : i > last; i += stride) {
+    for (int64_t i = first; stride > 0 ? i < last : i > last;) {
       step();
       picked.push_back(i);
+      if (__builtin_add_overflow(i, stride, &i)) break;
     }
     if (obj.kind == Kind::List) {
       std::vector<Value> items;
@@ -1196,7 +1205,7 @@ class Renderer {
     if (is_number(a) && is_number(b)) return number_op(op, a, b);
     if (op == Op::Add && a.kind == b.kind && (a.kind == Kind::String || a.kind == Kind::List)) {
       if (a.kind == Kind::String) {
-        charge_bytes(static_cast<int64_t>(a.text->size() + b.text->size()));  // before building it
+        check_room(static_cast<int64_t>(a.text->size() + b.text->size()));
         return str(*a.text + *b.text);
       }
       step(static_cast<int64_t>(a.list->items.size() + b.list->items.size()));
@@ -1206,14 +1215,18 @@ class Renderer {
     }
     if (op == Op::Mul && (is_integral(a) || is_integral(b))) {
       const Value& seq = is_integral(a) ? b : a;
-      const int64_t times = std::max<int64_t>(0, is_integral(a) ? a.integer : b.integer);
+      // (Repeating nothing any number of times is nothing, and takes no time.)
+      int64_t times = std::max<int64_t>(0, is_integral(a) ? a.integer : b.integer);
       if (seq.kind == Kind::String) {
-        charge_bytes(static_cast<int64_t>(seq.text->size()) * std::min<int64_t>(times, kMaxBytes));
+        if (seq.text->empty()) times = 0;
+        check_room(static_cast<int64_t>(seq.text->size()) * std::min<int64_t>(times, kMaxBytes));
         std::string out;
         for (int64_t i = 0; i < times; ++i) out += *seq.text;
         return str(std::move(out));
       }
       if (seq.kind == Kind::List) {
+        if (seq.list->items.empty()) times = 0;
+        check_room(static_cast<int64_t>(seq.list->items.size() * sizeof(Value)) * std::min<int64_t>(times, kMaxBytes));
         step(static_cast<int64_t>(seq.list->items.size()) * std::min<int64_t>(times, kMaxSteps));
         std::vector<Value> items;
         for (int64_t i = 0; i < times; ++i) items.insert(items.end(), seq.list->items.begin(), seq.list->items.end());
@@ -1842,7 +1855,6 @@ Value filter_round(Renderer& r, const Value& v, const Args& a) {
   return float_value(rounded);
 }
 
-
 Value filter_items(Renderer& r, const Value& v, const Args& a) {
   a.bind("items", {});
   if (v.kind == Kind::Undefined) return r.list({});
@@ -1876,12 +1888,8 @@ Value filter_unique(Renderer& r, const Value& v, const Args& a) {
   return r.list(std::move(out));
 }
 
-Value filter_sort(Renderer& r, const Value& v, const Args& a) {
-  const auto p = a.bind("sort", {"reverse", "case_sensitive", "attribute"});
-  std::vector<std::pair<Value, Value>> keyed;  // key, item
-  for (const Value& item : r.iterate(v))
-    keyed.emplace_back(sort_key(r, given(p[2]) ? lookup_path(r, item, r.to_str(p[2])) : item, truthy(p[1])), item);
-  const bool reverse = truthy(p[0]);
+// The items of (key, item) pairs in the order of their keys, stably (as Python's sorted).
+Value sorted_items(Renderer& r, std::vector<std::pair<Value, Value>> keyed, bool reverse) {
   std::stable_sort(keyed.begin(), keyed.end(), [&](const auto& x, const auto& y) {
     r.step();
     return reverse ? py_compare(y.first, x.first, "<") < 0 : py_compare(x.first, y.first, "<") < 0;
@@ -1889,6 +1897,14 @@ Value filter_sort(Renderer& r, const Value& v, const Args& a) {
   std::vector<Value> out;
   for (auto& kv : keyed) out.push_back(std::move(kv.second));
   return r.list(std::move(out));
+}
+
+Value filter_sort(Renderer& r, const Value& v, const Args& a) {
+  const auto p = a.bind("sort", {"reverse", "case_sensitive", "attribute"});
+  std::vector<std::pair<Value, Value>> keyed;
+  for (const Value& item : r.iterate(v))
+    keyed.emplace_back(sort_key(r, given(p[2]) ? lookup_path(r, item, r.to_str(p[2])) : item, truthy(p[1])), item);
+  return sorted_items(r, std::move(keyed), truthy(p[0]));
 }
 
 Value filter_dictsort(Renderer& r, const Value& v, const Args& a) {
@@ -1899,14 +1915,7 @@ Value filter_dictsort(Renderer& r, const Value& v, const Args& a) {
   std::vector<std::pair<Value, Value>> keyed;
   for (const auto& [k, val] : v.dict->items)
     keyed.emplace_back(sort_key(r, by == "key" ? r.str(k) : val, truthy(p[0])), r.list({r.str(k), val}, true));
-  const bool reverse = truthy(p[2]);
-  std::stable_sort(keyed.begin(), keyed.end(), [&](const auto& x, const auto& y) {
-    r.step();
-    return reverse ? py_compare(y.first, x.first, "<") < 0 : py_compare(x.first, y.first, "<") < 0;
-  });
-  std::vector<Value> out;
-  for (auto& kv : keyed) out.push_back(std::move(kv.second));
-  return r.list(std::move(out));
+  return sorted_items(r, std::move(keyed), truthy(p[2]));
 }
 
 const std::unordered_map<std::string_view, FilterFn>& filters();
@@ -2306,7 +2315,8 @@ Value fn_range(Renderer& r, const Args& a) {
   check(stride != 0, "range() arg 3 must not be zero");
   const __int128 span = stride > 0 ? __int128{stop} - start : __int128{start} - stop;
   const __int128 count = span <= 0 ? 0 : (span - 1) / (stride > 0 ? __int128{stride} : -__int128{stride}) + 1;
-  r.step(static_cast<int64_t>(std::min<__int128>(count, kMaxSteps + 1)));  // before building it
+  r.step(static_cast<int64_t>(std::min<__int128>(count, kMaxSteps + 1)));
+  r.check_room(static_cast<int64_t>(count) * static_cast<int64_t>(sizeof(Value)));
   std::vector<Value> items;
   for (int64_t k = 0; k < static_cast<int64_t>(count); ++k)
     items.push_back(int_value(static_cast<int64_t>(start + __int128{k} * stride)));

@@ -373,6 +373,7 @@ bool Scheduler::step() {
     ++stats_.prefill_only_steps;
   } else {
     ++stats_.mixed_steps;
+    stats_.mixed_seconds += seconds(t2 - t1);
   }
   const Clock::time_point t3 = Clock::now();
   stats_.engine_seconds += seconds(t2 - t1);

@@ -109,6 +109,7 @@ struct SchedulerStats {
   int64_t batch_sum = 0;  // Σ over steps of the running sequences served (mean running batch = batch_sum / steps)
   double engine_seconds = 0;     // in Engine::forward and sampling
   double decode_only_seconds = 0;  // the part of engine_seconds spent in decode-only steps
+  double mixed_seconds = 0;        // ... in mixed steps (decode tokens beside prompt chunks)
   int64_t decode_only_tokens = 0;  // tokens those steps produced
   double schedule_seconds = 0;   // the loop's own host time: forming steps, events, bookkeeping
 };
