@@ -408,6 +408,11 @@ TEST(ChatTemplateBadInput, ArgumentErrorsAtRenderTime) {
   EXPECT_NE(render_error("{{ [1]|map }}").find("map's attribute is missing"), std::string::npos);
   EXPECT_NE(render_error("{{ 'ab'.startswith() }}").find("startswith's prefix is missing"), std::string::npos);
   EXPECT_NE(render_error("{{ raise_exception() }}").find("line 1"), std::string::npos);
+  // A test named at render time takes as many arguments as written (found by fuzz_chat_template: read past
+  // the arguments given).
+  EXPECT_NE(render_error("{{ [{'role': 'x'}]|rejectattr('role', 'in')|list }}").find("test 'in' takes 1 argument"),
+            std::string::npos);
+  EXPECT_NE(render_error("{{ [1]|select('odd', 2)|list }}").find("test 'odd' takes 0 argument"), std::string::npos);
 }
 
 // ---- Runaway templates: bounded errors, not hangs, crashes or exhausted memory ----

@@ -1937,6 +1937,8 @@ Value select_items(Renderer& r, const Value& v, const Args& a, bool by_attribute
     auto it = tests().find(name);
     check(it != tests().end(), "no test named '{}'", name);
     test = it->second.first;
+    check(a.pos.size() - next == static_cast<size_t>(it->second.second), "test '{}' takes {} argument(s)", name,
+          it->second.second);
   }
   const std::vector<Value> test_args(a.pos.begin() + static_cast<std::ptrdiff_t>(next), a.pos.end());
   std::vector<Value> out;
