@@ -10,10 +10,14 @@
 #include <limits>
 #include <numeric>
 #include <random>
+#include <set>
 
 #include "core/half.h"
 #include "ops/backend.h"
 #include "ops/cuda_devices.h"
+#ifdef POLAR_HAVE_CUDA
+#include "ops/cuda/cuda_backend.h"
+#endif
 
 namespace polar {
 namespace {
@@ -86,6 +90,30 @@ class CudaOps : public ::testing::TestWithParam<DType> {
   std::unique_ptr<Backend> cuda_, cpu_;
   std::mt19937_64 rng_{1234};
 };
+
+
+#ifdef POLAR_HAVE_CUDA
+// The caching allocator's size classes (pure host arithmetic, so it runs without a GPU): never smaller than
+// asked, at most 12.5% larger in the rounded range, and a bounded number of classes over all prompt sizes.
+TEST(CudaAllocator, SizeClassesAreBoundedAndTight) {
+  EXPECT_EQ(cuda_block_bytes(1), 256u);
+  EXPECT_EQ(cuda_block_bytes(257), 512u);
+  EXPECT_EQ(cuda_block_bytes(size_t{64} << 10), size_t{64} << 10);
+  EXPECT_EQ(cuda_block_bytes((size_t{64} << 10) + 1), (size_t{72} << 10));
+  EXPECT_EQ(cuda_block_bytes((size_t{256} << 20) + 1), (size_t{258} << 20));
+  std::set<size_t> classes;
+  // Activations of a 7B model's steps of 1..2048 tokens: [T, 11008] fp16.
+  for (size_t t = 1; t <= 2048; ++t) {
+    const size_t bytes = t * 11008 * 2, block = cuda_block_bytes(bytes);
+    ASSERT_GE(block, bytes);
+    if (bytes >= (size_t{64} << 10) && bytes < (size_t{256} << 20)) {
+      ASSERT_LE(block, bytes + bytes / 8);
+    }
+    classes.insert(block);
+  }
+  EXPECT_LE(classes.size(), 8u * 12) << "8 classes per power of two";
+}
+#endif
 
 TEST_P(CudaOps, LinearMatchesCpuOverOddShapes) {
   for (int64_t m : {1, 3, 17, 129})

@@ -34,7 +34,7 @@ void lt_check(cublasStatus_t st, const char* what) {
   if (st != CUBLAS_STATUS_SUCCESS) fail("cuBLASLt error in {}: status {}", what, static_cast<int>(st));
 }
 
-// Caching device allocator: freed blocks are kept by exact (rounded) size and handed out again, so the
+// Caching device allocator: freed blocks are kept by size (cuda_block_bytes' classes) and handed out again, so the
 // steady state of a decode loop, which asks for the same sizes every step, never calls cudaMalloc. All
 // work runs on one stream, so a block freed on the host can be reused by the next op in stream order.
 class DeviceAllocator {
@@ -89,10 +89,28 @@ class DeviceAllocator {
   size_t cached_bytes_ = 0;
 };
 
+}  // namespace
+
+// Prefill and mixed steps ask for sizes that vary with their token count; with exact sizes each new count
+// would miss the cache (a cudaMalloc, which synchronises) and leave one more block in it for good. Between
+// 64 KiB and 256 MiB, sizes are rounded up to 8 classes per power of two (at most 12.5% unused), so the cache
+// holds a bounded set of sizes; below, to 256 bytes; above (weights, the KV cache), to 2 MiB, where a wider
+// class would waste gigabytes.
+size_t cuda_block_bytes(size_t bytes) {
+  auto round_up = [](size_t x, size_t to) { return (x + to - 1) / to * to; };
+  if (bytes < (size_t{64} << 10)) return std::max<size_t>(256, round_up(bytes, 256));
+  if (bytes >= (size_t{256} << 20)) return round_up(bytes, size_t{2} << 20);
+  size_t top = size_t{1} << 16;
+  while (top * 2 <= bytes) top *= 2;  // top <= bytes < 2 top
+  return round_up(bytes, top / 8);
+}
+
+namespace {
+
 class DeviceStorage final : public Storage {
  public:
   DeviceStorage(std::shared_ptr<DeviceAllocator> alloc, size_t bytes)
-      : alloc_(std::move(alloc)), capacity_(std::max<size_t>(256, (bytes + 255) / 256 * 256)), size_(bytes) {
+      : alloc_(std::move(alloc)), capacity_(cuda_block_bytes(bytes)), size_(bytes) {
     ptr_ = alloc_->get(capacity_);
   }
   ~DeviceStorage() override { alloc_->put(ptr_, capacity_); }
@@ -577,6 +595,9 @@ class CudaBackend final : public Backend {
   static constexpr int kGemmCandidates = 16;  // cuBLASLt heuristic results timed per GEMM plan
   static constexpr int kTuneRuns = 5;
   static constexpr size_t kSplitKBases = 4;   // heuristic picks that also get split-K variants
+  // GEMMs of up to this many rows (decode batches, graph buckets) are tuned for their exact m; larger ones
+  // per row bucket (row_bucket_key).
+  static constexpr int64_t kExactTuneRows = 256;
 
   cuda::Elem elem() const { return dtype_ == DType::BF16 ? cuda::Elem::BF16 : cuda::Elem::F16; }
 
@@ -756,6 +777,19 @@ class CudaBackend final : public Backend {
       lt_check(cublasLtMatrixLayoutCreate(&p.a, t, k, n, k), "layout a");
     lt_check(cublasLtMatrixLayoutCreate(&p.b, t, k, m, k), "layout b");
     lt_check(cublasLtMatrixLayoutCreate(&p.c, t, n, m, n), "layout c");
+    // Prompt-sized GEMMs (m > kExactTuneRows rows: prefill and mixed steps, whose m changes with every prompt)
+    // reuse the algorithm tuned for the first m of their row bucket, when cuBLASLt accepts it for this m:
+    // tuning times some 30 candidates, tens of milliseconds per shape, which would land on the step.
+    if (m > kExactTuneRows && !capturing_) {
+      const auto tuned = tuned_for_rows_.find(row_bucket_key(key));
+      cublasLtMatmulHeuristicResult_t r{};
+      if (tuned != tuned_for_rows_.end() &&
+          cublasLtMatmulAlgoCheck(lt_, p.desc, p.a, p.b, p.c, p.c, &tuned->second, &r) == CUBLAS_STATUS_SUCCESS &&
+          r.workspaceSize <= static_cast<size_t>(kGemmWorkspace)) {
+        p.algo = tuned->second;
+        return plans_.emplace(key, p).first->second;
+      }
+    }
     cublasLtMatmulPreference_t pref;
     lt_check(cublasLtMatmulPreferenceCreate(&pref), "preference");
     const uint64_t ws = kGemmWorkspace;
@@ -775,7 +809,17 @@ class CudaBackend final : public Backend {
     results.resize(found);
     if (!capturing_) add_split_k_variants(p, results);
     p.algo = capturing_ ? results[0].algo : fastest(p, results, x, w, m * n, key.accumulate);
+    if (m > kExactTuneRows && !capturing_) tuned_for_rows_.emplace(row_bucket_key(key), p.algo);
     return plans_.emplace(key, p).first->second;
+  }
+
+  // The key a prompt-sized GEMM's tuned algorithm is kept under: m rounded up to a power of two (the
+  // operands' alignments stay in it: the algorithm was chosen for them).
+  static GemmKey row_bucket_key(GemmKey key) {
+    int64_t bucket = kExactTuneRows;
+    while (bucket < key.m) bucket *= 2;
+    key.m = bucket;
+    return key;
   }
 
   // Split-K variants (2, 4, 8 splits of k, partial sums reduced in fp32 in the workspace) of the heuristic's
@@ -877,6 +921,7 @@ class CudaBackend final : public Backend {
   std::shared_ptr<DeviceAllocator> alloc_;
   Tensor workspace_, error_flag_;
   std::map<GemmKey, GemmPlan> plans_;
+  std::map<GemmKey, cublasLtMatmulAlgo_t> tuned_for_rows_;  // by row_bucket_key: the algorithm tuned first there
   std::vector<cudaEvent_t> events_;
   size_t next_event_ = 0;
   bool capturing_ = false;
