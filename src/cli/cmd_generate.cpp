@@ -128,6 +128,7 @@ int run_generate(GenerateArgs& a) {
     advance();
     fmt::print("\n");
   }
+  std::fflush(stdout);  // the text before the speed line on a terminal
   // decode: the steps that only decode (no prompt chunk beside them), the steady-state speed.
   fmt::print(stderr,
              "{} prompt{}: {} prompt tokens, {} generated in {:.3f} s ({:.1f} tok/s, first token after {:.3f} s "
