@@ -2,7 +2,8 @@
 # Installs what polar needs to build and test, from Debian's packages (run as root, as on this machine kind).
 set -euo pipefail
 packages=(cmake ninja-build g++ pkg-config libopenblas-dev libopenblas-openmp-dev nlohmann-json3-dev libcli11-dev libgtest-dev libgmock-dev libfmt-dev
-          libpcre2-dev gnuplot-nox python3 python3-pip
+          libpcre2-dev gnuplot-nox python3 python3-pip python3-venv
+          libcpp-httplib-dev  # polar serve
           clang libfuzzer-14-dev libomp-14-dev)  # scripts/fuzz.sh: libFuzzer, and clang's OpenMP runtime
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

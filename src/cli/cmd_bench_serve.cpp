@@ -300,19 +300,9 @@ int run_bench_serve(BenchServeArgs& a) {
     w.corpus = dataset_tokens(m, a.dataset);
   }
   Backend& be = *m.backend;
-  // The KV cache: every running sequence at its longest, unless that is more than the device has free
-  // (then sequences are preempted when the cache fills, as in a server).
   const int64_t per_token = kv_bytes_per_token(c, be.activation_dtype());
-  int64_t kv_tokens = a.kv_tokens;
-  if (kv_tokens == 0) {
-    const int64_t want = a.max_seqs * (w.prompt.hi + w.output.hi + 16);
-    const double activations = static_cast<double>(a.max_batch_tokens) * 4.0 *
-                               static_cast<double>(4 * c.hidden + 2 * c.q_dim() + 2 * c.kv_dim() + 3 * c.ffn);
-    const double room = 0.9 * static_cast<double>(be.memory_info().first) - activations - 1e9;
-    check(room > static_cast<double>(per_token * (w.prompt.hi + w.output.hi)),
-          "the device has no room for a KV cache of even one request");
-    kv_tokens = std::min<int64_t>(want, static_cast<int64_t>(room / static_cast<double>(per_token)));
-  }
+  const int64_t kv_tokens =
+      a.kv_tokens ? a.kv_tokens : default_kv_tokens(m, a.max_seqs, w.prompt.hi + w.output.hi, a.max_batch_tokens);
   fmt::print(stderr, "{}: {}\nKV cache: {} tokens ({:.3g} GB); {} requests, prompts {}, outputs {}, max-seqs {}\n", label,
              c.describe(), kv_tokens, static_cast<double>(kv_tokens * per_token) / 1e9, w.requests, a.prompt_len,
              a.output_len, a.max_seqs);

@@ -9,6 +9,7 @@
 #include <fmt/core.h>
 #include <fmt/ranges.h>
 
+#include "bench/decode_bench.h"
 #include "bench/shapes.h"
 
 #include "sparse/oracle_sparsity.h"
@@ -129,6 +130,19 @@ LoadedModel BenchModelOptions::load(uint64_t seed) const {
   if (!model.model.empty()) return load_model(model);
   const ModelConfig c = shape.empty() ? load_hf_config(config) : shape_config(shape);
   return load_model(model, [&] { return synthetic_checkpoint(c, "synthetic " + name, seed); });
+}
+
+int64_t default_kv_tokens(const LoadedModel& m, int64_t max_seqs, int64_t longest, int64_t max_batch_tokens) {
+  const ModelConfig& c = m.model->config();
+  Backend& be = *m.backend;
+  const int64_t per_token = kv_bytes_per_token(c, be.activation_dtype());
+  const int64_t want = max_seqs * (longest + 16);  // + a partly used block each
+  const double activations = static_cast<double>(max_batch_tokens) * 4.0 *
+                             static_cast<double>(4 * c.hidden + 2 * c.q_dim() + 2 * c.kv_dim() + 3 * c.ffn);
+  const double room = 0.9 * static_cast<double>(be.memory_info().first) - activations - 1e9;
+  check(room > static_cast<double>(per_token * longest),
+        "the device has no room for a KV cache of even one sequence of {} tokens", longest);
+  return std::min<int64_t>(want, static_cast<int64_t>(room / static_cast<double>(per_token)));
 }
 
 void load_sparsity(LoadedModel& m, const ModelOptions& opt, bool random_allowed, uint64_t seed) {

@@ -66,6 +66,11 @@ struct BenchModelOptions {
   LoadedModel load(uint64_t seed) const;
 };
 
+// The KV cache a server-like run gets unless told: max_seqs sequences of `longest` tokens each, unless that
+// is more than 90% of the device's free memory holds beside a step of max_batch_tokens tokens (then
+// sequences are preempted when the cache fills). Too little room for one sequence is a polar::Error.
+int64_t default_kv_tokens(const LoadedModel& m, int64_t max_seqs, int64_t longest, int64_t max_batch_tokens);
+
 // Sparse decoding per --routers / --density: the router file, validated against the model; without a file
 // but with a density below 1, random routers drawn from `seed` when `random_allowed` (benchmarks), else an
 // error. Nothing when neither option is given or the density is 1.

@@ -1,0 +1,84 @@
+// The OpenAI-compatible API's requests and responses, as pure functions over JSON (no sockets, no engine),
+// so the request parser is tested and fuzzed on its own: a request body becomes the scheduler requests it
+// asks for, or an ApiError with the HTTP status and OpenAI's error body; results become the response bodies
+// and server-sent-event chunks of /v1/completions and /v1/chat/completions.
+#pragma once
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "io/chat_template.h"
+#include "io/tokenizer.h"
+#include "runtime/scheduler.h"
+
+namespace polar::serve {
+
+// An error the client gets: status, OpenAI's type ("invalid_request_error", ...), the parameter at fault.
+class ApiError : public std::runtime_error {
+ public:
+  ApiError(int status, std::string type, std::string message, std::string param = "", std::string code = "")
+      : std::runtime_error(message), status(status), type(std::move(type)), param(std::move(param)),
+        code(std::move(code)) {}
+  int status;
+  std::string type, param, code;
+};
+// {"error": {"message", "type", "param", "code"}} (param and code null when empty).
+nlohmann::json error_body(const ApiError& e);
+
+// What a request is checked against.
+struct ApiContext {
+  std::string model_name;           // the served model's name: a request naming another gets 404
+  const Tokenizer* tokenizer = nullptr;  // null: prompts must be token ids, responses carry no text (--shape)
+  const ChatTemplate* chat_template = nullptr;  // null: /v1/chat/completions is refused
+  std::string bos_token, eos_token;  // the template's bos_token / eos_token
+  int64_t vocab_size = 0;
+  int64_t max_total_tokens = 0;  // prompt + output of one sequence at most (the context, or the cache if smaller)
+  bool ignore_eos_default = false;  // synthetic models: EOS never ends a request
+};
+
+enum class Endpoint { completions, chat };
+
+struct ParsedRequest {
+  Endpoint endpoint = Endpoint::completions;
+  std::vector<std::vector<int32_t>> prompts;  // token ids, one list per prompt
+  int64_t n = 1;                               // choices per prompt
+  RequestParams params;  // max_tokens, sampling, stop conditions; sample_stream is set per choice
+  bool seeded = false;   // "seed" given: choices draw from streams 0..; else the server draws a seed
+  bool stream = false;
+  bool include_usage = false;  // stream_options.include_usage
+  // The scheduler requests in choice order: prompt p's choice j is choice p * n + j.
+  std::vector<Request> requests() const;
+};
+
+// Parses a request body (already a JSON value) for an endpoint; ApiError (400, or 404 for an unknown model,
+// or 400 for chat without a template) names the parameter.
+ParsedRequest parse_request(Endpoint endpoint, const nlohmann::json& body, const ApiContext& ctx);
+
+// One choice's outcome, for the response.
+struct ChoiceResult {
+  std::string text;
+  int64_t tokens = 0;  // tokens produced (a stop token included)
+  FinishReason finish = FinishReason::length;
+};
+
+struct Usage {
+  int64_t prompt_tokens = 0, completion_tokens = 0;
+};
+Usage usage_of(const ParsedRequest& r, const std::vector<ChoiceResult>& choices);
+
+// A whole (non-streaming) response.
+nlohmann::json response_body(const ParsedRequest& r, const std::string& id, int64_t created, const std::string& model,
+                             const std::vector<ChoiceResult>& choices);
+// A streaming chunk: choice `index`'s new text and, on its last chunk, its finish reason; `first` adds the
+// chat role. Serialised as "data: {...}\n\n" by the server.
+nlohmann::json stream_chunk(const ParsedRequest& r, const std::string& id, int64_t created, const std::string& model,
+                            int64_t index, const std::string& text, const std::optional<FinishReason>& finish,
+                            bool first);
+// The last chunk with stream_options.include_usage: no choices, the usage.
+nlohmann::json usage_chunk(const ParsedRequest& r, const std::string& id, int64_t created, const std::string& model,
+                           const Usage& usage);
+
+}  // namespace polar::serve
