@@ -79,7 +79,8 @@ void refuse_unsupported(const json& body, Endpoint endpoint) {
     if (number(body, penalty, 0.0, -2.0, 2.0) != 0.0) unsupported(penalty);
   if (const json* v = field(body, "logit_bias"); v && !(v->is_object() && v->empty())) unsupported("logit_bias");
   if (const json* v = field(body, "suffix"); v && !(v->is_string() && v->get<std::string>().empty())) unsupported("suffix");
-  if (integer(body, "best_of", 1, 1, kMaxChoices) != integer(body, "n", 1, 1, kMaxChoices)) unsupported("best_of");
+  const int64_t n = integer(body, "n", 1, 1, kMaxChoices);
+  if (integer(body, "best_of", n, 1, kMaxChoices) != n) unsupported("best_of");
   if (endpoint == Endpoint::chat) {
     for (const char* name : {"tools", "functions"})
       if (const json* v = field(body, name); v && !(v->is_array() && v->empty())) unsupported(name);
@@ -177,11 +178,11 @@ nlohmann::ordered_json chat_messages(const json& body) {
 }
 
 std::vector<int32_t> chat_prompt(const json& body, const ApiContext& ctx) {
+  const nlohmann::ordered_json messages = chat_messages(body);
   if (!ctx.chat_template)
     throw ApiError(400, "invalid_request_error",
                    "this model has no chat template: use /v1/completions, or start the server with --chat-template",
                    "messages");
-  const nlohmann::ordered_json messages = chat_messages(body);
   nlohmann::ordered_json extra = nlohmann::ordered_json::object();
   if (const json* kw = field(body, "chat_template_kwargs")) {
     if (!kw->is_object()) invalid("chat_template_kwargs", "'chat_template_kwargs' must be an object");

@@ -1,0 +1,311 @@
+// polar serve's HTTP layer (serve/server.h, serve/openai_api.h) in process on 127.0.0.1, over stories260K:
+// completions whole and streamed equal generate(), chat through a fixture's template, the error statuses and
+// bodies, auth, the queue bound, a client that disconnects mid-stream (its request cancelled, its blocks
+// back), and a drain that lets a running request finish.
+#ifdef POLAR_HAVE_SERVE
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <httplib.h>
+
+#include <fstream>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "io/checkpoint.h"
+#include "model/model.h"
+#include "runtime/generate.h"
+#include "serve/server.h"
+#include "test_util.h"
+
+using namespace polar;
+using ::testing::HasSubstr;
+using nlohmann::json;
+
+namespace {
+
+struct Stories {
+  Checkpoint ck = load_checkpoint(test::shared_path("models/stories260K/stories260K.gguf"));
+  std::unique_ptr<Backend> backend = make_cpu_backend();
+  std::unique_ptr<Model> model = make_model(ck, *backend);
+};
+
+Stories& stories() {
+  static Stories s;
+  return s;
+}
+
+// A server on a free port over stories260K; `chat` adds the SmolLM2 fixture's chat template.
+struct Running {
+  std::optional<ChatTemplate> tmpl;
+  serve::Server server;
+  httplib::Client client;
+  explicit Running(serve::ServerOptions o = {}, bool chat = false, int64_t max_seqs = 8)
+      : server([&] {
+          o.port = 0;
+          return o;
+        }()),
+        client("127.0.0.1", server.port()) {
+    Stories& s = stories();
+    serve::ApiContext ctx;
+    ctx.model_name = "stories";
+    ctx.tokenizer = s.ck.tokenizer.get();
+    if (chat) {
+      std::ifstream f(test::shared_path("fixtures/chat/smollm2-instruct.json"));
+      tmpl.emplace(json::parse(f)["template"].get<std::string>());
+      ctx.chat_template = &*tmpl;
+    }
+    ctx.vocab_size = s.model->config().vocab_size;
+    ctx.max_total_tokens = s.model->config().max_positions;
+    server.serve(*s.model, {.max_seqs = max_seqs, .max_batch_tokens = 64, .kv_tokens = 4096, .tokenizer = ctx.tokenizer},
+                 ctx);
+    client.set_read_timeout(60, 0);
+  }
+  httplib::Result post(const std::string& path, const json& body, const httplib::Headers& headers = {}) {
+    return client.Post(path.c_str(), headers, body.dump(), "application/json");
+  }
+};
+
+std::string greedy_text(const std::string& prompt, int64_t n) {
+  Stories& s = stories();
+  GenerateOptions opt;
+  opt.max_new_tokens = n;
+  opt.tokenizer = s.ck.tokenizer.get();
+  const auto ids = generate(*s.model, {s.ck.tokenizer->encode(prompt, true)}, opt);
+  return s.ck.tokenizer->decode(ids[0]);
+}
+
+// The "data: " payloads of an SSE body, [DONE] last.
+std::vector<std::string> sse_events(const std::string& body) {
+  std::vector<std::string> out;
+  size_t at = 0;
+  while ((at = body.find("data: ", at)) != std::string::npos) {
+    const size_t end = body.find("\n\n", at);
+    out.push_back(body.substr(at + 6, end - at - 6));
+    at = end;
+  }
+  return out;
+}
+
+bool wait_for(const std::function<bool()>& done, std::chrono::seconds limit = std::chrono::seconds(20)) {
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  while (!done()) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return true;
+}
+
+}  // namespace
+
+TEST(Serve, CompletionsWholeAndStreamedEqualGenerate) {
+  Running r;
+  const std::string want = greedy_text("Once upon a time", 24);
+  auto whole = r.post("/v1/completions", {{"model", "stories"}, {"prompt", "Once upon a time"}, {"max_tokens", 24},
+                                          {"temperature", 0}});
+  ASSERT_TRUE(whole);
+  ASSERT_EQ(whole->status, 200) << whole->body;
+  const json j = json::parse(whole->body);
+  EXPECT_EQ(j["object"], "text_completion");
+  EXPECT_EQ(j["choices"][0]["text"], want);
+  EXPECT_EQ(j["choices"][0]["finish_reason"], "length");
+  EXPECT_EQ(j["usage"]["prompt_tokens"], 5);
+  EXPECT_EQ(j["usage"]["completion_tokens"], 24);
+  EXPECT_EQ(j["usage"]["total_tokens"], 29);
+
+  auto streamed = r.post("/v1/completions", {{"prompt", "Once upon a time"}, {"max_tokens", 24}, {"temperature", 0},
+                                             {"stream", true}, {"stream_options", {{"include_usage", true}}}});
+  ASSERT_TRUE(streamed);
+  ASSERT_EQ(streamed->status, 200);
+  EXPECT_THAT(streamed->get_header_value("Content-Type"), HasSubstr("text/event-stream"));
+  const auto events = sse_events(streamed->body);
+  ASSERT_GE(events.size(), 3u);
+  EXPECT_EQ(events.back(), "[DONE]");
+  std::string text;
+  for (size_t i = 0; i + 2 < events.size(); ++i) text += json::parse(events[i])["choices"][0]["text"].get<std::string>();
+  EXPECT_EQ(text, want);
+  EXPECT_EQ(json::parse(events[events.size() - 3])["choices"][0]["finish_reason"], "length");
+  const json usage = json::parse(events[events.size() - 2]);
+  EXPECT_TRUE(usage["choices"].empty());
+  EXPECT_EQ(usage["usage"]["completion_tokens"], 24);
+}
+
+TEST(Serve, SeveralPromptsAndChoicesInOrderWithSeededSampling) {
+  Running r;
+  const json body = {{"prompt", json::array({"Once upon a time", "Lily and Ben"})}, {"max_tokens", 6}, {"n", 2},
+                     {"temperature", 0.9}, {"seed", 42}};
+  auto a = r.post("/v1/completions", body), b = r.post("/v1/completions", body);
+  ASSERT_TRUE(a && b);
+  ASSERT_EQ(a->status, 200) << a->body;
+  const json ja = json::parse(a->body), jb = json::parse(b->body);
+  ASSERT_EQ(ja["choices"].size(), 4u);
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_EQ(ja["choices"][i]["index"], i);
+    EXPECT_EQ(ja["choices"][i]["text"], jb["choices"][i]["text"]) << "seeded: the same text again";
+  }
+  EXPECT_EQ(ja["usage"]["completion_tokens"], 24);
+  const Tokenizer& tok = *stories().ck.tokenizer;
+  EXPECT_EQ(ja["usage"]["prompt_tokens"], tok.encode("Once upon a time", true).size() + tok.encode("Lily and Ben", true).size())
+      << "each prompt counted once";
+  // Token-id prompts are taken as they are (no BOS added).
+  auto ids = r.post("/v1/completions", {{"prompt", json::array({1, 403, 407, 261, 378})}, {"max_tokens", 24},
+                                        {"temperature", 0}});
+  ASSERT_TRUE(ids);
+  EXPECT_EQ(json::parse(ids->body)["choices"][0]["text"], greedy_text("Once upon a time", 24));
+}
+
+TEST(Serve, StopStringsEndTheTextBeforeThem) {
+  Running r;
+  const std::string full = greedy_text("Once upon a time", 24);  // ", there was a little girl named Lily..."
+  auto res = r.post("/v1/completions", {{"prompt", "Once upon a time"}, {"max_tokens", 24}, {"temperature", 0},
+                                        {"stop", json::array({"little"})}});
+  ASSERT_TRUE(res);
+  const json j = json::parse(res->body);
+  EXPECT_EQ(j["choices"][0]["text"], full.substr(0, full.find("little")));
+  EXPECT_EQ(j["choices"][0]["finish_reason"], "stop");
+}
+
+TEST(Serve, ChatRendersTheTemplateAndStreamsTheRoleFirst) {
+  Running r({}, /*chat=*/true);
+  const json messages = json::array({{{"role", "user"}, {"content", "Tell me a story"}}});
+  auto whole = r.post("/v1/chat/completions", {{"messages", messages}, {"max_tokens", 10}, {"temperature", 0}});
+  ASSERT_TRUE(whole);
+  ASSERT_EQ(whole->status, 200) << whole->body;
+  const json j = json::parse(whole->body);
+  EXPECT_EQ(j["object"], "chat.completion");
+  EXPECT_EQ(j["choices"][0]["message"]["role"], "assistant");
+  // The same tokens as a completion of the rendered prompt.
+  const std::string rendered = ChatTemplate(json::parse(std::ifstream(test::shared_path("fixtures/chat/smollm2-instruct.json")))
+                                                ["template"].get<std::string>())
+                                   .render(messages, true, "", "");
+  auto plain = r.post("/v1/completions", {{"prompt", rendered}, {"max_tokens", 10}, {"temperature", 0}});
+  ASSERT_TRUE(plain);
+  EXPECT_EQ(j["choices"][0]["message"]["content"], json::parse(plain->body)["choices"][0]["text"]);
+
+  auto streamed = r.post("/v1/chat/completions",
+                         {{"messages", messages}, {"max_tokens", 10}, {"temperature", 0}, {"stream", true}});
+  ASSERT_TRUE(streamed);
+  const auto events = sse_events(streamed->body);
+  ASSERT_GE(events.size(), 3u);
+  const json first = json::parse(events[0]);
+  EXPECT_EQ(first["object"], "chat.completion.chunk");
+  EXPECT_EQ(first["choices"][0]["delta"]["role"], "assistant");
+  std::string text;
+  for (size_t i = 1; i + 1 < events.size(); ++i)
+    text += json::parse(events[i])["choices"][0]["delta"].value("content", "");
+  EXPECT_EQ(text, j["choices"][0]["message"]["content"]);
+}
+
+TEST(Serve, ErrorsHaveTheirStatusAndOpenAiBody) {
+  serve::ServerOptions o;
+  o.max_body = 4096;
+  Running r(o);
+  struct Case {
+    std::string path, body;
+    int status;
+    std::string param, message;
+  };
+  for (const Case& c : std::vector<Case>{
+           {"/v1/completions", "{bad json", 400, "", "not valid JSON"},
+           {"/v1/completions", "[1, 2]", 400, "", "must be a JSON object"},
+           {"/v1/completions", R"({"max_tokens": 3})", 400, "prompt", "'prompt' is required"},
+           {"/v1/completions", R"({"prompt": ""})", 400, "prompt", "is empty"},
+           {"/v1/completions", R"({"prompt": [1, 99999]})", 400, "prompt", "token id 99999 is out of range"},
+           {"/v1/completions", R"({"prompt": "hi", "temperature": "hot"})", 400, "temperature", "must be a number"},
+           {"/v1/completions", R"({"prompt": "hi", "temperature": 3})", 400, "temperature", "must be in [0, 2]"},
+           {"/v1/completions", R"({"prompt": "hi", "max_tokens": 1.5})", 400, "max_tokens", "must be an integer"},
+           {"/v1/completions", R"({"prompt": "hi", "max_tokens": 600})", 400, "max_tokens",
+            "maximum context length is 512 tokens"},
+           {"/v1/completions", R"({"prompt": "hi", "n": 0})", 400, "n", "must be in [1, 64]"},
+           {"/v1/completions", R"({"prompt": "hi", "stop": [""]})", 400, "stop", "must not be empty"},
+           {"/v1/completions", R"({"prompt": "hi", "echo": true})", 400, "echo", "not supported"},
+           {"/v1/completions", R"({"prompt": "hi", "presence_penalty": 0.5})", 400, "presence_penalty", "not supported"},
+           {"/v1/completions", R"({"prompt": "hi", "model": "gpt-4"})", 404, "model", "'gpt-4' does not exist"},
+           {"/v1/chat/completions", R"({"messages": []})", 400, "messages", "non-empty list"},
+           {"/v1/chat/completions", R"({"messages": [{"role": "user", "content": "hi"}]})", 400, "messages",
+            "no chat template"},
+           {"/v1/completions", std::string(5000, ' '), 413, "", "larger than the server's --max-body"},
+       }) {
+    SCOPED_TRACE(c.body.substr(0, 80));
+    auto res = r.client.Post(c.path.c_str(), c.body, "application/json");
+    ASSERT_TRUE(res);
+    EXPECT_EQ(res->status, c.status) << res->body;
+    const json e = json::parse(res->body)["error"];
+    EXPECT_THAT(e["message"].get<std::string>(), HasSubstr(c.message));
+    EXPECT_EQ(e["param"], c.param.empty() ? json() : json(c.param));
+    EXPECT_TRUE(e["type"].is_string());
+  }
+  auto unknown = r.client.Get("/v2/nothing");
+  ASSERT_TRUE(unknown);
+  EXPECT_EQ(unknown->status, 404);
+  EXPECT_THAT(unknown->body, HasSubstr("no route GET /v2/nothing"));
+  auto method = r.client.Get("/v1/completions");
+  ASSERT_TRUE(method);
+  EXPECT_EQ(method->status, 405);
+  EXPECT_EQ(method->get_header_value("Allow"), "POST");
+}
+
+TEST(Serve, ApiKeyAndQueueBound) {
+  serve::ServerOptions o;
+  o.api_key = "sesame";
+  o.max_queue = 1;
+  Running r(o);
+  auto none = r.post("/v1/completions", {{"prompt", "hi"}});
+  ASSERT_TRUE(none);
+  EXPECT_EQ(none->status, 401);
+  EXPECT_EQ(json::parse(none->body)["error"]["code"], "invalid_api_key");
+  auto health = r.client.Get("/health");  // not behind the key
+  ASSERT_TRUE(health);
+  EXPECT_EQ(health->status, 200);
+  const httplib::Headers key = {{"Authorization", "Bearer sesame"}};
+  auto ok = r.post("/v1/completions", {{"prompt", "hi"}, {"max_tokens", 2}}, key);
+  ASSERT_TRUE(ok);
+  EXPECT_EQ(ok->status, 200) << ok->body;
+  auto full = r.post("/v1/completions", {{"prompt", "hi"}, {"max_tokens", 2}, {"n", 2}}, key);
+  ASSERT_TRUE(full);
+  EXPECT_EQ(full->status, 429) << "two requests would wait beyond --max-queue 1";
+  EXPECT_THAT(full->body, HasSubstr("queue is full"));
+}
+
+// A streaming client that reads one chunk and hangs up: its request is cancelled and its blocks come back.
+TEST(Serve, ClientGoneMidStreamCancelsItsRequest) {
+  Running r;
+  httplib::Request req;
+  req.method = "POST";
+  req.path = "/v1/completions";
+  req.set_header("Content-Type", "application/json");
+  req.body = json{{"prompt", "Once upon a time"}, {"max_tokens", 400}, {"stream", true}, {"ignore_eos", true}}.dump();
+  int chunks = 0;
+  req.content_receiver = [&](const char*, size_t, uint64_t, uint64_t) { return ++chunks < 2; };
+  httplib::Response res;
+  httplib::Error err = httplib::Error::Success;
+  r.client.send(req, res, err);
+  EXPECT_EQ(chunks, 2);
+  Scheduler& s = *r.server.scheduler();
+  EXPECT_TRUE(wait_for([&] { return s.running() == 0 && s.waiting() == 0; })) << "the request was not cancelled";
+  EXPECT_TRUE(wait_for([&] { return s.cache().free_blocks() == s.cache().num_blocks(); }));
+  EXPECT_LT(s.stats().generated_tokens, 400) << "it stopped early";
+}
+
+// Shutdown while a request runs: new requests get 503, the running one completes whole.
+TEST(Serve, ShutdownDrainsRunningRequests) {
+  Running r;
+  std::optional<httplib::Result> running;
+  std::thread t([&] {
+    running = r.post("/v1/completions", {{"prompt", "Once upon a time"}, {"max_tokens", 300}, {"ignore_eos", true}});
+  });
+  Scheduler& s = *r.server.scheduler();
+  ASSERT_TRUE(wait_for([&] { return s.running() > 0; }));
+  std::thread stopper([&] { r.server.shutdown(); });
+  ASSERT_TRUE(wait_for([&] {
+    auto h = httplib::Client("127.0.0.1", r.server.port()).Get("/health");
+    return !h || h->status == 503;
+  }));
+  t.join();
+  stopper.join();
+  ASSERT_TRUE(running && *running);
+  EXPECT_EQ((*running)->status, 200);
+  EXPECT_EQ(json::parse((*running)->body)["usage"]["completion_tokens"], 300);
+}
+
+#endif  // POLAR_HAVE_SERVE
