@@ -12,10 +12,12 @@ Command bench_kernels_command();
 Command routers_command();
 Command eval_command();
 Command calibrate_command();
+Command chat_template_command();
 
 std::vector<Command> all_commands() {
   return {generate_command(), logits_command(), perplexity_command(), info_command(), bench_command(),
-          bench_serve_command(), bench_kernels_command(), routers_command(), calibrate_command(), eval_command()};
+          bench_serve_command(), bench_kernels_command(), routers_command(), calibrate_command(), eval_command(),
+          chat_template_command()};
 }
 
 }  // namespace polar::cli

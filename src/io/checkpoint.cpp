@@ -7,6 +7,7 @@
 
 #include <fmt/format.h>
 
+#include "io/chat_template.h"
 #include "io/gguf.h"
 #include "io/json.h"
 #include "io/safetensors.h"
@@ -57,7 +58,7 @@ std::string summarize_types(const std::map<std::string, int>& counts) {
   return s;
 }
 
-Checkpoint load_hf_dir(const fs::path& dir) {
+Checkpoint load_hf_dir(const fs::path& dir, bool with_tensors) {
   Checkpoint ck;
   ck.path = dir.string();
   ck.format = "safetensors";
@@ -85,13 +86,14 @@ Checkpoint load_hf_dir(const fs::path& dir) {
     safetensors::File f = safetensors::File::open(shard.string());
     for (auto& t : f.tensors()) {
       check(!ck.tensors.count(t.name), "{}: tensor '{}' appears in more than one shard", dir.string(), t.name);
-      ck.tensors[t.name] = f.load_f32(t);
+      if (with_tensors) ck.tensors[t.name] = f.load_f32(t);
       types[dtype_name(t.dtype)]++;
     }
   }
   ck.weight_types = summarize_types(types);
   // HF checkpoints carry tokenizers as separate files; a directory without them simply has none.
   if (fs::exists(dir / "tokenizer.json") || fs::exists(dir / "vocab.json")) ck.tokenizer = load_tokenizer_dir(dir.string());
+  ck.chat_template = chat_template_from_hf_dir(dir.string());
   return ck;
 }
 
@@ -186,7 +188,7 @@ std::string hf_name(const std::string& g) {
   return "";
 }
 
-Checkpoint load_gguf(const std::string& path) {
+Checkpoint load_gguf(const std::string& path, bool with_tensors) {
   gguf::File f = gguf::File::open(path);
   Checkpoint ck;
   ck.path = path;
@@ -203,6 +205,7 @@ Checkpoint load_gguf(const std::string& path) {
     }
     std::string name = hf_name(t.name);
     check(!name.empty(), "{}: unexpected tensor '{}'", path, t.name);
+    if (!with_tensors) continue;
     Tensor w = f.load_f32(t);
     // llama.cpp's converter permutes q/k rows into interleaved order for arch "llama" (Mistral included);
     // qwen2 files keep the rotate-half order.
@@ -213,22 +216,26 @@ Checkpoint load_gguf(const std::string& path) {
   }
   ck.weight_types = summarize_types(types);
   if (f.has("tokenizer.ggml.model")) ck.tokenizer = load_tokenizer(f);
+  if (f.has("tokenizer.chat_template")) ck.chat_template = f.get_string("tokenizer.chat_template");
   return ck;
+}
+
+Checkpoint load_any(const std::string& path, bool with_tensors) {
+  fs::path p(path);
+  check(fs::exists(p), "model path {} does not exist", path);
+  if (fs::is_directory(p)) return load_hf_dir(p, with_tensors);
+  char magic[4] = {};
+  std::ifstream f(p, std::ios::binary);
+  f.read(magic, 4);
+  if (f.gcount() == 4 && std::memcmp(magic, "GGUF", 4) == 0) return load_gguf(path, with_tensors);
+  if (p.filename() == "config.json" || p.extension() == ".safetensors") return load_hf_dir(p.parent_path(), with_tensors);
+  fail("{}: unknown model format (expected a Hugging Face directory or a GGUF file)", path);
 }
 
 }  // namespace
 
-Checkpoint load_checkpoint(const std::string& path) {
-  fs::path p(path);
-  check(fs::exists(p), "model path {} does not exist", path);
-  if (fs::is_directory(p)) return load_hf_dir(p);
-  char magic[4] = {};
-  std::ifstream f(p, std::ios::binary);
-  f.read(magic, 4);
-  if (f.gcount() == 4 && std::memcmp(magic, "GGUF", 4) == 0) return load_gguf(path);
-  if (p.filename() == "config.json" || p.extension() == ".safetensors") return load_hf_dir(p.parent_path());
-  fail("{}: unknown model format (expected a Hugging Face directory or a GGUF file)", path);
-}
+Checkpoint load_checkpoint(const std::string& path) { return load_any(path, /*with_tensors=*/true); }
+Checkpoint load_checkpoint_metadata(const std::string& path) { return load_any(path, /*with_tensors=*/false); }
 
 ModelConfig load_hf_config(const std::string& path) { return config_from_hf(read_json(path), path); }
 

@@ -21,6 +21,9 @@ struct Checkpoint {
   ModelConfig config;
   std::map<std::string, Tensor> tensors;  // fp32, canonical names
   std::unique_ptr<Tokenizer> tokenizer;   // null if the checkpoint carries none
+  // The model's own chat template (Jinja source, see io/chat_template.h): GGUF metadata
+  // tokenizer.chat_template, or a Hugging Face directory's (chat_template_from_hf_dir). nullopt if none.
+  std::optional<std::string> chat_template;
   // Set for a synthetic checkpoint (benchmarks): it holds no tensors; every tensor its config implies is
   // drawn at random on the device from this seed when a model is built (Model::load_weight).
   std::optional<uint64_t> synthetic_seed;
@@ -38,6 +41,9 @@ struct Checkpoint {
 
 // Detects the format from the path: a directory is a HF checkpoint, a file starting with "GGUF" is GGUF.
 Checkpoint load_checkpoint(const std::string& path);
+// The same without reading any tensor (tensors stays empty; the config, weight_types, tokenizer and chat
+// template are filled in): for commands that only need a model's text side, such as rendering its prompts.
+Checkpoint load_checkpoint_metadata(const std::string& path);
 
 // The ModelConfig of a Hugging Face config.json file.
 ModelConfig load_hf_config(const std::string& path);

@@ -48,6 +48,10 @@ class Tokenizer {
   int32_t bos_id() const { return bos_id_; }  // -1 if none
   int32_t eos_id() const { return eos_id_; }  // -1 if none
   bool add_bos_default() const { return add_bos_default_; }
+  // The text of the BOS / EOS token as written in a prompt (the vocabulary entry, which encode matches
+  // literally): what a chat template's bos_token / eos_token is. Empty if the model has none.
+  std::string bos_text() const { return bos_id_ < 0 ? std::string() : token_text(bos_id_); }
+  std::string eos_text() const { return eos_id_ < 0 ? std::string() : token_text(eos_id_); }
   bool is_eos(int32_t id) const;  // EOS or any end-of-generation token (e.g. <|im_end|>, <|endoftext|>)
 
  protected:
