@@ -56,14 +56,24 @@ int run_serve(ServeArgs& a) {
   load_sparsity(m, a.source.model, /*random_allowed=*/true, a.seed);
   const ModelConfig& c = m.model->config();
   const Tokenizer* tok = m.checkpoint.tokenizer.get();
+  // The model's own template unless --chat-template overrides it; one it cannot parse stops the start-up.
+  std::string template_source = a.chat_template_file.empty() ? "" : "--chat-template " + a.chat_template_file;
+  if (!chat_template && m.checkpoint.chat_template) {
+    try {
+      chat_template.emplace(*m.checkpoint.chat_template);
+    } catch (const Error& e) {
+      fail("the chat template of {}: {} (pass another with --chat-template FILE)", name, e.what());
+    }
+    template_source = "the model's chat template";
+  }
   const int64_t kv_tokens = a.kv_tokens ? a.kv_tokens : default_kv_tokens(m, a.max_seqs, c.max_positions, a.max_batch_tokens);
   serve::ApiContext ctx;
   ctx.model_name = name;
   ctx.tokenizer = tok;
   ctx.chat_template = chat_template ? &*chat_template : nullptr;
   if (tok) {
-    ctx.bos_token = tok->bos_id() >= 0 ? tok->token_text(tok->bos_id()) : "";
-    ctx.eos_token = tok->eos_id() >= 0 ? tok->token_text(tok->eos_id()) : "";
+    ctx.bos_token = tok->bos_text();
+    ctx.eos_token = tok->eos_text();
   }
   ctx.vocab_size = c.vocab_size;
   ctx.max_total_tokens = std::min<int64_t>(c.max_positions, kv_tokens);
@@ -74,7 +84,7 @@ int run_serve(ServeArgs& a) {
                ctx);
   fmt::print(stderr, "serving {} on http://{}:{}: {} sequences at most, KV cache of {} tokens{}{}\n", name,
              a.server.host, server.port(), a.max_seqs, kv_tokens, m.sparsity ? ", sparse decoding" : "",
-             chat_template ? ", chat template from " + a.chat_template_file : "");
+             chat_template ? ", chat: " + template_source : ", no chat template");
 
   int sig = 0;
   sigwait(&signals, &sig);
