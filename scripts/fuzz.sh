@@ -17,7 +17,7 @@ cmake --build "$build" -j "$(nproc)" --target fuzz_all
 declare -A max_len=(
   [fuzz_safetensors]=16384 [fuzz_gguf]=16384 [fuzz_dequantize]=4096 [fuzz_model_config]=4096
   [fuzz_tokenizer_hf]=16384 [fuzz_tokenize]=4096 [fuzz_routers]=16384 [fuzz_tasks]=8192
-  [fuzz_chat_template]=4096
+  [fuzz_chat_template]=4096 [fuzz_openai_request]=4096
 )
 scratch_root=/dev/shm
 [ -d "$scratch_root" ] && [ -w "$scratch_root" ] || scratch_root=${TMPDIR:-/tmp}
