@@ -3,7 +3,7 @@
 set -euo pipefail
 packages=(cmake ninja-build g++ pkg-config libopenblas-dev libopenblas-openmp-dev nlohmann-json3-dev libcli11-dev libgtest-dev libgmock-dev libfmt-dev
           libpcre2-dev gnuplot-nox python3 python3-pip python3-venv
-          libcpp-httplib-dev  # polar serve
+          libcpp-httplib-dev prometheus-cpp-dev prometheus  # polar serve, its /metrics, and promtool for the tests
           clang libfuzzer-14-dev libomp-14-dev)  # scripts/fuzz.sh: libFuzzer, and clang's OpenMP runtime
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

@@ -308,4 +308,49 @@ TEST(Serve, ShutdownDrainsRunningRequests) {
   EXPECT_EQ(json::parse((*running)->body)["usage"]["completion_tokens"], 300);
 }
 
+// /metrics after a few requests: the counts are exact, the cache is empty again, and Prometheus's own checker
+// (promtool, Debian's prometheus package) accepts the exposition.
+TEST(Serve, MetricsCountWhatHappenedAndPassPromtool) {
+  Running r;
+  for (int i = 0; i < 2; ++i) {
+    auto ok = r.post("/v1/completions", {{"prompt", "Once upon a time"}, {"max_tokens", 5}, {"temperature", 0}});
+    ASSERT_TRUE(ok && ok->status == 200);
+  }
+  auto bad = r.post("/v1/completions", {{"prompt", "hi"}, {"temperature", -1}});
+  ASSERT_TRUE(bad && bad->status == 400);
+  ASSERT_TRUE(r.client.Get("/nowhere"));
+  const std::string prompt = std::to_string(stories().ck.tokenizer->encode("Once upon a time", true).size() * 2);
+  const std::vector<std::string> lines = {
+           std::string("polar_requests_total{finish_reason=\"length\"} 2"),
+           std::string("polar_http_responses_total{route=\"/v1/completions\",status=\"200\"} 2"),
+           std::string("polar_http_responses_total{route=\"/v1/completions\",status=\"400\"} 1"),
+           std::string("polar_http_responses_total{route=\"other\",status=\"404\"} 1"),
+           std::string("polar_generation_tokens_total 10"),
+           "polar_prompt_tokens_total " + prompt,
+           std::string("polar_time_to_first_token_seconds_count 2"),
+           std::string("polar_e2e_request_latency_seconds_count 2"),
+           std::string("polar_requests_running 0"),
+           std::string("polar_kv_cache_used_blocks 0"),
+           std::string("polar_head_density 1"),
+  };
+  // A response is counted just after it is sent (httplib's logger), so the last one may need a moment.
+  std::string text;
+  auto all_there = [&] {
+    auto m = r.client.Get("/metrics");
+    text = m && m->status == 200 ? m->body : "";
+    for (const std::string& line : lines)
+      if (text.find(line + "\n") == std::string::npos) return false;
+    return true;
+  };
+  wait_for(all_there, std::chrono::seconds(5));
+  for (const std::string& line : lines) EXPECT_THAT(text, HasSubstr(line + "\n"));
+  test::TempDir tmp;
+  std::ofstream(tmp.path("metrics.txt")) << text;
+  const std::string cmd = "promtool check metrics < " + tmp.path("metrics.txt") + " > " + tmp.path("promtool.txt") + " 2>&1";
+  const int rc = std::system(cmd.c_str());
+  std::ifstream out(tmp.path("promtool.txt"));
+  const std::string said((std::istreambuf_iterator<char>(out)), {});
+  EXPECT_EQ(rc, 0) << "promtool check metrics (scripts/install-deps.sh installs it): " << said << "\n" << text;
+}
+
 #endif  // POLAR_HAVE_SERVE

@@ -81,7 +81,7 @@ int run_serve(ServeArgs& a) {
   server.serve(*m.model,
                {.max_seqs = a.max_seqs, .max_batch_tokens = a.max_batch_tokens, .kv_tokens = kv_tokens,
                 .sparsity = m.sparsity.get(), .tokenizer = tok},
-               ctx);
+               ctx, m.sparsity ? m.density : 1.0);
   fmt::print(stderr, "serving {} on http://{}:{}: {} sequences at most, KV cache of {} tokens{}{}\n", name,
              a.server.host, server.port(), a.max_seqs, kv_tokens, m.sparsity ? ", sparse decoding" : "",
              chat_template ? ", chat: " + template_source : ", no chat template");

@@ -273,6 +273,7 @@ bool Scheduler::step() {
   if (running_.empty() && waiting_.empty()) {
     waiting_count_.store(0);
     running_count_.store(0);
+    publish();
     return false;
   }
   KVCache& cache = engine_.cache();
@@ -378,7 +379,23 @@ bool Scheduler::step() {
   const Clock::time_point t3 = Clock::now();
   stats_.engine_seconds += seconds(t2 - t1);
   stats_.schedule_seconds += seconds(t1 - t0) + seconds(t3 - t2);
+  publish();
   return true;
+}
+
+void Scheduler::publish() {
+  const KVCache& cache = engine_.cache();
+  std::lock_guard lock(gauges_mu_);
+  gauges_.stats = stats_;
+  gauges_.running = static_cast<int64_t>(running_.size());
+  gauges_.waiting = static_cast<int64_t>(waiting_.size());
+  gauges_.kv_blocks_total = cache.num_blocks();
+  gauges_.kv_blocks_used = cache.num_blocks() - cache.free_blocks();
+}
+
+SchedulerGauges Scheduler::gauges() const {
+  std::lock_guard lock(gauges_mu_);
+  return gauges_;
 }
 
 void Scheduler::run_until_idle() {

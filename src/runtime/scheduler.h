@@ -114,6 +114,14 @@ struct SchedulerStats {
   double schedule_seconds = 0;   // the loop's own host time: forming steps, events, bookkeeping
 };
 
+// What a monitor reads from any thread (Scheduler::gauges): the stats and the batch and cache occupancy as
+// of the end of the last step.
+struct SchedulerGauges {
+  SchedulerStats stats;
+  int64_t running = 0, waiting = 0;
+  int64_t kv_blocks_used = 0, kv_blocks_total = 0;
+};
+
 class Scheduler {
  public:
   Scheduler(Model& model, SchedulerOptions options);
@@ -133,7 +141,8 @@ class Scheduler {
 
   int64_t waiting() const;  // requests queued, not yet admitted (or preempted)
   int64_t running() const;  // sequences in the batch
-  const SchedulerStats& stats() const { return stats_; }
+  const SchedulerStats& stats() const { return stats_; }  // the loop thread's view
+  SchedulerGauges gauges() const;                         // any thread
   void reset_stats() { stats_ = {}; }
   size_t graph_count() const { return engine_.graph_count(); }  // decode graphs captured so far
   KVCache& cache() { return engine_.cache(); }
@@ -165,6 +174,9 @@ class Scheduler {
   int64_t admissions_ = 0;
   SchedulerStats stats_;
   std::atomic<int64_t> waiting_count_{0}, running_count_{0};
+  void publish();  // copies stats and occupancy for gauges()
+  mutable std::mutex gauges_mu_;
+  SchedulerGauges gauges_;
 };
 
 }  // namespace polar

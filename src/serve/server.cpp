@@ -48,6 +48,7 @@ Server::Server(ServerOptions options) : options_(std::move(options)), http_(std:
   http_->new_task_queue = [threads] { return new httplib::ThreadPool(static_cast<size_t>(threads)); };
   http_->set_payload_max_length(options_.max_body);
   http_->set_write_timeout(10, 0);  // a reader that takes nothing for 10 s is dropped (and its request cancelled)
+  metrics_ = std::make_unique<ServerMetrics>(1.0);
   route();
   port_ = options_.port == 0 ? http_->bind_to_any_port(options_.host) : options_.port;
   const bool bound = options_.port == 0 ? port_ > 0 : http_->bind_to_port(options_.host, options_.port);
@@ -57,8 +58,9 @@ Server::Server(ServerOptions options) : options_(std::move(options)), http_(std:
 
 Server::~Server() { shutdown(); }
 
-void Server::serve(Model& model, const SchedulerOptions& scheduler, ApiContext ctx) {
+void Server::serve(Model& model, const SchedulerOptions& scheduler, ApiContext ctx, double head_density) {
   ctx_ = std::move(ctx);
+  metrics_->set_density(head_density);
   scheduler_ = std::make_unique<Scheduler>(model, scheduler);
   loop_ = std::thread([this] { scheduler_->run(); });
   ready_.store(true);
@@ -94,6 +96,10 @@ void Server::untrack(const std::shared_ptr<RequestStream>& s) {
   inflight_.erase(s);
 }
 
+void Server::record(const ParsedRequest& r, size_t choice, FinishReason reason, const RequestStream& stream) {
+  metrics_->finished(reason, static_cast<int64_t>(r.prompts[choice / static_cast<size_t>(r.n)].size()), stream.times());
+}
+
 void Server::authorize(const httplib::Request& req) const {
   if (options_.api_key.empty()) return;
   if (req.get_header_value("Authorization") != "Bearer " + options_.api_key)
@@ -107,6 +113,9 @@ void Server::route() {
     res.status = ready_.load() && !draining_.load() ? 200 : 503;
     res.set_content(json{{"status", ready_.load() ? (draining_.load() ? "draining" : "ok") : "loading"}}.dump(),
                     "application/json");
+  });
+  h.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
+    res.set_content(metrics_->render(ready_.load() ? scheduler_.get() : nullptr), "text/plain; version=0.0.4");
   });
   h.Get("/v1/models", [this](const httplib::Request& req, httplib::Response& res) {
     try {
@@ -144,11 +153,17 @@ void Server::route() {
     h.Delete(path, wrong_method("POST"));
     h.Patch(path, wrong_method("POST"));
   }
-  for (const char* path : {"/v1/models", "/health"}) {
+  for (const char* path : {"/v1/models", "/health", "/metrics"}) {
     h.Post(path, wrong_method("GET"));
     h.Put(path, wrong_method("GET"));
     h.Delete(path, wrong_method("GET"));
   }
+  // Every response, by route (unknown paths as "other") and status.
+  h.set_logger([this](const httplib::Request& req, const httplib::Response& res) {
+    const bool known = req.path == "/v1/completions" || req.path == "/v1/chat/completions" ||
+                       req.path == "/v1/models" || req.path == "/health" || req.path == "/metrics";
+    metrics_->response(known ? req.path : "other", res.status);
+  });
   // Whatever httplib answers by itself (an unknown route, a body over --max-body, a malformed request line)
   // gets OpenAI's error body too.
   h.set_error_handler([](const httplib::Request& req, httplib::Response& res) {
@@ -214,7 +229,10 @@ void Server::handle_generate(Endpoint endpoint, const httplib::Request& req, htt
         while (std::optional<RequestEvent> e = (*streams)[i]->next()) {
           choices[i].text += e->text;
           choices[i].tokens += e->token.has_value();
-          if (e->finish) choices[i].finish = *e->finish;
+          if (e->finish) {
+            choices[i].finish = *e->finish;
+            record(*parsed, i, *e->finish, *(*streams)[i]);
+          }
         }
       release();
       res.set_content(response_body(*parsed, id, created, ctx_.model_name, choices).dump(), "application/json");
@@ -246,6 +264,7 @@ void Server::handle_generate(Endpoint endpoint, const httplib::Request& req, htt
                 if (e->finish) {
                   done[i] = true;
                   --left;
+                  record(*parsed, i, *e->finish, *(*streams)[i]);
                 }
                 if (e->text.empty() && !e->finish) continue;
                 if (!send(stream_chunk(*parsed, id, created, ctx_.model_name, static_cast<int64_t>(i), e->text,

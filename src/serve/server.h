@@ -1,5 +1,5 @@
 // polar's OpenAI-compatible HTTP server (cpp-httplib): /v1/completions and /v1/chat/completions, streamed
-// as server-sent events or whole, /v1/models and /health. Request threads never touch the engine: they parse
+// as server-sent events or whole, /v1/models, /health and /metrics (Prometheus text format). Request threads never touch the engine: they parse
 // (serve/openai_api.h), submit to the Scheduler and read their requests' event streams; one thread runs the
 // scheduler's loop and owns the engine. The socket is bound and /health answers 503 before the model is
 // loaded, so a supervisor can watch start-up.
@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "runtime/scheduler.h"
+#include "serve/metrics.h"
 #include "serve/openai_api.h"
 
 namespace httplib {
@@ -44,8 +45,8 @@ class Server {
 
   int port() const { return port_; }
   // The model is loaded: starts the scheduler's loop over it; the API answers from now on. The model, the
-  // tokenizer and the template in ctx must outlive the server.
-  void serve(Model& model, const SchedulerOptions& scheduler, ApiContext ctx);
+  // tokenizer and the template in ctx must outlive the server. head_density: what /metrics reports.
+  void serve(Model& model, const SchedulerOptions& scheduler, ApiContext ctx, double head_density = 1.0);
   // Graceful stop: new requests get 503, running ones may finish for drain_timeout_s, then the rest are
   // cancelled; returns once the listener, the request threads and the loop have stopped.
   void shutdown();
@@ -59,6 +60,8 @@ class Server {
   void authorize(const httplib::Request& req) const;
   void track(const std::shared_ptr<RequestStream>& s);
   void untrack(const std::shared_ptr<RequestStream>& s);
+  // A finished choice, for the metrics: prompt tokens of its prompt, its timings.
+  void record(const ParsedRequest& r, size_t choice, FinishReason reason, const RequestStream& stream);
 
   ServerOptions options_;
   std::unique_ptr<httplib::Server> http_;
@@ -67,6 +70,7 @@ class Server {
   std::unique_ptr<Scheduler> scheduler_;
   std::thread loop_;
   ApiContext ctx_;
+  std::unique_ptr<ServerMetrics> metrics_;
   std::atomic<bool> ready_{false}, draining_{false};
   std::atomic<uint64_t> next_id_{0};
   int64_t started_ = 0;  // unix time, for /v1/models
