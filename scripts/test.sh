@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Builds polar and runs every test: the full suite in a release build (with polar serve against the openai
-# Python client on stories260K and the default model), then the parsers (safetensors, GGUF,
-# checkpoints, tokenizers, router files, task files), the sparse ops and the CLI's bad-input tests again under
-# AddressSanitizer + UBSan, and last a short coverage-guided fuzzing run of those parsers (scripts/fuzz.sh,
-# FUZZ_SECONDS a target, 20 by default: about 9 minutes on 2 cores, 6 of them building).
+# Python client on stories260K and the default model, and a 2-minute load test), then the parsers
+# (safetensors, GGUF, checkpoints, tokenizers, router files, task files, chat templates), the sparse ops, the
+# CLI's bad-input tests and the HTTP server's tests again under AddressSanitizer + UBSan, and last a short
+# coverage-guided fuzzing run of the parsers (scripts/fuzz.sh, FUZZ_SECONDS a target, 20 by default).
+# About 25 minutes on 2 cores from a fresh checkout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD_DIR=build scripts/build.sh
@@ -16,5 +17,5 @@ scripts/fetch-model.sh
 OMP_WAIT_POLICY=passive ctest --test-dir build --output-on-failure -j "$(nproc)"
 BUILD_DIR=build-asan scripts/build.sh -DPOLAR_SANITIZE=ON -DPOLAR_CUDA=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo
 OMP_WAIT_POLICY=passive ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
-  ctest --test-dir build-asan --output-on-failure -j "$(nproc)" -R 'Gguf|Safetensors|Checkpoint|Tokenizer|BadInput|HfFixture|Router|Sparse|Eval'
+  ctest --test-dir build-asan --output-on-failure -j "$(nproc)" -R 'Gguf|Safetensors|Checkpoint|Tokenizer|BadInput|HfFixture|Router|Sparse|Eval|ChatTemplate|^Serve\.'
 scripts/fuzz.sh "${FUZZ_SECONDS:-20}"

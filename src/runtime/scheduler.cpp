@@ -262,14 +262,16 @@ std::vector<int32_t> Scheduler::sample(const Tensor& logits, const std::vector<S
 bool Scheduler::step() {
   const Clock::time_point t0 = Clock::now();
   admit_submitted();
-  // Cancellations, wherever the request is.
-  auto cancelled = [](const std::unique_ptr<Sequence>& s) { return s->stream->cancelled_.load(); };
-  for (auto& s : running_)
-    if (cancelled(s)) finish(*s, FinishReason::cancelled);
-  for (auto& s : waiting_)
-    if (cancelled(s)) finish(*s, FinishReason::cancelled);
-  std::erase_if(running_, cancelled);
-  std::erase_if(waiting_, cancelled);
+  // Cancellations, wherever the request is. The flag is read once per sequence: other threads set it at any
+  // time, and a sequence dropped on a second reading without being finished would keep its blocks and
+  // leave its stream without a final event.
+  auto finish_if_cancelled = [this](std::unique_ptr<Sequence>& s) {
+    if (!s->stream->cancelled_.load()) return false;
+    finish(*s, FinishReason::cancelled);
+    return true;
+  };
+  std::erase_if(running_, finish_if_cancelled);  // remove_if: the predicate runs exactly once per element
+  std::erase_if(waiting_, finish_if_cancelled);
   if (running_.empty() && waiting_.empty()) {
     waiting_count_.store(0);
     running_count_.store(0);
