@@ -15,6 +15,9 @@
 #include "io/checkpoint.h"
 #include "model/model.h"
 #include "runtime/generate.h"
+#include "bench/serve_bench.h"
+#include "bench/shapes.h"
+#include "serve/http_bench.h"
 #include "serve/server.h"
 #include "test_util.h"
 
@@ -351,6 +354,45 @@ TEST(Serve, MetricsCountWhatHappenedAndPassPromtool) {
   std::ifstream out(tmp.path("promtool.txt"));
   const std::string said((std::istreambuf_iterator<char>(out)), {});
   EXPECT_EQ(rc, 0) << "promtool check metrics (scripts/install-deps.sh installs it): " << said << "\n" << text;
+}
+
+// bench-serve --url against an in-process server over a tiny synthetic model (no tokenizer: a chunk per
+// token): every request's tokens arrive, the counts are exact, and the command prints its table.
+TEST(Serve, HttpBenchmarkSeesEveryToken) {
+  const ModelConfig c = shape_config("tiny-llama");
+  Checkpoint ck = synthetic_checkpoint(c, "tiny", 1);
+  auto backend = make_cpu_backend();
+  auto model = make_model(ck, *backend);
+  serve::ServerOptions o;
+  o.port = 0;
+  serve::Server server(o);
+  serve::ApiContext ctx;
+  ctx.model_name = "tiny";
+  ctx.vocab_size = c.vocab_size;
+  ctx.max_total_tokens = c.max_positions;
+  ctx.ignore_eos_default = true;
+  server.serve(*model, {.max_seqs = 8, .max_batch_tokens = 64, .kv_tokens = 4096}, ctx);
+  ServeWorkloadOptions w;
+  w.requests = 12;
+  w.prompt = {3, 20};
+  w.output = {1, 9};
+  const auto requests = make_serve_workload(w, c.vocab_size, 200.0);
+  const std::string url = "http://127.0.0.1:" + std::to_string(server.port());
+  const ServeResult r = serve::run_http_bench(url, requests);
+  int64_t output = 0;
+  for (const auto& q : requests) output += q.output;
+  EXPECT_EQ(r.output_tokens, output);
+  EXPECT_EQ(r.requests, 12);
+  EXPECT_LE(r.ttft_ms.p50, r.e2e_ms.p99);
+  EXPECT_GT(r.output_tokens_per_s, 0);
+
+  test::RunResult cli = test::run_polar({"bench-serve", "--url", url, "--shape", "tiny-llama", "--requests", "6",
+                                         "--prompt-len", "4-8", "--output-len", "3"});
+  EXPECT_EQ(cli.exit_code, 0) << cli.err;
+  EXPECT_THAT(cli.out, HasSubstr("tiny-llama   http     inf"));
+  test::RunResult bad = test::run_polar({"bench-serve", "--url", "ftp://x", "--shape", "tiny-llama"});
+  EXPECT_EQ(bad.exit_code, 1);
+  EXPECT_THAT(bad.err, HasSubstr("expected http://HOST:PORT"));
 }
 
 #endif  // POLAR_HAVE_SERVE

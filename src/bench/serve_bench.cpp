@@ -72,6 +72,37 @@ Percentiles percentiles(std::vector<double> v) {
   return p;
 }
 
+ServeResult summarize_serve_run(const std::vector<ServeRequestSpec>& requests, Clock::time_point t0,
+                                const std::vector<Clock::time_point>& arrival,
+                                const std::vector<std::vector<Clock::time_point>>& token_times) {
+  ServeResult r;
+  const size_t n = requests.size();
+  r.requests = static_cast<int64_t>(n);
+  std::vector<double> ttft, tpot, itl, e2e;
+  Clock::time_point end = t0;
+  for (size_t i = 0; i < n; ++i) {
+    const std::vector<Clock::time_point>& t = token_times[i];
+    check(static_cast<int64_t>(t.size()) == requests[i].output, "request {} produced {} of its {} tokens", i,
+          t.size(), requests[i].output);
+    r.prompt_tokens += static_cast<int64_t>(requests[i].prompt.size());
+    r.output_tokens += static_cast<int64_t>(t.size());
+    ttft.push_back(ms(t.front() - arrival[i]));
+    e2e.push_back(ms(t.back() - arrival[i]));
+    if (t.size() > 1) tpot.push_back(ms(t.back() - t.front()) / static_cast<double>(t.size() - 1));
+    for (size_t k = 1; k < t.size(); ++k) itl.push_back(ms(t[k] - t[k - 1]));
+    end = std::max(end, t.back());
+  }
+  r.duration_s = ms(end - t0) / 1e3;
+  r.request_throughput = static_cast<double>(n) / r.duration_s;
+  r.output_tokens_per_s = static_cast<double>(r.output_tokens) / r.duration_s;
+  r.total_tokens_per_s = static_cast<double>(r.output_tokens + r.prompt_tokens) / r.duration_s;
+  r.ttft_ms = percentiles(std::move(ttft));
+  r.tpot_ms = percentiles(std::move(tpot));
+  r.itl_ms = percentiles(std::move(itl));
+  r.e2e_ms = percentiles(std::move(e2e));
+  return r;
+}
+
 ServeResult run_serve_bench(Scheduler& scheduler, const std::vector<ServeRequestSpec>& requests,
                             const std::function<void(const std::string&)>& log) {
   check(!requests.empty(), "no requests to serve");
@@ -110,31 +141,9 @@ ServeResult run_serve_bench(Scheduler& scheduler, const std::vector<ServeRequest
     }
   }
 
-  ServeResult r;
-  r.requests = static_cast<int64_t>(n);
-  std::vector<double> ttft, tpot, itl, e2e;
-  Clock::time_point end = t0;
-  for (size_t i = 0; i < n; ++i) {
-    const RequestTimes t = streams[i]->times();
-    check(static_cast<int64_t>(t.tokens.size()) == requests[i].output, "request {} produced {} of its {} tokens", i,
-          t.tokens.size(), requests[i].output);
-    r.prompt_tokens += static_cast<int64_t>(requests[i].prompt.size());
-    r.output_tokens += static_cast<int64_t>(t.tokens.size());
-    ttft.push_back(ms(t.tokens.front() - arrival[i]));
-    e2e.push_back(ms(t.tokens.back() - arrival[i]));
-    if (t.tokens.size() > 1)
-      tpot.push_back(ms(t.tokens.back() - t.tokens.front()) / static_cast<double>(t.tokens.size() - 1));
-    for (size_t k = 1; k < t.tokens.size(); ++k) itl.push_back(ms(t.tokens[k] - t.tokens[k - 1]));
-    end = std::max(end, t.tokens.back());
-  }
-  r.duration_s = ms(end - t0) / 1e3;
-  r.request_throughput = static_cast<double>(n) / r.duration_s;
-  r.output_tokens_per_s = static_cast<double>(r.output_tokens) / r.duration_s;
-  r.total_tokens_per_s = static_cast<double>(r.output_tokens + r.prompt_tokens) / r.duration_s;
-  r.ttft_ms = percentiles(std::move(ttft));
-  r.tpot_ms = percentiles(std::move(tpot));
-  r.itl_ms = percentiles(std::move(itl));
-  r.e2e_ms = percentiles(std::move(e2e));
+  std::vector<std::vector<Clock::time_point>> token_times;
+  for (size_t i = 0; i < n; ++i) token_times.push_back(streams[i]->times().tokens);
+  ServeResult r = summarize_serve_run(requests, t0, arrival, token_times);
   r.stats = scheduler.stats();
   const double steps = static_cast<double>(std::max<int64_t>(r.stats.steps, 1));
   r.mean_batch = static_cast<double>(r.stats.batch_sum) / steps;

@@ -61,6 +61,12 @@ struct ServeResult {
   SchedulerStats stats;
 };
 
+// The throughputs and latency percentiles of a run that started at t0: each request's arrival and token
+// times (every request must have produced its output length). Leaves the scheduler fields empty.
+ServeResult summarize_serve_run(const std::vector<ServeRequestSpec>& requests, Clock::time_point t0,
+                                const std::vector<Clock::time_point>& arrivals,
+                                const std::vector<std::vector<Clock::time_point>>& token_times);
+
 // Serves `requests` on `scheduler` (idle; its stats are reset first), submitting each at its arrival time from
 // the loop thread between steps (its TTFT counts from the arrival, so a request that arrives during a step
 // waits for it, as it would in a server). One scheduler can serve several runs: decode graphs captured in one

@@ -18,6 +18,9 @@
 #include "cli/commands.h"
 #include "cli/common.h"
 #include "cli/gnuplot.h"
+#ifdef POLAR_HAVE_SERVE
+#include "serve/http_bench.h"
+#endif
 
 namespace polar::cli {
 
@@ -36,6 +39,7 @@ struct BenchServeArgs {
   bool sparse_only = false;
   bool json = false;
   std::string csv, plot, from_csv;
+  std::string url;
 };
 
 // "N" or "LO-HI" (uniform over [LO, HI]).
@@ -199,8 +203,8 @@ std::pair<std::string, std::vector<Row>> read_csv(const std::string& path) {
           3 + kNumFields);
     check(label.empty() || cells[0] == label, "{} line {}: shape '{}' after '{}' (one shape per file)", path, line_no,
           cells[0], label);
-    check(cells[1] == "dense" || cells[1] == "sparse", "{} line {}: mode '{}' is neither dense nor sparse", path,
-          line_no, cells[1]);
+    check(cells[1] == "dense" || cells[1] == "sparse" || cells[1] == "http",
+          "{} line {}: mode '{}' is not dense, sparse or http", path, line_no, cells[1]);
     label = cells[0];
     Row row{cells[1], parse_rate(cells[2]), {}};
     for (size_t i = 3; i < cells.size(); ++i) {
@@ -220,7 +224,7 @@ std::pair<std::string, std::vector<Row>> read_csv(const std::string& path) {
 // p50/p99. Rates are placed in the order given (inf, all at once, among them), labelled by value.
 void write_plot(const std::string& path, const std::string& title, const std::vector<Row>& rows) {
   std::string data, throughput, ttft, tpot;
-  for (const char* mode : {"dense", "sparse"}) {
+  for (const char* mode : {"dense", "sparse", "http"}) {
     std::string block;
     for (const Row& row : rows)
       if (row.mode == mode)
@@ -281,6 +285,51 @@ std::vector<int32_t> dataset_tokens(const LoadedModel& m, const std::string& pat
   return tok.encode(text.str(), /*add_bos=*/false);
 }
 
+// The results of the runs: table or JSON on stdout, CSV and plot on request.
+void report(const BenchServeArgs& a, const ServeWorkloadOptions& w, const std::string& label, const std::string& config,
+            const std::string& device, double density, int64_t kv_tokens,
+            const std::vector<std::pair<std::string, ServeResult>>& runs) {
+  std::vector<Row> rows;
+  for (const auto& [mode, r] : runs) rows.push_back(row_of(mode, r));
+  const std::vector<Comparison> comparisons = compare(rows);
+  if (a.json) {
+    nlohmann::json js = nlohmann::json::array(), cmp = nlohmann::json::array();
+    for (const auto& [mode, r] : runs) js.push_back(run_json(mode, r));
+    for (const Comparison& x : comparisons)
+      cmp.push_back({{"rate", rate_name(x.rate)},
+                     {"output_throughput_ratio", x.output_throughput_ratio},
+                     {"ttft_p99_ratio", x.ttft_p99_ratio},
+                     {"tpot_p50_ratio", x.tpot_p50_ratio}});
+    fmt::print("{}\n", nlohmann::json{{"shape", label},
+                                      {"config", config},
+                                      {"device", device},
+                                      {"density", density},
+                                      {"workload",
+                                       {{"requests", w.requests},
+                                        {"prompt_len", a.prompt_len},
+                                        {"output_len", a.output_len},
+                                        {"dataset", a.dataset},
+                                        {"seed", w.seed}}},
+                                      {"max_seqs", a.max_seqs},
+                                      {"max_batch_tokens", a.max_batch_tokens},
+                                      {"kv_tokens", kv_tokens},
+                                      {"warmup_requests", std::min(a.warmup, w.requests)},
+                                      {"runs", js},
+                                      {"sparse_vs_dense", cmp}}
+                               .dump(1));
+  } else {
+    print_table(label, rows);
+    print_comparisons(comparisons);
+  }
+  std::fflush(stdout);
+  if (!a.csv.empty()) write_csv(a.csv, label, rows);
+  if (!a.plot.empty())
+    write_plot(a.plot, fmt::format("{} on {}: {} requests, prompts {}, outputs {}", label, device, w.requests,
+                                   a.prompt_len, a.output_len),
+               rows);
+}
+
+
 int run_bench_serve(BenchServeArgs& a) {
   ServeWorkloadOptions w = a.workload;
   w.prompt = parse_range("--prompt-len", a.prompt_len);
@@ -336,46 +385,36 @@ int run_bench_serve(BenchServeArgs& a) {
     }
   }
 
-  std::vector<Row> rows;
-  for (const auto& [mode, r] : runs) rows.push_back(row_of(mode, r));
-  const std::vector<Comparison> comparisons = compare(rows);
-  const std::string device = fmt::format("{}, {}", be.name(), dtype_name(be.activation_dtype()));
-  if (a.json) {
-    nlohmann::json js = nlohmann::json::array(), cmp = nlohmann::json::array();
-    for (const auto& [mode, r] : runs) js.push_back(run_json(mode, r));
-    for (const Comparison& x : comparisons)
-      cmp.push_back({{"rate", rate_name(x.rate)},
-                     {"output_throughput_ratio", x.output_throughput_ratio},
-                     {"ttft_p99_ratio", x.ttft_p99_ratio},
-                     {"tpot_p50_ratio", x.tpot_p50_ratio}});
-    fmt::print("{}\n", nlohmann::json{{"shape", label},
-                                      {"config", c.describe()},
-                                      {"device", device},
-                                      {"density", m.density},
-                                      {"workload",
-                                       {{"requests", w.requests},
-                                        {"prompt_len", a.prompt_len},
-                                        {"output_len", a.output_len},
-                                        {"dataset", a.dataset},
-                                        {"seed", w.seed}}},
-                                      {"max_seqs", a.max_seqs},
-                                      {"max_batch_tokens", a.max_batch_tokens},
-                                      {"kv_tokens", kv_tokens},
-                                      {"warmup_requests", std::min(a.warmup, w.requests)},
-                                      {"runs", js},
-                                      {"sparse_vs_dense", cmp}}
-                               .dump(1));
-  } else {
-    print_table(label, rows);
-    print_comparisons(comparisons);
-  }
-  std::fflush(stdout);
-  if (!a.csv.empty()) write_csv(a.csv, label, rows);
-  if (!a.plot.empty())
-    write_plot(a.plot, fmt::format("{} on {}: {} requests, prompts {}, outputs {}", label, device, w.requests,
-                                   a.prompt_len, a.output_len),
-               rows);
+  report(a, w, label, c.describe(), fmt::format("{}, {}", be.name(), dtype_name(be.activation_dtype())), m.density,
+         kv_tokens, runs);
   return 0;
+}
+
+// --url: the workload sent to a running server over HTTP (serve/http_bench.h); the model flags only shape it.
+int run_bench_serve_url(const BenchServeArgs& a) {
+#ifdef POLAR_HAVE_SERVE
+  check(a.dataset.empty(), "--dataset is not supported with --url (prompts are random token ids)");
+  ServeWorkloadOptions w = a.workload;
+  w.prompt = parse_range("--prompt-len", a.prompt_len);
+  w.output = parse_range("--output-len", a.output_len);
+  std::vector<double> rates;
+  for (const std::string& r : a.rates) rates.push_back(parse_rate(r));
+  const ModelConfig c = a.source.model_config();
+  std::vector<std::pair<std::string, ServeResult>> runs;
+  for (double rate : rates) {
+    fmt::print(stderr, "{}, request rate {}:\n", a.url, rate_name(rate));
+    ServeResult r = serve::run_http_bench(a.url, make_serve_workload(w, c.vocab_size, rate),
+                                          [](const std::string& s) { fmt::print(stderr, "{}\n", s); });
+    r.rate = rate;
+    fmt::print(stderr, "  {:.1f} s, {:.0f} output tokens/s, TTFT p99 {:.1f} ms, TPOT p50 {:.2f} ms\n", r.duration_s,
+               r.output_tokens_per_s, r.ttft_ms.p99, r.tpot_ms.p50);
+    runs.push_back({"http", r});
+  }
+  report(a, w, a.source.label(), c.describe(), "http " + a.url, 0, 0, runs);
+  return 0;
+#else
+  fail("--url needs polar built with cpp-httplib (Debian: libcpp-httplib-dev)");
+#endif
 }
 
 // --from-csv: the table, the comparison and (with --plot) the plot of a CSV that --csv wrote.
@@ -427,6 +466,9 @@ Command bench_serve_command() {
                           "Requests of the workload (16 output tokens each) served untimed before each mode's runs")
                 ->capture_default_str()->check(at_least(0));
             c->add_flag("--sparse-only", a->sparse_only, "With sparsity, skip the dense run");
+            c->add_option("--url", a->url,
+                          "Send the workload to a running polar serve at http://HOST:PORT instead (the model flags "
+                          "only shape the prompts)");
             c->add_option("--csv", a->csv, "Also write the rows to this CSV file");
             c->add_option("--plot", a->plot, "Also plot throughput, TTFT and TPOT against the request rate to this PNG");
             c->add_flag("--json", a->json, "Print JSON instead of a table");
@@ -435,7 +477,10 @@ Command bench_serve_command() {
                 "Print (and with --plot, plot) the rows of a CSV that --csv wrote, instead of measuring");
             for (const char* source : {"--model", "--shape", "--config"}) from_csv->excludes(c->get_option(source));
           },
-          [a] { return a->from_csv.empty() ? run_bench_serve(*a) : show_csv(*a); }};
+          [a] {
+            if (!a->from_csv.empty()) return show_csv(*a);
+            return a->url.empty() ? run_bench_serve(*a) : run_bench_serve_url(*a);
+          }};
 }
 
 }  // namespace polar::cli

@@ -100,6 +100,13 @@ std::unique_ptr<HeadSelector> baseline_selector(const LoadedModel& m, const Mode
 
 }  // namespace
 
+ModelConfig BenchModelOptions::model_config() const {
+  label();  // says which flags give a model when none was
+  if (!shape.empty()) return shape_config(shape);
+  if (!config.empty()) return load_hf_config(config);
+  return load_checkpoint_metadata(model.model).config;
+}
+
 void BenchModelOptions::add(CLI::App& app) {
   CLI::Option* checkpoint = model.add(app);
   model.add_sparsity(app);

@@ -64,6 +64,8 @@ struct BenchModelOptions {
   std::string label() const;
   // Loads it; synthetic weights are drawn from `seed`.
   LoadedModel load(uint64_t seed) const;
+  // Its config alone, without weights (a client of a server that runs the model).
+  ModelConfig model_config() const;
 };
 
 // The KV cache a server-like run gets unless told: max_seqs sequences of `longest` tokens each, unless that

@@ -266,7 +266,9 @@ void Server::handle_generate(Endpoint endpoint, const httplib::Request& req, htt
                   --left;
                   record(*parsed, i, *e->finish, *(*streams)[i]);
                 }
-                if (e->text.empty() && !e->finish) continue;
+                // An event without new text is skipped, except for a model without a tokenizer (no text ever):
+                // there each token is a chunk, so clients and benchmarks still see every token arrive.
+                if (e->text.empty() && !e->finish && ctx_.tokenizer) continue;
                 if (!send(stream_chunk(*parsed, id, created, ctx_.model_name, static_cast<int64_t>(i), e->text,
                                        e->finish, false)))
                   return false;
