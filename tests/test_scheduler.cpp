@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <map>
 #include <thread>
 
 #include "io/checkpoint.h"
@@ -377,4 +378,52 @@ TEST(Scheduler, CancellationsRacingTheLoopLoseNoStreamAndNoBlock) {
   loop.join();
   EXPECT_EQ(ended, 400) << "every stream gets its final event";
   EXPECT_EQ(sched.cache().free_blocks(), sched.cache().num_blocks());
+}
+
+// OpenAI's presence and frequency penalties, against a reference that applies them by hand to each step's
+// logits before the argmax: the same tokens, and the penalties change what is produced.
+TEST(Scheduler, PresenceAndFrequencyPenaltiesFollowTheirDefinition) {
+  Loaded& m = stories();
+  const int64_t V = m.model->config().vocab_size, n = 40;
+  const std::vector<int32_t> prompt = {1, 403, 407, 261, 378};  // "Once upon a time"
+  auto reference = [&](float presence, float frequency) {
+    Engine e(*m.model, {.kv_tokens = 256});
+    const int64_t seq = e.add_sequence();
+    Tensor logits = e.step({{seq, prompt}}, false);
+    std::vector<int32_t> out;
+    std::map<int32_t, int> counts;
+    while (static_cast<int64_t>(out.size()) < n) {
+      std::vector<float> row(logits.data<float>(), logits.data<float>() + V);
+      for (const auto& [t, c] : counts) row[t] -= frequency * static_cast<float>(c) + presence;
+      out.push_back(static_cast<int32_t>(std::max_element(row.begin(), row.end()) - row.begin()));
+      ++counts[out.back()];
+      logits = e.step({{seq, std::span<const int32_t>(&out.back(), 1)}}, false);
+    }
+    return out;
+  };
+  auto scheduled = [&](float presence, float frequency) {
+    Scheduler sched(*m.model, {.max_seqs = 4, .max_batch_tokens = 64, .kv_tokens = 1024});
+    Request r = greedy(prompt, n);
+    r.params.presence_penalty = presence;
+    r.params.frequency_penalty = frequency;
+    auto other = sched.submit(greedy({1, 300, 301}, n));  // a batch neighbour without penalties
+    auto s = sched.submit(r);
+    sched.run_until_idle();
+    drain(*other);
+    return drain(*s).tokens;
+  };
+  const auto plain = reference(0, 0);
+  for (const auto& [presence, frequency] : std::vector<std::pair<float, float>>{{0.8f, 0}, {0, 1.5f}, {0.5f, 0.7f}, {-0.5f, 0}}) {
+    SCOPED_TRACE(testing::Message() << "presence " << presence << ", frequency " << frequency);
+    const auto want = reference(presence, frequency);
+    EXPECT_EQ(scheduled(presence, frequency), want);
+    if (presence > 0 || frequency > 0) {
+      EXPECT_NE(want, plain) << "the penalty changes the greedy text";
+    }
+  }
+  EXPECT_EQ(scheduled(0, 0), plain);
+  Request bad = greedy(prompt, 4);
+  bad.params.frequency_penalty = 3;
+  Scheduler sched(*m.model, {.max_seqs = 4, .max_batch_tokens = 64, .kv_tokens = 1024});
+  EXPECT_THAT(test::error_of([&] { sched.submit(bad); }), HasSubstr("frequency_penalty must be in [-2, 2], got 3"));
 }

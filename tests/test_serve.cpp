@@ -222,7 +222,7 @@ TEST(Serve, ErrorsHaveTheirStatusAndOpenAiBody) {
            {"/v1/completions", R"({"prompt": "hi", "n": 0})", 400, "n", "must be in [1, 64]"},
            {"/v1/completions", R"({"prompt": "hi", "stop": [""]})", 400, "stop", "must not be empty"},
            {"/v1/completions", R"({"prompt": "hi", "echo": true})", 400, "echo", "not supported"},
-           {"/v1/completions", R"({"prompt": "hi", "presence_penalty": 0.5})", 400, "presence_penalty", "not supported"},
+           {"/v1/completions", R"({"prompt": "hi", "presence_penalty": 2.5})", 400, "presence_penalty", "must be in [-2, 2]"},
            {"/v1/completions", R"({"prompt": "hi", "model": "gpt-4"})", 404, "model", "'gpt-4' does not exist"},
            {"/v1/chat/completions", R"({"messages": []})", 400, "messages", "non-empty list"},
            {"/v1/chat/completions", R"({"messages": [{"role": "user", "content": "hi"}]})", 400, "messages",

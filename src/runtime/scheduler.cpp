@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <unordered_map>
 
 namespace polar {
 
@@ -80,6 +81,7 @@ struct Scheduler::Sequence {
   Sampler sampler;
   std::vector<int32_t> tokens;  // the prompt, then every produced token
   int64_t produced = 0;
+  std::unordered_map<int32_t, int32_t> produced_counts;  // for the penalties: how often each token was produced
   int64_t engine_seq = -1;  // -1: holds no place in the engine (waiting)
   int64_t cached = 0;       // tokens of `tokens` whose K/V are in the cache
   int64_t admitted = -1;    // admission order, for preemption
@@ -115,6 +117,8 @@ std::shared_ptr<RequestStream> Scheduler::submit(Request r) {
   check(p.min_tokens >= 0 && p.min_tokens <= p.max_tokens, "min_tokens must be in [0, max_tokens = {}], got {}",
         p.max_tokens, p.min_tokens);
   validate(p.sampling);
+  for (const auto& [name, v] : {std::pair{"presence_penalty", p.presence_penalty}, {"frequency_penalty", p.frequency_penalty}})
+    check(std::isfinite(v) && v >= -2 && v <= 2, "{} must be in [-2, 2], got {}", name, v);
   for (int32_t id : p.stop_token_ids)
     check(id >= 0 && id < c.vocab_size, "stop token id {} is out of range for a vocabulary of {}", id, c.vocab_size);
   check(p.stop_strings.empty() || options_.tokenizer, "stop strings need a tokenizer (the model has none)");
@@ -176,6 +180,7 @@ bool Scheduler::produce(Sequence& s, int32_t token, Clock::time_point now) {
   const RequestParams& p = s.request.params;
   s.tokens.push_back(token);
   ++s.produced;
+  if (p.presence_penalty != 0 || p.frequency_penalty != 0) ++s.produced_counts[token];
   ++stats_.generated_tokens;
   const bool stop_token = s.produced > p.min_tokens && is_stop_token(s, token);
   std::string text;
@@ -227,18 +232,24 @@ std::vector<int32_t> Scheduler::sample(const Tensor& logits, const std::vector<S
   std::vector<int32_t> out(seqs.size(), -1);
   std::vector<float> u(seqs.size());
   for (size_t i = 0; i < seqs.size(); ++i) u[i] = seqs[i]->sampler.next_uniform();
-  // Rows that must not produce a stop token yet (min_tokens): sampled on the host from their own row with
-  // the stop tokens' logits at -inf. Every other row: on the device, one pass per distinct sampling rule.
+  // Rows with penalties, or that must not produce a stop token yet (min_tokens): sampled on the host from
+  // their own row, penalised, with the stop tokens' logits at -inf. Every other row: on the device, one pass
+  // per distinct sampling rule.
   std::vector<bool> masked(seqs.size(), false);
   for (size_t i = 0; i < seqs.size(); ++i) {
     const Sequence& s = *seqs[i];
-    if (s.produced >= s.request.params.min_tokens) continue;
+    const RequestParams& p = s.request.params;
+    const bool penalised = !s.produced_counts.empty();
+    if (s.produced >= p.min_tokens && !penalised) continue;
     masked[i] = true;
     Tensor row = be.to_host_f32(logits.slice_rows(rows[i], rows[i] + 1));
     float* l = row.data<float>();
-    for (int64_t v = 0; v < V; ++v)
-      if (is_stop_token(s, static_cast<int32_t>(v))) l[v] = -INFINITY;
-    out[i] = sample_row(l, V, s.request.params.sampling, u[i]);
+    for (const auto& [token, count] : s.produced_counts)
+      l[token] -= p.frequency_penalty * static_cast<float>(count) + p.presence_penalty;
+    if (s.produced < p.min_tokens)
+      for (int64_t v = 0; v < V; ++v)
+        if (is_stop_token(s, static_cast<int32_t>(v))) l[v] = -INFINITY;
+    out[i] = sample_row(l, V, p.sampling, u[i]);
   }
   std::vector<bool> done = masked;
   for (size_t first = 0; first < seqs.size(); ++first) {

@@ -37,6 +37,9 @@ struct RequestParams {
   std::vector<int32_t> stop_token_ids;    // finish when one is produced (it is reported, its text is not)
   std::vector<std::string> stop_strings;  // finish when the text contains one (the text ends before it)
   bool ignore_eos = false;                // the tokenizer's EOS tokens do not finish the request
+  // OpenAI's penalties, in [-2, 2], over the tokens produced so far: logit[v] -= frequency_penalty *
+  // count(v) + presence_penalty * (count(v) > 0). Rows with a penalty are sampled on the host.
+  float presence_penalty = 0, frequency_penalty = 0;
 };
 
 struct Request {

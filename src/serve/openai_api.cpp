@@ -75,8 +75,6 @@ void refuse_unsupported(const json& body, Endpoint endpoint) {
   if (boolean(body, "echo", false)) unsupported("echo");
   if (const json* v = field(body, "logprobs"); v && !(v->is_boolean() && !v->get<bool>())) unsupported("logprobs");
   if (field(body, "top_logprobs")) unsupported("top_logprobs");
-  for (const char* penalty : {"presence_penalty", "frequency_penalty"})
-    if (number(body, penalty, 0.0, -2.0, 2.0) != 0.0) unsupported(penalty);
   if (const json* v = field(body, "logit_bias"); v && !(v->is_object() && v->empty())) unsupported("logit_bias");
   if (const json* v = field(body, "suffix"); v && !(v->is_string() && v->get<std::string>().empty())) unsupported("suffix");
   const int64_t n = integer(body, "n", 1, 1, kMaxChoices);
@@ -302,6 +300,8 @@ ParsedRequest parse_request(Endpoint endpoint, const json& body, const ApiContex
     }
   }
   p.ignore_eos = boolean(body, "ignore_eos", ctx.ignore_eos_default);
+  p.presence_penalty = static_cast<float>(number(body, "presence_penalty", 0.0, -2.0, 2.0));
+  p.frequency_penalty = static_cast<float>(number(body, "frequency_penalty", 0.0, -2.0, 2.0));
   return r;
 }
 
