@@ -395,4 +395,16 @@ TEST(Serve, HttpBenchmarkSeesEveryToken) {
   EXPECT_THAT(bad.err, HasSubstr("expected http://HOST:PORT"));
 }
 
+// A port another server holds is an error at start-up, not a second listener sharing it.
+TEST(Serve, PortInUseIsAnError) {
+  Running r;
+  serve::ServerOptions o;
+  o.port = r.server.port();
+  EXPECT_THAT(test::error_of([&] { serve::Server second(o); }),
+              HasSubstr("cannot listen on 127.0.0.1:" + std::to_string(r.server.port())));
+  auto still = r.client.Get("/health");
+  ASSERT_TRUE(still);
+  EXPECT_EQ(still->status, 200);
+}
+
 #endif  // POLAR_HAVE_SERVE

@@ -20,6 +20,8 @@ namespace {
 constexpr auto kKeepAlive = std::chrono::seconds(1);
 // How long a streaming loop waits on one choice before looking at the others and the connection.
 constexpr auto kPoll = std::chrono::milliseconds(20);
+// Connections the kernel queues before they are accepted (capped by net.core.somaxconn).
+constexpr int kListenBacklog = 1024;
 
 void send_error(httplib::Response& res, const ApiError& e) {
   res.status = e.status;
@@ -50,9 +52,20 @@ Server::Server(ServerOptions options) : options_(std::move(options)), http_(std:
   http_->set_write_timeout(10, 0);  // a reader that takes nothing for 10 s is dropped (and its request cancelled)
   metrics_ = std::make_unique<ServerMetrics>(1.0);
   route();
+  // httplib's own socket options set SO_REUSEPORT, which lets a second server bind a port already in use
+  // without an error; SO_REUSEADDR alone only allows rebinding after a restart. The socket is kept so its
+  // listen backlog can be raised from httplib's 5, which under a burst of connections drops SYNs (clients
+  // then wait seconds to retry).
+  int listen_fd = -1;
+  http_->set_socket_options([&listen_fd](socket_t sock) {
+    int yes = 1;
+    setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+    listen_fd = sock;
+  });
   port_ = options_.port == 0 ? http_->bind_to_any_port(options_.host) : options_.port;
   const bool bound = options_.port == 0 ? port_ > 0 : http_->bind_to_port(options_.host, options_.port);
   check(bound, "cannot listen on {}:{} (in use, or not an address of this machine)", options_.host, options_.port);
+  if (listen_fd >= 0) ::listen(listen_fd, kListenBacklog);
   listener_ = std::thread([this] { http_->listen_after_bind(); });
 }
 

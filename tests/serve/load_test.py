@@ -32,9 +32,10 @@ PROMPTS = ["Once upon a time", "Lily and Ben", "The little dog", "One day, a gir
 LENGTHS = [8, 24, 48]
 
 
-async def http(port, method, path, body=None, raw=None, read_chunks=None):
+async def http(port, method, path, body=None, raw=None, read_chunks=None, on_status=None):
     """One request on its own connection. Returns (status, headers, body bytes); with read_chunks=k, hangs up
-    after k chunks of the response body. raw: bytes to send instead of a well-formed request."""
+    after k chunks of the response body. raw: bytes to send instead of a well-formed request. on_status: called
+    once the status line has arrived (the server has taken the request)."""
     reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), TIMEOUT)
     try:
         if raw is None:
@@ -48,6 +49,8 @@ async def http(port, method, path, body=None, raw=None, read_chunks=None):
         if not status_line:
             return None, {}, b""
         status = int(status_line.split()[1])
+        if on_status:
+            on_status()
         headers = {}
         while True:
             line = await asyncio.wait_for(reader.readline(), TIMEOUT)
@@ -178,10 +181,19 @@ async def run(args, port, pid):
 
 
 async def drain_under_load(port, expected, proc):
-    """SIGTERM while streaming requests run: each completes whole."""
-    tasks = [asyncio.create_task(http(port, "POST", "/v1/completions", request(PROMPTS[i % len(PROMPTS)], 48, True)))
+    """SIGTERM once 64 streaming requests have been taken (their status lines arrived): each completes whole."""
+    taken = asyncio.Event()
+    count = [0]
+
+    def one_taken():
+        count[0] += 1
+        if count[0] == 64:
+            taken.set()
+
+    tasks = [asyncio.create_task(http(port, "POST", "/v1/completions", request(PROMPTS[i % len(PROMPTS)], 48, True),
+                                      on_status=one_taken))
              for i in range(64)]
-    await asyncio.sleep(0.3)
+    await asyncio.wait_for(taken.wait(), TIMEOUT)
     proc.send_signal(signal.SIGTERM)
     results = await asyncio.gather(*tasks, return_exceptions=True)
     bad = []
@@ -190,9 +202,6 @@ async def drain_under_load(port, expected, proc):
             bad.append(f"{type(r).__name__}: {r}")
             continue
         status, _, body = r
-        # Requests that reached the server before the SIGTERM complete; later ones may get 503.
-        if status == 503:
-            continue
         text, done = sse_text(body)
         if status != 200 or not done or text != expected[(PROMPTS[i % len(PROMPTS)], 48)]:
             bad.append(f"drain: status {status}, done {done}")
