@@ -32,9 +32,7 @@ struct BenchServeArgs {
   std::string prompt_len = "128", output_len = "128";
   std::string dataset;
   std::vector<std::string> rates = {"inf"};
-  int64_t max_seqs = 64;
-  int64_t max_batch_tokens = 2048;
-  int64_t kv_tokens = 0;
+  BatchingOptions batching;
   int64_t warmup = 8;
   bool sparse_only = false;
   bool json = false;
@@ -310,8 +308,8 @@ void report(const BenchServeArgs& a, const ServeWorkloadOptions& w, const std::s
                                         {"output_len", a.output_len},
                                         {"dataset", a.dataset},
                                         {"seed", w.seed}}},
-                                      {"max_seqs", a.max_seqs},
-                                      {"max_batch_tokens", a.max_batch_tokens},
+                                      {"max_seqs", a.batching.max_seqs},
+                                      {"max_batch_tokens", a.batching.max_batch_tokens},
                                       {"kv_tokens", kv_tokens},
                                       {"warmup_requests", std::min(a.warmup, w.requests)},
                                       {"runs", js},
@@ -350,11 +348,10 @@ int run_bench_serve(BenchServeArgs& a) {
   }
   Backend& be = *m.backend;
   const int64_t per_token = kv_bytes_per_token(c, be.activation_dtype());
-  const int64_t kv_tokens =
-      a.kv_tokens ? a.kv_tokens : default_kv_tokens(m, a.max_seqs, w.prompt.hi + w.output.hi, a.max_batch_tokens);
+  const int64_t kv_tokens = a.batching.kv_tokens_for(m, w.prompt.hi + w.output.hi);
   fmt::print(stderr, "{}: {}\nKV cache: {} tokens ({:.3g} GB); {} requests, prompts {}, outputs {}, max-seqs {}\n", label,
              c.describe(), kv_tokens, static_cast<double>(kv_tokens * per_token) / 1e9, w.requests, a.prompt_len,
-             a.output_len, a.max_seqs);
+             a.output_len, a.batching.max_seqs);
 
   std::vector<std::pair<std::string, ServeResult>> runs;
   std::vector<std::pair<std::string, Sparsity*>> modes;
@@ -362,8 +359,8 @@ int run_bench_serve(BenchServeArgs& a) {
   if (m.sparsity) modes.push_back({"sparse", m.sparsity.get()});
   auto progress = [](const std::string& s) { fmt::print(stderr, "{}\n", s); };
   for (const auto& [mode, sparsity] : modes) {
-    Scheduler scheduler(*m.model, {.max_seqs = a.max_seqs,
-                                   .max_batch_tokens = a.max_batch_tokens,
+    Scheduler scheduler(*m.model, {.max_seqs = a.batching.max_seqs,
+                                   .max_batch_tokens = a.batching.max_batch_tokens,
                                    .kv_tokens = kv_tokens,
                                    .sparsity = sparsity});
     // First use of the device pays for GEMM plans, the allocator, the sparse MLP's path choice and the first
@@ -452,14 +449,7 @@ Command bench_serve_command() {
             c->add_option("--request-rate", a->rates,
                           "Poisson arrival rates in requests/s, e.g. 1,2,4,inf (inf: all at once)")
                 ->delimiter(',')->capture_default_str();
-            c->add_option("--max-seqs", a->max_seqs, "Sequences in the running batch at most")->capture_default_str()
-                ->check(at_least(1));
-            c->add_option("--max-batch-tokens", a->max_batch_tokens,
-                          "Tokens per engine step at most (decode tokens + prompt chunks)")
-                ->capture_default_str()->check(at_least(1));
-            c->add_option("--kv-tokens", a->kv_tokens,
-                          "KV cache capacity in tokens (0: max-seqs longest requests, within 90% of free memory)")
-                ->capture_default_str()->check(at_least(0));
+            a->batching.add(*c, "max-seqs longest requests, within 90% of free memory");
             c->add_option("--seed", a->workload.seed, "Seed of the workload, the random weights and routers")
                 ->capture_default_str();
             c->add_option("--warmup", a->warmup,

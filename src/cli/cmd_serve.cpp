@@ -22,9 +22,7 @@ struct ServeArgs {
   serve::ServerOptions server;
   std::string served_model_name;
   std::string chat_template_file;
-  int64_t max_seqs = 64;
-  int64_t max_batch_tokens = 2048;
-  int64_t kv_tokens = 0;
+  BatchingOptions batching;
   uint64_t seed = 0;
 };
 
@@ -66,7 +64,7 @@ int run_serve(ServeArgs& a) {
     }
     template_source = "the model's chat template";
   }
-  const int64_t kv_tokens = a.kv_tokens ? a.kv_tokens : default_kv_tokens(m, a.max_seqs, c.max_positions, a.max_batch_tokens);
+  const int64_t kv_tokens = a.batching.kv_tokens_for(m, c.max_positions);
   serve::ApiContext ctx;
   ctx.model_name = name;
   ctx.tokenizer = tok;
@@ -79,11 +77,11 @@ int run_serve(ServeArgs& a) {
   ctx.max_total_tokens = std::min<int64_t>(c.max_positions, kv_tokens);
   ctx.ignore_eos_default = tok == nullptr;
   server.serve(*m.model,
-               {.max_seqs = a.max_seqs, .max_batch_tokens = a.max_batch_tokens, .kv_tokens = kv_tokens,
+               {.max_seqs = a.batching.max_seqs, .max_batch_tokens = a.batching.max_batch_tokens, .kv_tokens = kv_tokens,
                 .sparsity = m.sparsity.get(), .tokenizer = tok},
                ctx, m.sparsity ? m.density : 1.0);
   fmt::print(stderr, "serving {} on http://{}:{}: {} sequences at most, KV cache of {} tokens{}{}\n", name,
-             a.server.host, server.port(), a.max_seqs, kv_tokens, m.sparsity ? ", sparse decoding" : "",
+             a.server.host, server.port(), a.batching.max_seqs, kv_tokens, m.sparsity ? ", sparse decoding" : "",
              chat_template ? ", chat: " + template_source : ", no chat template");
 
   int sig = 0;
@@ -114,14 +112,7 @@ Command serve_command() {
                           "The model's name in the API (default: the model file's or shape's name)");
             c->add_option("--api-key", a->server.api_key, "Require 'Authorization: Bearer KEY' on /v1 routes");
             c->add_option("--chat-template", a->chat_template_file, "Jinja chat template file for /v1/chat/completions");
-            c->add_option("--max-seqs", a->max_seqs, "Sequences in the running batch at most")->capture_default_str()
-                ->check(at_least(1));
-            c->add_option("--max-batch-tokens", a->max_batch_tokens,
-                          "Tokens per engine step at most (decode tokens + prompt chunks)")
-                ->capture_default_str()->check(at_least(1));
-            c->add_option("--kv-tokens", a->kv_tokens,
-                          "KV cache capacity in tokens (0: max-seqs full contexts, within 90% of free memory)")
-                ->capture_default_str()->check(at_least(0));
+            a->batching.add(*c, "max-seqs full contexts, within 90% of free memory");
             c->add_option("--max-queue", a->server.max_queue, "Requests waiting at most; beyond, 429")
                 ->capture_default_str()->check(at_least(1));
             c->add_option("--max-body", a->server.max_body, "Request body bytes at most; beyond, 413")

@@ -139,6 +139,19 @@ LoadedModel BenchModelOptions::load(uint64_t seed) const {
   return load_model(model, [&] { return synthetic_checkpoint(c, "synthetic " + name, seed); });
 }
 
+void BatchingOptions::add(CLI::App& app, const std::string& kv_default) {
+  app.add_option("--max-seqs", max_seqs, "Sequences in the running batch at most")->capture_default_str()
+      ->check(at_least(1));
+  app.add_option("--max-batch-tokens", max_batch_tokens, "Tokens per engine step at most (decode tokens + prompt chunks)")
+      ->capture_default_str()->check(at_least(1));
+  app.add_option("--kv-tokens", kv_tokens, "KV cache capacity in tokens (0: " + kv_default + ")")
+      ->capture_default_str()->check(at_least(0));
+}
+
+int64_t BatchingOptions::kv_tokens_for(const LoadedModel& m, int64_t longest) const {
+  return kv_tokens ? kv_tokens : default_kv_tokens(m, max_seqs, longest, max_batch_tokens);
+}
+
 int64_t default_kv_tokens(const LoadedModel& m, int64_t max_seqs, int64_t longest, int64_t max_batch_tokens) {
   const ModelConfig& c = m.model->config();
   Backend& be = *m.backend;

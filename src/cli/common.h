@@ -68,6 +68,17 @@ struct BenchModelOptions {
   ModelConfig model_config() const;
 };
 
+// The scheduler's batching limits a serving command takes: --max-seqs, --max-batch-tokens, --kv-tokens
+// (kv_default says what 0 means there).
+struct BatchingOptions {
+  int64_t max_seqs = 64;
+  int64_t max_batch_tokens = 2048;
+  int64_t kv_tokens = 0;
+  void add(CLI::App& app, const std::string& kv_default);
+  // --kv-tokens, or default_kv_tokens for sequences of `longest` tokens when it is 0.
+  int64_t kv_tokens_for(const LoadedModel& m, int64_t longest) const;
+};
+
 // The KV cache a server-like run gets unless told: max_seqs sequences of `longest` tokens each, unless that
 // is more than 90% of the device's free memory holds beside a step of max_batch_tokens tokens (then
 // sequences are preempted when the cache fills). Too little room for one sequence is a polar::Error.
