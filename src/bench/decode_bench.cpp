@@ -55,7 +55,7 @@ DecodePoint time_point(Model& model, int64_t batch, int64_t ctx, const DecodeSwe
   const ModelConfig& c = model.config();
   const int64_t B = batch, steps_run = kWarmupSteps + 1 + o.steps;
   Engine engine(model, {.kv_tokens = B * round_up(ctx, EngineOptions{}.block_size), .sparsity = o.sparsity});
-  engine.cache().fill_random(be, o.seed);
+  engine.cache().fill_random(o.seed);
   std::vector<int64_t> seqs(B);
   for (int64_t& s : seqs) {
     s = engine.add_sequence();

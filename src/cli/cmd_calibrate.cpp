@@ -111,6 +111,7 @@ json layers_json(const calib::Calibration& cal) {
 int run_calibrate(const CalibrateArgs& a) {
   const auto t0 = std::chrono::steady_clock::now();
   check(a.tokens >= 1, "--tokens must be at least 1, not {}", a.tokens);
+  check(a.model.tp == 1, "polar calibrate records the whole model's activations on one rank: run it without --tp");
   check_writable(a.out);
   calib::check_text_files(a.text);
   LoadedModel m = load_model(a.model);

@@ -25,7 +25,33 @@ CLI::Option* ModelOptions::add(CLI::App& app) {
   app.add_option("--dtype", dtype, "Weights/activations/KV on CUDA: f16 or bf16 (the CPU computes in f32)")
       ->capture_default_str()
       ->check(CLI::IsMember({"f16", "bf16"}));
+  app.add_option("--tp", tp,
+                 "Tensor parallelism: split the model's heads and MLP over this many ranks (threads on the CPU, GPUs "
+                 "on CUDA; docs/parallel.md)")
+      ->capture_default_str()
+      ->check(at_least(1));
+  app.add_option("--devices", devices, "The ranks' CUDA devices with --tp, e.g. 2,3 (default: 0..tp-1)");
   return model_option;
+}
+
+std::vector<std::string> ModelOptions::rank_devices() const {
+  if (device == "cpu") {
+    check(devices.empty(), "--devices names CUDA devices; the ranks of --device cpu are threads");
+    return std::vector<std::string>(static_cast<size_t>(tp), "cpu");
+  }
+  std::vector<std::string> out;
+  if (!devices.empty()) {
+    check(device == "cuda", "--devices {} with --device {}: give --device cuda", devices, device);
+    for (int32_t d : parse_token_list(devices)) out.push_back(fmt::format("cuda:{}", d));
+    check(static_cast<int>(out.size()) == tp, "--devices {} names {} devices for --tp {}", devices, out.size(), tp);
+  } else if (tp == 1) {
+    out.push_back(device);
+  } else {
+    check(device == "cuda", "--device {} is one GPU; --tp {} takes cuda:0..{} (--device cuda) or --devices", device,
+          tp, tp - 1);
+    for (int r = 0; r < tp; ++r) out.push_back(fmt::format("cuda:{}", r));
+  }
+  return out;
 }
 
 namespace {
@@ -66,6 +92,12 @@ void ModelOptions::add_sparsity(CLI::App& app, bool selectors) {
                  "default: the router file's")
       ->check(above_at_most(0, 1));
   add_sparse_mlp_option(app, sparse_mlp);
+  app.add_option("--tp-heads", tp_heads,
+                 "With --tp: global (every rank takes the whole model's top heads, the selection of --tp 1, and runs "
+                 "its own; ranks may get unequal work) or balanced (each rank its own best k/N: equal work, another "
+                 "selection; router selection only)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"global", "balanced"}));
   if (!selectors) return;
   app.add_option("--selector", selector,
                  "Who picks the heads: router (the router file's routers), oracle (the heads with the largest true "
@@ -84,18 +116,36 @@ void ModelOptions::add_sparsity(CLI::App& app, bool selectors) {
 
 namespace {
 
-// --selector oracle / static / random, which need no routers (static reads only the file's head shares).
-std::unique_ptr<HeadSelector> baseline_selector(const LoadedModel& m, const ModelOptions& opt, Granularity g) {
+// --selector oracle / static / random, which need no routers (static reads only the file's head shares), for
+// `model` (one rank's).
+std::unique_ptr<HeadSelector> baseline_selector(const LoadedModel& m, Model& model, const ModelOptions& opt,
+                                                Granularity g) {
   check(opt.density > 0 && opt.density < 1, "--selector {} needs --density below 1", opt.selector);
+  check(opt.tp == 1 || parse_tp_heads(opt.tp_heads) == TpHeads::Global,
+        "--tp-heads balanced needs router selection (--selector router): each rank scores its own heads");
   if (opt.selector == "static") {
     check(!opt.routers.empty(), "--selector static needs --routers FILE (its head shares rank the heads)");
-    const Routers routers = load_routers(opt.routers, m.model->config(), model_fingerprint(m.checkpoint));
-    return std::make_unique<StaticSparsity>(*m.model, routers, opt.density, opt.routers, g);
+    const Routers routers = load_routers(opt.routers, model.config(), model_fingerprint(m.checkpoint));
+    return std::make_unique<StaticSparsity>(model, routers, opt.density, opt.routers, g);
   }
   check(opt.routers.empty(), "--selector {} picks heads without routers: drop --routers", opt.selector);
-  if (opt.selector == "oracle") return std::make_unique<OracleSparsity>(*m.model, opt.density, g);
+  if (opt.selector == "oracle") return std::make_unique<OracleSparsity>(model, opt.density, g);
   check(opt.selector == "random", "unknown selector '{}': choose router, oracle, static or random", opt.selector);
-  return std::make_unique<RandomSparsity>(*m.model, opt.density, opt.selector_seed, g);
+  return std::make_unique<RandomSparsity>(model, opt.density, opt.selector_seed, g);
+}
+
+// One Sparsity per rank of m.model, made by make(rank's model): rank 0's, owning the others'.
+template <typename S>
+std::unique_ptr<S> for_every_rank(LoadedModel& m, const std::function<std::unique_ptr<S>(Model&)>& make) {
+  // Each rank's routers are uploaded with its device current (CUDA allocates on the current device).
+  m.backend->bind_thread();
+  std::unique_ptr<S> first = make(*m.model);
+  for (int r = 1; r < m.model->ranks(); ++r) {
+    m.model->rank(r).backend().bind_thread();
+    first->add_rank(make(m.model->rank(r)));
+  }
+  m.backend->bind_thread();
+  return first;
 }
 
 }  // namespace
@@ -169,7 +219,8 @@ void load_sparsity(LoadedModel& m, const ModelOptions& opt, bool random_allowed,
   const ModelConfig& c = m.model->config();
   const Granularity granularity = parse_granularity(opt.granularity);
   if (opt.selector != "router") {
-    std::unique_ptr<HeadSelector> selector = baseline_selector(m, opt, granularity);
+    std::unique_ptr<HeadSelector> selector = for_every_rank<HeadSelector>(
+        m, [&](Model& model) { return baseline_selector(m, model, opt, granularity); });
     fmt::print(stderr, "{} heads: {} per token at layers 1..{}{}\n", opt.selector, selector->describe(), c.n_layers - 1,
                opt.selector == "random" ? fmt::format(" (seed {})", opt.selector_seed) : "");
     m.sparsity = std::move(selector);
@@ -188,12 +239,16 @@ void load_sparsity(LoadedModel& m, const ModelOptions& opt, bool random_allowed,
   }
   const double density = opt.density > 0 ? opt.density : routers.head_density;
   check(density > 0, "--density must be in (0, 1]");
-  auto router_sparsity = std::make_unique<RouterSparsity>(*m.model, routers, density, granularity);
+  const TpHeads tp_heads = parse_tp_heads(opt.tp_heads);
+  auto router_sparsity = for_every_rank<RouterSparsity>(m, [&](Model& model) {
+    return std::make_unique<RouterSparsity>(model, routers, density, granularity, tp_heads);
+  });
   m.routers = router_sparsity.get();
   m.density = density;
   m.sparsity = std::move(router_sparsity);
-  fmt::print(stderr, "sparse decoding: {} per sequence at layers 1..{}{}\n", m.routers->describe(), c.n_layers - 1,
-             routers.mlp_k ? ", MLP neurons per the router file's k table" : "");
+  fmt::print(stderr, "sparse decoding: {} per sequence at layers 1..{}{}{}\n", m.routers->describe(), c.n_layers - 1,
+             routers.mlp_k ? ", MLP neurons per the router file's k table" : "",
+             opt.tp > 1 ? fmt::format(", heads shared over {} ranks: {}", opt.tp, opt.tp_heads) : "");
 }
 
 DType ModelOptions::activation_dtype() const { return dtype == "bf16" ? DType::BF16 : DType::F16; }
@@ -228,12 +283,27 @@ LoadedModel load_model(const ModelOptions& opt) {
 LoadedModel load_model(const ModelOptions& opt, const std::function<Checkpoint()>& checkpoint) {
   auto t0 = std::chrono::steady_clock::now();
   LoadedModel m;
-  m.backend = make_backend(opt.device, opt.activation_dtype(), opt.sparse_mlp_path());
+  const std::vector<std::string> devices = opt.rank_devices();
+  m.backend = make_backend(devices[0], opt.activation_dtype(), opt.sparse_mlp_path());
   m.checkpoint = checkpoint();
-  m.model = make_model(m.checkpoint, *m.backend);
+  if (opt.tp == 1) {
+    m.model = make_model(m.checkpoint, *m.backend);
+  } else {
+    shard_dims(m.checkpoint.config, 0, opt.tp);  // an uneven split fails before any other device is set up
+    std::vector<Backend*> backends = {m.backend.get()};
+    for (size_t r = 1; r < devices.size(); ++r) {
+      m.peer_backends.push_back(make_backend(devices[r], opt.activation_dtype(), opt.sparse_mlp_path()));
+      backends.push_back(m.peer_backends.back().get());
+    }
+    m.comms = make_communicators(backends);
+    std::vector<Communicator*> comms;
+    for (const auto& comm : m.comms) comms.push_back(comm.get());
+    m.model = make_model(m.checkpoint, backends, comms);
+  }
   double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  fmt::print(stderr, "loaded {} ({}, {}) on {} in {:.2f} s\n", m.checkpoint.path, m.checkpoint.config.model_type,
-             m.checkpoint.weight_types, m.backend->name(), s);
+  fmt::print(stderr, "loaded {} ({}, {}) on {}{} in {:.2f} s\n", m.checkpoint.path, m.checkpoint.config.model_type,
+             m.checkpoint.weight_types, m.backend->name(),
+             opt.tp > 1 ? fmt::format(" as rank 0 of {} (--tp)", opt.tp) : "", s);
   return m;
 }
 

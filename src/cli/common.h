@@ -25,10 +25,16 @@ struct ModelOptions {
   uint64_t selector_seed = 0;
   std::string granularity = "group";  // group (KV groups) or head (query heads, GQA models)
   std::string sparse_mlp = "fastest";  // the CUDA backend's SparseMlpPath: fastest, kernel or dense
-  // --model (required; returned so a command with other model sources can relax that), --device, --dtype
+  int tp = 1;                          // tensor-parallel ranks (docs/parallel.md)
+  std::string devices;                 // the ranks' CUDA devices ("2,3"); empty: 0..tp-1
+  std::string tp_heads = "global";     // how ranks share a sparse step's heads: global or balanced
+  // --model (required; returned so a command with other model sources can relax that), --device, --dtype,
+  // --tp, --devices
   CLI::Option* add(CLI::App& app);
-  // --routers, --density; with selectors, also --selector, --selector-seed and --granularity
+  // --routers, --density, --tp-heads; with selectors, also --selector, --selector-seed and --granularity
   void add_sparsity(CLI::App& app, bool selectors = false);
+  // The device of each rank: "cpu" for all on the CPU; --devices, or cuda:0..tp-1, on CUDA.
+  std::vector<std::string> rank_devices() const;
   DType activation_dtype() const;
   SparseMlpPath sparse_mlp_path() const;
 };
@@ -36,9 +42,13 @@ struct ModelOptions {
 void add_sparse_mlp_option(CLI::App& app, std::string& value);
 SparseMlpPath sparse_mlp_path(const std::string& value);
 
+// With --tp N > 1, backend, model and sparsity are rank 0's, and the model and sparsity own the other
+// ranks' (Model::rank, Sparsity::rank); the other ranks' backends and every rank's communicator are kept here.
 struct LoadedModel {
   Checkpoint checkpoint;
   std::unique_ptr<Backend> backend;
+  std::vector<std::unique_ptr<Backend>> peer_backends;  // ranks 1..N-1
+  std::vector<std::unique_ptr<Communicator>> comms;     // ranks 0..N-1 (none alone)
   std::unique_ptr<Model> model;
   std::unique_ptr<Sparsity> sparsity;  // set by load_sparsity for sparse decoding; null = dense
   RouterSparsity* routers = nullptr;   // the same object when routers select (benchmarks read its sizes)

@@ -18,8 +18,14 @@ struct LlamaLayer {
 
 class Llama final : public Model {
  public:
-  Llama(const Checkpoint& ck, Backend& backend) : Model(ck.config, backend) {
+  Llama(const Checkpoint& ck, Backend& backend, TpShard shard) : Model(ck.config, backend, shard) {
     const ModelConfig& c = config_;
+    const ShardDims& s = dims_;
+    // Column-parallel q/k/v and gate/up: the rank's rows; row-parallel o_proj and down: its columns, their
+    // biases on rank 0 only (Model::accumulates).
+    const Range q_rows{s.head0 * c.head_dim, s.heads * c.head_dim}, kv_rows{s.kv_head0 * c.head_dim, s.kv_heads * c.head_dim};
+    const Range neurons{s.ffn0, s.ffn};
+    const bool first = shard.rank == 0;
     auto load = [&](const std::string& name, const Shape& shape) { return load_weight(ck, name, shape); };
     auto load_opt = [&](bool present, const std::string& name, const Shape& shape) {
       return load_weight_if(present, ck, name, shape);
@@ -29,22 +35,22 @@ class Llama final : public Model {
       const std::string p = fmt::format("model.layers.{}.", l);
       LlamaLayer L;
       L.attn_norm = load(p + "input_layernorm.weight", {c.hidden});
-      L.wqkv = load_stacked(ck, {{p + "self_attn.q_proj.weight", {c.q_dim(), c.hidden}},
-                                 {p + "self_attn.k_proj.weight", {c.kv_dim(), c.hidden}},
-                                 {p + "self_attn.v_proj.weight", {c.kv_dim(), c.hidden}}});
+      L.wqkv = load_stacked(ck, {{p + "self_attn.q_proj.weight", {c.q_dim(), c.hidden}, q_rows},
+                                 {p + "self_attn.k_proj.weight", {c.kv_dim(), c.hidden}, kv_rows},
+                                 {p + "self_attn.v_proj.weight", {c.kv_dim(), c.hidden}, kv_rows}});
       L.bqkv = load_stacked_if(c.qkv_bias, ck,
-                               {{p + "self_attn.q_proj.bias", {c.q_dim()}},
-                                {p + "self_attn.k_proj.bias", {c.kv_dim()}},
-                                {p + "self_attn.v_proj.bias", {c.kv_dim()}}});
-      L.wo = load(p + "self_attn.o_proj.weight", {c.hidden, c.q_dim()});
-      L.bo = load_opt(c.o_bias, p + "self_attn.o_proj.bias", {c.hidden});
+                               {{p + "self_attn.q_proj.bias", {c.q_dim()}, q_rows},
+                                {p + "self_attn.k_proj.bias", {c.kv_dim()}, kv_rows},
+                                {p + "self_attn.v_proj.bias", {c.kv_dim()}, kv_rows}});
+      L.wo = load_stacked(ck, {{p + "self_attn.o_proj.weight", {c.hidden, c.q_dim()}, kAll, q_rows}});
+      L.bo = load_opt(c.o_bias && first, p + "self_attn.o_proj.bias", {c.hidden});
       L.mlp_norm = load(p + "post_attention_layernorm.weight", {c.hidden});
-      L.w_gate_up = load_stacked(ck, {{p + "mlp.gate_proj.weight", {c.ffn, c.hidden}},
-                                      {p + "mlp.up_proj.weight", {c.ffn, c.hidden}}});
+      L.w_gate_up = load_stacked(ck, {{p + "mlp.gate_proj.weight", {c.ffn, c.hidden}, neurons},
+                                      {p + "mlp.up_proj.weight", {c.ffn, c.hidden}, neurons}});
       L.b_gate_up = load_stacked_if(c.mlp_bias, ck,
-                                    {{p + "mlp.gate_proj.bias", {c.ffn}}, {p + "mlp.up_proj.bias", {c.ffn}}});
-      L.w_down = load(p + "mlp.down_proj.weight", {c.hidden, c.ffn});
-      L.b_down = load_opt(c.mlp_bias, p + "mlp.down_proj.bias", {c.hidden});
+                                    {{p + "mlp.gate_proj.bias", {c.ffn}, neurons}, {p + "mlp.up_proj.bias", {c.ffn}, neurons}});
+      L.w_down = load_stacked(ck, {{p + "mlp.down_proj.weight", {c.hidden, c.ffn}, kAll, neurons}});
+      L.b_down = load_opt(c.mlp_bias && first, p + "mlp.down_proj.bias", {c.hidden});
       layers_.push_back(std::move(L));
     }
     final_norm_ = load("model.norm.weight", {c.hidden});
@@ -62,6 +68,7 @@ class Llama final : public Model {
 
   Tensor forward(const StepInput& in, std::vector<KVLayer>& cache, Probe* probe) override {
     const ModelConfig& c = config_;
+    const ShardDims& s = dims_;  // q/k/v, attention and the MLP's neurons: this rank's share
     Backend& be = backend_;
     const DType dt = be.activation_dtype();
     const int64_t T = in.ids.numel();
@@ -70,11 +77,11 @@ class Llama final : public Model {
 
     Tensor x = be.alloc(dt, {T, c.hidden});
     Tensor h = be.alloc(dt, {T, c.hidden});
-    Tensor qkv = be.alloc(dt, {T, c.n_heads + 2 * c.n_kv_heads, c.head_dim});
-    Tensor q = be.alloc(dt, {T, c.n_heads, c.head_dim});
-    Tensor attn = be.alloc(dt, {T, c.n_heads, c.head_dim});
-    Tensor gate_up = be.alloc(dt, {T, 2 * c.ffn});
-    Tensor act = be.alloc(dt, {T, c.ffn});
+    Tensor qkv = be.alloc(dt, {T, s.heads + 2 * s.kv_heads, c.head_dim});
+    Tensor q = be.alloc(dt, {T, s.heads, c.head_dim});
+    Tensor attn = be.alloc(dt, {T, s.heads, c.head_dim});
+    Tensor gate_up = be.alloc(dt, {T, 2 * s.ffn});
+    Tensor act = be.alloc(dt, {T, s.ffn});
 
     be.embedding(embed_, in.ids, x);
     if (probe) probe->hidden(0, be.to_host_f32(x));
@@ -100,14 +107,16 @@ class Llama final : public Model {
       attend(static_cast<int>(l), in, heads, q, cache[l], scale, c.sliding_window, attn);
       if (probe) report_head_norms(probe, static_cast<int>(l), attn);
       be.region("qkv_o");
-      be.linear(attn.reshape({T, c.q_dim()}), L.wo, ptr(L.bo), x, /*accumulate=*/true);
+      be.linear(attn.reshape({T, s.heads * c.head_dim}), L.wo, ptr(L.bo), x, accumulates());
+      reduce(x);
       be.region("other");
       be.rms_norm(x, L.mlp_norm, static_cast<float>(c.norm_eps), h);
       be.region("mlp");
       be.linear(h, L.w_gate_up, ptr(L.b_gate_up), gate_up);
       be.silu_mul(gate_up, act);
       if (probe) probe->mlp_act(static_cast<int>(l), be.to_host_f32(act));
-      be.linear(act, L.w_down, ptr(L.b_down), x, /*accumulate=*/true);
+      be.linear(act, L.w_down, ptr(L.b_down), x, accumulates());
+      reduce(x);
       if (probe && l + 1 < c.n_layers) probe->hidden(static_cast<int>(l + 1), be.to_host_f32(x));
     }
     be.region("other");
@@ -128,6 +137,8 @@ class Llama final : public Model {
 
 }  // namespace
 
-std::unique_ptr<Model> make_llama(const Checkpoint& ck, Backend& backend) { return std::make_unique<Llama>(ck, backend); }
+std::unique_ptr<Model> make_llama(const Checkpoint& ck, Backend& backend, TpShard shard) {
+  return std::make_unique<Llama>(ck, backend, shard);
+}
 
 }  // namespace polar

@@ -6,8 +6,29 @@
 
 #include "io/checkpoint.h"
 #include "ops/backend.h"
+#include "ops/communicator.h"
 
 namespace polar {
+
+// Tensor parallelism (docs/parallel.md): which rank of how many a model is, and how the ranks talk.
+struct TpShard {
+  int rank = 0;
+  int size = 1;
+  Communicator* comm = nullptr;  // null: no collectives (a model alone)
+};
+
+// A rank's share of the model (Megatron-style): query heads [head0, head0 + heads) and the KV heads they read,
+// [kv_head0, kv_head0 + kv_heads); MLP neurons [ffn0, ffn0 + ffn). Each rank holds H / N query heads; with
+// Hkv >= N it holds Hkv / N whole KV groups, with Hkv < N one KV head, shared by N / Hkv ranks that each
+// hold part of its query heads (the KV head is replicated, so every rank owns at least one).
+struct ShardDims {
+  int64_t heads, head0, kv_heads, kv_head0, ffn, ffn0;
+};
+// Rank `rank` of `size`; a size that does not split the heads or the MLP evenly is a polar::Error naming
+// the sizes that do.
+ShardDims shard_dims(const ModelConfig& c, int rank, int size);
+// The tensor-parallel sizes up to `up_to` that split c evenly.
+std::vector<int> tp_sizes(const ModelConfig& c, int up_to);
 
 // Observes internal activations during a forward pass (calibration, tests). Tensors are fp32 on the host,
 // one row per token of the step, valid only during the call.
@@ -26,9 +47,17 @@ class Probe {
 // each layer; sparse/ implements it with routers. In a prefill step every token gets its own selection,
 // which is what processing those tokens one decode step at a time would have done. Returned index tensors live on the backend and keep
 // the same shape for a given batch, so a sparse step can be captured in a graph like a dense one.
+//
+// Under tensor parallelism every rank has its own Sparsity, bound to its rank's model; selections are then
+// in the rank's own numbering (its KV heads, query heads or MLP neurons from 0), padded to a fixed length
+// where the rank owns fewer of the chosen units than the list holds (Backend::localize_indices).
 class Sparsity {
  public:
   virtual ~Sparsity() = default;
+  // Rank 0's object stands for the group and owns the other ranks' (the Engine asks rank(r) for rank r's).
+  Sparsity& rank(int r) { return r == 0 ? *this : *peers_.at(static_cast<size_t>(r - 1)); }
+  int ranks() const { return 1 + static_cast<int>(peers_.size()); }
+  void add_rank(std::unique_ptr<Sparsity> next) { peers_.push_back(std::move(next)); }
   // The KV heads (KV groups for GQA, heads for MHA) each token attends to, in ascending order: [T, k] I32,
   // chosen from h [T, d], the attention block's normalised input; undefined = all (a dense layer), or a
   // choice left to heads_from_attention. With per_query_head(), query heads instead.
@@ -55,6 +84,9 @@ class Sparsity {
     (void)layer, (void)h, (void)dense_tokens;
     return Tensor();
   }
+
+ private:
+  std::vector<std::unique_ptr<Sparsity>> peers_;  // ranks 1..N-1 (rank 0 only)
 };
 
 // One forward step over T tokens from S sequences.
@@ -78,8 +110,14 @@ struct StepInput {
 class Model {
  public:
   virtual ~Model() = default;
-  const ModelConfig& config() const { return config_; }
+  const ModelConfig& config() const { return config_; }  // the whole model's, on every rank
   Backend& backend() const { return backend_; }
+  const TpShard& shard() const { return shard_; }
+  const ShardDims& dims() const { return dims_; }  // this rank's heads and neurons (all of them alone)
+  // Under tensor parallelism rank 0's model stands for the group (the Engine drives every rank through it)
+  // and owns the others: rank(r) is rank r's model, on its own backend.
+  int ranks() const { return shard_.size; }
+  Model& rank(int r) { return r == 0 ? *this : *peers_.at(static_cast<size_t>(r - 1)); }
   // Logits [R, vocab] for the requested rows; K/V of every token are appended to the cache.
   virtual Tensor forward(const StepInput& in, std::vector<KVLayer>& cache, Probe* probe) = 0;
   // Bytes of weights resident on the device, and the part a decode step must read in full (everything
@@ -88,7 +126,10 @@ class Model {
   int64_t step_weight_bytes() const { return weight_bytes_ - gathered_bytes_; }
 
  protected:
-  Model(const ModelConfig& config, Backend& backend) : config_(config), backend_(backend) {}
+  Model(const ModelConfig& config, Backend& backend, TpShard shard)
+      : config_(config), backend_(backend), shard_(shard), dims_(shard_dims(config, shard.rank, shard.size)) {}
+  friend std::unique_ptr<Model> make_model(const Checkpoint&, const std::vector<Backend*>&,
+                                           const std::vector<Communicator*>&);
   // Uploads checkpoint tensor `name` (which must have `shape`) in the backend's dtype, counting its bytes.
   Tensor load_weight(const Checkpoint& ck, const std::string& name, const Shape& shape) {
     return load_stacked(ck, {{name, shape}});
@@ -98,17 +139,33 @@ class Model {
   }
   // Checkpoint tensors stacked along dim 0 into one weight (their other dims must agree): projections that
   // read the same input (q/k/v, gate/up) then run as one GEMM, which streams its weights closer to the
-  // memory bandwidth than three narrow ones at decode batch sizes.
+  // memory bandwidth than three narrow ones at decode batch sizes. Under tensor parallelism each part is
+  // the rank's slice of its tensor, rows (column-parallel) or columns (row-parallel), cut from the host
+  // copy, so no device ever holds more than its shard.
+  struct Range {
+    int64_t begin, count;  // count -1: to the end
+  };
+  static constexpr Range kAll{0, -1};
   struct Part {
-    std::string name;
-    Shape shape;
+    std::string name;  // empty: zero rows of `shape` (the zero MLP neuron of a tensor-parallel rank)
+    Shape shape;       // the checkpoint tensor's
+    Range rows = kAll, cols = kAll;  // the slice uploaded (cols: of a 2-D tensor)
   };
   Tensor load_stacked(const Checkpoint& ck, const std::vector<Part>& parts);
   Tensor load_stacked_if(bool present, const Checkpoint& ck, const std::vector<Part>& parts) {
     return present ? load_stacked(ck, parts) : Tensor();
   }
-  // Checkpoint tensor `name` [n, k] uploaded transposed, as [k, n] (a down-projection stored neuron-major).
-  Tensor load_transposed(const Checkpoint& ck, const std::string& name, const Shape& shape);
+  // Checkpoint tensor `name` [n, k], its columns `cols`, uploaded transposed, as [cols, n] (a down-projection
+  // stored neuron-major), with zero_rows rows of zeros after them.
+  Tensor load_transposed(const Checkpoint& ck, const std::string& name, const Shape& shape, Range cols = kAll,
+                         int64_t zero_rows = 0);
+  // Row-parallel projections (o_proj, down) write rank 0's partial product over the residual x (with the
+  // bias: added once) and the other ranks' alone; reduce() then sums them, leaving x + Σ_r partial_r on
+  // every rank. Alone, the projection accumulates and reduce() does nothing.
+  bool accumulates() const { return shard_.rank == 0; }
+  void reduce(Tensor& x) const {
+    if (shard_.comm) shard_.comm->all_reduce_sum(x);
+  }
   // Reports per-head L2 norms of attn [T, H, dh] to the probe.
   void report_head_norms(Probe* probe, int layer, const Tensor& attn) const;
   // attn [T, H, dh] = attention of q over the layer's cache for the step, under its sparsity: KV-head
@@ -119,13 +176,23 @@ class Model {
               int64_t window, Tensor& attn) const;
   ModelConfig config_;
   Backend& backend_;
+  TpShard shard_;
+  ShardDims dims_;
   int64_t weight_bytes_ = 0;
   int64_t gathered_bytes_ = 0;
+
+ private:
+  std::vector<std::unique_ptr<Model>> peers_;  // ranks 1..N-1 (rank 0 only)
 };
 
-std::unique_ptr<Model> make_opt(const Checkpoint& ck, Backend& backend);
-std::unique_ptr<Model> make_llama(const Checkpoint& ck, Backend& backend);
+std::unique_ptr<Model> make_opt(const Checkpoint& ck, Backend& backend, TpShard shard);
+std::unique_ptr<Model> make_llama(const Checkpoint& ck, Backend& backend, TpShard shard);
 // Builds the family's model, validating every tensor's shape against the config.
 std::unique_ptr<Model> make_model(const Checkpoint& ck, Backend& backend);
+// The model split over backends.size() ranks, rank r on backends[r] talking through comms[r] (one of
+// make_communicators' group; empty with one backend: no collectives). Returns rank 0, which owns the others
+// (Model::rank); the backends and communicators must outlive it.
+std::unique_ptr<Model> make_model(const Checkpoint& ck, const std::vector<Backend*>& backends,
+                                  const std::vector<Communicator*>& comms);
 
 }  // namespace polar

@@ -13,15 +13,23 @@ namespace {
 
 // wqkv stacks q_proj, k_proj, v_proj [3·d, d] (Model::load_stacked), bqkv their biases. The MLP is kept
 // neuron-major for sparse decoding (polar-method.md §5): w1 = fc1 [ffn, d] as stored, w2t = fc2ᵀ [ffn, d],
-// so a selected neuron's weights are one contiguous row of each.
+// so a selected neuron's weights are one contiguous row of each. Under tensor parallelism (more than one
+// rank) both get one zero row after the rank's neurons, and b1 a zero: the rank's zero neuron, whose index
+// pads the rank's part of a sparse step's neuron set to a fixed length (localize_indices) and adds nothing.
 struct OptLayer {
   Tensor ln1_w, ln1_b, wqkv, bqkv, wo, bo, ln2_w, ln2_b, w1, b1, w2t, b2;
 };
 
 class Opt final : public Model {
  public:
-  Opt(const Checkpoint& ck, Backend& backend) : Model(ck.config, backend) {
+  Opt(const Checkpoint& ck, Backend& backend, TpShard shard) : Model(ck.config, backend, shard) {
     const ModelConfig& c = config_;
+    const ShardDims& s = dims_;
+    // Column-parallel q/k/v and fc1: the rank's rows; row-parallel out_proj and fc2: its columns, their
+    // biases on rank 0 only (Model::accumulates).
+    const Range heads{s.head0 * c.head_dim, s.heads * c.head_dim}, neurons{s.ffn0, s.ffn};
+    const bool first = shard.rank == 0;
+    const int64_t zero = shard.size > 1 ? 1 : 0;  // the zero neuron's row
     auto load = [&](const std::string& name, const Shape& shape) { return load_weight(ck, name, shape); };
     auto load_opt = [&](bool present, const std::string& name, const Shape& shape) {
       return load_weight_if(present, ck, name, shape);
@@ -40,21 +48,21 @@ class Opt final : public Model {
       OptLayer L;
       L.ln1_w = load(p + "self_attn_layer_norm.weight", {c.hidden});
       L.ln1_b = load(p + "self_attn_layer_norm.bias", {c.hidden});
-      L.wqkv = load_stacked(ck, {{p + "self_attn.q_proj.weight", {c.hidden, c.hidden}},
-                                 {p + "self_attn.k_proj.weight", {c.hidden, c.hidden}},
-                                 {p + "self_attn.v_proj.weight", {c.hidden, c.hidden}}});
+      L.wqkv = load_stacked(ck, {{p + "self_attn.q_proj.weight", {c.hidden, c.hidden}, heads},
+                                 {p + "self_attn.k_proj.weight", {c.hidden, c.hidden}, heads},
+                                 {p + "self_attn.v_proj.weight", {c.hidden, c.hidden}, heads}});
       L.bqkv = load_stacked_if(c.qkv_bias, ck,
-                               {{p + "self_attn.q_proj.bias", {c.hidden}},
-                                {p + "self_attn.k_proj.bias", {c.hidden}},
-                                {p + "self_attn.v_proj.bias", {c.hidden}}});
-      L.wo = load(p + "self_attn.out_proj.weight", {c.hidden, c.hidden});
-      L.bo = load_opt(c.o_bias, p + "self_attn.out_proj.bias", {c.hidden});
+                               {{p + "self_attn.q_proj.bias", {c.hidden}, heads},
+                                {p + "self_attn.k_proj.bias", {c.hidden}, heads},
+                                {p + "self_attn.v_proj.bias", {c.hidden}, heads}});
+      L.wo = load_stacked(ck, {{p + "self_attn.out_proj.weight", {c.hidden, c.hidden}, kAll, heads}});
+      L.bo = load_opt(c.o_bias && first, p + "self_attn.out_proj.bias", {c.hidden});
       L.ln2_w = load(p + "final_layer_norm.weight", {c.hidden});
       L.ln2_b = load(p + "final_layer_norm.bias", {c.hidden});
-      L.w1 = load(p + "fc1.weight", {c.ffn, c.hidden});
-      L.b1 = load_opt(c.mlp_bias, p + "fc1.bias", {c.ffn});
-      L.w2t = load_transposed(ck, p + "fc2.weight", {c.hidden, c.ffn});
-      L.b2 = load_opt(c.mlp_bias, p + "fc2.bias", {c.hidden});
+      L.w1 = load_stacked(ck, {{p + "fc1.weight", {c.ffn, c.hidden}, neurons}, {"", {zero, c.hidden}}});
+      L.b1 = load_stacked_if(c.mlp_bias, ck, {{p + "fc1.bias", {c.ffn}, neurons}, {"", {zero}}});
+      L.w2t = load_transposed(ck, p + "fc2.weight", {c.hidden, c.ffn}, neurons, zero);
+      L.b2 = load_opt(c.mlp_bias && first, p + "fc2.bias", {c.hidden});
       layers_.push_back(std::move(L));
     }
     if (c.final_norm) {
@@ -65,6 +73,7 @@ class Opt final : public Model {
 
   Tensor forward(const StepInput& in, std::vector<KVLayer>& cache, Probe* probe) override {
     const ModelConfig& c = config_;
+    const ShardDims& s = dims_;  // q/k/v, attention and the MLP's neurons: this rank's share
     Backend& be = backend_;
     const DType dt = be.activation_dtype();
     const int64_t T = in.ids.numel(), e = c.embed_dim();
@@ -74,10 +83,10 @@ class Opt final : public Model {
 
     Tensor x = be.alloc(dt, {T, c.hidden});
     Tensor h = be.alloc(dt, {T, c.hidden});
-    Tensor qkv = be.alloc(dt, {T, 3 * c.n_heads, c.head_dim});
-    Tensor q = be.alloc(dt, {T, c.n_heads, c.head_dim});
-    Tensor attn = be.alloc(dt, {T, c.n_heads, c.head_dim});
-    Tensor ffn_act = be.alloc(dt, {T, c.ffn});  // sparse steps use its first T·k elements
+    Tensor qkv = be.alloc(dt, {T, 3 * s.heads, c.head_dim});
+    Tensor q = be.alloc(dt, {T, s.heads, c.head_dim});
+    Tensor attn = be.alloc(dt, {T, s.heads, c.head_dim});
+    Tensor ffn_act = be.alloc(dt, {T, s.ffn});  // sparse steps use its first T·k elements
 
     if (c.word_embed_proj_dim) {
       Tensor tok = be.alloc(dt, {T, e});
@@ -130,7 +139,8 @@ class Opt final : public Model {
       if (probe) report_head_norms(probe, static_cast<int>(l), attn);
       be.region("qkv_o");
       be.wait_side_work(neurons_ready);
-      be.linear(attn.reshape({T, c.hidden}), L.wo, ptr(L.bo), x, /*accumulate=*/true);
+      be.linear(attn.reshape({T, s.heads * c.head_dim}), L.wo, ptr(L.bo), x, accumulates());
+      reduce(x);
       be.region("other");
       if (!c.pre_norm) be.layer_norm(x, L.ln1_w, L.ln1_b, eps, x);
       // MLP block.
@@ -140,20 +150,24 @@ class Opt final : public Model {
         mlp_in = &h;
       }
       be.region("mlp");
+      // A gathered (sparse) pass may name the zero neuron; a dense one runs over the rank's own neurons.
       const Tensor* idx = neurons.defined() ? &neurons : nullptr;
       Tensor act = idx ? ffn_act.view(0, {T, neurons.numel()}) : ffn_act;
-      be.gather_up_relu(*mlp_in, L.w1, ptr(L.b1), idx, act);
+      const Tensor w1 = idx ? L.w1 : L.w1.slice_rows(0, s.ffn), w2t = idx ? L.w2t : L.w2t.slice_rows(0, s.ffn);
+      const Tensor b1 = idx || !L.b1.defined() ? L.b1 : L.b1.slice_rows(0, s.ffn);
+      be.gather_up_relu(*mlp_in, w1, ptr(b1), idx, act);
       if (token_neurons.defined() || decode_neurons.defined()) {
         // Per-token sets, or in a mixed step the decode tokens' one set: the dense activations with each
         // sparse token's unselected neurons zeroed, which the down projection then ignores — the gather
         // GEMMs over those neurons, in one pass. A mixed step's prefill rows read every weight anyway, so one
         // dense pass plus the mask is cheaper than a second, gathered pass for the decode rows.
-        Tensor neuron_rows = act.reshape({T, c.ffn, 1});
+        Tensor neuron_rows = act.reshape({T, s.ffn, 1});
         be.keep_heads(neuron_rows, token_neurons.defined() ? token_neurons : decode_neurons.reshape({1, decode_neurons.numel()}),
                       1, ptr(in.dense_tokens));
       }
       if (probe) probe->mlp_act(static_cast<int>(l), be.to_host_f32(act));
-      be.gather_down(act, L.w2t, idx, ptr(L.b2), x, /*accumulate=*/true);
+      be.gather_down(act, w2t, idx, ptr(L.b2), x, accumulates());
+      reduce(x);
       be.region("other");
       if (!c.pre_norm) be.layer_norm(x, L.ln2_w, L.ln2_b, eps, x);
       if (probe && l + 1 < c.n_layers) probe->hidden(static_cast<int>(l + 1), be.to_host_f32(x));
@@ -181,6 +195,8 @@ class Opt final : public Model {
 
 }  // namespace
 
-std::unique_ptr<Model> make_opt(const Checkpoint& ck, Backend& backend) { return std::make_unique<Opt>(ck, backend); }
+std::unique_ptr<Model> make_opt(const Checkpoint& ck, Backend& backend, TpShard shard) {
+  return std::make_unique<Opt>(ck, backend, shard);
+}
 
 }  // namespace polar

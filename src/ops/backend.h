@@ -57,6 +57,9 @@ class Backend {
   virtual Tensor to_host_f32(const Tensor& t) = 0;
   virtual DType activation_dtype() const = 0;      // dtype of activations and weights on this backend
   virtual void synchronize() {}
+  // Makes the backend's device current on the calling thread (CUDA): a thread other than the one that made
+  // the backend (a tensor-parallel rank's worker) calls it before issuing work.
+  virtual void bind_thread() {}
 
   // A new tensor of `shape` filled with uniform values in [lo, hi): element i gets
   // lo + (hi - lo) * uniform_hash(seed, i) (core/random.h), so every backend draws the same numbers.
@@ -85,8 +88,9 @@ class Backend {
   // out[T, H, dh] = softmax(q·kᵀ · scale) · v.
   // Selective attention (sparse steps): with kv_heads [T, k] (I32, ascending, distinct, < Hkv) token t
   // attends only with the query heads of KV heads kv_heads[t] — each selected KV head's cache read once
-  // for all its query heads — and the other heads' output rows are exactly zero. dense_tokens [T] (I32,
-  // optional): tokens flagged 1 ignore kv_heads and attend with every head (a prefill whose later tokens
+  // for all its query heads — and the other heads' output rows are exactly zero. An entry equal to Hkv is
+  // padding and selects nothing (a tensor-parallel rank owns only some of a token's heads:
+  // localize_indices). dense_tokens [T] (I32, optional): tokens flagged 1 ignore kv_heads and attend with every head (a prefill whose later tokens
   // are scored as sparse decode steps would process them).
   virtual void attention(const Tensor& q, const KVLayer& cache, const StepLayout& layout, float scale, int64_t window,
                          Tensor& out, const Tensor* kv_heads = nullptr, const Tensor* dense_tokens = nullptr) = 0;
@@ -108,7 +112,8 @@ class Backend {
   // group; or [1, k]: one set for every token, as a decode batch's MLP neurons in a mixed step): group 1
   // selects query heads, group H / Hkv KV groups. Tokens flagged 1 in dense_tokens [T] (optional) keep every
   // head. Selections that cannot go to the attention op as kv_heads (per query head,
-  // or made from the attention output itself) are applied this way.
+  // or made from the attention output itself) are applied this way. An entry equal to H / group is padding
+  // (localize_indices) and keeps nothing.
   virtual void keep_heads(Tensor& x, const Tensor& heads, int64_t group, const Tensor* dense_tokens) = 0;
   // MLP router selection for the whole batch: score[j] = Σ_r max(logits[r, j], 0) over logits [R, D];
   // idx [k] (I32) = the k best neurons, k = idx.numel() <= D.
@@ -122,6 +127,13 @@ class Backend {
   // nullptr: every neuron, k = D. accumulate adds to y (the residual).
   virtual void gather_down(const Tensor& a, const Tensor& wt, const Tensor* idx, const Tensor* bias, Tensor& y,
                            bool accumulate) = 0;
+
+  // Tensor parallelism: a rank's part of a selection. idx [R, k] (I32, rows ascending) names units (heads,
+  // KV groups, MLP neurons) of the whole model; out [R, m] (I32) gets, per row, the entries in [first,
+  // first + count) renumbered from 0 (in order), then `count` in the places left: padding, which the
+  // attention op's kv_heads and keep_heads skip and a gathered MLP projection reads as the rank's zero
+  // neuron, so the shape stays fixed (graphs) while the number a rank owns varies. m >= min(k, count).
+  virtual void localize_indices(const Tensor& idx, int64_t first, int64_t count, Tensor& out) = 0;
 
   // Copies a host tensor into an existing device tensor of the same dtype and size (no allocation, so
   // buffers a graph reads can be refilled between replays).

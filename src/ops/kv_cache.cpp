@@ -2,14 +2,18 @@
 
 namespace polar {
 
-KVCache::KVCache(Backend& backend, int64_t n_layers, int64_t n_kv_heads, int64_t head_dim, int64_t num_blocks,
-                 int64_t block_size, DType dtype)
-    : num_blocks_(num_blocks), block_size_(block_size) {
+KVCache::KVCache(const std::vector<Backend*>& backends, int64_t n_layers, int64_t n_kv_heads, int64_t head_dim,
+                 int64_t num_blocks, int64_t block_size, DType dtype)
+    : backends_(backends), layers_(backends.size()), num_blocks_(num_blocks), block_size_(block_size) {
   check(num_blocks > 0 && block_size > 0, "KV cache needs a positive block count and size");
   // One block more than asked for: the scratch block, owned by nobody (see scratch_block()).
-  for (int64_t l = 0; l < n_layers; ++l)
-    layers_.push_back({backend.alloc(dtype, {num_blocks + 1, n_kv_heads, block_size, head_dim}),
-                       backend.alloc(dtype, {num_blocks + 1, n_kv_heads, block_size, head_dim})});
+  // Each rank's store is allocated with its device current (Backend::bind_thread), rank 0's left current.
+  for (size_t r = backends.size(); r-- > 0;) {
+    backends[r]->bind_thread();
+    for (int64_t l = 0; l < n_layers; ++l)
+      layers_[r].push_back({backends[r]->alloc(dtype, {num_blocks + 1, n_kv_heads, block_size, head_dim}),
+                            backends[r]->alloc(dtype, {num_blocks + 1, n_kv_heads, block_size, head_dim})});
+  }
   // Hand out low block ids first (pop from the back).
   for (int64_t b = num_blocks - 1; b >= 0; --b) free_.push_back(static_cast<int32_t>(b));
 }
@@ -28,10 +32,13 @@ void KVCache::reserve(int64_t seq, int64_t n_tokens) {
   }
 }
 
-void KVCache::fill_random(Backend& backend, uint64_t seed) {
-  for (KVLayer& l : layers_) {
-    l.k = backend.random_uniform(l.k.dtype(), l.k.shape(), -1.0f, 1.0f, seed++);
-    l.v = backend.random_uniform(l.v.dtype(), l.v.shape(), -1.0f, 1.0f, seed++);
+void KVCache::fill_random(uint64_t seed) {
+  for (size_t r = backends_.size(); r-- > 0;) {
+    backends_[r]->bind_thread();
+    for (KVLayer& l : layers_[r]) {
+      l.k = backends_[r]->random_uniform(l.k.dtype(), l.k.shape(), -1.0f, 1.0f, seed++);
+      l.v = backends_[r]->random_uniform(l.v.dtype(), l.v.shape(), -1.0f, 1.0f, seed++);
+    }
   }
 }
 

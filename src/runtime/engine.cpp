@@ -27,12 +27,40 @@ int64_t pow2_at_least(int64_t x) {
 
 }  // namespace
 
+namespace {
+
+std::vector<Backend*> rank_backends(Model& model) {
+  std::vector<Backend*> out;
+  for (int r = 0; r < model.ranks(); ++r) out.push_back(&model.rank(r).backend());
+  return out;
+}
+
+}  // namespace
+
 Engine::Engine(Model& model, EngineOptions options)
     : model_(model),
       options_(options),
-      cache_(model.backend(), model.config().n_layers, model.config().n_kv_heads, model.config().head_dim,
+      cache_(rank_backends(model), model.config().n_layers, model.dims().kv_heads, model.config().head_dim,
              std::max<int64_t>(1, (options.kv_tokens + options.block_size - 1) / options.block_size), options.block_size,
-             model.backend().activation_dtype()) {}
+             model.backend().activation_dtype()),
+      threads_(model.ranks()) {
+  check(!options.sparsity || options.sparsity->ranks() == model.ranks(),
+        "sparse decoding: selections for {} ranks, the model has {}", options.sparsity ? options.sparsity->ranks() : 0,
+        model.ranks());
+}
+
+void Engine::on_ranks(const std::function<void(int, Model&)>& fn) {
+  threads_.run([&](int r) {
+    Model& m = model_.rank(r);
+    m.backend().bind_thread();  // rank 0's too: the calling thread may have used another device last
+    try {
+      fn(r, m);
+    } catch (...) {
+      if (m.shard().comm) m.shard().comm->abort();
+      throw;
+    }
+  });
+}
 
 int64_t Engine::add_sequence() {
   lengths_[next_seq_] = 0;
@@ -66,6 +94,8 @@ Tensor Engine::forward(const std::vector<SeqChunk>& chunks, bool all_logits, Pro
   const ModelConfig& c = model_.config();
   Backend& be = model_.backend();
   check(!chunks.empty(), "empty step: no sequences given");
+  check(!probe || ranks() == 1, "probes need the whole model on one rank (tensor parallelism splits its heads and "
+                                "neurons): use --tp 1");
   int64_t T = 0, R = 0, max_ctx = 0, max_blocks = 0, max_chunk = 0;  // R: logit rows with all_logits
   std::set<int64_t> seen;
   for (const SeqChunk& ch : chunks) {
@@ -144,28 +174,34 @@ Tensor Engine::forward(const std::vector<SeqChunk>& chunks, bool all_logits, Pro
     else
       for (int64_t i = ch.logits_from; i < n; ++i) rows.data<int32_t>()[r++] = static_cast<int32_t>(t0 + i);
   }
-  StepInput in;
-  in.ids = be.upload(ids, DType::I32);
-  in.layout = {be.upload(pos, DType::I32),    be.upload(seq, DType::I32),    be.upload(slots, DType::I32),
-               be.upload(tables, DType::I32), be.upload(starts, DType::I32), cache_.block_size(),
-               max_ctx,                       max_chunk,                     Tensor()};
-  in.logit_rows = be.upload(rows, DType::I32);
-  if (options_.sparsity && (flags || decode_chunks == S)) {
-    in.sparsity = options_.sparsity;
-    Tensor live = Tensor::empty(DType::I32, {1});  // an eager step has no padding rows; a mixed one's MLP
-    live.data<int32_t>()[0] = static_cast<int32_t>(mixed ? decode_chunks : T);  // router reads its decode rows
-    in.layout.live_tokens = be.upload(live, DType::I32);
-    if (flags) in.dense_tokens = be.upload(dense, DType::I32);
-    if (mixed) in.mixed_decode_tokens = decode_chunks;
-  }
-  Tensor logits = model_.forward(in, cache_.layers(), probe);
+  const bool sparse = options_.sparsity && (flags || decode_chunks == S);
+  Tensor live = Tensor::empty(DType::I32, {1});  // an eager step has no padding rows; a mixed one's MLP
+  live.data<int32_t>()[0] = static_cast<int32_t>(mixed ? decode_chunks : T);  // router reads its decode rows
+  Tensor logits;
+  on_ranks([&](int r, Model& m) {
+    Backend& rb = m.backend();
+    StepInput in;
+    in.ids = rb.upload(ids, DType::I32);
+    in.layout = {rb.upload(pos, DType::I32),    rb.upload(seq, DType::I32),    rb.upload(slots, DType::I32),
+                 rb.upload(tables, DType::I32), rb.upload(starts, DType::I32), cache_.block_size(),
+                 max_ctx,                       max_chunk,                     Tensor()};
+    in.logit_rows = rb.upload(rows, DType::I32);
+    if (sparse) {
+      in.sparsity = &options_.sparsity->rank(r);
+      in.layout.live_tokens = rb.upload(live, DType::I32);
+      if (flags) in.dense_tokens = rb.upload(dense, DType::I32);
+      if (mixed) in.mixed_decode_tokens = decode_chunks;
+    }
+    Tensor out = m.forward(in, cache_.layers(r), probe);
+    if (r == 0) logits = out;
+  });
   for (const SeqChunk& ch : chunks) lengths_[ch.seq] += static_cast<int64_t>(ch.tokens.size());
   return logits;
 }
 
-Tensor Engine::decode_inputs(const DecodeGraph& g, const std::vector<SeqChunk>& chunks) const {
-  const int64_t B = g.batch, S = static_cast<int64_t>(chunks.size());
-  Tensor host = Tensor::zeros(DType::I32, {6 * B + 2 + B * g.max_blocks});
+Tensor Engine::decode_inputs(int64_t batch, int64_t max_blocks, const std::vector<SeqChunk>& chunks) const {
+  const int64_t B = batch, M = max_blocks, S = static_cast<int64_t>(chunks.size());
+  Tensor host = Tensor::zeros(DType::I32, {6 * B + 2 + B * M});
   int32_t* ids = host.data<int32_t>();
   int32_t *pos = ids + B, *seq = pos + B, *slots = seq + B, *rows = slots + B, *starts = rows + B;
   int32_t* tables = starts + B + 1;
@@ -179,19 +215,18 @@ Tensor Engine::decode_inputs(const DecodeGraph& g, const std::vector<SeqChunk>& 
       ids[r] = ch.tokens[0];
       pos[r] = static_cast<int32_t>(len);
       slots[r] = cache_.slot(ch.seq, len);
-      std::copy(blocks.begin(), blocks.end(), tables + r * g.max_blocks);
+      std::copy(blocks.begin(), blocks.end(), tables + r * M);
     } else {  // padding: token 0 at position 0 of the scratch block
       slots[r] = static_cast<int32_t>(scratch * cache_.block_size());
-      std::fill(tables + r * g.max_blocks, tables + (r + 1) * g.max_blocks, scratch);
+      std::fill(tables + r * M, tables + (r + 1) * M, scratch);
     }
   }
   starts[B] = static_cast<int32_t>(B);
-  tables[B * g.max_blocks] = static_cast<int32_t>(S);  // live_tokens
+  tables[B * M] = static_cast<int32_t>(S);  // live_tokens
   return host;
 }
 
 Tensor Engine::decode_with_graph(const std::vector<SeqChunk>& chunks) {
-  Backend& be = model_.backend();
   const int64_t S = static_cast<int64_t>(chunks.size()), bs = cache_.block_size();
   int64_t max_blocks = 1;
   for (const SeqChunk& ch : chunks)
@@ -199,34 +234,46 @@ Tensor Engine::decode_with_graph(const std::vector<SeqChunk>& chunks) {
   const int64_t model_blocks = (config().max_positions + bs - 1) / bs;
   const int64_t B = batch_bucket(S), M = std::min(pow2_at_least(max_blocks), std::max(model_blocks, max_blocks));
   auto [it, fresh] = graphs_.try_emplace({B, M});
-  DecodeGraph& g = it->second;
+  std::vector<DecodeGraph>& graphs = it->second;
+  const Tensor inputs = decode_inputs(B, M, chunks);
   Tensor logits;
   if (fresh) {
-    g.batch = B;
-    g.max_blocks = M;
-    g.inputs = be.alloc(DType::I32, {6 * B + 2 + B * M});
-    g.in.ids = g.inputs.view(0, {B});
-    g.in.layout = {g.inputs.view(B, {B}),         g.inputs.view(2 * B, {B}),         g.inputs.view(3 * B, {B}),
-                   g.inputs.view(6 * B + 1, {B, M}), g.inputs.view(5 * B, {B + 1}), bs,
-                   M * bs,                         1,                               g.inputs.view(6 * B + 1 + B * M, {1})};
-    g.in.logit_rows = g.inputs.view(4 * B, {B});
-    g.in.sparsity = options_.sparsity;
-    be.copy_to_device(decode_inputs(g, chunks), g.inputs);
-    // This step runs op by op (it also warms up GEMM plans and the allocator); the graph is recorded after.
-    logits = model_.forward(g.in, cache_.layers(), nullptr);
-    be.begin_capture();
+    graphs.resize(static_cast<size_t>(ranks()));
     try {
-      g.logits = model_.forward(g.in, cache_.layers(), nullptr);
+      on_ranks([&](int r, Model& m) {
+        Backend& be = m.backend();
+        DecodeGraph& g = graphs[static_cast<size_t>(r)];
+        g.inputs = be.alloc(DType::I32, {6 * B + 2 + B * M});
+        g.in.ids = g.inputs.view(0, {B});
+        g.in.layout = {g.inputs.view(B, {B}),         g.inputs.view(2 * B, {B}),         g.inputs.view(3 * B, {B}),
+                       g.inputs.view(6 * B + 1, {B, M}), g.inputs.view(5 * B, {B + 1}), bs,
+                       M * bs,                         1,                               g.inputs.view(6 * B + 1 + B * M, {1})};
+        g.in.logit_rows = g.inputs.view(4 * B, {B});
+        g.in.sparsity = options_.sparsity ? &options_.sparsity->rank(r) : nullptr;
+        be.copy_to_device(inputs, g.inputs);
+        // This step runs op by op (it also warms up GEMM plans and the allocator); the graph is recorded after.
+        Tensor out = m.forward(g.in, cache_.layers(r), nullptr);
+        if (r == 0) logits = out;
+        be.begin_capture();
+        try {
+          g.logits = m.forward(g.in, cache_.layers(r), nullptr);
+        } catch (...) {
+          be.end_capture();
+          throw;
+        }
+        g.graph = be.end_capture();
+      });
     } catch (...) {
-      be.end_capture();
       graphs_.erase(it);
       throw;
     }
-    g.graph = be.end_capture();
   } else {
-    be.copy_to_device(decode_inputs(g, chunks), g.inputs);
-    g.graph->replay();
-    logits = g.logits;
+    on_ranks([&](int r, Model& m) {
+      DecodeGraph& g = graphs[static_cast<size_t>(r)];
+      m.backend().copy_to_device(inputs, g.inputs);
+      g.graph->replay();
+    });
+    logits = graphs[0].logits;
   }
   for (const SeqChunk& ch : chunks) lengths_[ch.seq] += 1;
   return logits.slice_rows(0, S);

@@ -1,8 +1,14 @@
 // Engine: runs a Model over a paged KV cache for many sequences at once. A step feeds each listed sequence
 // its next chunk of tokens (a whole prompt at prefill, one token at decode, any mix in between) in one
 // forward pass. Sequences join (add_sequence) and leave (remove_sequence) between steps.
+//
+// A tensor-parallel model (Model::ranks() > 1) runs the same way: every step's inputs go to each rank's
+// device, the ranks' forward passes run concurrently on one thread each (their collectives synchronise
+// them), each rank reads and writes its own KV heads under one block allocator, and the logits are rank 0's
+// (every rank computes them in full: the lm_head is replicated).
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -11,6 +17,7 @@
 
 #include "model/model.h"
 #include "ops/kv_cache.h"
+#include "runtime/rank_threads.h"
 
 namespace polar {
 
@@ -21,7 +28,8 @@ struct EngineOptions {
   // backends that support graphs; steps with a probe or while profiling always run op by op.
   bool graphs = true;
   // Sparse decoding: decode tokens (one-token chunks not marked prefill) consult it, in decode-only steps
-  // and beside prefill chunks in mixed steps; prefill runs dense. Null = dense. Not owned.
+  // and beside prefill chunks in mixed steps; prefill runs dense. Null = dense. Not owned. With a
+  // tensor-parallel model, rank 0's, holding every rank's (Sparsity::rank).
   Sparsity* sparsity = nullptr;
 };
 
@@ -60,6 +68,7 @@ class Engine {
   // The same step, leaving the logits on the backend's device in its activation dtype (valid until the
   // next step: a decode graph reuses its output buffer).
   Tensor forward(const std::vector<SeqChunk>& chunks, bool all_logits, Probe* probe = nullptr);
+  int ranks() const { return threads_.ranks(); }
   // Benchmarks: grows sequence `seq` by n positions whose K/V are whatever the cache holds (random after
   // KVCache::fill_random), without computing them, so decode can be timed at any context quickly.
   void extend_uncomputed(int64_t seq, int64_t n);
@@ -70,23 +79,28 @@ class Engine {
   // cache's scratch block) and block tables `max_blocks` wide. Its inputs live in one I32 buffer that is
   // refilled before each replay: ids | positions | token_seq | slots | logit_rows [batch each],
   // seq_starts [batch + 1], block_tables [batch, max_blocks], live_tokens [1].
+  // One per rank, each on its rank's device, recorded by all ranks at once (their collectives inside).
   struct DecodeGraph {
-    int64_t batch = 0, max_blocks = 0;
     Tensor inputs;  // I32 on the device
     StepInput in;   // views into inputs
     Tensor logits;  // [batch, vocab], written by the graph
     std::unique_ptr<Graph> graph;
   };
   Tensor decode_with_graph(const std::vector<SeqChunk>& chunks);
-  // The inputs of a decode step over `chunks` padded to g's batch and table width, as a host I32 tensor.
-  Tensor decode_inputs(const DecodeGraph& g, const std::vector<SeqChunk>& chunks) const;
+  // The inputs of a decode step over `chunks` padded to `batch` rows and tables `max_blocks` wide, as a
+  // host I32 tensor.
+  Tensor decode_inputs(int64_t batch, int64_t max_blocks, const std::vector<SeqChunk>& chunks) const;
+  // Runs fn(r, rank r's model) on every rank at once (RankThreads), each thread on its rank's device. A
+  // rank that fails aborts its communicator so that the others do not wait for it forever.
+  void on_ranks(const std::function<void(int, Model&)>& fn);
 
   Model& model_;
   EngineOptions options_;
   KVCache cache_;
+  RankThreads threads_;
   std::map<int64_t, int64_t> lengths_;
   int64_t next_seq_ = 0;
-  std::map<std::pair<int64_t, int64_t>, DecodeGraph> graphs_;
+  std::map<std::pair<int64_t, int64_t>, std::vector<DecodeGraph>> graphs_;  // [rank] per bucket
 };
 
 }  // namespace polar

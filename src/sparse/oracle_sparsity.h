@@ -12,7 +12,10 @@ namespace polar {
 class OracleSparsity final : public HeadSelector {
  public:
   OracleSparsity(const Model& model, double density, Granularity granularity = Granularity::Group)
-      : HeadSelector(model, density, granularity) {}
+      : HeadSelector(model, density, granularity) {
+    check(tp_size_ == 1, "--selector oracle ranks heads by a layer's whole attention output, which tensor parallelism "
+                         "splits over the ranks: use --tp 1");
+  }
 
   // Nothing before attention: the choice needs its output.
   Tensor attention_heads(int, const Tensor&) override { return Tensor(); }

@@ -4,8 +4,9 @@
 
 namespace polar {
 
-RouterSparsity::RouterSparsity(const Model& model, const Routers& routers, double density, Granularity granularity)
-    : HeadSelector(model, density, granularity), mlp_k_(routers.mlp_k) {
+RouterSparsity::RouterSparsity(const Model& model, const Routers& routers, double density, Granularity granularity,
+                               TpHeads tp_heads)
+    : HeadSelector(model, density, granularity, tp_heads), mlp_k_(routers.mlp_k) {
   check(static_cast<int64_t>(routers.layers.size()) == config_.n_layers, "routers for {} layers, the model has {}",
         routers.layers.size(), config_.n_layers);
   const DType dt = backend_.activation_dtype();
@@ -19,8 +20,12 @@ RouterSparsity::RouterSparsity(const Model& model, const Routers& routers, doubl
     check(!l.mlp_a.defined() || (l.mlp_a.dim(1) == d && l.mlp_b.shape() == Shape{D, l.mlp_a.dim(0)}),
           "layer {}: MLP router {} x {} does not fit d {} and {} neurons", i, shape_str(l.mlp_a.shape()),
           shape_str(l.mlp_b.shape()), d, D);
-    attn_w_.push_back(up(l.attn_w));
-    attn_b_.push_back(up(l.attn_b));
+    // Balanced: the scores of the rank's own query heads only (rows [head0, head0 + heads)).
+    auto own = [&](const Tensor& t) {
+      return balanced() && t.defined() ? t.slice_rows(dims_.head0, dims_.head0 + dims_.heads) : t;
+    };
+    attn_w_.push_back(up(own(l.attn_w)));
+    attn_b_.push_back(up(own(l.attn_b)));
     mlp_a_.push_back(up(l.mlp_a));
     mlp_b_.push_back(up(l.mlp_b));
   }
@@ -31,8 +36,9 @@ RouterSparsity::RouterSparsity(const Model& model, const Routers& routers, doubl
 
 Tensor RouterSparsity::attention_heads(int layer, const Tensor& h) {
   if (!selects(layer) || !attn_w_[layer].defined()) return Tensor();
-  Tensor scores = backend_.alloc(backend_.activation_dtype(), {h.dim(0), config_.n_heads});
+  Tensor scores = backend_.alloc(backend_.activation_dtype(), {h.dim(0), attn_w_[layer].dim(0)});
   backend_.linear(h, attn_w_[layer], &attn_b_[layer], scores);
+  if (balanced()) return top_own(scores, per_query_head() ? 1 : dims_.heads / dims_.kv_heads);
   return top(scores, config_.n_heads / units());
 }
 
@@ -65,7 +71,15 @@ Tensor RouterSparsity::mlp_neurons(int layer, const Tensor& h, const StepLayout&
   if (k == config_.ffn || !mlp_a_[layer].defined()) return Tensor();
   Tensor idx = backend_.alloc(DType::I32, {k});
   backend_.route_neurons(mlp_logits(layer, h), layout.live_tokens, idx);
-  return idx;
+  const Tensor own = own_neurons(idx.reshape({1, k}));
+  return own.reshape({own.numel()});
+}
+
+Tensor RouterSparsity::own_neurons(const Tensor& idx) const {
+  if (tp_size_ == 1) return idx;
+  Tensor own = backend_.alloc(DType::I32, {idx.dim(0), std::min(idx.dim(1), dims_.ffn)});
+  backend_.localize_indices(idx, dims_.ffn0, dims_.ffn, own);
+  return own;
 }
 
 Tensor RouterSparsity::mlp_neurons_per_token(int layer, const Tensor& h, const Tensor* dense_tokens) {
@@ -82,7 +96,7 @@ Tensor RouterSparsity::mlp_neurons_per_token(int layer, const Tensor& h, const T
     Tensor row = idx.slice_rows(t, t + 1);
     backend_.route_neurons(logits.slice_rows(t, t + 1), one_row_, row);
   }
-  return idx;
+  return own_neurons(idx);
 }
 
 }  // namespace polar

@@ -24,9 +24,12 @@ inline int64_t mlp_neurons_rounded(int64_t k, int64_t D) { return std::min(D, (k
 
 class RouterSparsity final : public HeadSelector {
  public:
-  // Uploads the routers to the model's backend. density in (0, 1].
+  // Uploads the routers to the model's backend. density in (0, 1]. On a tensor-parallel rank the routers
+  // are replicated (their input is), except with TpHeads::Balanced, where the rank keeps the attention
+  // router's rows of its own query heads; the MLP neuron set is the whole model's (every rank computes the
+  // same), of which the rank applies its own neurons.
   RouterSparsity(const Model& model, const Routers& routers, double density,
-                 Granularity granularity = Granularity::Group);
+                 Granularity granularity = Granularity::Group, TpHeads tp_heads = TpHeads::Global);
 
   Tensor attention_heads(int layer, const Tensor& h) override;
   Tensor mlp_neurons(int layer, const Tensor& h, const StepLayout& layout) override;
@@ -41,6 +44,9 @@ class RouterSparsity final : public HeadSelector {
  private:
   // The MLP router's logits [T, D] for h [T, d].
   Tensor mlp_logits(int layer, const Tensor& h);
+  // The rank's part of neuron sets idx [R, k] (whole-model ids): [R, min(k, its neurons)], padded with its
+  // zero neuron (Model: opt.cpp); idx itself alone.
+  Tensor own_neurons(const Tensor& idx) const;
 
   std::vector<Tensor> attn_w_, attn_b_, mlp_a_, mlp_b_;  // per layer, on the backend
   Tensor one_row_;  // [1] I32 = 1 on the backend: the live rows of a batch of one

@@ -38,7 +38,7 @@ Tensor StaticSparsity::attention_heads(int layer, const Tensor& h) {
   const int64_t T = h.dim(0), k = kept();
   Tensor idx = Tensor::empty(DType::I32, {T, k});
   for (int64_t t = 0; t < T; ++t) std::copy(units.begin(), units.end(), idx.data<int32_t>() + t * k);
-  return backend_.upload(idx, DType::I32);
+  return localize(backend_.upload(idx, DType::I32));
 }
 
 }  // namespace polar

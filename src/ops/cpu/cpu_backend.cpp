@@ -183,8 +183,8 @@ class CpuBackend final : public Backend {
         }
         for (int64_t j = 0; j < k; ++j) {
           const int32_t g = kv_heads->data<int32_t>()[t * k + j];
-          check(g >= 0 && g < Hkv, "attention: KV head {} outside [0, {})", g, Hkv);
-          selected[t * Hkv + g] = 1;
+          check(g >= 0 && g <= Hkv, "attention: KV head {} outside [0, {})", g, Hkv);
+          if (g < Hkv) selected[t * Hkv + g] = 1;  // Hkv: padding
         }
       }
     }
@@ -309,11 +309,26 @@ class CpuBackend final : public Backend {
       std::fill(kept.begin(), kept.end(), 0);
       for (int64_t j = 0; j < k; ++j) {
         const int32_t u = heads.data<int32_t>()[t * stride + j];
-        check(u >= 0 && u < H / group, "keep_heads: head {} outside [0, {})", u, H / group);
-        kept[u] = 1;
+        check(u >= 0 && u <= H / group, "keep_heads: head {} outside [0, {})", u, H / group);
+        if (u < H / group) kept[u] = 1;  // H / group: padding
       }
       for (int64_t h = 0; h < H; ++h)
         if (!kept[h / group]) std::fill_n(x.data<float>() + (t * H + h) * dh, dh, 0.0f);
+    }
+  }
+
+  void localize_indices(const Tensor& idx, int64_t first, int64_t count, Tensor& out) override {
+    const int64_t R = idx.dim(0), k = idx.dim(1), m = out.dim(1);
+    check(idx.dtype() == DType::I32 && out.dtype() == DType::I32 && idx.ndim() == 2 && out.ndim() == 2 &&
+              out.dim(0) == R && m >= std::min(k, count),
+          "localize_indices: {} into {} for {} units", shape_str(idx.shape()), shape_str(out.shape()), count);
+    for (int64_t r = 0; r < R; ++r) {
+      // Rows are ascending, so the rank's entries are one run of the row.
+      const int32_t* row = idx.data<int32_t>() + r * k;
+      const int32_t* lo = std::lower_bound(row, row + k, static_cast<int32_t>(first));
+      const int32_t* hi = std::lower_bound(lo, row + k, static_cast<int32_t>(first + count));
+      int32_t* o = out.data<int32_t>() + r * m;
+      for (int64_t j = 0; j < m; ++j) o[j] = static_cast<int32_t>(j < hi - lo ? lo[j] - first : count);
     }
   }
 

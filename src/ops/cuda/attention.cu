@@ -140,6 +140,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   int g = blockIdx.y / head_chunks;
   if constexpr (kDecode) {  // selective decode: blockIdx.y counts the token's selected KV heads
     if (a.kv_heads) g = a.kv_heads[int64_t(blockIdx.x) * a.kv_heads_per_token + g];
+    // Padding (a tensor-parallel rank's list, localize_indices): nothing to compute, and the rows of the
+    // heads it stands for stay as cleared before the launch. The whole CTA leaves before any barrier.
+    if (g >= a.Hkv) return;
   }
   const int head0 = g * group + chunk * heads_per_cta;
   const int heads = min(heads_per_cta, group - chunk * heads_per_cta);

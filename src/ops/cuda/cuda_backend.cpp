@@ -200,6 +200,8 @@ class CudaBackend final : public Backend {
   std::string name() const override { return name_; }
   DType activation_dtype() const override { return dtype_; }
   cudaStream_t stream() const { return stream_; }
+  int device_index() const { return device_; }
+  void bind_thread() override { cuda_check(cudaSetDevice(device_), "cudaSetDevice"); }
 
   Tensor alloc(DType dtype, Shape shape) override {
     const size_t bytes = static_cast<size_t>(polar::numel(shape)) * dtype_size(dtype);
@@ -483,6 +485,15 @@ class CudaBackend final : public Backend {
     Tensor workspace = alloc(DType::U8, {static_cast<int64_t>(std::max<size_t>(ws, 1))});
     cuda::paged_attention(a, workspace.raw(), ws, num_sms_, stream_);
     if (zero_after) keep_heads(out, *kv_heads, a.H / a.Hkv, dense_tokens);
+  }
+
+  void localize_indices(const Tensor& idx, int64_t first, int64_t count, Tensor& out) override {
+    expect_i32(idx, "localize_indices idx");
+    expect_i32(out, "localize_indices out");
+    check(idx.ndim() == 2 && out.ndim() == 2 && out.dim(0) == idx.dim(0) && out.dim(1) >= std::min(idx.dim(1), count),
+          "localize_indices: {} into {} for {} units", shape_str(idx.shape()), shape_str(out.shape()), count);
+    cuda::localize_indices(idx.data<int32_t>(), idx.dim(0), idx.dim(1), first, count, out.data<int32_t>(), out.dim(1),
+                           stream_);
   }
 
   void keep_heads(Tensor& x, const Tensor& heads, int64_t group, const Tensor* dense_tokens) override {
@@ -940,5 +951,15 @@ class CudaBackend final : public Backend {
 std::unique_ptr<Backend> make_cuda_backend(int device, DType dtype, SparseMlpPath mlp_path) {
   return std::make_unique<CudaBackend>(device, dtype, mlp_path);
 }
+
+int cuda_device(const Backend& backend) { return dynamic_cast<const CudaBackend&>(backend).device_index(); }
+void* cuda_stream(const Backend& backend) { return dynamic_cast<const CudaBackend&>(backend).stream(); }
+
+#ifndef POLAR_HAVE_NCCL
+std::vector<std::unique_ptr<Communicator>> make_nccl_communicators(const std::vector<Backend*>&) {
+  fail("tensor parallelism on CUDA needs NCCL, and this build of polar has none (nccl.h was not found when it was "
+       "configured)");
+}
+#endif
 
 }  // namespace polar

@@ -413,7 +413,7 @@ __global__ void route_heads_kernel(const T* scores, int H, int group, int k, int
 // in a shared-memory bitmap of U bits (6 KB for U = 49152 MLP neurons viewed as [T, D, 1]), then the
 // elements of unmarked units are zeroed, consecutive threads on consecutive elements. O(H·dh + k) per
 // token: looking each element's unit up in the kept list would be O(H·dh·k), with k in the thousands for
-// MLP neurons. A unit id outside [0, U) marks nothing and raises kErrorHeadOutOfRange.
+// MLP neurons. A unit id U is padding; one outside [0, U] marks nothing and raises kErrorHeadOutOfRange.
 template <typename T>
 __global__ void keep_heads_kernel(T* out, int H, int group, int dh, const int32_t* heads, int k, int heads_stride,
                                   const int32_t* dense_tokens, int32_t* error_flag) {
@@ -427,7 +427,7 @@ __global__ void keep_heads_kernel(T* out, int H, int group, int dh, const int32_
     const int32_t u = heads[t * heads_stride + j];
     if (u >= 0 && u < U)
       atomicOr(&kept_bits[u >> 5], 1u << (u & 31));
-    else
+    else if (u != U)  // U: padding (localize_indices)
       atomicOr(error_flag, kErrorHeadOutOfRange);
   }
   __syncthreads();
@@ -770,6 +770,35 @@ void keep_heads(void* out, int64_t T, int64_t H, int64_t group, int64_t dh, cons
         static_cast<int>(k), static_cast<int>(heads_stride), dense_tokens, error_flag);
   });
   check_launch("keep_heads");
+}
+
+// One CTA per row: the rank's entries of an ascending row are one run [lo, hi), found by two binary
+// searches, then copied renumbered and padded with `count` in parallel.
+__global__ void localize_indices_kernel(const int32_t* idx, int k, int first, int count, int32_t* out, int m) {
+  __shared__ int run[2];
+  const int32_t* row = idx + int64_t(blockIdx.x) * k;
+  if (threadIdx.x < 2) {
+    const int bound = threadIdx.x == 0 ? first : first + count;
+    int lo = 0, hi = k;  // first position whose entry is >= bound
+    while (lo < hi) {
+      const int mid = (lo + hi) / 2;
+      if (row[mid] < bound) lo = mid + 1;
+      else hi = mid;
+    }
+    run[threadIdx.x] = lo;
+  }
+  __syncthreads();
+  const int n = run[1] - run[0];
+  for (int j = threadIdx.x; j < m; j += blockDim.x)
+    out[int64_t(blockIdx.x) * m + j] = j < n ? row[run[0] + j] - first : count;
+}
+
+void localize_indices(const int32_t* idx, int64_t R, int64_t k, int64_t first, int64_t count, int32_t* out, int64_t m,
+                      cudaStream_t stream) {
+  if (R == 0) return;
+  localize_indices_kernel<<<static_cast<unsigned>(R), kThreads, 0, stream>>>(idx, static_cast<int>(k), static_cast<int>(first),
+                                                                          static_cast<int>(count), out, static_cast<int>(m));
+  check_launch("localize_indices");
 }
 
 void move_columns(const void* src, void* dst, int64_t M, int64_t D, const int32_t* idx, int64_t k, bool gather,

@@ -59,12 +59,17 @@ void route_neurons(const void* logits, int64_t R, int64_t D, const int32_t* live
                    int32_t* idx, Elem e, cudaStream_t stream);
 // Zeroes the rows of out [T, H, dh] whose head h is not kept, h / group not among heads[t · heads_stride +
 // 0:k] (heads_stride k: a set per token; 0: one set for all), except for tokens with dense_tokens[t] != 0 (nullptr: none) (backend.h: keep_heads). One CTA per token, O(H·dh + k)
-// each; H / group <= 393216 (a shared-memory bitmap). An id outside [0, H / group) sets kErrorHeadOutOfRange.
+// each; H / group <= 393216 (a shared-memory bitmap). An id H / group is padding; one outside [0, H / group] sets
+// kErrorHeadOutOfRange.
 void keep_heads(void* out, int64_t T, int64_t H, int64_t group, int64_t dh, const int32_t* heads, int64_t k,
                 int64_t heads_stride, const int32_t* dense_tokens, int32_t* error_flag, Elem e, cudaStream_t stream);
 // The selected columns idx[k] (ascending, < D) of M rows moved between full [M, D] and compact [M, k]
 // activations: gather (full src -> compact dst) or scatter (compact src -> full dst, whose other columns are
 // left as they are). An id outside [0, D) raises kErrorNeuronOutOfRange (a gathered column reads as zero).
+// out [R, m] = each ascending row of idx [R, k] restricted to [first, first + count), renumbered from 0, then
+// padded with count (backend.h: localize_indices).
+void localize_indices(const int32_t* idx, int64_t R, int64_t k, int64_t first, int64_t count, int32_t* out, int64_t m,
+                      cudaStream_t stream);
 void move_columns(const void* src, void* dst, int64_t M, int64_t D, const int32_t* idx, int64_t k, bool gather,
                   int32_t* error_flag, Elem e, cudaStream_t stream);
 // out[r] = the L2 norm of row r of x [R, n], fp32 accumulation; one CTA per row.
