@@ -328,6 +328,44 @@ TEST_P(CudaOps, RopeKvAppendAndAttentionMatchCpu) {
     int64_t nonzero_skipped = 0;  // skipped heads must be exactly zero
     for (int64_t i = 0; i < sref.numel(); ++i) nonzero_skipped += sref.data<float>()[i] == 0.0f && sback.data<float>()[i] != 0.0f;
     EXPECT_EQ(nonzero_skipped, 0);
+    if (k == Hkv) continue;
+    // The same selection padded with Hkv (a tensor-parallel rank's list, localize_indices): padding
+    // launches nothing, and the result is the unpadded one.
+    Tensor kvp = Tensor::empty(DType::I32, {T, k + 1});
+    for (int64_t t = 0; t < T; ++t) {
+      std::copy(kv.data<int32_t>() + t * k, kv.data<int32_t>() + (t + 1) * k, kvp.data<int32_t>() + t * (k + 1));
+      kvp.data<int32_t>()[t * (k + 1) + k] = static_cast<int32_t>(Hkv);
+    }
+    Tensor pgot = poisoned({T, H, dh}), gkvp = dev(kvp);
+    cuda_->attention(gq, gpu_cache, gpu_l, scale, pc.window, pgot, &gkvp);
+    EXPECT_LT(rel_err(back(pgot), sref), tol()) << "padded selective attention, k " << k << " of " << Hkv;
+  }
+}
+
+// A tensor-parallel rank's part of ascending selections (localize_indices) is exact, and keep_heads skips
+// its padding like the CPU.
+TEST_P(CudaOps, LocalizeIndicesAndPaddingMatchCpu) {
+  struct Case {
+    int64_t R, k, D, first, count;
+  };
+  for (const Case& c : std::vector<Case>{{1, 8, 16, 0, 4}, {7, 5, 12, 3, 9}, {33, 300, 4096, 1000, 2000}, {2, 64, 64, 32, 32}}) {
+    Tensor idx = Tensor::empty(DType::I32, {c.R, c.k});
+    for (int64_t r = 0; r < c.R; ++r) {
+      std::vector<int32_t> all(static_cast<size_t>(c.D));
+      std::iota(all.begin(), all.end(), 0);
+      std::shuffle(all.begin(), all.end(), rng_);
+      std::sort(all.begin(), all.begin() + c.k);
+      std::copy(all.begin(), all.begin() + c.k, idx.data<int32_t>() + r * c.k);
+    }
+    const int64_t m = std::min(c.k, c.count);
+    Tensor ref = Tensor::empty(DType::I32, {c.R, m});
+    cpu_->localize_indices(idx, c.first, c.count, ref);
+    Tensor got = cuda_->alloc(DType::I32, {c.R, m});
+    cuda_->localize_indices(dev(idx), c.first, c.count, got);
+    Tensor g = back(got);
+    EXPECT_TRUE(std::equal(ref.data<int32_t>(), ref.data<int32_t>() + ref.numel(), g.data<int32_t>()))
+        << "R " << c.R << " k " << c.k << " [" << c.first << ", " << c.first + c.count << ")";
+    EXPECT_EQ(keep_heads_mismatches(host_random({c.R, c.count, 2}), ref, 1), 0);
   }
 }
 

@@ -214,9 +214,41 @@ TEST(SparseOps, L2NormsAndKeepHeads) {
         ASSERT_EQ(w.data<float>()[(t * H + h) * dh + i], kept ? x.data<float>()[(t * H + h) * dh + i] : 0.0f)
             << "shared set: t " << t << " h " << h;
     }
+  // Group 2 (= the 2 groups) is padding (a tensor-parallel rank's list, localize_indices): it keeps nothing,
+  // so a token listing only padding is zeroed; 3 is out of range.
+  Tensor padding = Tensor::empty(DType::I32, {T, 1});
+  std::fill_n(padding.data<int32_t>(), T, 2);
+  Tensor p = copy_of(x);
+  cpu->keep_heads(p, padding, 3, nullptr);
+  for (int64_t i = 0; i < p.numel(); ++i) ASSERT_EQ(p.data<float>()[i], 0.0f) << i;
   Tensor outside = Tensor::empty(DType::I32, {T, 1});
-  std::fill_n(outside.data<int32_t>(), T, 2);
+  std::fill_n(outside.data<int32_t>(), T, 3);
   EXPECT_THROW(cpu->keep_heads(z, outside, 3, nullptr), Error);  // only groups 0 and 1 exist
+}
+
+TEST(SparseOps, LocalizeIndicesKeepsTheRanksRunRenumberedAndPads) {
+  auto cpu = make_cpu_backend();
+  // Units [4, 8) of a rank: row 0 owns 5 and 7, row 1 none, row 2 all four (m = 4).
+  Tensor idx = i32({1, 5, 7, 9, 0, 1, 2, 3, 4, 5, 6, 7}).reshape({3, 4});
+  Tensor out = Tensor::empty(DType::I32, {3, 4});
+  cpu->localize_indices(idx, 4, 4, out);
+  const std::vector<int32_t> want = {1, 3, 4, 4, 4, 4, 4, 4, 0, 1, 2, 3};
+  EXPECT_EQ(std::vector<int32_t>(out.data<int32_t>(), out.data<int32_t>() + 12), want);
+  Tensor narrow = Tensor::empty(DType::I32, {3, 2});
+  EXPECT_THROW(cpu->localize_indices(idx, 4, 4, narrow), Error);  // a row may own min(k, count) = 4
+}
+
+TEST(SparseOps, SelectiveAttentionSkipsPaddingEntries) {
+  auto cpu = make_cpu_backend();
+  std::mt19937_64 rng(6);
+  const int64_t H = 8, Hkv = 2, dh = 8;
+  PagedStep s = paged_step(H, Hkv, dh, rng);
+  Tensor one = Tensor::empty(DType::F32, {3, H, dh}), padded = Tensor::empty(DType::F32, {3, H, dh});
+  // k = 1 against k = 2 with padding (Hkv): the same selection.
+  Tensor kv1 = i32({1, 0, 1}).reshape({3, 1}), kv2 = i32({1, 2, 0, 2, 1, 2}).reshape({3, 2});
+  cpu->attention(s.q, s.cache, s.layout, 0.3f, 0, one, &kv1);
+  cpu->attention(s.q, s.cache, s.layout, 0.3f, 0, padded, &kv2);
+  for (int64_t i = 0; i < one.numel(); ++i) ASSERT_EQ(padded.data<float>()[i], one.data<float>()[i]) << i;
 }
 
 // Greedy decoding of two prompts with random routers; returns the logits of every decode step.
