@@ -34,7 +34,7 @@ struct CpuGroup {
   explicit CpuGroup(int n) {
     std::vector<Backend*> ptrs;
     for (int r = 0; r < n; ++r) {
-      backends.push_back(make_cpu_backend());
+      backends.push_back(make_cpu_backend(n));
       ptrs.push_back(backends.back().get());
     }
     comms = make_communicators(ptrs);

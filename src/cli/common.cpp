@@ -284,7 +284,11 @@ LoadedModel load_model(const ModelOptions& opt, const std::function<Checkpoint()
   auto t0 = std::chrono::steady_clock::now();
   LoadedModel m;
   const std::vector<std::string> devices = opt.rank_devices();
-  m.backend = make_backend(devices[0], opt.activation_dtype(), opt.sparse_mlp_path());
+  // CPU ranks share the cores (make_cpu_backend's share), CUDA ranks have a GPU each.
+  auto make_rank_backend = [&](size_t r) {
+    return devices[r] == "cpu" ? make_cpu_backend(opt.tp) : make_backend(devices[r], opt.activation_dtype(), opt.sparse_mlp_path());
+  };
+  m.backend = make_rank_backend(0);
   m.checkpoint = checkpoint();
   if (opt.tp == 1) {
     m.model = make_model(m.checkpoint, *m.backend);
@@ -292,7 +296,7 @@ LoadedModel load_model(const ModelOptions& opt, const std::function<Checkpoint()
     shard_dims(m.checkpoint.config, 0, opt.tp);  // an uneven split fails before any other device is set up
     std::vector<Backend*> backends = {m.backend.get()};
     for (size_t r = 1; r < devices.size(); ++r) {
-      m.peer_backends.push_back(make_backend(devices[r], opt.activation_dtype(), opt.sparse_mlp_path()));
+      m.peer_backends.push_back(make_rank_backend(r));
       backends.push_back(m.peer_backends.back().get());
     }
     m.comms = make_communicators(backends);

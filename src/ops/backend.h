@@ -185,7 +185,8 @@ class Backend {
   std::vector<std::pair<std::string, int64_t>> marks_;
 };
 
-std::unique_ptr<Backend> make_cpu_backend();
+// share: how many CPU backends run at once (tensor-parallel ranks); each then uses 1/share of OpenMP's threads.
+std::unique_ptr<Backend> make_cpu_backend(int share = 1);
 // How the CUDA backend runs the sparse MLP projections (gather_up_relu, gather_down with neuron ids), which
 // it can compute two ways with the same values: by the faster of its gather kernel and a dense GEMM,
 // measured once per shape (the default), or always by one of them (tests, benchmarks). The CPU ignores it.

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <numeric>
+#include <omp.h>
 #include <unistd.h>
 #include <vector>
 
@@ -36,7 +37,16 @@ void select_top(const float* score, int64_t n, int64_t k, int32_t* out) {
 
 class CpuBackend final : public Backend {
  public:
+  // share > 1: one of that many backends running at once (tensor-parallel ranks on the CPU), each issuing
+  // its ops with 1/share of OpenMP's threads, so the ranks split the cores instead of each starting a team
+  // as large as the machine (4 ranks on 2 cores: 8 threads contending).
+  explicit CpuBackend(int share)
+      : threads_(share > 1 ? std::max(1, omp_get_max_threads() / share) : 0) {}
   Device device() const override { return Device::CPU; }
+  // OpenMP's thread count is per calling thread: the rank's thread sets its own share before issuing work.
+  void bind_thread() override {
+    if (threads_ > 0) omp_set_num_threads(threads_);
+  }
   std::string name() const override { return "cpu"; }
   DType activation_dtype() const override { return DType::F32; }
 
@@ -401,6 +411,7 @@ class CpuBackend final : public Backend {
   void reset_markers() override { times_.clear(); }
 
  private:
+  int threads_;  // OpenMP threads of the rank that issues this backend's ops; 0: OpenMP's default
   // y[m, n] = x[m, k] · W (+ bias[n]) (+ y), W = wᵀ for w [n, k] (a Linear's weight) or W = w for w [k, n]
   // (w_kn: neuron-major down-projection rows).
   void gemm(const Tensor& x, const Tensor& w, bool w_kn, const Tensor* bias, Tensor& y, bool accumulate,
@@ -434,6 +445,6 @@ class CpuBackend final : public Backend {
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
+std::unique_ptr<Backend> make_cpu_backend(int share) { return std::make_unique<CpuBackend>(share); }
 
 }  // namespace polar
