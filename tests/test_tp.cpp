@@ -16,6 +16,7 @@
 #include "ops/cuda_devices.h"
 #include "runtime/engine.h"
 #include "runtime/rank_threads.h"
+#include "sparse/random_sparsity.h"
 #include "sparse/router_sparsity.h"
 #include "sparse/routers.h"
 #include "test_util.h"
@@ -260,6 +261,28 @@ TEST(TensorParallel, GlobalSelectionIsOneRanksSelectionAndGivesItsLogits) {
       if (mlp.defined()) {
         EXPECT_EQ(merged(neurons, f0, fn)[0], rows_of(mlp.reshape({1, mlp.numel()}))[0]);
       }
+    }
+  }
+}
+
+TEST(TensorParallel, QueryHeadSelectionAndOtherSelectorsKeepOneRanksChoice) {
+  // llama3_gqa: 8 query heads over 2 KV heads, so at --tp 4 each KV head is on two ranks. Per-query-head
+  // selection (keep_heads on each rank's query heads) and the random selector, localised the same way.
+  const Checkpoint ck = load_checkpoint(test::shared_path("fixtures/hf/llama3_gqa"));
+  for (Granularity g : {Granularity::Group, Granularity::Head}) {
+    auto selector = [&](Model& model) {
+      auto first = std::make_unique<RandomSparsity>(model, 0.5, 3, g);
+      for (int r = 1; r < model.ranks(); ++r) first->add_rank(std::make_unique<RandomSparsity>(model.rank(r), 0.5, 3, g));
+      return first;
+    };
+    TpModel one(ck, 1);
+    auto s1 = selector(*one.model);
+    const Decoded want = greedy(*one.model, s1.get(), kPrompt, 6);
+    for (int n : {2, 4}) {
+      SCOPED_TRACE(testing::Message() << granularity_name(g) << ", --tp " << n);
+      TpModel tp(ck, n);
+      auto sn = selector(*tp.model);
+      expect_same_run(greedy(*tp.model, sn.get(), kPrompt, 6), want);
     }
   }
 }
