@@ -201,13 +201,13 @@ for b, up, down in [(16, 0.133, 0.147), (64, 0.136, 0.251), (256, 0.219, 0.322)]
     published[("gather_down", f"B{b} d9216 D36864 d0.5")] = down
 published[("gather_down", "B64 d4096 D16384 d0.1")] = 0.019
 published[("gather_down", "B256 d4096 D16384 d0.1")] = 0.151
-print(f"{'kernel':<11} {'shape':<28} {'polar ms':>9} {'ref ms':>9} {'ref/polar':>9} {'GB/s':>6} {'of copy':>8}")
+print(f"{'kernel':<11} {'shape':<28} {'polar ms':>9} {'ref ms':>9} {'ref/polar':>9} {'GB/s':>6} {'of read':>8} {'of copy':>8}")
 for key, r in ours.items():
     t = ref.get(key, published.get(key))
     ms = float(r["ms"])
     src = "" if key in ref else (" (published)" if t else "")
     print(f"{key[0]:<11} {key[1]:<28} {ms:>9.4f} {t if t else float('nan'):>9.4f} {(t / ms) if t else float('nan'):>9.2f} "
-          f"{float(r['gb_per_s']):>6.0f} {100 * float(r['of_copy']):>7.0f}%{src}")
+          f"{float(r['gb_per_s']):>6.0f} {100 * float(r['of_read']):>7.0f}% {100 * float(r['of_copy']):>7.0f}%{src}")
 PY
 fi
 if has_stage bench; then
