@@ -74,6 +74,17 @@ TEST(Bench, ShapesAreTheRealModels) {
   EXPECT_EQ(opt.position_offset, 2);
   EXPECT_TRUE(opt.pre_norm);
   EXPECT_EQ(shape_config("opt-30b").n_heads, 56);
+  // The multi-GPU issue's shapes: OPT-66B (head_dim 128) and Llama-3.1-70B (GQA 64/8, llama3 RoPE).
+  const ModelConfig opt66 = shape_config("opt-66b");
+  EXPECT_EQ(opt66.n_layers, 64);
+  EXPECT_EQ(opt66.head_dim, 128);
+  EXPECT_EQ(opt66.ffn, 36864);
+  const ModelConfig llama70 = shape_config("llama-3.1-70b");
+  EXPECT_EQ(llama70.n_layers, 80);
+  EXPECT_EQ(llama70.n_heads, 64);
+  EXPECT_EQ(llama70.n_kv_heads, 8);
+  EXPECT_EQ(llama70.ffn, 28672);
+  EXPECT_EQ(llama70.max_positions, 131072);
   const ModelConfig qwen = shape_config("qwen2.5-7b");
   EXPECT_TRUE(qwen.qkv_bias);
   EXPECT_EQ(qwen.n_heads, 28);
@@ -353,7 +364,7 @@ TEST(BenchCli, BadModelSourcesSayWhy) {
     std::string expect;
   };
   for (const Case& c : std::vector<Case>{
-           {{"bench", "--shape", "gpt-5"}, "unknown shape 'gpt-5' (known: opt-6.7b, opt-13b"},
+           {{"bench", "--shape", "gpt-5"}, "unknown shape 'gpt-5' (known: opt-6.7b, opt-13b, opt-30b, opt-66b"},
            {{"bench", "--config", tmp.path("bad.json")}, "malformed JSON"},
            {{"bench", "--config", tmp.path("none.json")}, "cannot read"},
            {{"bench"}, "needs a model: --model PATH, --shape NAME or --config FILE"},
