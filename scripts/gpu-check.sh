@@ -3,7 +3,8 @@
 # sm_90a, runs every test (the CUDA parity and end-to-end tests included), runs the benchmarks, and writes
 # logs, CSVs and plots to a results folder; a short summary table comes last.
 #
-#   scripts/gpu-check.sh [STAGE ...]   stages: build test kernels bench sparse serve (default: all, in that order)
+#   scripts/gpu-check.sh [STAGE ...]   stages: build test kernels bench sparse serve serve-http (default: all, in
+#                                      that order)
 #
 # Environment:
 #   RESULTS         results folder (default: $OUT if set, else out/gpu-check)
@@ -17,6 +18,7 @@
 #   SPARSE_BATCHES  default 1,8,16,32,64,128,256
 #   SERVE_RUNS      bench-serve workloads, by name from the table in the serve stage (default: all of them)
 #   SERVE_SCALE     divides every workload's request count (default 1; e.g. 8 for a quick smoke run)
+#   HTTP_RATES      request rates of the serve-http stage (default 4,8,16,inf)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,7 +31,7 @@ SPARSE_POINTS=${SPARSE_POINTS:-"opt-6.7b:1920:0.5 llama-2-7b:3968:0.5 llama-3-8b
 SPARSE_BATCHES=${SPARSE_BATCHES:-1,8,16,32,64,128,256}
 mkdir -p "$RESULTS"
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(build test kernels bench sparse serve)
+[ ${#stages[@]} -eq 0 ] && stages=(build test kernels bench sparse serve serve-http)
 has_stage() { local s; for s in "${stages[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
 log() { echo "[gpu-check] $*" >&2; }
 
@@ -147,6 +149,39 @@ PY
   done
 fi
 
+# Serving over HTTP (issue 15): `polar serve` on the llama-2-7b shape, dense (--density 1) and then sparse
+# (--density 0.5), each loaded by `bench-serve --url` with the online workload at HTTP_RATES (inf: all at once,
+# saturation); then the same workload in process (dense and sparse), for the HTTP layer's share. Same KV cache
+# size everywhere (64 requests of 1024 tokens).
+HTTP_RATES=${HTTP_RATES:-4,8,16,inf}
+http_workload=(--shape llama-2-7b --requests 80 --prompt-len 256-512 --output-len 512 --request-rate "$HTTP_RATES")
+http_batching=(--max-seqs 64 --kv-tokens 65536)
+if has_stage serve-http; then
+  port=18080
+  for mode in dense sparse; do
+    density=1; [ $mode = sparse ] && density=0.5
+    log "polar serve ($mode, density $density) and bench-serve --url at rates $HTTP_RATES"
+    "$BUILD_DIR/src/polar" serve --device cuda --shape llama-2-7b --density $density "${http_batching[@]}" \
+      --host 127.0.0.1 --port $port > "$RESULTS/serve-http-$mode-server.log" 2>&1 &
+    server=$!
+    for _ in $(seq 600); do  # up to 5 minutes to load
+      curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
+      kill -0 $server 2>/dev/null || break
+      sleep 0.5
+    done
+    "$BUILD_DIR/src/polar" bench-serve --url "http://127.0.0.1:$port" "${http_workload[@]}" --json \
+      --csv "$RESULTS/serve-http-$mode.csv" > "$RESULTS/serve-http-$mode.json" 2> "$RESULTS/serve-http-$mode.log" ||
+      tail -20 "$RESULTS/serve-http-$mode.log" "$RESULTS/serve-http-$mode-server.log"
+    curl -s "http://127.0.0.1:$port/metrics" > "$RESULTS/serve-http-$mode-metrics.txt" || true
+    kill -TERM $server 2>/dev/null || true
+    wait $server || log "polar serve ($mode) exited with $?"
+  done
+  log "the same workload in process"
+  "$BUILD_DIR/src/polar" bench-serve --device cuda "${http_workload[@]}" --density 0.5 "${http_batching[@]}" --json \
+    --csv "$RESULTS/serve-http-inprocess.csv" > "$RESULTS/serve-http-inprocess.json" \
+    2> "$RESULTS/serve-http-inprocess.log" || tail -20 "$RESULTS/serve-http-inprocess.log"
+fi
+
 echo
 echo "== gpu-check summary ($(date -u +%Y-%m-%d), $(tail -1 "$RESULTS/gpu.csv" | cut -d, -f1)) =="
 echo "tests: $test_summary"
@@ -166,13 +201,13 @@ for b, up, down in [(16, 0.133, 0.147), (64, 0.136, 0.251), (256, 0.219, 0.322)]
     published[("gather_down", f"B{b} d9216 D36864 d0.5")] = down
 published[("gather_down", "B64 d4096 D16384 d0.1")] = 0.019
 published[("gather_down", "B256 d4096 D16384 d0.1")] = 0.151
-print(f"{'kernel':<11} {'shape':<28} {'polar ms':>9} {'ref ms':>9} {'ref/polar':>9} {'GB/s':>6} {'of copy':>8}")
+print(f"{'kernel':<11} {'shape':<28} {'polar ms':>9} {'ref ms':>9} {'ref/polar':>9} {'GB/s':>6} {'of read':>8} {'of copy':>8}")
 for key, r in ours.items():
     t = ref.get(key, published.get(key))
     ms = float(r["ms"])
     src = "" if key in ref else (" (published)" if t else "")
     print(f"{key[0]:<11} {key[1]:<28} {ms:>9.4f} {t if t else float('nan'):>9.4f} {(t / ms) if t else float('nan'):>9.2f} "
-          f"{float(r['gb_per_s']):>6.0f} {100 * float(r['of_copy']):>7.0f}%{src}")
+          f"{float(r['gb_per_s']):>6.0f} {100 * float(r['of_read']):>7.0f}% {100 * float(r['of_copy']):>7.0f}%{src}")
 PY
 fi
 if has_stage bench; then
@@ -216,5 +251,28 @@ for run in sys.argv[2:]:
         dense = next(r for r in j["runs"] if r["mode"] == "dense")
         print(f"{run:<14} decode-only bench at batch {p['batch']} ctx {p['ctx']}: {p['tokens_per_s']:.0f} tok/s; "
               f"served dense = {dense['output_tok_per_s'] / p['tokens_per_s']:.3f} of it")
+PY
+fi
+if has_stage serve-http; then
+  echo "-- serving over HTTP (polar serve + bench-serve --url) against in process, llama-2-7b (http/in-proc = ratio)"
+  python3 - "$RESULTS" <<'PY'
+import json, os, sys
+res = sys.argv[1]
+def runs(path, mode=None):
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return {}
+    return {r["rate"]: r for r in json.load(open(path))["runs"] if mode is None or r["mode"] == mode}
+print(f"{'mode':<6} {'rate':>5} {'http tok/s':>10} {'inproc':>8} {'ratio':>6} {'TTFT p50 h/i (ms)':>18} "
+      f"{'TTFT p99 h/i (ms)':>18} {'TPOT p50 h/i':>13} {'TPOT p99 h/i':>13}")
+for mode in ("dense", "sparse"):
+    http, inproc = runs(f"{res}/serve-http-{mode}.json"), runs(f"{res}/serve-http-inprocess.json", mode)
+    for rate, h in http.items():
+        i = inproc.get(rate)
+        if not i:
+            continue
+        print(f"{mode:<6} {rate:>5} {h['output_tok_per_s']:>10.0f} {i['output_tok_per_s']:>8.0f} "
+              f"{h['output_tok_per_s'] / i['output_tok_per_s']:>6.3f} "
+              f"{h['ttft_ms']['p50']:>8.1f}/{i['ttft_ms']['p50']:<9.1f} {h['ttft_ms']['p99']:>8.1f}/{i['ttft_ms']['p99']:<9.1f} "
+              f"{h['tpot_ms']['p50']:>6.2f}/{i['tpot_ms']['p50']:<6.2f} {h['tpot_ms']['p99']:>6.2f}/{i['tpot_ms']['p99']:<6.2f}")
 PY
 fi

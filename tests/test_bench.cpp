@@ -56,7 +56,10 @@ std::string describe(const RunResult& r) {
 
 const std::string kCsvHeader =
     "shape,batch,ctx,density,step_ms,tokens_per_s,floor_ms,x_floor,gb_per_s,attention_ms,qkv_o_ms,mlp_ms,other_ms,"
-    "profiled_ms";
+    "profiled_ms,read_floor_ms,x_read";
+
+// A copy rate and a read rate twice as high: every point's read floor is half its copy floor.
+const MemoryRates kRates{.copy_gbps = 10.0, .read_gbps = 20.0};
 
 }  // namespace
 
@@ -71,6 +74,17 @@ TEST(Bench, ShapesAreTheRealModels) {
   EXPECT_EQ(opt.position_offset, 2);
   EXPECT_TRUE(opt.pre_norm);
   EXPECT_EQ(shape_config("opt-30b").n_heads, 56);
+  // The multi-GPU issue's shapes: OPT-66B (head_dim 128) and Llama-3.1-70B (GQA 64/8, llama3 RoPE).
+  const ModelConfig opt66 = shape_config("opt-66b");
+  EXPECT_EQ(opt66.n_layers, 64);
+  EXPECT_EQ(opt66.head_dim, 128);
+  EXPECT_EQ(opt66.ffn, 36864);
+  const ModelConfig llama70 = shape_config("llama-3.1-70b");
+  EXPECT_EQ(llama70.n_layers, 80);
+  EXPECT_EQ(llama70.n_heads, 64);
+  EXPECT_EQ(llama70.n_kv_heads, 8);
+  EXPECT_EQ(llama70.ffn, 28672);
+  EXPECT_EQ(llama70.max_positions, 131072);
   const ModelConfig qwen = shape_config("qwen2.5-7b");
   EXPECT_TRUE(qwen.qkv_bias);
   EXPECT_EQ(qwen.n_heads, 28);
@@ -142,7 +156,7 @@ TEST(Bench, SweepRowsAreSane) {
   for (const char* shape : {"tiny-llama", "tiny-opt"}) {
     Synthetic s(shape_config(shape));
     std::vector<std::string> log;
-    const DecodeSweep sweep = run_decode_sweep(*s.model, {.batches = {1, 3}, .contexts = {16, 40}, .steps = 3}, 10.0,
+    const DecodeSweep sweep = run_decode_sweep(*s.model, {.batches = {1, 3}, .contexts = {16, 40}, .steps = 3}, kRates,
                                                [&](const std::string& line) { log.push_back(line); });
     ASSERT_EQ(sweep.points.size(), 4u) << shape;
     EXPECT_TRUE(sweep.skipped.empty()) << shape;
@@ -155,6 +169,8 @@ TEST(Bench, SweepRowsAreSane) {
       EXPECT_GT(p.floor_ms, 0);
       EXPECT_GT(p.x_floor, 0);
       EXPECT_NEAR(p.x_floor, p.step_ms / p.floor_ms, 1e-9 * p.x_floor);
+      EXPECT_NEAR(p.read_floor_ms, p.floor_ms / 2, 1e-9 * p.floor_ms);
+      EXPECT_NEAR(p.x_read, p.step_ms / p.read_floor_ms, 1e-9 * p.x_read);
       EXPECT_GT(p.attention_ms, 0);
       EXPECT_GT(p.qkv_o_ms, 0);
       EXPECT_GT(p.mlp_ms, 0);
@@ -173,7 +189,7 @@ TEST(Bench, SweepRowsAreSane) {
 TEST(Bench, SweepSkipsContextsBeyondTheModel) {
   Synthetic s(shape_config("tiny-opt"));  // 128 positions
   std::vector<std::string> log;
-  const DecodeSweep sweep = run_decode_sweep(*s.model, {.batches = {2}, .contexts = {16, 200}, .steps = 2}, 10.0,
+  const DecodeSweep sweep = run_decode_sweep(*s.model, {.batches = {2}, .contexts = {16, 200}, .steps = 2}, kRates,
                                              [&](const std::string& line) { log.push_back(line); });
   ASSERT_EQ(sweep.points.size(), 1u);
   EXPECT_EQ(sweep.points[0].ctx, 16);
@@ -200,7 +216,7 @@ TEST(Bench, SkipDecision) {
 
 TEST(Bench, ContextShorterThanTheStepsIsAnError) {
   Synthetic s(shape_config("tiny-llama"));
-  EXPECT_THAT(error_of([&] { run_decode_sweep(*s.model, {.batches = {1}, .contexts = {8}, .steps = 20}, 10.0); }),
+  EXPECT_THAT(error_of([&] { run_decode_sweep(*s.model, {.batches = {1}, .contexts = {8}, .steps = 20}, kRates); }),
               HasSubstr("context 8 is shorter than the 24 decode steps"));
 }
 
@@ -211,9 +227,11 @@ TEST(BenchCli, SyntheticSweepTableAndCsv) {
   ASSERT_EQ(r.exit_code, 0) << describe(r);
   EXPECT_THAT(r.err, Not(HasSubstr("skipping"))) << describe(r);
   EXPECT_THAT(r.err, HasSubstr("memory bandwidth"));
+  EXPECT_THAT(r.err, HasSubstr("streaming read rate"));
   const std::vector<std::string> table = lines_of(r.out);
   ASSERT_EQ(table.size(), 5u) << r.out;
   EXPECT_THAT(table[0], HasSubstr("x_floor"));
+  EXPECT_THAT(table[0], HasSubstr("x_read"));
   std::ifstream f(csv);
   std::stringstream text;
   text << f.rdbuf();
@@ -232,6 +250,8 @@ TEST(BenchCli, JsonReportsRowsAndSkips) {
   const nlohmann::json j = nlohmann::json::parse(r.out);
   EXPECT_EQ(j["shape"], "tiny-opt");
   EXPECT_GT(j["memory_gb_per_s"].get<double>(), 0);
+  EXPECT_GT(j["read_gb_per_s"].get<double>(), 0);
+  EXPECT_GT(j["rows"][0]["x_read"].get<double>(), 0);
   ASSERT_EQ(j["rows"].size(), 1u);
   EXPECT_EQ(j["rows"][0]["ctx"], 64);
   EXPECT_GT(j["rows"][0]["x_floor"].get<double>(), 0);
@@ -277,6 +297,21 @@ TEST(BenchCli, FromCsvReprintsTheRowsAndRejectsOtherFiles) {
   RunResult malformed = run_polar({"bench", "--from-csv", broken});
   EXPECT_EQ(malformed.exit_code, 1);
   EXPECT_THAT(malformed.err, ::testing::HasSubstr("line 2: 'x' is not a number"));
+  // A CSV written before the read-rate columns (docs/results holds such files) still reads; one cut
+  // elsewhere does not.
+  auto without_last = [](const std::string& line, int fields) {
+    size_t end = line.size();
+    for (int i = 0; i < fields; ++i) end = line.rfind(',', end - 1);
+    return line.substr(0, end);
+  };
+  const std::string old = tmp.path("old.csv");
+  std::ofstream(old) << without_last(header, 2) << "\n" << without_last(row, 2) << "\n";
+  RunResult old_read = run_polar({"bench", "--from-csv", old});
+  ASSERT_EQ(old_read.exit_code, 0) << describe(old_read);
+  EXPECT_THAT(old_read.out, ::testing::HasSubstr("tiny-llama     1     16"));
+  const std::string cut = tmp.path("cut.csv");
+  std::ofstream(cut) << without_last(header, 1) << "\n" << without_last(row, 1) << "\n";
+  EXPECT_EQ(run_polar({"bench", "--from-csv", cut}).exit_code, 1);
 }
 
 TEST(BenchCli, BaselineComparesSparseWithDenseAndPlotsTheSpeedup) {
@@ -329,7 +364,7 @@ TEST(BenchCli, BadModelSourcesSayWhy) {
     std::string expect;
   };
   for (const Case& c : std::vector<Case>{
-           {{"bench", "--shape", "gpt-5"}, "unknown shape 'gpt-5' (known: opt-6.7b, opt-13b"},
+           {{"bench", "--shape", "gpt-5"}, "unknown shape 'gpt-5' (known: opt-6.7b, opt-13b, opt-30b, opt-66b"},
            {{"bench", "--config", tmp.path("bad.json")}, "malformed JSON"},
            {{"bench", "--config", tmp.path("none.json")}, "cannot read"},
            {{"bench"}, "needs a model: --model PATH, --shape NAME or --config FILE"},

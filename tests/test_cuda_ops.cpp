@@ -16,6 +16,7 @@
 #include "ops/backend.h"
 #include "ops/cuda_devices.h"
 #ifdef POLAR_HAVE_CUDA
+#include "ops/cuda/bandwidth.h"
 #include "ops/cuda/cuda_backend.h"
 #endif
 
@@ -112,6 +113,36 @@ TEST(CudaAllocator, SizeClassesAreBoundedAndTight) {
     classes.insert(block);
   }
   EXPECT_LE(classes.size(), 8u * 12) << "8 classes per power of two";
+}
+
+// The read-rate probe reads every word once: its XOR of all 32-bit words equals the host's, over sizes
+// with and without a tail past the last 16-byte vector and with one CTA or the whole resident grid; and the
+// rate it gives is above zero.
+TEST(CudaReadProbe, ReadsEveryWordOnce) {
+  if (cuda_devices().empty()) GTEST_SKIP() << "no CUDA device";
+  std::mt19937 rng(3);
+  const int grid = cuda::read_probe_blocks(0);
+  for (int64_t words : {int64_t(1), int64_t(3), int64_t(4), int64_t(1001), int64_t(1) << 22, (int64_t(1) << 24) + 7}) {
+    std::vector<uint32_t> host(words);
+    uint32_t expected = 0;
+    for (uint32_t& w : host) expected ^= (w = rng());
+    void* data = nullptr;
+    uint32_t* out = nullptr;
+    ASSERT_EQ(cudaMalloc(&data, words * 4), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(&out, 4), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(data, host.data(), words * 4, cudaMemcpyHostToDevice), cudaSuccess);
+    for (int blocks : {1, grid}) {
+      uint32_t got = 0xdeadbeef;
+      ASSERT_EQ(cudaMemset(out, 0, 4), cudaSuccess);
+      cuda::read_probe(data, words * 4, out, blocks, nullptr);
+      ASSERT_EQ(cudaMemcpy(&got, out, 4, cudaMemcpyDeviceToHost), cudaSuccess);
+      EXPECT_EQ(got, expected) << words << " words, " << blocks << " CTAs";
+    }
+    cudaFree(data);
+    cudaFree(out);
+  }
+  auto be = make_backend("cuda", DType::F16);
+  EXPECT_GT(be->measure_read_gbps(), 0);
 }
 #endif
 

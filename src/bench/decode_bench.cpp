@@ -50,7 +50,8 @@ double step_bytes(const Model& model, const RouterSparsity* sparsity, int64_t B,
   return bytes;
 }
 
-DecodePoint time_point(Model& model, int64_t batch, int64_t ctx, const DecodeSweepOptions& o, double memory_gbps) {
+DecodePoint time_point(Model& model, int64_t batch, int64_t ctx, const DecodeSweepOptions& o,
+                       const MemoryRates& rates) {
   Backend& be = model.backend();
   const ModelConfig& c = model.config();
   const int64_t B = batch, steps_run = kWarmupSteps + 1 + o.steps;
@@ -98,9 +99,11 @@ DecodePoint time_point(Model& model, int64_t batch, int64_t ctx, const DecodeSwe
   p.density = o.sparsity ? o.density : 1.0;
   p.step_ms = median(times);
   p.tokens_per_s = static_cast<double>(B) / (p.step_ms / 1e3);
-  p.floor_ms = bytes / (memory_gbps * 1e9) * 1e3;
+  p.floor_ms = bytes / (rates.copy_gbps * 1e9) * 1e3;
   p.x_floor = p.step_ms / p.floor_ms;
   p.gb_per_s = bytes / (p.step_ms / 1e3) / 1e9;
+  p.read_floor_ms = bytes / (rates.read_gbps * 1e9) * 1e3;
+  p.x_read = p.step_ms / p.read_floor_ms;
   return p;
 }
 
@@ -126,7 +129,7 @@ std::string decode_skip_reason(const ModelConfig& c, DType dtype, int64_t batch,
   return "";
 }
 
-DecodeSweep run_decode_sweep(Model& model, const DecodeSweepOptions& o, double memory_gbps,
+DecodeSweep run_decode_sweep(Model& model, const DecodeSweepOptions& o, const MemoryRates& rates,
                              const std::function<void(const std::string&)>& log) {
   const int64_t steps_run = kWarmupSteps + 1 + o.steps;
   check(o.steps >= 1, "the number of timed steps must be positive");
@@ -144,11 +147,12 @@ DecodeSweep run_decode_sweep(Model& model, const DecodeSweepOptions& o, double m
         if (log) log(fmt::format("skipping batch {} ctx {}: {}", B, ctx, why));
         continue;
       }
-      const DecodePoint p = time_point(model, B, ctx, o, memory_gbps);
+      const DecodePoint p = time_point(model, B, ctx, o, rates);
       sweep.points.push_back(p);
       if (log)
-        log(fmt::format("batch {} ctx {}: {:.3f} ms/step, {:.1f} tokens/s, {:.2f}x floor, attention {:.0f}% of the profiled step",
-                        B, ctx, p.step_ms, p.tokens_per_s, p.x_floor, 100 * p.attention_ms / p.profiled_ms));
+        log(fmt::format("batch {} ctx {}: {:.3f} ms/step, {:.1f} tokens/s, {:.2f}x the read floor, attention {:.0f}% of "
+                        "the profiled step", B, ctx, p.step_ms, p.tokens_per_s, p.x_read,
+                        100 * p.attention_ms / p.profiled_ms));
     }
   }
   return sweep;

@@ -1,14 +1,16 @@
 // The speed benchmark behind `polar bench`: batched decode over a sweep of batch sizes and context
 // lengths, each point next to its floor, and optionally the prefill of one prompt. Decode is memory-bound,
 // so its floor is the bytes a step must read (the weights in full + every sequence's KV cache) over the
-// device's measured memory bandwidth (Backend::measure_memory_gbps); prefill is compute-bound, so its floor
-// is its FLOPs over the GEMM rate measured at its shape.
+// device's measured memory rates (bench/memory_rates.h: the copy rate, and the streaming read rate that is
+// the true limit of a step that only reads); prefill is compute-bound, so its floor is its FLOPs over the
+// GEMM rate measured at its shape.
 #pragma once
 #include <cstdint>
 #include <functional>
 #include <string>
 #include <vector>
 
+#include "bench/memory_rates.h"
 #include "model/model.h"
 #include "sparse/router_sparsity.h"
 
@@ -35,10 +37,12 @@ struct DecodePoint {
   double density = 1.0;   // share of attention heads (KV groups) a sequence keeps (1.0 = dense)
   double step_ms = 0;     // median host wall time of a timed step: forward, argmax, the new ids on the host
   double tokens_per_s = 0;
-  double floor_ms = 0;    // (weight bytes read + KV bytes read) / measured memory bandwidth; sparse steps
-                          // count the selected MLP rows, the routers and the selected heads' KV only
+  double floor_ms = 0;    // (weight bytes read + KV bytes read) / measured copy rate; sparse steps count
+                          // the selected MLP rows, the routers and the selected heads' KV only
   double x_floor = 0;     // step_ms / floor_ms
   double gb_per_s = 0;    // the floor's bytes / step_ms
+  double read_floor_ms = 0;  // the same bytes / measured streaming read rate: the step's physical limit
+  double x_read = 0;         // step_ms / read_floor_ms
   // Device time per region of one profiled step, run op by op (no graph): they add up to profiled_ms,
   // which is why they can add up to more than step_ms. "other": norms, embeddings, lm_head, argmax, inputs.
   double attention_ms = 0, qkv_o_ms = 0, mlp_ms = 0, other_ms = 0;
@@ -66,7 +70,7 @@ std::string decode_skip_reason(const ModelConfig& c, DType dtype, int64_t batch,
 
 // Runs every (ctx, batch) point on the model's backend, contexts outermost; points that do not fit are
 // skipped. Progress and skips go to `log`. A context shorter than the steps a point runs is a polar::Error.
-DecodeSweep run_decode_sweep(Model& model, const DecodeSweepOptions& options, double memory_gbps,
+DecodeSweep run_decode_sweep(Model& model, const DecodeSweepOptions& options, const MemoryRates& rates,
                              const std::function<void(const std::string&)>& log = {});
 
 // Best rate of y[m, n] = x[m, k] · w[n, k]ᵀ on the backend, in its activation dtype.

@@ -56,10 +56,11 @@ Tensor host_i32(const std::vector<int32_t>& v, Shape shape) {
   return t;
 }
 
-KernelRow row(std::string kernel, std::string shape, double ms, double bytes, double copy_gbps) {
+KernelRow row(std::string kernel, std::string shape, double ms, double bytes, const MemoryRates& rates) {
   KernelRow r{std::move(kernel), std::move(shape), ms, bytes};
   r.gbps = bytes / (ms / 1e3) / 1e9;
-  r.of_copy = r.gbps / copy_gbps;
+  r.of_copy = r.gbps / rates.copy_gbps;
+  r.of_read = r.gbps / rates.read_gbps;
   return r;
 }
 
@@ -93,7 +94,7 @@ std::vector<RouteShape> default_route_shapes() {
   return {{8, 16384, 4096}, {64, 16384, 8192}, {256, 16384, 12288}, {64, 36864, 18432}};
 }
 
-std::vector<KernelRow> bench_attention(Backend& be, const std::vector<AttentionShape>& shapes, double copy_gbps,
+std::vector<KernelRow> bench_attention(Backend& be, const std::vector<AttentionShape>& shapes, const MemoryRates& rates,
                                        const KernelBenchOptions& o,
                                        const std::function<void(const std::string&)>& progress) {
   const DType dt = be.activation_dtype();
@@ -150,14 +151,14 @@ std::vector<KernelRow> bench_attention(Backend& be, const std::vector<AttentionS
       const Tensor* sel = heads.defined() ? &heads : nullptr;
       const double ms = time_ms(be, o.reps, [&](int i) { be.attention(q, kv[i % copies], l, scale, 0, out, sel); });
       const double bytes = 2.0 * s.batch * s.ctx * k * s.head_dim * elem + 2.0 * q.nbytes();
-      rows.push_back(row("attention", sel ? fmt::format("{} d{:g}", name, density) : name, ms, bytes, copy_gbps));
+      rows.push_back(row("attention", sel ? fmt::format("{} d{:g}", name, density) : name, ms, bytes, rates));
       if (progress) progress(fmt::format("attention {}: {:.3f} ms", rows.back().shape, ms));
     }
   }
   return rows;
 }
 
-std::vector<KernelRow> bench_gemm(Backend& be, const std::vector<GemmShape>& shapes, double copy_gbps,
+std::vector<KernelRow> bench_gemm(Backend& be, const std::vector<GemmShape>& shapes, const MemoryRates& rates,
                                   const KernelBenchOptions& o, const std::function<void(const std::string&)>& progress) {
   const DType dt = be.activation_dtype();
   std::vector<KernelRow> rows;
@@ -172,13 +173,13 @@ std::vector<KernelRow> bench_gemm(Backend& be, const std::vector<GemmShape>& sha
     Tensor y = be.alloc(dt, {s.m, s.n});
     const double ms = time_ms(be, o.reps, [&](int i) { be.linear(x, w[i % copies], nullptr, y); });
     const double bytes = w_bytes + static_cast<double>(x.nbytes() + y.nbytes());
-    rows.push_back(row("gemm", fmt::format("m{} n{} k{}", s.m, s.n, s.k), ms, bytes, copy_gbps));
+    rows.push_back(row("gemm", fmt::format("m{} n{} k{}", s.m, s.n, s.k), ms, bytes, rates));
     if (progress) progress(fmt::format("gemm {}: {:.4f} ms", rows.back().shape, ms));
   }
   return rows;
 }
 
-std::vector<KernelRow> bench_gather(Backend& be, const std::vector<GatherShape>& shapes, double copy_gbps,
+std::vector<KernelRow> bench_gather(Backend& be, const std::vector<GatherShape>& shapes, const MemoryRates& rates,
                                     const KernelBenchOptions& o,
                                     const std::function<void(const std::string&)>& progress) {
   const DType dt = be.activation_dtype();
@@ -215,14 +216,14 @@ std::vector<KernelRow> bench_gather(Backend& be, const std::vector<GatherShape>&
       const double bytes = static_cast<double>(n * s.d) * elem + static_cast<double>(in.nbytes() + out.nbytes()) +
                            (sparse ? 4.0 * k : 0.0);
       rows.push_back(row(s.up ? "gather_up" : "gather_down",
-                         sparse ? fmt::format("{} d{:g}", name, s.density) : name + " dense", ms, bytes, copy_gbps));
+                         sparse ? fmt::format("{} d{:g}", name, s.density) : name + " dense", ms, bytes, rates));
       if (progress) progress(fmt::format("{} {}: {:.4f} ms", rows.back().kernel, rows.back().shape, ms));
     }
   }
   return rows;
 }
 
-std::vector<KernelRow> bench_route(Backend& be, const std::vector<RouteShape>& shapes, double copy_gbps,
+std::vector<KernelRow> bench_route(Backend& be, const std::vector<RouteShape>& shapes, const MemoryRates& rates,
                                    const KernelBenchOptions& o,
                                    const std::function<void(const std::string&)>& progress) {
   const DType dt = be.activation_dtype();
@@ -234,7 +235,7 @@ std::vector<KernelRow> bench_route(Backend& be, const std::vector<RouteShape>& s
     Tensor idx = be.alloc(DType::I32, {s.k});
     const double ms = time_ms(be, o.reps, [&](int) { be.route_neurons(logits, live, idx); });
     const double bytes = static_cast<double>(logits.nbytes() + idx.nbytes());
-    rows.push_back(row("route", fmt::format("R{} D{} k{}", s.rows, s.D, s.k), ms, bytes, copy_gbps));
+    rows.push_back(row("route", fmt::format("R{} D{} k{}", s.rows, s.D, s.k), ms, bytes, rates));
     if (progress) progress(fmt::format("route {}: {:.4f} ms", rows.back().shape, ms));
   }
   return rows;

@@ -2,13 +2,15 @@
 // decode step, each run through the Backend interface exactly as the engine runs it, timed by the
 // backend's region markers (device events on CUDA), and reported against its byte floor: the bytes the
 // kernel must move once (KV read for attention; weights read + activations for a GEMM) over the measured
-// memory bandwidth.
+// memory rates (bench/memory_rates.h: the copy rate, and the streaming read rate that bounds a kernel which
+// only reads).
 #pragma once
 #include <cstdint>
 #include <functional>
 #include <string>
 #include <vector>
 
+#include "bench/memory_rates.h"
 #include "ops/backend.h"
 
 namespace polar {
@@ -46,7 +48,8 @@ struct KernelRow {
   double ms = 0;       // median over the timed repetitions
   double bytes = 0;    // the byte floor's bytes
   double gbps = 0;     // bytes / ms
-  double of_copy = 0;  // gbps / measured copy bandwidth
+  double of_copy = 0;  // gbps / measured copy rate (read + write)
+  double of_read = 0;  // gbps / measured streaming read rate: how close the kernel is to the hardware
 };
 
 struct KernelBenchOptions {
@@ -57,17 +60,17 @@ struct KernelBenchOptions {
   std::vector<double> densities = {1.0};
 };
 
-std::vector<KernelRow> bench_attention(Backend& be, const std::vector<AttentionShape>& shapes, double copy_gbps,
+std::vector<KernelRow> bench_attention(Backend& be, const std::vector<AttentionShape>& shapes, const MemoryRates& rates,
                                        const KernelBenchOptions& o,
                                        const std::function<void(const std::string&)>& progress = {});
-std::vector<KernelRow> bench_gemm(Backend& be, const std::vector<GemmShape>& shapes, double copy_gbps,
+std::vector<KernelRow> bench_gemm(Backend& be, const std::vector<GemmShape>& shapes, const MemoryRates& rates,
                                   const KernelBenchOptions& o, const std::function<void(const std::string&)>& progress = {});
 // Each gather shape twice: the sparse kernel (floor: the selected rows once, plus activations) and the
 // dense layer it replaces (all D neurons), so the rows read side by side.
-std::vector<KernelRow> bench_gather(Backend& be, const std::vector<GatherShape>& shapes, double copy_gbps,
+std::vector<KernelRow> bench_gather(Backend& be, const std::vector<GatherShape>& shapes, const MemoryRates& rates,
                                     const KernelBenchOptions& o,
                                     const std::function<void(const std::string&)>& progress = {});
-std::vector<KernelRow> bench_route(Backend& be, const std::vector<RouteShape>& shapes, double copy_gbps,
+std::vector<KernelRow> bench_route(Backend& be, const std::vector<RouteShape>& shapes, const MemoryRates& rates,
                                    const KernelBenchOptions& o,
                                    const std::function<void(const std::string&)>& progress = {});
 

@@ -26,6 +26,10 @@ constexpr ShapePreset kShapes[] = {
     {"opt-30b", R"({"model_type": "opt", "hidden_size": 7168, "num_hidden_layers": 48, "num_attention_heads": 56,
        "ffn_dim": 28672, "word_embed_proj_dim": 7168, "vocab_size": 50272, "max_position_embeddings": 2048,
        "do_layer_norm_before": true, "activation_function": "relu", "bos_token_id": 2, "eos_token_id": 2})"},
+    // OPT-66B and Llama-3.1-70B, the paper's tensor- and pipeline-parallel models: larger than one GPU.
+    {"opt-66b", R"({"model_type": "opt", "hidden_size": 9216, "num_hidden_layers": 64, "num_attention_heads": 72,
+       "ffn_dim": 36864, "word_embed_proj_dim": 9216, "vocab_size": 50272, "max_position_embeddings": 2048,
+       "do_layer_norm_before": true, "activation_function": "relu", "bos_token_id": 2, "eos_token_id": 2})"},
     {"llama-2-7b", R"({"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
        "num_key_value_heads": 32, "intermediate_size": 11008, "vocab_size": 32000, "max_position_embeddings": 4096,
        "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "tie_word_embeddings": false, "bos_token_id": 1,
@@ -43,6 +47,12 @@ constexpr ShapePreset kShapes[] = {
        "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
        "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
        "tie_word_embeddings": false, "bos_token_id": 128000, "eos_token_id": 128001})"},
+    {"llama-3.1-70b", R"({"model_type": "llama", "hidden_size": 8192, "num_hidden_layers": 80,
+       "num_attention_heads": 64, "num_key_value_heads": 8, "intermediate_size": 28672, "vocab_size": 128256,
+       "max_position_embeddings": 131072, "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "rope_scaling":
+       {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+       "original_max_position_embeddings": 8192}, "tie_word_embeddings": false, "bos_token_id": 128000,
+       "eos_token_id": 128001})"},
     {"mistral-7b", R"({"model_type": "mistral", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
        "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 32000, "max_position_embeddings": 32768,
        "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 4096, "tie_word_embeddings": false,

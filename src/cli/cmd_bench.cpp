@@ -54,7 +54,11 @@ constexpr Column kColumns[] = {
     {"attention_ms", &DecodePoint::attention_ms, 3}, {"qkv_o_ms", &DecodePoint::qkv_o_ms, 3},
     {"mlp_ms", &DecodePoint::mlp_ms, 3},          {"other_ms", &DecodePoint::other_ms, 3},
     {"profiled_ms", &DecodePoint::profiled_ms, 3},
+    // Added after the columns above, so CSVs written before them still read (read_csv).
+    {"read_floor_ms", &DecodePoint::read_floor_ms, 3}, {"x_read", &DecodePoint::x_read, 2},
 };
+// Columns of CSVs written before the read-rate floor (the first ones of kColumns).
+constexpr size_t kColumnsBeforeReadFloor = std::size(kColumns) - 2;
 int column_width(const Column& c) { return std::max(static_cast<int>(std::strlen(c.name)), 9); }
 
 void write_csv(const std::string& path, const std::string& label, const std::vector<DecodePoint>& points) {
@@ -75,10 +79,15 @@ void write_csv(const std::string& path, const std::string& label, const std::vec
 std::pair<std::string, std::vector<DecodePoint>> read_csv(const std::string& path) {
   std::ifstream f(path);
   check(f.good(), "cannot read {}", path);
-  std::string expected = "shape,batch,ctx";
-  for (const Column& c : kColumns) expected += fmt::format(",{}", c.name);
+  std::string expected = "shape,batch,ctx", before_read_floor;
+  for (size_t i = 0; i < std::size(kColumns); ++i) {
+    if (i == kColumnsBeforeReadFloor) before_read_floor = expected;
+    expected += fmt::format(",{}", kColumns[i].name);
+  }
   std::string line;
-  check(std::getline(f, line) && line == expected, "{}: not a polar bench CSV (header should be '{}')", path, expected);
+  check(std::getline(f, line) && (line == expected || line == before_read_floor),
+        "{}: not a polar bench CSV (header should be '{}')", path, expected);
+  const size_t columns = line == expected ? std::size(kColumns) : kColumnsBeforeReadFloor;
   std::string label;
   std::vector<DecodePoint> points;
   for (int line_no = 2; std::getline(f, line); ++line_no) {
@@ -90,8 +99,7 @@ std::pair<std::string, std::vector<DecodePoint>> read_csv(const std::string& pat
       if (comma == std::string::npos) break;
       start = comma + 1;
     }
-    check(cells.size() == 3 + std::size(kColumns), "{} line {}: {} fields, expected {}", path, line_no, cells.size(),
-          3 + std::size(kColumns));
+    check(cells.size() == 3 + columns, "{} line {}: {} fields, expected {}", path, line_no, cells.size(), 3 + columns);
     check(label.empty() || cells[0] == label, "{} line {}: shape '{}' after '{}' (one shape per file)", path, line_no,
           cells[0], label);
     label = cells[0];
@@ -105,7 +113,7 @@ std::pair<std::string, std::vector<DecodePoint>> read_csv(const std::string& pat
     DecodePoint p;
     p.batch = static_cast<int64_t>(number(1));
     p.ctx = static_cast<int64_t>(number(2));
-    for (size_t i = 0; i < std::size(kColumns); ++i) p.*kColumns[i].field = number(3 + i);
+    for (size_t i = 0; i < columns; ++i) p.*kColumns[i].field = number(3 + i);
     points.push_back(p);
   }
   check(!points.empty(), "{}: no rows", path);
@@ -181,12 +189,12 @@ std::vector<Comparison> compare(const std::vector<DecodePoint>& dense, const std
 }
 
 void print_comparison(const std::string& label, const std::vector<Comparison>& rows) {
-  fmt::print("{:<12} {:>5} {:>6} {:>7} {:>11} {:>12} {:>7} {:>6} {:>7}\n", "shape", "batch", "ctx", "density",
-             "dense tok/s", "sparse tok/s", "speedup", "ideal", "x_floor");
+  fmt::print("{:<12} {:>5} {:>6} {:>7} {:>11} {:>12} {:>7} {:>6} {:>7} {:>7}\n", "shape", "batch", "ctx", "density",
+             "dense tok/s", "sparse tok/s", "speedup", "ideal", "x_floor", "x_read");
   for (const Comparison& c : rows)
-    fmt::print("{:<12} {:>5} {:>6} {:>7.3g} {:>11.1f} {:>12.1f} {:>7.2f} {:>6.2f} {:>7.2f}\n", label, c.sparse->batch,
-               c.sparse->ctx, c.sparse->density, c.dense->tokens_per_s, c.sparse->tokens_per_s, c.speedup(), c.ideal(),
-               c.sparse->x_floor);
+    fmt::print("{:<12} {:>5} {:>6} {:>7.3g} {:>11.1f} {:>12.1f} {:>7.2f} {:>6.2f} {:>7.2f} {:>7.2f}\n", label,
+               c.sparse->batch, c.sparse->ctx, c.sparse->density, c.dense->tokens_per_s, c.sparse->tokens_per_s,
+               c.speedup(), c.ideal(), c.sparse->x_floor, c.sparse->x_read);
 }
 
 // Two panels against batch size (log scale), one set of lines per context: tokens/s dense and sparse, and
@@ -278,8 +286,9 @@ int run_bench_cmd(const BenchArgs& a) {
   fmt::print(stderr, "{}: {}\n{:.4g} GB of weights, {:.4g} GB read by every decode step\n", label, c.describe(),
              m.model->weight_bytes() / 1e9, m.model->step_weight_bytes() / 1e9);
   fmt::print(stderr, "measuring memory bandwidth...\n");
-  const double gbps = be.measure_memory_gbps();
-  fmt::print(stderr, "memory bandwidth {:.1f} GB/s\n", gbps);
+  const MemoryRates rates = MemoryRates::measure(be);
+  fmt::print(stderr, "copy rate {:.1f} GB/s (read + write), streaming read rate {:.1f} GB/s\n", rates.copy_gbps,
+             rates.read_gbps);
 
   std::optional<PrefillResult> prefill;
   double gemm_gflops = 0;
@@ -289,13 +298,14 @@ int run_bench_cmd(const BenchArgs& a) {
     prefill = run_prefill(*m.model, a.prompt_len, kPrefillReps, gemm_gflops, a.sweep.seed);
   }
   const DecodeSweep sweep =
-      run_decode_sweep(*m.model, sweep_options, gbps, [](const std::string& s) { fmt::print(stderr, "{}\n", s); });
+      run_decode_sweep(*m.model, sweep_options, rates, [](const std::string& s) { fmt::print(stderr, "{}\n", s); });
 
   // Results first, files after: a failing plot must not lose the numbers.
   const std::string device = fmt::format("{}, {}", be.name(), dtype_name(be.activation_dtype()));
   if (a.json) {
     nlohmann::json j = to_json(label, sweep);
-    j.update({{"shape", label}, {"config", c.describe()}, {"device", device}, {"memory_gb_per_s", gbps},
+    j.update({{"shape", label}, {"config", c.describe()}, {"device", device}, {"memory_gb_per_s", rates.copy_gbps},
+              {"read_gb_per_s", rates.read_gbps},
               {"weight_bytes", m.model->weight_bytes()}, {"step_weight_bytes", m.model->step_weight_bytes()},
               {"warmup_steps", kWarmupSteps}, {"timed_steps", a.sweep.steps}});
     if (prefill)
@@ -329,6 +339,8 @@ Command bench_command() {
                 "step_ms: median host wall time of a timed step (forward, argmax on the device, the ids on the host).\n"
                 "floor_ms: (weight bytes read in full + KV bytes read) / measured memory bandwidth (CUDA: "
                 "device-to-device copy, read + write); x_floor = step_ms / floor_ms; gb_per_s: those bytes / step_ms.\n"
+                "read_floor_ms: the same bytes / the measured streaming read rate (a read-only kernel), the step's "
+                "physical limit; x_read = step_ms / read_floor_ms.\n"
                 "attention_ms, qkv_o_ms, mlp_ms, other_ms: device time per region of the profiled step, run op by op "
                 "without graphs; they add up to profiled_ms, not to step_ms.\n"
                 "Points beyond the model's context or the free device memory are skipped with a note on stderr.\n");

@@ -84,31 +84,39 @@ int run(const KernelArgs& a) {
     route = default_route_shapes();
   }
   fmt::print(stderr, "measuring memory bandwidth on {}...\n", be->name());
-  const double copy = be->measure_memory_gbps();
-  fmt::print(stderr, "copy bandwidth {:.0f} GB/s\n", copy);
+  const MemoryRates rates = MemoryRates::measure(*be);
+  fmt::print(stderr, "copy rate {:.0f} GB/s (read + write), streaming read rate {:.0f} GB/s\n", rates.copy_gbps,
+             rates.read_gbps);
   auto progress = [](const std::string& s) { fmt::print(stderr, "{}\n", s); };
-  std::vector<KernelRow> rows = bench_attention(*be, att, copy, a.bench, progress);
-  for (auto& r : bench_gemm(*be, gemm, copy, a.bench, progress)) rows.push_back(r);
-  for (auto& r : bench_gather(*be, gather, copy, a.bench, progress)) rows.push_back(r);
-  for (auto& r : bench_route(*be, route, copy, a.bench, progress)) rows.push_back(r);
+  std::vector<KernelRow> rows = bench_attention(*be, att, rates, a.bench, progress);
+  for (auto& r : bench_gemm(*be, gemm, rates, a.bench, progress)) rows.push_back(r);
+  for (auto& r : bench_gather(*be, gather, rates, a.bench, progress)) rows.push_back(r);
+  for (auto& r : bench_route(*be, route, rates, a.bench, progress)) rows.push_back(r);
   if (!a.csv.empty()) {
     std::ofstream f(a.csv);
     check(f.good(), "cannot write {}", a.csv);
-    f << "kernel,shape,ms,bytes,gb_per_s,of_copy\n";
-    for (auto& r : rows) f << fmt::format("{},{},{:.5f},{:.0f},{:.1f},{:.3f}\n", r.kernel, r.shape, r.ms, r.bytes, r.gbps, r.of_copy);
+    f << "kernel,shape,ms,bytes,gb_per_s,of_copy,of_read\n";
+    for (auto& r : rows)
+      f << fmt::format("{},{},{:.5f},{:.0f},{:.1f},{:.3f},{:.3f}\n", r.kernel, r.shape, r.ms, r.bytes, r.gbps, r.of_copy,
+                       r.of_read);
     check(f.good(), "writing {} failed", a.csv);
   }
   if (a.json) {
     nlohmann::json j = nlohmann::json::array();
     for (auto& r : rows)
       j.push_back({{"kernel", r.kernel}, {"shape", r.shape}, {"ms", r.ms}, {"bytes", r.bytes}, {"gb_per_s", r.gbps},
-                   {"of_copy", r.of_copy}});
-    fmt::print("{}\n", nlohmann::json{{"device", be->name()}, {"copy_gb_per_s", copy}, {"rows", j}}.dump(1));
+                   {"of_copy", r.of_copy}, {"of_read", r.of_read}});
+    fmt::print("{}\n", nlohmann::json{{"device", be->name()},
+                                      {"copy_gb_per_s", rates.copy_gbps},
+                                      {"read_gb_per_s", rates.read_gbps},
+                                      {"rows", j}}
+                           .dump(1));
     return 0;
   }
-  fmt::print("{:<11} {:<28} {:>10} {:>10} {:>9}\n", "kernel", "shape", "ms", "GB/s", "of copy");
+  fmt::print("{:<11} {:<28} {:>10} {:>10} {:>9} {:>9}\n", "kernel", "shape", "ms", "GB/s", "of read", "of copy");
   for (auto& r : rows)
-    fmt::print("{:<11} {:<28} {:>10.4f} {:>10.0f} {:>8.0f}%\n", r.kernel, r.shape, r.ms, r.gbps, 100 * r.of_copy);
+    fmt::print("{:<11} {:<28} {:>10.4f} {:>10.0f} {:>8.0f}% {:>8.0f}%\n", r.kernel, r.shape, r.ms, r.gbps,
+               100 * r.of_read, 100 * r.of_copy);
   return 0;
 }
 

@@ -328,6 +328,15 @@ void report(const BenchServeArgs& a, const ServeWorkloadOptions& w, const std::s
 }
 
 
+// The untimed warm-up before a mode's (or a server's) timed runs: the first `warmup` requests of the
+// workload, all at once, 16 output tokens each.
+std::vector<ServeRequestSpec> warmup_workload(const ServeWorkloadOptions& w, int64_t warmup, int64_t vocab_size) {
+  ServeWorkloadOptions warm = w;
+  warm.requests = std::min(warmup, w.requests);
+  warm.output = {std::min<int64_t>(16, w.output.lo), std::min<int64_t>(16, w.output.lo)};
+  return make_serve_workload(warm, vocab_size, kAllAtOnce);
+}
+
 int run_bench_serve(BenchServeArgs& a) {
   ServeWorkloadOptions w = a.workload;
   w.prompt = parse_range("--prompt-len", a.prompt_len);
@@ -366,11 +375,8 @@ int run_bench_serve(BenchServeArgs& a) {
     // First use of the device pays for GEMM plans, the allocator, the sparse MLP's path choice and the first
     // decode graphs: a few requests of the workload, short, take it before anything is timed.
     if (a.warmup > 0) {
-      ServeWorkloadOptions warm = w;
-      warm.requests = std::min(a.warmup, w.requests);
-      warm.output = {std::min<int64_t>(16, w.output.lo), std::min<int64_t>(16, w.output.lo)};
-      fmt::print(stderr, "{}: warming up with {} requests\n", mode, warm.requests);
-      run_serve_bench(scheduler, make_serve_workload(warm, c.vocab_size, kAllAtOnce));
+      fmt::print(stderr, "{}: warming up with {} requests\n", mode, std::min(a.warmup, w.requests));
+      run_serve_bench(scheduler, warmup_workload(w, a.warmup, c.vocab_size));
     }
     for (double rate : rates) {
       fmt::print(stderr, "{}, request rate {}:\n", mode, rate_name(rate));
@@ -397,6 +403,11 @@ int run_bench_serve_url(const BenchServeArgs& a) {
   std::vector<double> rates;
   for (const std::string& r : a.rates) rates.push_back(parse_rate(r));
   const ModelConfig c = a.source.model_config();
+  // The server pays its first-use costs (GEMM plans, allocator, decode graphs) on these, not on a timed run.
+  if (a.warmup > 0) {
+    fmt::print(stderr, "{}: warming up with {} requests\n", a.url, std::min(a.warmup, w.requests));
+    serve::run_http_bench(a.url, warmup_workload(w, a.warmup, c.vocab_size));
+  }
   std::vector<std::pair<std::string, ServeResult>> runs;
   for (double rate : rates) {
     fmt::print(stderr, "{}, request rate {}:\n", a.url, rate_name(rate));
@@ -453,7 +464,7 @@ Command bench_serve_command() {
             c->add_option("--seed", a->workload.seed, "Seed of the workload, the random weights and routers")
                 ->capture_default_str();
             c->add_option("--warmup", a->warmup,
-                          "Requests of the workload (16 output tokens each) served untimed before each mode's runs")
+                          "Requests of the workload (16 output tokens each) served untimed before each mode's runs (with --url, before the first rate)")
                 ->capture_default_str()->check(at_least(0));
             c->add_flag("--sparse-only", a->sparse_only, "With sparsity, skip the dense run");
             c->add_option("--url", a->url,

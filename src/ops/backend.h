@@ -164,6 +164,11 @@ class Backend {
   // per second), on the CPU a parallel streaming read. Decode's byte floor is the bytes a step must move
   // over this. Takes up to about a second; its buffers are released before it returns.
   virtual double measure_memory_gbps() = 0;
+  // The device's streaming read rate in GB/s: a kernel that only reads a buffer far larger than any cache
+  // (16-byte loads, many in flight), best of several passes. A decode step reads its weights and KV and
+  // writes next to nothing, so this, not the copy rate, is its physical limit (the CPU's probe above is
+  // already a read, and returns the same). Takes up to about a second.
+  virtual double measure_read_gbps() = 0;
 
   // Profiling by region. Model code names the part of the step its next ops belong to ("attention",
   // "qkv_o", "mlp", "other"); while profiling is on, the backend attributes the time from one region mark

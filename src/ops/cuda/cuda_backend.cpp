@@ -18,6 +18,7 @@
 #include "core/half.h"
 #include "ops/backend.h"
 #include "ops/cuda/attention.h"
+#include "ops/cuda/bandwidth.h"
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/gather_gemm.h"
 #include "ops/cuda/kernels.h"
@@ -564,23 +565,33 @@ class CudaBackend final : public Backend {
     const int64_t bytes = std::min<int64_t>(int64_t(1) << 30, memory_info().first / 4);
     // Random contents: never time on uninitialised or zero memory.
     Tensor src = random_uniform(DType::F32, {bytes / 4}, -1, 1, 7), dst = alloc(DType::F32, {bytes / 4});
-    cudaEvent_t start = nullptr, stop = nullptr;
-    cuda_check(cudaEventCreate(&start), "cudaEventCreate");
-    cuda_check(cudaEventCreate(&stop), "cudaEventCreate");
     double best = 0;
-    for (int rep = 0; rep < 6; ++rep) {
-      cuda_check(cudaEventRecord(start, stream_), "cudaEventRecord");
+    timed_passes(6, [&] {
       cuda_check(cudaMemcpyAsync(dst.raw(), src.raw(), bytes, cudaMemcpyDeviceToDevice, stream_), "bandwidth copy");
-      cuda_check(cudaEventRecord(stop, stream_), "cudaEventRecord");
-      cuda_check(cudaEventSynchronize(stop), "cudaEventSynchronize");
-      float ms = 0;
-      cuda_check(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
+    }, [&](int rep, float ms) {
       if (rep > 0) best = std::max(best, 2.0 * bytes / (ms * 1e-3) / 1e9);
-    }
-    cudaEventDestroy(start);
-    cudaEventDestroy(stop);
+    });
     src = dst = Tensor();
     alloc_->release_cached();  // 2 GiB the allocator would otherwise keep
+    return best;
+  }
+
+  // read_probe (bandwidth.cu) over 2 GiB (a quarter of the free memory on smaller devices), 40x the L2 of
+  // an H100/H200, timed by events, best of 5 after a warm-up.
+  double measure_read_gbps() override {
+    const int64_t bytes = std::min<int64_t>(int64_t(2) << 30, memory_info().first / 4) / 16 * 16;
+    Tensor data = random_uniform(DType::F32, {bytes / 4}, -1, 1, 11);
+    Tensor word = alloc(DType::I32, {1});
+    const int blocks = cuda::read_probe_blocks(device_);
+    double best = 0;
+    timed_passes(6, [&] {
+      cuda_check(cudaMemsetAsync(word.raw(), 0, 4, stream_), "cudaMemset");
+      cuda::read_probe(data.raw(), bytes, static_cast<uint32_t*>(word.raw()), blocks, stream_);
+    }, [&](int rep, float ms) {
+      if (rep > 0) best = std::max(best, bytes / (ms * 1e-3) / 1e9);
+    });
+    data = word = Tensor();
+    alloc_->release_cached();
     return best;
   }
 
@@ -602,6 +613,25 @@ class CudaBackend final : public Backend {
   void reset_markers() override { next_event_ = 0; }
 
  private:
+  // Runs `work` `passes` times on the stream, each between two events, and hands `done` the pass number
+  // and its milliseconds (the bandwidth probes).
+  template <typename Work, typename Done> void timed_passes(int passes, Work work, Done done) {
+    cudaEvent_t start = nullptr, stop = nullptr;
+    cuda_check(cudaEventCreate(&start), "cudaEventCreate");
+    cuda_check(cudaEventCreate(&stop), "cudaEventCreate");
+    for (int rep = 0; rep < passes; ++rep) {
+      cuda_check(cudaEventRecord(start, stream_), "cudaEventRecord");
+      work();
+      cuda_check(cudaEventRecord(stop, stream_), "cudaEventRecord");
+      cuda_check(cudaEventSynchronize(stop), "cudaEventSynchronize");
+      float ms = 0;
+      cuda_check(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
+      done(rep, ms);
+    }
+    cudaEventDestroy(start);
+    cudaEventDestroy(stop);
+  }
+
   static constexpr int64_t kGemmWorkspace = 32 << 20;
   static constexpr int kGemmCandidates = 16;  // cuBLASLt heuristic results timed per GEMM plan
   static constexpr int kTuneRuns = 5;
