@@ -342,6 +342,14 @@ TEST(TensorParallelCli, TpTwoGeneratesTheTextOfOneAndBadValuesFail) {
   const test::RunResult zero = gen("0");
   EXPECT_NE(zero.exit_code, 0);
   EXPECT_NE(zero.err.find("--tp"), std::string::npos) << zero.err;
+  // Devices: --devices names GPUs, and one GPU cannot hold several ranks (both refused before any device
+  // is touched, so this runs without a GPU too).
+  const test::RunResult cpu_devices = test::run_polar({"logits", "-m", model, "--tokens", "1,2", "-o", "/tmp/x", "--tp", "2", "--devices", "0,1"});
+  EXPECT_NE(cpu_devices.exit_code, 0);
+  EXPECT_NE(cpu_devices.err.find("--devices names CUDA devices"), std::string::npos) << cpu_devices.err;
+  const test::RunResult one_gpu = test::run_polar({"logits", "-m", model, "--tokens", "1,2", "-o", "/tmp/x", "--tp", "2", "--device", "cuda:1"});
+  EXPECT_NE(one_gpu.exit_code, 0);
+  EXPECT_NE(one_gpu.err.find("is one GPU"), std::string::npos) << one_gpu.err;
   const test::RunResult calibrate = test::run_polar({"calibrate", "-m", model, "--tp", "2", "--text", model, "-o", "/nonexistent/x"});
   EXPECT_NE(calibrate.exit_code, 0);
   EXPECT_NE(calibrate.err.find("without --tp"), std::string::npos) << calibrate.err;
