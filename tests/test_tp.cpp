@@ -336,6 +336,24 @@ TEST(TensorParallelCli, TpTwoGeneratesTheTextOfOneAndBadValuesFail) {
   ASSERT_EQ(one.exit_code, 0) << one.err;
   ASSERT_EQ(two.exit_code, 0) << two.err;
   EXPECT_EQ(two.out, one.out);
+  // Scored passes through the command (perplexity), dense and sparse with random routers.
+  test::TempDir dir;
+  const std::string routers = dir.path("r.safetensors");
+  ASSERT_EQ(test::run_polar({"routers", "--random", "-m", model, "-o", routers}).exit_code, 0);
+  auto perplexity = [&](const std::string& tp, bool sparse) {
+    std::vector<std::string> args = {"perplexity", "-m", model, "--text", test::shared_path("data/text/wikitext2_test.txt"),
+                                     "--ctx", "64", "--max-tokens", "2000", "--tp", tp};
+    if (sparse) args.insert(args.end(), {"--routers", routers, "--density", "0.5"});
+    const test::RunResult r = test::run_polar(args);
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    const size_t at = r.out.find("perplexity ");
+    return at == std::string::npos ? -1.0 : std::stod(r.out.substr(at + 11));
+  };
+  for (bool sparse : {false, true}) {
+    const double want = perplexity("1", sparse);
+    EXPECT_GT(want, 1.0);
+    EXPECT_NEAR(perplexity("2", sparse), want, 1e-5 * want) << (sparse ? "sparse" : "dense");
+  }
   const test::RunResult three = gen("3");  // stories260K: 8 heads, 4 KV heads
   EXPECT_NE(three.exit_code, 0);
   EXPECT_NE(three.err.find("--tp 3 does not split"), std::string::npos) << three.err;
