@@ -3,8 +3,8 @@
 # sm_90a, runs every test (the CUDA parity and end-to-end tests included), runs the benchmarks, and writes
 # logs, CSVs and plots to a results folder; a short summary table comes last.
 #
-#   scripts/gpu-check.sh [STAGE ...]   stages: build test kernels bench sparse serve serve-http (default: all, in
-#                                      that order)
+#   scripts/gpu-check.sh [STAGE ...]   stages: build test kernels bench sparse serve serve-http tp (default: all,
+#                                      in that order)
 #
 # Environment:
 #   RESULTS         results folder (default: $OUT if set, else out/gpu-check)
@@ -19,6 +19,8 @@
 #   SERVE_RUNS      bench-serve workloads, by name from the table in the serve stage (default: all of them)
 #   SERVE_SCALE     divides every workload's request count (default 1; e.g. 8 for a quick smoke run)
 #   HTTP_RATES      request rates of the serve-http stage (default 4,8,16,inf)
+#   TP_SHAPES       shapes of the tp stage: decode at --tp 1 plainly and through a one-rank NCCL communicator
+#                   (--tp-comm), what the collectives cost (default "llama-2-7b opt-6.7b")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,9 +31,10 @@ BENCH_BATCHES=${BENCH_BATCHES:-1,8,32,64,128,256}
 BENCH_CTX=${BENCH_CTX:-512,1024,2048,4096}
 SPARSE_POINTS=${SPARSE_POINTS:-"opt-6.7b:1920:0.5 llama-2-7b:3968:0.5 llama-3-8b:8192:0.625"}
 SPARSE_BATCHES=${SPARSE_BATCHES:-1,8,16,32,64,128,256}
+TP_SHAPES=${TP_SHAPES:-"llama-2-7b opt-6.7b"}
 mkdir -p "$RESULTS"
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(build test kernels bench sparse serve serve-http)
+[ ${#stages[@]} -eq 0 ] && stages=(build test kernels bench sparse serve serve-http tp)
 has_stage() { local s; for s in "${stages[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
 log() { echo "[gpu-check] $*" >&2; }
 
@@ -210,6 +213,18 @@ for key, r in ours.items():
           f"{float(r['gb_per_s']):>6.0f} {100 * float(r['of_read']):>7.0f}% {100 * float(r['of_copy']):>7.0f}%{src}")
 PY
 fi
+if has_stage tp; then
+  log "tensor-parallel communicator at --tp 1: $TP_SHAPES"
+  for shape in $TP_SHAPES; do
+    for mode in plain comm; do
+      flag=(); [ "$mode" = comm ] && flag=(--tp-comm)
+      "$BUILD_DIR/src/polar" bench --device cuda --shape "$shape" --batch 1,8,32,128 --ctx 1024 "${flag[@]}" \
+        --csv "$RESULTS/tp-$shape-$mode.csv" > "$RESULTS/tp-$shape-$mode.txt" 2> "$RESULTS/tp-$shape-$mode.log" ||
+        { tail -20 "$RESULTS/tp-$shape-$mode.log"; }
+    done
+  done
+fi
+
 if has_stage bench; then
   for shape in $BENCH_SHAPES; do
     [ -f "$RESULTS/bench-$shape.txt" ] && { echo "-- $shape"; cat "$RESULTS/bench-$shape.txt"; }
@@ -275,4 +290,11 @@ for mode in ("dense", "sparse"):
               f"{h['ttft_ms']['p50']:>8.1f}/{i['ttft_ms']['p50']:<9.1f} {h['ttft_ms']['p99']:>8.1f}/{i['ttft_ms']['p99']:<9.1f} "
               f"{h['tpot_ms']['p50']:>6.2f}/{i['tpot_ms']['p50']:<6.2f} {h['tpot_ms']['p99']:>6.2f}/{i['tpot_ms']['p99']:<6.2f}")
 PY
+fi
+if has_stage tp; then
+  for shape in $TP_SHAPES; do
+    for mode in plain comm; do
+      [ -f "$RESULTS/tp-$shape-$mode.txt" ] && { echo "-- $shape --tp 1, $mode"; cat "$RESULTS/tp-$shape-$mode.txt"; }
+    done
+  done
 fi

@@ -336,6 +336,10 @@ TEST(TensorParallelCli, TpTwoGeneratesTheTextOfOneAndBadValuesFail) {
   ASSERT_EQ(one.exit_code, 0) << one.err;
   ASSERT_EQ(two.exit_code, 0) << two.err;
   EXPECT_EQ(two.out, one.out);
+  const test::RunResult comm = test::run_polar(
+      {"generate", "-m", model, "--prompt", "Once upon a time", "-n", "16", "--tp", "1", "--tp-comm"});
+  ASSERT_EQ(comm.exit_code, 0) << comm.err;
+  EXPECT_EQ(comm.out, one.out) << "--tp 1 through a one-rank communicator";
   // Scored passes through the command (perplexity), dense and sparse with random routers.
   test::TempDir dir;
   const std::string routers = dir.path("r.safetensors");

@@ -31,6 +31,9 @@ CLI::Option* ModelOptions::add(CLI::App& app) {
       ->capture_default_str()
       ->check(at_least(1));
   app.add_option("--devices", devices, "The ranks' CUDA devices with --tp, e.g. 2,3 (default: 0..tp-1)");
+  app.add_flag("--tp-comm", tp_comm,
+               "Run even --tp 1 through a communicator (NCCL on CUDA), every all-reduce issued: measures what the "
+               "collectives cost against the plain path");
   return model_option;
 }
 
@@ -290,7 +293,7 @@ LoadedModel load_model(const ModelOptions& opt, const std::function<Checkpoint()
   };
   m.backend = make_rank_backend(0);
   m.checkpoint = checkpoint();
-  if (opt.tp == 1) {
+  if (opt.tp == 1 && !opt.tp_comm) {
     m.model = make_model(m.checkpoint, *m.backend);
   } else {
     shard_dims(m.checkpoint.config, 0, opt.tp);  // an uneven split fails before any other device is set up
@@ -307,7 +310,10 @@ LoadedModel load_model(const ModelOptions& opt, const std::function<Checkpoint()
   double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   fmt::print(stderr, "loaded {} ({}, {}) on {}{} in {:.2f} s\n", m.checkpoint.path, m.checkpoint.config.model_type,
              m.checkpoint.weight_types, m.backend->name(),
-             opt.tp > 1 ? fmt::format(" as rank 0 of {} (--tp)", opt.tp) : "", s);
+             opt.tp > 1      ? fmt::format(" as rank 0 of {} (--tp)", opt.tp)
+             : opt.tp_comm ? " through a one-rank communicator (--tp-comm)"
+                           : "",
+             s);
   return m;
 }
 

@@ -28,8 +28,9 @@ struct ModelOptions {
   int tp = 1;                          // tensor-parallel ranks (docs/parallel.md)
   std::string devices;                 // the ranks' CUDA devices ("2,3"); empty: 0..tp-1
   std::string tp_heads = "global";     // how ranks share a sparse step's heads: global or balanced
+  bool tp_comm = false;                // --tp 1 through a one-rank communicator (what the collectives cost)
   // --model (required; returned so a command with other model sources can relax that), --device, --dtype,
-  // --tp, --devices
+  // --tp, --devices, --tp-comm
   CLI::Option* add(CLI::App& app);
   // --routers, --density, --tp-heads; with selectors, also --selector, --selector-seed and --granularity
   void add_sparsity(CLI::App& app, bool selectors = false);
