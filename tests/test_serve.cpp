@@ -257,6 +257,7 @@ TEST(Serve, ErrorsHaveTheirStatusAndOpenAiBody) {
            {"/v1/completions", R"({"prompt": "hi", "logprobs": true})", 400, "logprobs", "must be an integer, got boolean"},
            {"/v1/completions", R"({"prompt": "hi", "logprobs": 1.5})", 400, "logprobs", "must be an integer, got number"},
            {"/v1/completions", R"({"prompt": "hi", "echo": 1})", 400, "echo", "'echo' must be a boolean"},
+           {"/v1/completions", R"({"prompt": "hi", "top_logprobs": 2})", 400, "top_logprobs", "not supported"},
            {"/v1/completions", R"({"prompt": "hi", "presence_penalty": 2.5})", 400, "presence_penalty", "must be in [-2, 2]"},
            {"/v1/completions", R"({"prompt": "hi", "model": "gpt-4"})", 404, "model", "'gpt-4' does not exist"},
            {"/v1/chat/completions", R"({"messages": []})", 400, "messages", "non-empty list"},
@@ -598,6 +599,26 @@ TEST(Serve, StreamedLogprobsConcatenateToTheWholeResponse) {
     }
     EXPECT_GT(chunks[i], 1);
   }
+}
+
+// Token strings and offsets of a text whose "日本" stories260K spells as six byte tokens: each byte alone is
+// not UTF-8, so it is written as OpenAI's "bytes:\xNN" escape, and text_offset counts characters.
+TEST(Serve, LogprobTokensEscapeBytesAndOffsetsCountCharacters) {
+  const Tokenizer& tok = *stories().ck.tokenizer;
+  const std::vector<int32_t> ids = tok.encode("n日本 a", true);
+  RequestEvent e;
+  for (int32_t id : ids) e.prompt_logprobs.push_back({id, -1.0f, {{id, -1.0f}}});
+  e.prompt_logprobs[0].logprob.reset();
+  serve::LogprobsWriter writer(serve::Endpoint::completions, &tok);
+  const json lp = writer.write(e);
+  std::vector<std::string> bytes;
+  for (const json& t : lp["tokens"])
+    if (t.get<std::string>().starts_with("bytes:")) bytes.push_back(t);
+  EXPECT_EQ(bytes, (std::vector<std::string>{"bytes:\\xe6", "bytes:\\x97", "bytes:\\xa5", "bytes:\\xe6", "bytes:\\x9c",
+                                             "bytes:\\xac"}))
+      << lp["tokens"];
+  EXPECT_EQ(lp["text_offset"].back(), 3) << "'n', '日' and '本' before the last token: " << lp;
+  EXPECT_EQ(lp["tokens"].back(), " a");
 }
 
 #endif  // POLAR_HAVE_SERVE

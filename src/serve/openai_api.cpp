@@ -75,6 +75,7 @@ void refuse_unsupported(const json& body, Endpoint endpoint) {
     invalid(name, fmt::format("'{}' is not supported by polar", name));
   };
   if (endpoint == Endpoint::chat && boolean(body, "echo", false)) unsupported("echo");
+  if (endpoint == Endpoint::completions && field(body, "top_logprobs")) unsupported("top_logprobs");  // chat's
   if (const json* v = field(body, "logit_bias"); v && !(v->is_object() && v->empty())) unsupported("logit_bias");
   if (const json* v = field(body, "suffix"); v && !(v->is_string() && v->get<std::string>().empty())) unsupported("suffix");
   const int64_t n = integer(body, "n", 1, 1, kMaxChoices);

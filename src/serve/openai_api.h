@@ -107,8 +107,8 @@ Usage usage_of(const ParsedRequest& r, const std::vector<ChoiceResult>& choices)
 nlohmann::json response_body(const ParsedRequest& r, const std::string& id, int64_t created, const std::string& model,
                              const std::vector<ChoiceResult>& choices);
 // A streaming chunk: choice `index`'s new text and, on its last chunk, its finish reason; `first` adds the
-// chat role. Serialised as "data: {...}\n\n" by the server.
-// `logprobs`: the chunk's tokens' (LogprobsWriter::write), or null.
+// chat role; `logprobs`, the chunk's tokens' (LogprobsWriter::write) or null. Serialised as
+// "data: {...}\n\n" by the server.
 nlohmann::json stream_chunk(const ParsedRequest& r, const std::string& id, int64_t created, const std::string& model,
                             int64_t index, const std::string& text, const std::optional<FinishReason>& finish,
                             bool first, const nlohmann::json& logprobs = nullptr);
