@@ -384,7 +384,7 @@ __global__ void logprobs_kernel(const T* logits, int64_t V, const int32_t* rows,
   __shared__ int32_t si[32];
   const int64_t m = blockIdx.x;
   const T* row = logits + int64_t(rows[m]) * V;
-  float prev_v = INFINITY;
+  float prev_v = INFINITY, mx = 0;  // mx: the row's maximum, the first pick
   int32_t prev_i = -1;
   for (int64_t j = 0; j < n; ++j) {
     float best = -INFINITY;
@@ -397,16 +397,17 @@ __global__ void logprobs_kernel(const T* logits, int64_t V, const int32_t* rows,
     }
     block_best(best, best_i, sv, si);
     if (threadIdx.x == 0) top_ids[m * n + j] = best_i, top_lp[m * n + j] = best;  // a logit until lse is known
+    if (j == 0) mx = best;
     prev_v = best;
     prev_i = best_i;
   }
-  __syncthreads();
-  const float mx = top_lp[m * n];
   float sum = 0;
   for (int64_t i = threadIdx.x; i < V; i += blockDim.x) sum += __expf(to_float(row[i]) - mx);
   const float lse = mx + __logf(block_reduce_sum(sum, sv));
-  if (threadIdx.x == 0) target_lp[m] = to_float(row[targets[m]]) - lse;
-  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) top_lp[m * n + j] -= lse;
+  if (threadIdx.x == 0) {  // the thread that wrote the top logits
+    target_lp[m] = to_float(row[targets[m]]) - lse;
+    for (int64_t j = 0; j < n; ++j) top_lp[m * n + j] -= lse;
+  }
 }
 
 int row_threads(int64_t work) { return work >= 1024 ? 1024 : (work >= 256 ? 256 : 128); }
