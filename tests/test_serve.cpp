@@ -518,7 +518,8 @@ std::vector<int32_t> greedy_ids(const std::vector<int32_t>& prompt, int64_t n) {
 
 // echo with max_tokens 0, how lm-evaluation-harness scores a text: the prompt back with every token's
 // log-probability (the first none), usage exact. With tokens produced (greedy): the prompt's then the
-// produced tokens' log-probabilities, the log-softmax of the model's logits over the same tokens.
+// produced tokens' log-probabilities, the log-softmax of the model's logits over the same tokens, and the
+// text the prompt and the produced tokens decode to (without echo, what the produced ones add).
 TEST(Serve, CompletionLogprobsAndEchoAreTheModelsLogSoftmax) {
   Running r;
   const std::string prompt = "Once upon a time";
@@ -540,19 +541,24 @@ TEST(Serve, CompletionLogprobsAndEchoAreTheModelsLogSoftmax) {
   EXPECT_EQ(json::parse(echoed->body)["choices"][0]["text"], prompt);
   EXPECT_TRUE(json::parse(echoed->body)["choices"][0]["logprobs"].is_null());
 
-  const std::vector<int32_t> all = greedy_ids(ids, 8);
-  const std::string generated = greedy_text(prompt, 8);
-  for (bool echo : {true, false}) {
-    SCOPED_TRACE(echo ? "echo" : "no echo");
-    auto res = r.post("/v1/completions", {{"prompt", prompt}, {"max_tokens", 8}, {"temperature", 0}, {"echo", echo},
-                                          {"logprobs", 3}});
-    ASSERT_TRUE(res);
-    ASSERT_EQ(res->status, 200) << res->body;
-    j = json::parse(res->body);
-    const std::string text = j["choices"][0]["text"];
-    EXPECT_EQ(text, (echo ? prompt : "") + generated);
-    expect_completion_logprobs(j["choices"][0]["logprobs"], all, echo ? 0 : ids.size(), 3, text);
-    EXPECT_EQ(j["usage"]["completion_tokens"], 8);
+  // The text continues the prompt's: after "Once upon a" the first token, "▁time", keeps its space.
+  const Tokenizer& tok = *stories().ck.tokenizer;
+  for (const std::string& p : {prompt, std::string("Once upon a")}) {
+    const std::vector<int32_t> prompt_ids = tok.encode(p, true), all = greedy_ids(prompt_ids, 8);
+    const std::string full = tok.decode(all);
+    ASSERT_TRUE(full.starts_with(p));
+    for (bool echo : {true, false}) {
+      SCOPED_TRACE(testing::Message() << p << (echo ? ", echo" : ", no echo"));
+      auto res = r.post("/v1/completions", {{"prompt", p}, {"max_tokens", 8}, {"temperature", 0}, {"echo", echo},
+                                            {"logprobs", 3}});
+      ASSERT_TRUE(res);
+      ASSERT_EQ(res->status, 200) << res->body;
+      j = json::parse(res->body);
+      const std::string text = j["choices"][0]["text"];
+      EXPECT_EQ(text, echo ? full : full.substr(p.size()));
+      expect_completion_logprobs(j["choices"][0]["logprobs"], all, echo ? 0 : prompt_ids.size(), 3, text);
+      EXPECT_EQ(j["usage"]["completion_tokens"], 8);
+    }
   }
 }
 

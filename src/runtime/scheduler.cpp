@@ -75,7 +75,11 @@ struct Scheduler::Sequence {
       : id(id_), request(std::move(r)), stream(new RequestStream(id_)), sampler(request.params.sampling,
                                                                                  request.params.sample_stream) {
     tokens = request.prompt;
-    if (tok) decoder.emplace(*tok);
+    if (tok) {  // the text continues the prompt's: SPM keeps the leading space of a first produced "▁word"
+      decoder.emplace(*tok);
+      for (int32_t id : tokens) decoder->push(id);
+      decoder->flush();
+    }
     if (request.params.echo_logprobs) {  // nothing precedes the first prompt token to score it
       echo.push_back({tokens[0], std::nullopt, {}});
       echo_next = 1;

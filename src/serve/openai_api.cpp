@@ -370,14 +370,25 @@ void LogprobsWriter::append(json& into, const json& more) {
     for (const json& x : list) into[key].push_back(x);
 }
 
-void LogprobsWriter::add(json& out, const TokenLogprob& t, Tokenizer::DecodeState& state) {
+LogprobsWriter::LogprobsWriter(Endpoint endpoint, const Tokenizer* tokenizer, std::span<const int32_t> context)
+    : endpoint_(endpoint), tokenizer_(tokenizer) {
+  if (tokenizer_)
+    for (int32_t id : context) tokenizer_->decode_next(id, state_);
+}
+
+LogprobsWriter logprobs_writer(const ParsedRequest& r, size_t choice, const ApiContext& ctx) {
+  if (r.params.echo_logprobs) return LogprobsWriter(r.endpoint, ctx.tokenizer);  // the prompt's tokens come first
+  return LogprobsWriter(r.endpoint, ctx.tokenizer, r.prompts[choice / static_cast<size_t>(r.n)]);
+}
+
+void LogprobsWriter::add(json& out, const TokenLogprob& t) {
   // A token's text in its context: SPM drops the leading space of the first text token, so what a token
   // adds depends on what came before (alternatives are decoded in the chosen token's context).
-  const Tokenizer::DecodeState before = state;
+  const Tokenizer::DecodeState before = state_;
   auto text_of = [&](int32_t id, Tokenizer::DecodeState& st) {
     return tokenizer_ ? tokenizer_->decode_next(id, st) : fmt::format("token_id:{}", id);
   };
-  const std::string piece = text_of(t.token, state);
+  const std::string piece = text_of(t.token, state_);
   auto alternative = [&](int32_t id) {
     Tokenizer::DecodeState st = before;
     return text_of(id, st);
@@ -408,8 +419,8 @@ void LogprobsWriter::add(json& out, const TokenLogprob& t, Tokenizer::DecodeStat
 
 json LogprobsWriter::write(const RequestEvent& e) {
   json out = empty();
-  for (const TokenLogprob& t : e.prompt_logprobs) add(out, t, prompt_state_);
-  if (e.logprob) add(out, *e.logprob, produced_state_);
+  for (const TokenLogprob& t : e.prompt_logprobs) add(out, t);
+  if (e.logprob) add(out, *e.logprob);
   return out;
 }
 

@@ -4,6 +4,7 @@
 // and server-sent-event chunks of /v1/completions and /v1/chat/completions.
 #pragma once
 #include <cstdint>
+#include <span>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -72,7 +73,9 @@ std::string echo_text(const ParsedRequest& r, size_t choice, const ApiContext& c
 // token. Chat: {"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]}.
 class LogprobsWriter {
  public:
-  LogprobsWriter(Endpoint endpoint, const Tokenizer* tokenizer) : endpoint_(endpoint), tokenizer_(tokenizer) {}
+  // `context`: the tokens before the first one written (the prompt, unless it is echoed), which the
+  // tokens' text continues.
+  LogprobsWriter(Endpoint endpoint, const Tokenizer* tokenizer, std::span<const int32_t> context = {});
   // The logprobs object of an event's tokens: its prompt tokens (echo), then its produced token.
   nlohmann::json write(const RequestEvent& e);
   // An object with no tokens, to append() to.
@@ -81,14 +84,14 @@ class LogprobsWriter {
   static void append(nlohmann::json& into, const nlohmann::json& more);
 
  private:
-  void add(nlohmann::json& out, const TokenLogprob& t, Tokenizer::DecodeState& state);
+  void add(nlohmann::json& out, const TokenLogprob& t);
   Endpoint endpoint_;
   const Tokenizer* tokenizer_;
-  // The prompt and the produced tokens are decoded from separate starts, as the echoed prompt and the
-  // scheduler's text are; offsets run on over both.
-  Tokenizer::DecodeState prompt_state_, produced_state_;
-  int64_t chars_ = 0;
+  Tokenizer::DecodeState state_;  // of the text so far (SPM drops the leading space of the first text token)
+  int64_t chars_ = 0;             // characters of the choice's text so far
 };
+// The writer of choice `choice` of a request.
+LogprobsWriter logprobs_writer(const ParsedRequest& r, size_t choice, const ApiContext& ctx);
 
 // One choice's outcome, for the response.
 struct ChoiceResult {

@@ -239,7 +239,7 @@ void Server::handle_generate(Endpoint endpoint, const httplib::Request& req, htt
     if (!parsed->stream) {
       std::vector<ChoiceResult> choices(streams->size());
       for (size_t i = 0; i < streams->size(); ++i) {
-        LogprobsWriter logprobs(endpoint, ctx_.tokenizer);
+        LogprobsWriter logprobs = logprobs_writer(*parsed, i, ctx_);
         choices[i].text = echo_text(*parsed, i, ctx_);
         if (parsed->params.logprobs >= 0) choices[i].logprobs = logprobs.empty();
         while (std::optional<RequestEvent> e = (*streams)[i]->next()) {
@@ -266,7 +266,8 @@ void Server::handle_generate(Endpoint endpoint, const httplib::Request& req, htt
           const size_t n = streams->size();
           std::vector<ChoiceResult> choices(n);
           std::vector<bool> done(n, false), echoed(n, !parsed->echo);  // echo: the prompt goes in the first chunk
-          std::vector<LogprobsWriter> logprobs(n, LogprobsWriter(parsed->endpoint, ctx_.tokenizer));
+          std::vector<LogprobsWriter> logprobs;
+          for (size_t i = 0; i < n; ++i) logprobs.push_back(logprobs_writer(*parsed, i, ctx_));
           if (parsed->endpoint == Endpoint::chat)  // the role first, as OpenAI's streams begin
             for (size_t i = 0; i < n; ++i)
               if (!send(stream_chunk(*parsed, id, created, ctx_.model_name, static_cast<int64_t>(i), "", std::nullopt,
