@@ -567,7 +567,7 @@ TEST(Serve, CompletionLogprobsAndEchoAreTheModelsLogSoftmax) {
 TEST(Serve, StreamedLogprobsConcatenateToTheWholeResponse) {
   Running r;
   const json body = {{"prompt", "Lily and Ben"}, {"max_tokens", 10}, {"temperature", 0.8}, {"seed", 9}, {"echo", true},
-                     {"logprobs", 4}, {"n", 2}};
+                     {"logprobs", 4}, {"n", 2}, {"ignore_eos", true}};
   auto whole = r.post("/v1/completions", body);
   ASSERT_TRUE(whole);
   ASSERT_EQ(whole->status, 200) << whole->body;
@@ -593,6 +593,7 @@ TEST(Serve, StreamedLogprobsConcatenateToTheWholeResponse) {
   for (size_t i = 0; i < 2; ++i) {
     SCOPED_TRACE(testing::Message() << "choice " << i);
     const json& want = w["choices"][i]["logprobs"];
+    ASSERT_EQ(want["tokens"].size(), w["usage"]["prompt_tokens"].get<size_t>() + 10) << "the prompt, then 10 tokens";
     EXPECT_EQ(text[i], w["choices"][i]["text"]);
     EXPECT_EQ(lp[i]["tokens"], want["tokens"]);
     EXPECT_EQ(lp[i]["text_offset"], want["text_offset"]);
