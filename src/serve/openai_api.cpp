@@ -324,7 +324,8 @@ std::string echo_text(const ParsedRequest& r, size_t choice, const ApiContext& c
 
 namespace {
 
-// Whether s is well-formed UTF-8 (a JSON string can carry it as it is).
+// Whether s is well-formed UTF-8 (a JSON string can carry it as it is): no overlong forms, no UTF-16
+// surrogates, nothing past U+10FFFF.
 bool valid_utf8(const std::string& s) {
   for (size_t i = 0; i < s.size();) {
     const auto c = static_cast<uint8_t>(s[i]);
@@ -332,6 +333,10 @@ bool valid_utf8(const std::string& s) {
     if (n == 0 || i + n > s.size()) return false;
     for (size_t j = 1; j < n; ++j)
       if ((static_cast<uint8_t>(s[i + j]) & 0xc0) != 0x80) return false;
+    const auto c1 = n > 1 ? static_cast<uint8_t>(s[i + 1]) : 0;
+    if ((n == 2 && c < 0xc2) || (c == 0xe0 && c1 < 0xa0) || (c == 0xed && c1 >= 0xa0) || (c == 0xf0 && c1 < 0x90) ||
+        c > 0xf4 || (c == 0xf4 && c1 >= 0x90))
+      return false;
     i += n;
   }
   return true;
