@@ -11,6 +11,7 @@
 #include <numeric>
 #include <random>
 #include <set>
+#include <tuple>
 
 #include "core/half.h"
 #include "ops/backend.h"
@@ -245,6 +246,37 @@ TEST_P(CudaOps, SampleMatchesCpu) {
       Tensor g = back(got);
       for (int64_t r = 0; r < R; ++r) EXPECT_EQ(g.data<int32_t>()[r], ref.data<int32_t>()[r]) << "row " << r;
     }
+  }
+}
+
+// log-softmax at chosen rows: the targets' values, and the top n ids exactly (the inputs are the same
+// rounded values on both backends; ties go to the lower id) with their values, for n = 1 up to the API's 20,
+// over rows listed out of order; outputs poisoned first.
+TEST_P(CudaOps, LogprobsMatchCpu) {
+  for (auto [R, V, n] : {std::tuple<int64_t, int64_t, int64_t>{1, 7, 7}, {6, 32000, 5}, {4, 151936, 20}, {9, 1000, 1}}) {
+    SCOPED_TRACE(testing::Message() << "R=" << R << " V=" << V << " n=" << n);
+    Tensor logits = host_random({R, V}, -12, 12);
+    logits.data<float>()[V - 1] = 15;  // a tie at the top of row 0, the lower id first
+    logits.data<float>()[V / 2] = 15;
+    std::vector<int32_t> rows = {static_cast<int32_t>(R - 1), 0}, targets = {static_cast<int32_t>(V / 3), 0};
+    if (R > 2) rows.push_back(2), targets.push_back(static_cast<int32_t>(V - 1));
+    const int64_t M = static_cast<int64_t>(rows.size());
+    Tensor ref_lp = Tensor::empty(DType::F32, {M}), ref_ids = Tensor::empty(DType::I32, {M, n}),
+           ref_top = Tensor::empty(DType::F32, {M, n});
+    cpu_->logprobs(logits, host_i32(rows), host_i32(targets), ref_lp, ref_ids, ref_top);
+    auto nan = [&](Shape shape) {
+      Tensor t = Tensor::empty(DType::F32, shape);
+      std::fill(t.data<float>(), t.data<float>() + t.numel(), std::numeric_limits<float>::quiet_NaN());
+      return cuda_->upload(t, DType::F32);
+    };
+    Tensor lp = nan({M}), top = nan({M, n}), ids = cuda_->alloc(DType::I32, {M, n});
+    cuda_->logprobs(dev(logits), dev(host_i32(rows)), dev(host_i32(targets)), lp, ids, top);
+    const Tensor g_lp = back(lp), g_ids = back(ids), g_top = back(top);
+    for (int64_t i = 0; i < M * n; ++i) EXPECT_EQ(g_ids.data<int32_t>()[i], ref_ids.data<int32_t>()[i]) << i;
+    // fp32 log-sum-exp over V terms in another order (and the device's exp/log): error relative to the
+    // values' magnitude.
+    EXPECT_LE(rel_err(g_lp, ref_lp), 1e-5);
+    EXPECT_LE(rel_err(g_top, ref_top), 1e-5);
   }
 }
 

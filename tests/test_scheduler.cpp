@@ -245,7 +245,9 @@ TEST(Scheduler, StopStringsAcrossTokensAndUtf8AcrossTokens) {
     joined += t;
   }
   EXPECT_TRUE(multibyte) << "the sample produced no multi-byte character: pick another seed";
-  StreamDecoder all(tok);
+  StreamDecoder all(tok);  // the events' text continues the prompt's (a first "▁word" keeps its space)
+  for (int32_t id : prompt) all.push(id);
+  all.flush();
   std::string want_text;
   for (int32_t id : ids) want_text += all.push(id);
   EXPECT_EQ(joined, want_text + all.flush());
@@ -426,4 +428,164 @@ TEST(Scheduler, PresenceAndFrequencyPenaltiesFollowTheirDefinition) {
   bad.params.frequency_penalty = 3;
   Scheduler sched(*m.model, {.max_seqs = 4, .max_batch_tokens = 64, .kv_tokens = 1024});
   EXPECT_THAT(test::error_of([&] { sched.submit(bad); }), HasSubstr("frequency_penalty must be in [-2, 2], got 3"));
+}
+
+namespace {
+
+// What a stream delivered with logprobs: the produced tokens and their log-probabilities, the prompt's, and
+// how many events carried prompt log-probabilities.
+struct Scored {
+  std::vector<int32_t> tokens;
+  std::vector<TokenLogprob> produced, prompt;
+  int64_t prompt_events = 0;
+  std::optional<FinishReason> finish;
+};
+
+Scored drain_scored(RequestStream& s) {
+  Scored o;
+  while (auto e = s.next(Clock::now())) {
+    if (e->token) o.tokens.push_back(*e->token);
+    if (e->logprob) o.produced.push_back(*e->logprob);
+    if (!e->prompt_logprobs.empty()) ++o.prompt_events;
+    o.prompt.insert(o.prompt.end(), e->prompt_logprobs.begin(), e->prompt_logprobs.end());
+    if (e->finish) o.finish = e->finish;
+  }
+  return o;
+}
+
+// One log-probability against the reference row that scores it: the token's value, and its top n are the
+// row's n largest values in descending order, each id carrying its own value.
+void expect_scored(const TokenLogprob& got, int32_t token, const std::vector<double>& row, int64_t n) {
+  ASSERT_EQ(got.token, token);
+  ASSERT_TRUE(got.logprob.has_value());
+  EXPECT_NEAR(*got.logprob, row[token], test::scaled_tol(1e-5, row[token]));
+  ASSERT_EQ(static_cast<int64_t>(got.top.size()), n);
+  std::vector<double> sorted = row;
+  std::sort(sorted.begin(), sorted.end(), std::greater<double>());
+  for (int64_t j = 0; j < n; ++j) {
+    const auto [id, lp] = got.top[j];
+    EXPECT_NEAR(lp, sorted[j], test::scaled_tol(1e-5, sorted[j])) << "top " << j;
+    EXPECT_NEAR(lp, row[id], test::scaled_tol(1e-5, row[id])) << "top " << j << " is token " << id;
+    if (j > 0) {
+      EXPECT_LE(lp, got.top[j - 1].second);
+    }
+  }
+}
+
+// Every scored position of a request against the one-pass reference over its prompt and produced tokens.
+void expect_request_scored(Model& model, const Request& r, const Scored& o) {
+  std::vector<int32_t> all = r.prompt;
+  all.insert(all.end(), o.tokens.begin(), o.tokens.end());
+  const auto ref = test::log_softmax_rows(model, all);
+  const int64_t P = static_cast<int64_t>(r.prompt.size()), n = r.params.logprobs;
+  ASSERT_EQ(o.produced.size(), o.tokens.size());
+  for (size_t k = 0; k < o.tokens.size(); ++k) {
+    SCOPED_TRACE(testing::Message() << "produced token " << k);
+    expect_scored(o.produced[k], o.tokens[k], ref[P - 1 + k], n);
+  }
+  if (!r.params.echo_logprobs) {
+    EXPECT_TRUE(o.prompt.empty());
+    return;
+  }
+  ASSERT_EQ(static_cast<int64_t>(o.prompt.size()), P) << "every prompt token once";
+  EXPECT_EQ(o.prompt_events, 1) << "the prompt's log-probabilities come in one event";
+  EXPECT_EQ(o.prompt[0].token, r.prompt[0]);
+  EXPECT_FALSE(o.prompt[0].logprob.has_value()) << "nothing scores the first prompt token";
+  EXPECT_TRUE(o.prompt[0].top.empty());
+  for (int64_t p = 1; p < P; ++p) {
+    SCOPED_TRACE(testing::Message() << "prompt token " << p);
+    expect_scored(o.prompt[p], r.prompt[p], ref[p - 1], n);
+  }
+}
+
+}  // namespace
+
+// logprobs and echo_logprobs: every produced and prompt token's log-probability and top n are the
+// log-softmax of the model's raw logits (one pass over the same tokens), under greedy decoding and under
+// sampling with top-k and a penalty (neither changes the reported distribution), through chunked prefill
+// in 16-token steps; a prompt-only request (max_tokens 0) reads its prompt and finishes with its scores.
+TEST(Scheduler, LogprobsAreTheLogSoftmaxOfTheRawLogits) {
+  Loaded& m = stories();
+  const auto ps = prompts(8, 2, 40, m.ck.config.vocab_size, 11);
+  Scheduler sched(*m.model, {.max_seqs = 4, .max_batch_tokens = 16, .kv_tokens = 4096});
+  std::vector<Request> requests;
+  std::vector<std::shared_ptr<RequestStream>> streams;
+  for (size_t i = 0; i < ps.size(); ++i) {
+    Request r = greedy(ps[i], i == 7 ? 0 : 6);
+    r.params.logprobs = static_cast<int64_t>(i % 6);
+    r.params.echo_logprobs = i % 2 == 1;
+    if (i >= 4) {
+      r.params.sampling = {.temperature = 0.9f, .top_k = 40, .seed = i};
+      r.params.presence_penalty = i == 5 ? 0.5f : 0;
+    }
+    requests.push_back(r);
+    streams.push_back(sched.submit(r));
+  }
+  auto plain = sched.submit(greedy(ps[0], 6));  // asks for nothing: no log-probabilities in its events
+  sched.run_until_idle();
+  EXPECT_GT(sched.stats().mixed_steps, 0);
+  for (size_t i = 0; i < ps.size(); ++i) {
+    SCOPED_TRACE(testing::Message() << "request " << i << ", prompt of " << ps[i].size());
+    const Scored o = drain_scored(*streams[i]);
+    EXPECT_EQ(static_cast<int64_t>(o.tokens.size()), requests[i].params.max_tokens);
+    EXPECT_EQ(o.finish, FinishReason::length);
+    expect_request_scored(*m.model, requests[i], o);
+    if (requests[i].params.sampling.temperature == 0)  // greedy: the chosen token is the most likely
+      for (const TokenLogprob& t : o.produced) {
+        if (!t.top.empty()) {
+          EXPECT_EQ(t.top[0].first, t.token);
+        }
+      }
+  }
+  const Scored none = drain_scored(*plain);
+  EXPECT_EQ(none.tokens.size(), 6u);
+  EXPECT_TRUE(none.produced.empty() && none.prompt.empty());
+  EXPECT_EQ(sched.cache().free_blocks(), sched.cache().num_blocks());
+  Request bad = greedy(ps[0], 2);
+  bad.params.logprobs = 21;
+  EXPECT_THAT(test::error_of([&] { sched.submit(bad); }), HasSubstr("logprobs must be in [-1, 20], got 21"));
+  bad.params.logprobs = -1;
+  bad.params.echo_logprobs = true;
+  EXPECT_THAT(test::error_of([&] { sched.submit(bad); }), HasSubstr("echo_logprobs needs logprobs >= 0"));
+}
+
+// The prompt's log-probabilities through 8-token steps (prompts read in chunks) and a cache too small for
+// the batch (sequences preempted and recomputed, their prompts read again): each prompt token scored
+// exactly once, with the values of one pass over the whole prompt.
+TEST(Scheduler, PromptLogprobsSurviveChunkingAndPreemption) {
+  Loaded& m = stories();
+  const auto ps = prompts(12, 5, 30, m.ck.config.vocab_size, 5);
+  Scheduler sched(*m.model, {.max_seqs = 8, .max_batch_tokens = 8, .kv_tokens = 96, .block_size = 8});
+  std::vector<Request> requests;
+  std::vector<std::shared_ptr<RequestStream>> streams;
+  for (const auto& p : ps) {
+    Request r = greedy(p, 30);
+    r.params.logprobs = 2;
+    r.params.echo_logprobs = true;
+    requests.push_back(r);
+    streams.push_back(sched.submit(r));
+  }
+  sched.run_until_idle();
+  EXPECT_GT(sched.stats().preemptions, 0) << "the cache holds 96 tokens, the requests need up to 8 x 60";
+  for (size_t i = 0; i < ps.size(); ++i) {
+    SCOPED_TRACE(testing::Message() << "request " << i);
+    const Scored o = drain_scored(*streams[i]);
+    EXPECT_EQ(o.tokens.size(), 30u);
+    expect_request_scored(*m.model, requests[i], o);
+  }
+  // In the middle of a prompt, by construction: 2-token steps, so b reads its 56-token prompt (7 of the 12
+  // blocks, reserved at admission) one token a step beside a's decode token; a grows a block every 8 steps
+  // and at 41 tokens (6 blocks) the cache is short: b, the last admitted, is preempted 32 tokens into its
+  // prompt, waits for a to finish and reads its prompt again from the start.
+  Scheduler small(*m.model, {.max_seqs = 2, .max_batch_tokens = 2, .kv_tokens = 96, .block_size = 8});
+  const Request a = greedy(prompts(1, 8, 8, m.ck.config.vocab_size, 7)[0], 60);
+  Request b = greedy(prompts(1, 56, 56, m.ck.config.vocab_size, 8)[0], 4);
+  b.params.logprobs = 1;
+  b.params.echo_logprobs = true;
+  auto sa = small.submit(a);
+  auto sb = small.submit(b);
+  small.run_until_idle();
+  EXPECT_EQ(small.stats().preemptions, 1);
+  EXPECT_EQ(drain(*sa).tokens.size(), 60u);
+  expect_request_scored(*m.model, b, drain_scored(*sb));
 }

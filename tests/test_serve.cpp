@@ -112,6 +112,7 @@ TEST(Serve, CompletionsWholeAndStreamedEqualGenerate) {
   EXPECT_EQ(j["object"], "text_completion");
   EXPECT_EQ(j["choices"][0]["text"], want);
   EXPECT_EQ(j["choices"][0]["finish_reason"], "length");
+  EXPECT_TRUE(j["choices"][0]["logprobs"].is_null()) << "not asked for";
   EXPECT_EQ(j["usage"]["prompt_tokens"], 5);
   EXPECT_EQ(j["usage"]["completion_tokens"], 24);
   EXPECT_EQ(j["usage"]["total_tokens"], 29);
@@ -197,6 +198,35 @@ TEST(Serve, ChatRendersTheTemplateAndStreamsTheRoleFirst) {
   for (size_t i = 1; i + 1 < events.size(); ++i)
     text += json::parse(events[i])["choices"][0]["delta"].value("content", "");
   EXPECT_EQ(text, j["choices"][0]["message"]["content"].get<std::string>());  // (nlohmann 3.11.3 has no string == json)
+
+  // logprobs: every produced token, with top_logprobs alternatives, the greedy choice the most likely; its
+  // bytes spell the content.
+  auto scored = r.post("/v1/chat/completions", {{"messages", messages}, {"max_tokens", 10}, {"temperature", 0},
+                                                {"logprobs", true}, {"top_logprobs", 2}});
+  ASSERT_TRUE(scored);
+  ASSERT_EQ(scored->status, 200) << scored->body;
+  const json s = json::parse(scored->body);
+  const json content = s["choices"][0]["logprobs"]["content"];
+  ASSERT_EQ(content.size(), s["usage"]["completion_tokens"].get<size_t>());
+  std::string spelled;
+  for (const json& t : content) {
+    ASSERT_EQ(t["top_logprobs"].size(), 2u) << t;
+    EXPECT_EQ(t["top_logprobs"][0]["token"], t["token"]);
+    EXPECT_EQ(t["top_logprobs"][0]["logprob"], t["logprob"]);
+    EXPECT_GE(t["top_logprobs"][0]["logprob"].get<double>(), t["top_logprobs"][1]["logprob"].get<double>());
+    EXPECT_LE(t["logprob"].get<double>(), 0.0);
+    for (const json& b : t["bytes"]) spelled += static_cast<char>(b.get<int>());
+  }
+  EXPECT_EQ(spelled, j["choices"][0]["message"]["content"].get<std::string>());
+  for (const json& bad : {json{{"top_logprobs", 2}}, json{{"logprobs", true}, {"top_logprobs", 21}},
+                          json{{"echo", true}}}) {
+    json body = bad;
+    body["messages"] = messages;
+    auto res = r.post("/v1/chat/completions", body);
+    ASSERT_TRUE(res);
+    EXPECT_EQ(res->status, 400) << bad;
+    EXPECT_EQ(json::parse(res->body)["error"]["param"], bad.contains("echo") ? "echo" : "top_logprobs");
+  }
 }
 
 TEST(Serve, ErrorsHaveTheirStatusAndOpenAiBody) {
@@ -221,7 +251,13 @@ TEST(Serve, ErrorsHaveTheirStatusAndOpenAiBody) {
             "maximum context length is 512 tokens"},
            {"/v1/completions", R"({"prompt": "hi", "n": 0})", 400, "n", "must be in [1, 64]"},
            {"/v1/completions", R"({"prompt": "hi", "stop": [""]})", 400, "stop", "must not be empty"},
-           {"/v1/completions", R"({"prompt": "hi", "echo": true})", 400, "echo", "not supported"},
+           {"/v1/completions", R"({"prompt": "hi", "logprobs": 6})", 400, "logprobs", "'logprobs' must be in [0, 5], got 6"},
+           {"/v1/completions", R"({"prompt": "hi", "logprobs": -1})", 400, "logprobs", "must be in [0, 5], got -1"},
+           {"/v1/completions", R"({"prompt": "hi", "logprobs": "x"})", 400, "logprobs", "must be an integer, got string"},
+           {"/v1/completions", R"({"prompt": "hi", "logprobs": true})", 400, "logprobs", "must be an integer, got boolean"},
+           {"/v1/completions", R"({"prompt": "hi", "logprobs": 1.5})", 400, "logprobs", "must be an integer, got number"},
+           {"/v1/completions", R"({"prompt": "hi", "echo": 1})", 400, "echo", "'echo' must be a boolean"},
+           {"/v1/completions", R"({"prompt": "hi", "top_logprobs": 2})", 400, "top_logprobs", "not supported"},
            {"/v1/completions", R"({"prompt": "hi", "presence_penalty": 2.5})", 400, "presence_penalty", "must be in [-2, 2]"},
            {"/v1/completions", R"({"prompt": "hi", "model": "gpt-4"})", 404, "model", "'gpt-4' does not exist"},
            {"/v1/chat/completions", R"({"messages": []})", 400, "messages", "non-empty list"},
@@ -378,6 +414,19 @@ TEST(Serve, HttpBenchmarkSeesEveryToken) {
   w.output = {1, 9};
   const auto requests = make_serve_workload(w, c.vocab_size, 200.0);
   const std::string url = "http://127.0.0.1:" + std::to_string(server.port());
+  // Without a tokenizer the text is empty and tokens are named by id, all at text offset 0.
+  httplib::Client client("127.0.0.1", server.port());
+  auto scored = client.Post("/v1/completions",
+                            json{{"prompt", {5, 6, 7}}, {"max_tokens", 2}, {"echo", true}, {"logprobs", 1}}.dump(),
+                            "application/json");
+  ASSERT_TRUE(scored);
+  ASSERT_EQ(scored->status, 200) << scored->body;
+  const json lp = json::parse(scored->body)["choices"][0]["logprobs"];
+  ASSERT_EQ(lp["tokens"].size(), 5u);
+  EXPECT_EQ(lp["tokens"][0], "token_id:5");
+  EXPECT_EQ(lp["tokens"][2], "token_id:7");
+  EXPECT_EQ(lp["text_offset"], json::array({0, 0, 0, 0, 0}));
+  EXPECT_TRUE(lp["top_logprobs"][1].contains("token_id:6"));
   const ServeResult r = serve::run_http_bench(url, requests);
   int64_t output = 0;
   for (const auto& q : requests) output += q.output;
@@ -406,6 +455,178 @@ TEST(Serve, PortInUseIsAnError) {
   auto still = r.client.Get("/health");
   ASSERT_TRUE(still);
   EXPECT_EQ(still->status, 200);
+}
+
+namespace {
+
+// A completions logprobs object against the one-pass reference over `ids` (the prompt, then the produced
+// tokens): entry i scores ids[i] from reference row i - 1 (entry 0 of an echoed prompt has no score); each
+// top_logprobs map holds the n most likely tokens' values, descending from the row's best, and the chosen
+// token's; each token's text starts at its text_offset in `text`.
+void expect_completion_logprobs(const json& lp, const std::vector<int32_t>& ids, size_t first, int64_t n,
+                                const std::string& text) {
+  const auto ref = test::log_softmax_rows(*stories().model, ids);
+  ASSERT_TRUE(lp.is_object()) << lp;
+  const json &tokens = lp["tokens"], &values = lp["token_logprobs"], &tops = lp["top_logprobs"],
+             &offsets = lp["text_offset"];
+  ASSERT_EQ(tokens.size(), ids.size() - first);
+  ASSERT_EQ(values.size(), tokens.size());
+  ASSERT_EQ(tops.size(), tokens.size());
+  ASSERT_EQ(offsets.size(), tokens.size());
+  int64_t last_offset = 0;
+  for (size_t k = 0; k < tokens.size(); ++k) {
+    SCOPED_TRACE(testing::Message() << "token " << k << " " << tokens[k]);
+    const size_t i = first + k;
+    const std::string tok = tokens[k].get<std::string>();
+    const int64_t offset = offsets[k].get<int64_t>();
+    EXPECT_GE(offset, last_offset);
+    last_offset = offset;
+    EXPECT_EQ(text.substr(static_cast<size_t>(offset), tok.size()), tok) << "text_offset into " << text;
+    if (i == 0) {
+      EXPECT_TRUE(values[k].is_null());
+      EXPECT_TRUE(tops[k].is_null());
+      EXPECT_EQ(offset, 0);
+      continue;
+    }
+    const std::vector<double>& row = ref[i - 1];
+    const double want = row[ids[i]];
+    EXPECT_NEAR(values[k].get<double>(), want, test::scaled_tol(1e-5, want));
+    std::vector<double> sorted = row, got;
+    std::sort(sorted.begin(), sorted.end(), std::greater<double>());
+    ASSERT_TRUE(tops[k].is_object());
+    for (const auto& [key, v] : tops[k].items()) got.push_back(v.get<double>());
+    std::sort(got.begin(), got.end(), std::greater<double>());
+    EXPECT_GE(got.size(), static_cast<size_t>(std::max<int64_t>(n, 1)));
+    EXPECT_LE(got.size(), static_cast<size_t>(n + 1)) << "the top n and the chosen token";
+    ASSERT_TRUE(tops[k].contains(tok)) << tops[k];
+    EXPECT_NEAR(tops[k][tok].get<double>(), want, test::scaled_tol(1e-5, want));
+    for (int64_t j = 0; j < n; ++j) EXPECT_NEAR(got[j], sorted[j], test::scaled_tol(1e-5, sorted[j])) << "top " << j;
+  }
+}
+
+std::vector<int32_t> greedy_ids(const std::vector<int32_t>& prompt, int64_t n) {
+  Stories& s = stories();
+  GenerateOptions opt;
+  opt.max_new_tokens = n;
+  opt.tokenizer = s.ck.tokenizer.get();
+  std::vector<int32_t> all = prompt;
+  const std::vector<int32_t> produced = generate(*s.model, {prompt}, opt)[0];
+  all.insert(all.end(), produced.begin(), produced.end());
+  return all;
+}
+
+}  // namespace
+
+// echo with max_tokens 0, how lm-evaluation-harness scores a text: the prompt back with every token's
+// log-probability (the first none), usage exact. With tokens produced (greedy): the prompt's then the
+// produced tokens' log-probabilities, the log-softmax of the model's logits over the same tokens, and the
+// text the prompt and the produced tokens decode to (without echo, what the produced ones add).
+TEST(Serve, CompletionLogprobsAndEchoAreTheModelsLogSoftmax) {
+  Running r;
+  const std::string prompt = "Once upon a time";
+  const std::vector<int32_t> ids = stories().ck.tokenizer->encode(prompt, true);
+  auto scored = r.post("/v1/completions", {{"prompt", prompt}, {"max_tokens", 0}, {"echo", true}, {"logprobs", 2}});
+  ASSERT_TRUE(scored);
+  ASSERT_EQ(scored->status, 200) << scored->body;
+  json j = json::parse(scored->body);
+  EXPECT_EQ(j["choices"][0]["text"], prompt);
+  EXPECT_EQ(j["choices"][0]["finish_reason"], "length");
+  EXPECT_EQ(j["usage"]["prompt_tokens"], ids.size());
+  EXPECT_EQ(j["usage"]["completion_tokens"], 0);
+  EXPECT_EQ(j["usage"]["total_tokens"], ids.size());
+  expect_completion_logprobs(j["choices"][0]["logprobs"], ids, 0, 2, prompt);
+
+  // echo without logprobs: the text only, nothing computed for max_tokens 0.
+  auto echoed = r.post("/v1/completions", {{"prompt", prompt}, {"max_tokens", 0}, {"echo", true}});
+  ASSERT_TRUE(echoed);
+  EXPECT_EQ(json::parse(echoed->body)["choices"][0]["text"], prompt);
+  EXPECT_TRUE(json::parse(echoed->body)["choices"][0]["logprobs"].is_null());
+
+  // The text continues the prompt's: after "Once upon a" the first token, "▁time", keeps its space.
+  const Tokenizer& tok = *stories().ck.tokenizer;
+  for (const std::string& p : {prompt, std::string("Once upon a")}) {
+    const std::vector<int32_t> prompt_ids = tok.encode(p, true), all = greedy_ids(prompt_ids, 8);
+    const std::string full = tok.decode(all);
+    ASSERT_TRUE(full.starts_with(p));
+    for (bool echo : {true, false}) {
+      SCOPED_TRACE(testing::Message() << p << (echo ? ", echo" : ", no echo"));
+      auto res = r.post("/v1/completions", {{"prompt", p}, {"max_tokens", 8}, {"temperature", 0}, {"echo", echo},
+                                            {"logprobs", 3}});
+      ASSERT_TRUE(res);
+      ASSERT_EQ(res->status, 200) << res->body;
+      j = json::parse(res->body);
+      const std::string text = j["choices"][0]["text"];
+      EXPECT_EQ(text, echo ? full : full.substr(p.size()));
+      expect_completion_logprobs(j["choices"][0]["logprobs"], all, echo ? 0 : prompt_ids.size(), 3, text);
+      EXPECT_EQ(j["usage"]["completion_tokens"], 8);
+    }
+  }
+}
+
+// Streamed, each chunk carries its tokens' log-probabilities (the echoed prompt's in the first, with the
+// prompt's text); concatenated they are the whole response's.
+TEST(Serve, StreamedLogprobsConcatenateToTheWholeResponse) {
+  Running r;
+  const json body = {{"prompt", "Lily and Ben"}, {"max_tokens", 10}, {"temperature", 0.8}, {"seed", 9}, {"echo", true},
+                     {"logprobs", 4}, {"n", 2}, {"ignore_eos", true}};
+  auto whole = r.post("/v1/completions", body);
+  ASSERT_TRUE(whole);
+  ASSERT_EQ(whole->status, 200) << whole->body;
+  json streamed_body = body;
+  streamed_body["stream"] = true;
+  auto streamed = r.post("/v1/completions", streamed_body);
+  ASSERT_TRUE(streamed);
+  const json w = json::parse(whole->body);
+  std::vector<json> lp(2, serve::LogprobsWriter(serve::Endpoint::completions, nullptr).empty());
+  std::vector<std::string> text(2);
+  std::vector<int> chunks(2, 0);
+  for (const std::string& e : sse_events(streamed->body)) {
+    if (e == "[DONE]") break;
+    const json c = json::parse(e)["choices"][0];
+    const size_t i = c["index"];
+    if (chunks[i]++ == 0) {
+      EXPECT_THAT(c["text"].get<std::string>(), ::testing::StartsWith("Lily and Ben"));
+    }
+    text[i] += c["text"].get<std::string>();
+    ASSERT_TRUE(c["logprobs"].is_object()) << e;
+    serve::LogprobsWriter::append(lp[i], c["logprobs"]);
+  }
+  for (size_t i = 0; i < 2; ++i) {
+    SCOPED_TRACE(testing::Message() << "choice " << i);
+    const json& want = w["choices"][i]["logprobs"];
+    ASSERT_EQ(want["tokens"].size(), w["usage"]["prompt_tokens"].get<size_t>() + 10) << "the prompt, then 10 tokens";
+    EXPECT_EQ(text[i], w["choices"][i]["text"]);
+    EXPECT_EQ(lp[i]["tokens"], want["tokens"]);
+    EXPECT_EQ(lp[i]["text_offset"], want["text_offset"]);
+    ASSERT_EQ(lp[i]["token_logprobs"].size(), want["token_logprobs"].size());
+    EXPECT_TRUE(lp[i]["token_logprobs"][0].is_null());
+    for (size_t k = 1; k < want["token_logprobs"].size(); ++k) {
+      const double v = want["token_logprobs"][k];
+      EXPECT_NEAR(lp[i]["token_logprobs"][k].get<double>(), v, test::scaled_tol(1e-5, v)) << k;
+      EXPECT_EQ(lp[i]["top_logprobs"][k].size(), want["top_logprobs"][k].size()) << k;
+    }
+    EXPECT_GT(chunks[i], 1);
+  }
+}
+
+// Token strings and offsets of a text whose "日本" stories260K spells as six byte tokens: each byte alone is
+// not UTF-8, so it is written as OpenAI's "bytes:\xNN" escape, and text_offset counts characters.
+TEST(Serve, LogprobTokensEscapeBytesAndOffsetsCountCharacters) {
+  const Tokenizer& tok = *stories().ck.tokenizer;
+  const std::vector<int32_t> ids = tok.encode("n日本 a", true);
+  RequestEvent e;
+  for (int32_t id : ids) e.prompt_logprobs.push_back({id, -1.0f, {{id, -1.0f}}});
+  e.prompt_logprobs[0].logprob.reset();
+  serve::LogprobsWriter writer(serve::Endpoint::completions, &tok);
+  const json lp = writer.write(e);
+  std::vector<std::string> bytes;
+  for (const json& t : lp["tokens"])
+    if (t.get<std::string>().starts_with("bytes:")) bytes.push_back(t);
+  EXPECT_EQ(bytes, (std::vector<std::string>{"bytes:\\xe6", "bytes:\\x97", "bytes:\\xa5", "bytes:\\xe6", "bytes:\\x9c",
+                                             "bytes:\\xac"}))
+      << lp["tokens"];
+  EXPECT_EQ(lp["text_offset"].back(), 3) << "'n', '日' and '本' before the last token: " << lp;
+  EXPECT_EQ(lp["tokens"].back(), " a");
 }
 
 #endif  // POLAR_HAVE_SERVE

@@ -11,6 +11,7 @@
 #include <stdexcept>
 
 #include "core/error.h"
+#include "runtime/engine.h"
 
 namespace polar::test {
 
@@ -26,6 +27,23 @@ double scaled_diff(std::span<const float> got, std::span<const float> want) {
 }
 
 double scaled_tol(double rel, double want) { return rel * std::max(1.0, std::fabs(want)); }
+
+std::vector<std::vector<double>> log_softmax_rows(Model& model, const std::vector<int32_t>& tokens) {
+  Engine e(model, {.kv_tokens = static_cast<int64_t>(tokens.size()) + 16});
+  const Tensor logits = e.step({{e.add_sequence(), tokens}}, /*all_logits=*/true);
+  const int64_t V = logits.dim(1);
+  std::vector<std::vector<double>> out;
+  for (int64_t r = 0; r < logits.dim(0); ++r) {
+    const float* row = logits.data<float>() + r * V;
+    const double mx = *std::max_element(row, row + V);
+    double sum = 0;
+    for (int64_t v = 0; v < V; ++v) sum += std::exp(row[v] - mx);
+    std::vector<double> lp(static_cast<size_t>(V));
+    for (int64_t v = 0; v < V; ++v) lp[v] = row[v] - mx - std::log(sum);
+    out.push_back(std::move(lp));
+  }
+  return out;
+}
 
 TempDir::TempDir() {
   std::random_device rd;

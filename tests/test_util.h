@@ -1,11 +1,16 @@
 // Helpers shared by the tests: where the shared fixtures are, temporary files, running the polar binary.
 #pragma once
+#include <cstdint>
 #include <cstdlib>
 #include <filesystem>
 #include <functional>
 #include <span>
 #include <string>
 #include <vector>
+
+namespace polar {
+class Model;
+}
 
 namespace polar::test {
 
@@ -45,6 +50,10 @@ RunResult run_polar(const std::vector<std::string>& args);
 // the tolerance for one such scalar (a sum of log-probabilities, say).
 double scaled_diff(std::span<const float> got, std::span<const float> want);
 double scaled_tol(double rel, double want);
+
+// The log-softmax (in double) of every row of the logits an Engine gives for `tokens` read in one pass: row
+// p scores token p + 1. The reference for log-probabilities reported by the scheduler and the server.
+std::vector<std::vector<double>> log_softmax_rows(Model& model, const std::vector<int32_t>& tokens);
 
 // The message of the polar::Error that f throws, or "(no error)".
 std::string error_of(const std::function<void()>& f);

@@ -98,6 +98,14 @@ class Backend {
   virtual void silu_mul(const Tensor& gate_up, Tensor& out) = 0;
   // out[R] (I32) = index of the largest of each row of logits [R, V] (the first one on ties).
   virtual void argmax(const Tensor& logits, Tensor& out) = 0;
+  // Log-probabilities (log-softmax) of some rows of logits [R, V], for the API's logprobs: for m < M,
+  // row = rows[m] (I32 [M]) and lse = log Σ_v exp(logits[row, v]):
+  //   target_lp[m] (F32 [M]) = logits[row, targets[m]] - lse (targets I32 [M]: the token each row scores);
+  //   top_ids[m, :] (I32 [M, n], n >= 1) = the row's n largest logits' token ids, descending, the lower id
+  //   first among equal logits; top_lp[m, :] (F32 [M, n]) their logits - lse.
+  // Only the listed rows are read, so rows that ask for nothing cost nothing.
+  virtual void logprobs(const Tensor& logits, const Tensor& rows, const Tensor& targets, Tensor& target_lp,
+                        Tensor& top_ids, Tensor& top_lp) = 0;
 
   // ---- Sparse decoding (polar-method.md §3, §5). Selections are index lists in ascending order; among
   // equal scores the lower index wins, so every backend selects the same set.

@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <unordered_map>
+#include <utility>
 
 namespace polar {
 
@@ -73,7 +75,15 @@ struct Scheduler::Sequence {
       : id(id_), request(std::move(r)), stream(new RequestStream(id_)), sampler(request.params.sampling,
                                                                                  request.params.sample_stream) {
     tokens = request.prompt;
-    if (tok) decoder.emplace(*tok);
+    if (tok) {  // the text continues the prompt's: SPM keeps the leading space of a first produced "▁word"
+      decoder.emplace(*tok);
+      for (int32_t id : tokens) decoder->push(id);
+      decoder->flush();
+    }
+    if (request.params.echo_logprobs) {  // nothing precedes the first prompt token to score it
+      echo.push_back({tokens[0], std::nullopt, {}});
+      echo_next = 1;
+    }
   }
   int64_t id;
   Request request;
@@ -88,6 +98,10 @@ struct Scheduler::Sequence {
   int64_t prompt_end = 0;   // tokens read as a prompt (dense) from admission on: the prompt, or all on recompute
   std::optional<StreamDecoder> decoder;
   std::string held;  // decoded text not yet sent: it might be the start of a stop string
+  // echo_logprobs: the prompt tokens scored so far, in order, sent with the first event; prompt tokens
+  // [0, echo_next) are scored. Kept across a preemption, so a prompt read again is not scored twice.
+  std::vector<TokenLogprob> echo;
+  int64_t echo_next = 0;
   // Read its prompt (and anything it recomputes): its next step is a decode token, tokens.back().
   bool prefilled() const { return cached >= prompt_end; }
 };
@@ -122,6 +136,9 @@ std::shared_ptr<RequestStream> Scheduler::submit(Request r) {
   for (int32_t id : p.stop_token_ids)
     check(id >= 0 && id < c.vocab_size, "stop token id {} is out of range for a vocabulary of {}", id, c.vocab_size);
   check(p.stop_strings.empty() || options_.tokenizer, "stop strings need a tokenizer (the model has none)");
+  check(p.logprobs >= -1 && p.logprobs <= kMaxTopLogprobs, "logprobs must be in [-1, {}], got {}", kMaxTopLogprobs,
+        p.logprobs);
+  check(!p.echo_logprobs || p.logprobs >= 0, "echo_logprobs needs logprobs >= 0");
   for (const std::string& s : p.stop_strings) check(!s.empty(), "empty stop string");
   const int64_t total = static_cast<int64_t>(r.prompt.size()) + p.max_tokens;
   check(total <= c.max_positions, "prompt of {} tokens plus {} new tokens exceeds the model's context length of {}",
@@ -134,8 +151,8 @@ std::shared_ptr<RequestStream> Scheduler::submit(Request r) {
   auto s = std::make_unique<Sequence>(next_id_++, std::move(r), options_.tokenizer);
   std::shared_ptr<RequestStream> stream = s->stream;
   stream->times_.arrival = Clock::now();
-  if (s->request.params.max_tokens == 0) {  // nothing to compute: finished on arrival
-    stream->push({std::nullopt, "", FinishReason::length, stream->times_.arrival});
+  if (s->request.params.max_tokens == 0 && !s->request.params.echo_logprobs) {  // nothing to compute: finished on arrival
+    stream->push({std::nullopt, "", FinishReason::length, stream->times_.arrival, std::nullopt, {}});
     return stream;
   }
   submitted_.push_back(std::move(s));
@@ -159,7 +176,8 @@ void Scheduler::finish(Sequence& s, FinishReason reason) {
   s.held.clear();
   if (s.engine_seq >= 0) engine_.remove_sequence(s.engine_seq);
   s.engine_seq = -1;
-  s.stream->push({std::nullopt, reason == FinishReason::cancelled ? "" : text, reason, Clock::now()});
+  s.stream->push({std::nullopt, reason == FinishReason::cancelled ? "" : text, reason, Clock::now(), std::nullopt,
+                  std::exchange(s.echo, {})});
 }
 
 void Scheduler::preempt(Sequence& s) {
@@ -176,7 +194,7 @@ bool Scheduler::is_stop_token(const Sequence& s, int32_t token) const {
   return !p.ignore_eos && options_.tokenizer && options_.tokenizer->is_eos(token);
 }
 
-bool Scheduler::produce(Sequence& s, int32_t token, Clock::time_point now) {
+bool Scheduler::produce(Sequence& s, int32_t token, std::optional<TokenLogprob> logprob, Clock::time_point now) {
   const RequestParams& p = s.request.params;
   s.tokens.push_back(token);
   ++s.produced;
@@ -221,7 +239,7 @@ bool Scheduler::produce(Sequence& s, int32_t token, Clock::time_point now) {
     if (s.engine_seq >= 0) engine_.remove_sequence(s.engine_seq);
     s.engine_seq = -1;
   }
-  s.stream->push({token, std::move(text), finish, now});
+  s.stream->push({token, std::move(text), finish, now, std::move(logprob), std::exchange(s.echo, {})});
   return finish.has_value();
 }
 
@@ -242,14 +260,15 @@ std::vector<int32_t> Scheduler::sample(const Tensor& logits, const std::vector<S
     const bool penalised = !s.produced_counts.empty();
     if (s.produced >= p.min_tokens && !penalised) continue;
     masked[i] = true;
-    Tensor row = be.to_host_f32(logits.slice_rows(rows[i], rows[i] + 1));
-    float* l = row.data<float>();
+    // Penalised in a copy: on the CPU to_host_f32 is a view of the logits, which logprobs still read raw.
+    const Tensor row = be.to_host_f32(logits.slice_rows(rows[i], rows[i] + 1));
+    std::vector<float> l(row.data<float>(), row.data<float>() + V);
     for (const auto& [token, count] : s.produced_counts)
       l[token] -= p.frequency_penalty * static_cast<float>(count) + p.presence_penalty;
     if (s.produced < p.min_tokens)
       for (int64_t v = 0; v < V; ++v)
         if (is_stop_token(s, static_cast<int32_t>(v))) l[v] = -INFINITY;
-    out[i] = sample_row(l, V, p.sampling, u[i]);
+    out[i] = sample_row(l.data(), V, p.sampling, u[i]);
   }
   std::vector<bool> done = masked;
   for (size_t first = 0; first < seqs.size(); ++first) {
@@ -266,6 +285,30 @@ std::vector<int32_t> Scheduler::sample(const Tensor& logits, const std::vector<S
         out[i] = host.data<int32_t>()[rows[i]];
         done[i] = true;
       }
+  }
+  return out;
+}
+
+std::vector<TokenLogprob> Scheduler::score(const Tensor& logits, const std::vector<Scored>& scored) {
+  Backend& be = model_.backend();
+  const int64_t M = static_cast<int64_t>(scored.size());
+  int64_t n = 1;  // the most alternatives any row asks for (the op computes at least one)
+  Tensor rows = Tensor::empty(DType::I32, {M}), targets = Tensor::empty(DType::I32, {M});
+  for (int64_t m = 0; m < M; ++m) {
+    n = std::max(n, scored[m].s->request.params.logprobs);
+    rows.data<int32_t>()[m] = static_cast<int32_t>(scored[m].row);
+    targets.data<int32_t>()[m] = scored[m].target;
+  }
+  Tensor target_lp = be.alloc(DType::F32, {M}), top_ids = be.alloc(DType::I32, {M, n}),
+         top_lp = be.alloc(DType::F32, {M, n});
+  be.logprobs(logits, be.upload(rows, DType::I32), be.upload(targets, DType::I32), target_lp, top_ids, top_lp);
+  const Tensor lp = be.to_host_f32(target_lp), ids = be.to_host_f32(top_ids), tlp = be.to_host_f32(top_lp);
+  std::vector<TokenLogprob> out(scored.size());
+  for (int64_t m = 0; m < M; ++m) {
+    out[m].token = scored[m].target;
+    out[m].logprob = lp.data<float>()[m];
+    for (int64_t j = 0; j < scored[m].s->request.params.logprobs; ++j)
+      out[m].top.emplace_back(ids.data<int32_t>()[m * n + j], tlp.data<float>()[m * n + j]);
   }
   return out;
 }
@@ -331,11 +374,22 @@ bool Scheduler::step() {
   const int64_t decode_tokens = static_cast<int64_t>(chunks.size());
   // Prompt chunks: sequences reading their prompts (their blocks were reserved at admission), then new
   // admissions, first come first served, while the batch and the cache have room for a whole prompt.
+  // A chunk's logit rows run from its logits_from to its end: its last token's (which samples) and, under
+  // echo_logprobs, those of the positions that score prompt tokens not scored yet — position p scores
+  // token p + 1 of the prompt, so the chunk's positions [max(cached, echo_next - 1), prompt length - 1).
+  bool all_logits = false;
   auto add_prompt_chunk = [&](Sequence& s) {
     const int64_t take = std::min<int64_t>(s.prompt_end - s.cached, budget);
+    int64_t from = take - 1;
+    if (s.request.params.echo_logprobs) {
+      const int64_t first = std::max(s.cached, s.echo_next - 1),
+                    end = std::min<int64_t>(s.cached + take, static_cast<int64_t>(s.request.prompt.size()) - 1);
+      if (first < end) from = first - s.cached;
+    }
+    all_logits = all_logits || from < take - 1;
     chunks.push_back({s.engine_seq, std::span<const int32_t>(s.tokens).subspan(static_cast<size_t>(s.cached),
                                                                                 static_cast<size_t>(take)),
-                      std::nullopt, 0, /*prefill=*/true});
+                      std::nullopt, from, /*prefill=*/true});
     owners.push_back(&s);
     budget -= take;
   };
@@ -359,21 +413,58 @@ bool Scheduler::step() {
   if (chunks.empty()) return !running_.empty() || !waiting_.empty();  // nothing fits this step (cannot last)
 
   const Clock::time_point t1 = Clock::now();
-  const Tensor logits = engine_.forward(chunks, /*all_logits=*/false);
+  const Tensor logits = engine_.forward(chunks, all_logits);  // [rows, V]: a row per chunk, or from logits_from on
   std::vector<Sequence*> ready;  // sequences whose pending tokens are all read: they sample
-  std::vector<int64_t> rows;
+  std::vector<Sequence*> read;   // ... that produce nothing (max_tokens 0 with echo_logprobs): they finish
+  std::vector<int64_t> rows;     // ready[i]'s logits row
+  std::vector<Scored> scored;    // prompt positions to score (echo_logprobs), then the sampled tokens
+  int64_t row = 0;               // the chunk's first logits row
   for (size_t r = 0; r < chunks.size(); ++r) {
     Sequence& s = *owners[r];
-    s.cached += static_cast<int64_t>(chunks[r].tokens.size());
-    if (r >= static_cast<size_t>(decode_tokens)) stats_.prompt_tokens += static_cast<int64_t>(chunks[r].tokens.size());
-    if (s.cached == static_cast<int64_t>(s.tokens.size())) {
-      ready.push_back(&s);
-      rows.push_back(static_cast<int64_t>(r));
+    const int64_t n = static_cast<int64_t>(chunks[r].tokens.size()), from = all_logits ? chunks[r].logits_from : n - 1;
+    const int64_t prompt = static_cast<int64_t>(s.request.prompt.size());
+    for (int64_t p = std::max(s.cached + from, s.echo_next - 1);
+         s.request.params.echo_logprobs && p < std::min(s.cached + n, prompt - 1); ++p)
+      scored.push_back({&s, row + p - s.cached - from, s.tokens[static_cast<size_t>(p + 1)]});
+    s.cached += n;
+    row += n - from;
+    if (r >= static_cast<size_t>(decode_tokens)) stats_.prompt_tokens += n;
+    if (s.cached < static_cast<int64_t>(s.tokens.size())) continue;
+    if (s.produced == s.request.params.max_tokens) {
+      read.push_back(&s);
+      continue;
     }
+    ready.push_back(&s);
+    rows.push_back(row - 1);
   }
-  const std::vector<int32_t> next = ready.empty() ? std::vector<int32_t>() : sample(logits, ready, rows);
+  const size_t prompt_scored = scored.size();
+  std::vector<int32_t> next;
+  if (!ready.empty() && all_logits) {  // the sampled rows alone, so sampling passes over no prompt rows
+    Backend& be = model_.backend();
+    Tensor ids = Tensor::empty(DType::I32, {static_cast<int64_t>(rows.size())});
+    for (size_t i = 0; i < rows.size(); ++i) ids.data<int32_t>()[i] = static_cast<int32_t>(rows[i]);
+    Tensor compact = be.alloc(logits.dtype(), {ids.numel(), logits.dim(1)});
+    be.embedding(logits, be.upload(ids, DType::I32), compact);
+    std::vector<int64_t> compact_rows(rows.size());
+    std::iota(compact_rows.begin(), compact_rows.end(), 0);
+    next = sample(compact, ready, compact_rows);
+  } else if (!ready.empty()) {
+    next = sample(logits, ready, rows);
+  }
+  for (size_t i = 0; i < ready.size(); ++i)
+    if (ready[i]->request.params.logprobs >= 0) scored.push_back({ready[i], rows[i], next[i]});
+  std::vector<TokenLogprob> logprobs = scored.empty() ? std::vector<TokenLogprob>() : score(logits, scored);
+  for (size_t m = 0; m < prompt_scored; ++m) {
+    scored[m].s->echo.push_back(std::move(logprobs[m]));
+    ++scored[m].s->echo_next;
+  }
   const Clock::time_point t2 = Clock::now();
-  for (size_t i = 0; i < ready.size(); ++i) produce(*ready[i], next[i], t2);
+  for (size_t i = 0, m = prompt_scored; i < ready.size(); ++i) {
+    std::optional<TokenLogprob> lp;
+    if (ready[i]->request.params.logprobs >= 0) lp = std::move(logprobs[m++]);
+    produce(*ready[i], next[i], std::move(lp), t2);
+  }
+  for (Sequence* s : read) finish(*s, FinishReason::length);
   std::erase_if(running_, [](const std::unique_ptr<Sequence>& s) { return s->engine_seq < 0; });
   running_count_.store(static_cast<int64_t>(running_.size()));
 

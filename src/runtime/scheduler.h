@@ -40,6 +40,24 @@ struct RequestParams {
   // OpenAI's penalties, in [-2, 2], over the tokens produced so far: logit[v] -= frequency_penalty *
   // count(v) + presence_penalty * (count(v) > 0). Rows with a penalty are sampled on the host.
   float presence_penalty = 0, frequency_penalty = 0;
+  // Log-probabilities: -1 none; n >= 0 (at most kMaxTopLogprobs): each produced token's log-probability and
+  // the n most likely tokens at its position (RequestEvent::logprob). They are the log-softmax of the
+  // model's raw logits, before temperature, top-k/top-p, penalties and the min_tokens mask: the model's
+  // distribution, as vLLM reports it by default, whatever rule sampled the token.
+  int64_t logprobs = -1;
+  // With logprobs >= 0: the prompt's tokens too (RequestEvent::prompt_logprobs), each scored by the logits
+  // of the position before it (the first has none). With max_tokens 0 the request reads its prompt and
+  // finishes: how a prompt's log-likelihood is computed.
+  bool echo_logprobs = false;
+};
+
+constexpr int64_t kMaxTopLogprobs = 20;  // RequestParams::logprobs at most (OpenAI chat's top_logprobs limit)
+
+// A token's log-probability in its context and the most likely tokens there.
+struct TokenLogprob {
+  int32_t token = 0;
+  std::optional<float> logprob;  // unset for a prompt's first token: nothing before it predicts it
+  std::vector<std::pair<int32_t, float>> top;  // RequestParams::logprobs (token, log-probability), descending
 };
 
 struct Request {
@@ -57,6 +75,10 @@ struct RequestEvent {
   std::string text;
   std::optional<FinishReason> finish;  // set on the last event
   Clock::time_point time;
+  std::optional<TokenLogprob> logprob;  // the produced token's, when the request asked for logprobs
+  // With echo_logprobs: every prompt token's, in order, on the request's first event (with its first token,
+  // or on the final event of a request with max_tokens 0).
+  std::vector<TokenLogprob> prompt_logprobs;
 };
 
 // Timings of a finished request, for benchmarks (all on Clock).
@@ -155,8 +177,19 @@ class Scheduler {
   void admit_submitted();
   void finish(Sequence& s, FinishReason reason);
   void preempt(Sequence& s);
-  // Appends a produced token: its event, stop conditions. Returns true when the sequence finished.
-  bool produce(Sequence& s, int32_t token, Clock::time_point now);
+  // Appends a produced token: its event (with its log-probabilities, when asked for), stop conditions.
+  // Returns true when the sequence finished.
+  bool produce(Sequence& s, int32_t token, std::optional<TokenLogprob> logprob, Clock::time_point now);
+  // One scored position: logits row `row` of the step scores `target` for sequence s (a prompt token under
+  // echo_logprobs, or the token just sampled from that row).
+  struct Scored {
+    Sequence* s;
+    int64_t row;
+    int32_t target;
+  };
+  // Log-probabilities of the scored rows (Backend::logprobs, on the device; only these rows are read), each
+  // with its sequence's RequestParams::logprobs most likely tokens.
+  std::vector<TokenLogprob> score(const Tensor& logits, const std::vector<Scored>& scored);
   // The next token of each listed sequence from its logits row, by its own sampling parameters, on the device.
   std::vector<int32_t> sample(const Tensor& logits, const std::vector<Sequence*>& seqs, const std::vector<int64_t>& rows);
   bool is_stop_token(const Sequence& s, int32_t token) const;

@@ -1,5 +1,6 @@
 #include "serve/openai_api.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -15,6 +16,7 @@ constexpr int64_t kMaxChoices = 64;      // n at most
 constexpr size_t kMaxStopStrings = 16;
 constexpr size_t kMaxStopLength = 256;   // bytes of one stop string
 constexpr size_t kMaxPrompts = 1024;     // prompts of one completions request
+constexpr int64_t kMaxCompletionLogprobs = 5;  // OpenAI's bound on the completions API's "logprobs"
 
 [[noreturn]] void invalid(const std::string& param, const std::string& message) {
   throw ApiError(400, "invalid_request_error", message, param);
@@ -72,9 +74,8 @@ void refuse_unsupported(const json& body, Endpoint endpoint) {
   auto unsupported = [](const char* name) {
     invalid(name, fmt::format("'{}' is not supported by polar", name));
   };
-  if (boolean(body, "echo", false)) unsupported("echo");
-  if (const json* v = field(body, "logprobs"); v && !(v->is_boolean() && !v->get<bool>())) unsupported("logprobs");
-  if (field(body, "top_logprobs")) unsupported("top_logprobs");
+  if (endpoint == Endpoint::chat && boolean(body, "echo", false)) unsupported("echo");
+  if (endpoint == Endpoint::completions && field(body, "top_logprobs")) unsupported("top_logprobs");  // chat's
   if (const json* v = field(body, "logit_bias"); v && !(v->is_object() && v->empty())) unsupported("logit_bias");
   if (const json* v = field(body, "suffix"); v && !(v->is_string() && v->get<std::string>().empty())) unsupported("suffix");
   const int64_t n = integer(body, "n", 1, 1, kMaxChoices);
@@ -302,7 +303,130 @@ ParsedRequest parse_request(Endpoint endpoint, const json& body, const ApiContex
   p.ignore_eos = boolean(body, "ignore_eos", ctx.ignore_eos_default);
   p.presence_penalty = static_cast<float>(number(body, "presence_penalty", 0.0, -2.0, 2.0));
   p.frequency_penalty = static_cast<float>(number(body, "frequency_penalty", 0.0, -2.0, 2.0));
+  if (endpoint == Endpoint::completions) {
+    // An integer; false (which some clients send for "none") is taken as absent.
+    if (const json* v = field(body, "logprobs"); v && !(v->is_boolean() && !v->get<bool>()))
+      p.logprobs = integer(body, "logprobs", -1, 0, kMaxCompletionLogprobs);
+    r.echo = boolean(body, "echo", false);
+    p.echo_logprobs = r.echo && p.logprobs >= 0;
+  } else if (boolean(body, "logprobs", false)) {
+    p.logprobs = integer(body, "top_logprobs", 0, 0, kMaxTopLogprobs);
+  } else if (field(body, "top_logprobs")) {
+    invalid("top_logprobs", "'top_logprobs' needs 'logprobs': true");
+  }
   return r;
+}
+
+std::string echo_text(const ParsedRequest& r, size_t choice, const ApiContext& ctx) {
+  if (!r.echo || !ctx.tokenizer) return "";
+  return ctx.tokenizer->decode(r.prompts[choice / static_cast<size_t>(r.n)]);
+}
+
+namespace {
+
+// Whether s is well-formed UTF-8 (a JSON string can carry it as it is): no overlong forms, no UTF-16
+// surrogates, nothing past U+10FFFF.
+bool valid_utf8(const std::string& s) {
+  for (size_t i = 0; i < s.size();) {
+    const auto c = static_cast<uint8_t>(s[i]);
+    const size_t n = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xe ? 3 : (c >> 3) == 0x1e ? 4 : 0;
+    if (n == 0 || i + n > s.size()) return false;
+    for (size_t j = 1; j < n; ++j)
+      if ((static_cast<uint8_t>(s[i + j]) & 0xc0) != 0x80) return false;
+    const auto c1 = n > 1 ? static_cast<uint8_t>(s[i + 1]) : 0;
+    if ((n == 2 && c < 0xc2) || (c == 0xe0 && c1 < 0xa0) || (c == 0xed && c1 >= 0xa0) || (c == 0xf0 && c1 < 0x90) ||
+        c > 0xf4 || (c == 0xf4 && c1 >= 0x90))
+      return false;
+    i += n;
+  }
+  return true;
+}
+
+// A token's text as a JSON string: as it is, or, when it is not whole UTF-8 (a byte-fallback token, part
+// of a character), OpenAI's "bytes:\xNN..." escapes.
+std::string token_string(const std::string& piece) {
+  if (valid_utf8(piece)) return piece;
+  std::string out = "bytes:";
+  for (char c : piece) out += fmt::format("\\x{:02x}", static_cast<uint8_t>(c));
+  return out;
+}
+
+// Characters (code points) in UTF-8 bytes: every byte but continuation bytes starts one.
+int64_t utf8_chars(const std::string& s) {
+  return std::count_if(s.begin(), s.end(), [](char c) { return (static_cast<uint8_t>(c) & 0xc0) != 0x80; });
+}
+
+json byte_list(const std::string& s) {
+  json out = json::array();
+  for (char c : s) out.push_back(static_cast<uint8_t>(c));
+  return out;
+}
+
+}  // namespace
+
+json LogprobsWriter::empty() const {
+  if (endpoint_ == Endpoint::chat) return {{"content", json::array()}};
+  return {{"tokens", json::array()}, {"token_logprobs", json::array()}, {"top_logprobs", json::array()},
+          {"text_offset", json::array()}};
+}
+
+void LogprobsWriter::append(json& into, const json& more) {
+  for (const auto& [key, list] : more.items())
+    for (const json& x : list) into[key].push_back(x);
+}
+
+LogprobsWriter::LogprobsWriter(Endpoint endpoint, const Tokenizer* tokenizer, std::span<const int32_t> context)
+    : endpoint_(endpoint), tokenizer_(tokenizer) {
+  if (tokenizer_)
+    for (int32_t id : context) tokenizer_->decode_next(id, state_);
+}
+
+LogprobsWriter logprobs_writer(const ParsedRequest& r, size_t choice, const ApiContext& ctx) {
+  if (r.params.echo_logprobs) return LogprobsWriter(r.endpoint, ctx.tokenizer);  // the prompt's tokens come first
+  return LogprobsWriter(r.endpoint, ctx.tokenizer, r.prompts[choice / static_cast<size_t>(r.n)]);
+}
+
+void LogprobsWriter::add(json& out, const TokenLogprob& t) {
+  // A token's text in its context: SPM drops the leading space of the first text token, so what a token
+  // adds depends on what came before (alternatives are decoded in the chosen token's context).
+  const Tokenizer::DecodeState before = state_;
+  auto text_of = [&](int32_t id, Tokenizer::DecodeState& st) {
+    return tokenizer_ ? tokenizer_->decode_next(id, st) : fmt::format("token_id:{}", id);
+  };
+  const std::string piece = text_of(t.token, state_);
+  auto alternative = [&](int32_t id) {
+    Tokenizer::DecodeState st = before;
+    return text_of(id, st);
+  };
+  const json lp = t.logprob ? json(*t.logprob) : json();
+  if (endpoint_ == Endpoint::chat) {
+    json top = json::array();
+    for (const auto& [id, v] : t.top) {
+      const std::string alt = alternative(id);
+      top.push_back({{"token", token_string(alt)}, {"logprob", v}, {"bytes", byte_list(alt)}});
+    }
+    out["content"].push_back({{"token", token_string(piece)}, {"logprob", lp}, {"bytes", byte_list(piece)},
+                              {"top_logprobs", top}});
+    return;
+  }
+  json top = json();
+  if (t.logprob) {  // the most likely tokens and the chosen one (OpenAI: up to logprobs + 1 entries)
+    top = json::object();
+    for (const auto& [id, v] : t.top) top.emplace(token_string(alternative(id)), v);
+    top.emplace(token_string(piece), *t.logprob);
+  }
+  out["tokens"].push_back(token_string(piece));
+  out["token_logprobs"].push_back(lp);
+  out["top_logprobs"].push_back(top);
+  out["text_offset"].push_back(chars_);
+  if (tokenizer_) chars_ += utf8_chars(piece);  // without a tokenizer the text is empty
+}
+
+json LogprobsWriter::write(const RequestEvent& e) {
+  json out = empty();
+  for (const TokenLogprob& t : e.prompt_logprobs) add(out, t);
+  if (e.logprob) add(out, *e.logprob);
+  return out;
 }
 
 Usage usage_of(const ParsedRequest& r, const std::vector<ChoiceResult>& choices) {
@@ -329,7 +453,7 @@ json response_body(const ParsedRequest& r, const std::string& id, int64_t create
   const bool chat = r.endpoint == Endpoint::chat;
   json list = json::array();
   for (size_t i = 0; i < choices.size(); ++i) {
-    json c = {{"index", i}, {"logprobs", nullptr}, {"finish_reason", finish_json(choices[i].finish)}};
+    json c = {{"index", i}, {"logprobs", choices[i].logprobs}, {"finish_reason", finish_json(choices[i].finish)}};
     if (chat) c["message"] = {{"role", "assistant"}, {"content", choices[i].text}};
     else c["text"] = choices[i].text;
     list.push_back(std::move(c));
@@ -343,9 +467,10 @@ json response_body(const ParsedRequest& r, const std::string& id, int64_t create
 }
 
 json stream_chunk(const ParsedRequest& r, const std::string& id, int64_t created, const std::string& model,
-                  int64_t index, const std::string& text, const std::optional<FinishReason>& finish, bool first) {
+                  int64_t index, const std::string& text, const std::optional<FinishReason>& finish, bool first,
+                  const json& logprobs) {
   const bool chat = r.endpoint == Endpoint::chat;
-  json c = {{"index", index}, {"logprobs", nullptr}, {"finish_reason", finish_json(finish)}};
+  json c = {{"index", index}, {"logprobs", logprobs}, {"finish_reason", finish_json(finish)}};
   if (chat) {
     c["delta"] = json::object();
     if (first) c["delta"]["role"] = "assistant";

@@ -238,15 +238,20 @@ void Server::handle_generate(Endpoint endpoint, const httplib::Request& req, htt
 
     if (!parsed->stream) {
       std::vector<ChoiceResult> choices(streams->size());
-      for (size_t i = 0; i < streams->size(); ++i)
+      for (size_t i = 0; i < streams->size(); ++i) {
+        LogprobsWriter logprobs = logprobs_writer(*parsed, i, ctx_);
+        choices[i].text = echo_text(*parsed, i, ctx_);
+        if (parsed->params.logprobs >= 0) choices[i].logprobs = logprobs.empty();
         while (std::optional<RequestEvent> e = (*streams)[i]->next()) {
           choices[i].text += e->text;
           choices[i].tokens += e->token.has_value();
+          if (parsed->params.logprobs >= 0) LogprobsWriter::append(choices[i].logprobs, logprobs.write(*e));
           if (e->finish) {
             choices[i].finish = *e->finish;
             record(*parsed, i, *e->finish, *(*streams)[i]);
           }
         }
+      }
       release();
       res.set_content(response_body(*parsed, id, created, ctx_.model_name, choices).dump(), "application/json");
       return;
@@ -260,7 +265,9 @@ void Server::handle_generate(Endpoint endpoint, const httplib::Request& req, htt
           auto send = [&](const json& j) { return write("data: " + j.dump() + "\n\n"); };
           const size_t n = streams->size();
           std::vector<ChoiceResult> choices(n);
-          std::vector<bool> done(n, false);
+          std::vector<bool> done(n, false), echoed(n, !parsed->echo);  // echo: the prompt goes in the first chunk
+          std::vector<LogprobsWriter> logprobs;
+          for (size_t i = 0; i < n; ++i) logprobs.push_back(logprobs_writer(*parsed, i, ctx_));
           if (parsed->endpoint == Endpoint::chat)  // the role first, as OpenAI's streams begin
             for (size_t i = 0; i < n; ++i)
               if (!send(stream_chunk(*parsed, id, created, ctx_.model_name, static_cast<int64_t>(i), "", std::nullopt,
@@ -279,11 +286,14 @@ void Server::handle_generate(Endpoint endpoint, const httplib::Request& req, htt
                   --left;
                   record(*parsed, i, *e->finish, *(*streams)[i]);
                 }
-                // An event without new text is skipped, except for a model without a tokenizer (no text ever):
-                // there each token is a chunk, so clients and benchmarks still see every token arrive.
-                if (e->text.empty() && !e->finish && ctx_.tokenizer) continue;
-                if (!send(stream_chunk(*parsed, id, created, ctx_.model_name, static_cast<int64_t>(i), e->text,
-                                       e->finish, false)))
+                const std::string text = (echoed[i] ? "" : echo_text(*parsed, i, ctx_)) + e->text;
+                echoed[i] = true;
+                const bool scored = e->logprob || !e->prompt_logprobs.empty();
+                // An event without new text or tokens scored is skipped, except for a model without a tokenizer
+                // (no text ever): there each token is a chunk, so clients and benchmarks still see every token.
+                if (text.empty() && !scored && !e->finish && ctx_.tokenizer) continue;
+                if (!send(stream_chunk(*parsed, id, created, ctx_.model_name, static_cast<int64_t>(i), text, e->finish,
+                                       false, parsed->params.logprobs >= 0 ? logprobs[i].write(*e) : json())))
                   return false;
                 wrote = true;
                 if (done[i]) break;

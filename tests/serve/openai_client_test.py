@@ -2,7 +2,8 @@
 """polar serve against a client nobody here wrote: the official `openai` Python package.
 
 Starts `polar serve` on 127.0.0.1 (a free port, an API key), then: completions whole and streamed (greedy)
-equal each other and `polar generate`; chat completions whole and streamed equal each other (with the
+equal each other and `polar generate`; echo with logprobs and max_tokens 0 (lm-evaluation-harness's
+log-likelihood request) gives the log-softmax of `polar logits` over the same tokens; chat completions whole and streamed equal each other (with the
 model's own template, or --chat-template); models.list; the client's typed errors for a bad parameter and a
 wrong key; SIGTERM exits 0. Bounded: every request has a timeout and the server is killed on any failure.
 
@@ -12,7 +13,9 @@ Exits 77 (ctest: skipped) when the model file is absent or no Python with `opena
 installs it into build/venv, so CI always runs this).
 """
 import argparse
+import array
 import json
+import math
 import os
 import re
 import signal
@@ -73,6 +76,33 @@ def check(cond, what):
         raise AssertionError(what)
 
 
+def log_softmax_rows(polar, model, ids, tmp):
+    """The log-softmax of every row of `polar logits` over the token ids (row p scores token p + 1)."""
+    path = os.path.join(tmp, "logits.safetensors")
+    subprocess.run([polar, "logits", "--model", model, "--tokens", ",".join(map(str, ids)), "--out", path],
+                   capture_output=True, text=True, timeout=300, check=True)
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        entry = json.loads(f.read(header_len))["logits"]
+        begin, end = entry["data_offsets"]
+        f.seek(8 + header_len + begin)
+        values = array.array("f")
+        values.frombytes(f.read(end - begin))
+    check(entry["dtype"] == "F32" and sys.byteorder == "little", f"logits {entry}")
+    rows, vocab = entry["shape"]
+    out = []
+    for r in range(rows):
+        row = values[r * vocab:(r + 1) * vocab]
+        mx = max(row)
+        lse = mx + math.log(sum(math.exp(x - mx) for x in row))
+        out.append([x - lse for x in row])
+    return out
+
+
+def close(got, want, rel=1e-5):
+    return abs(got - want) <= rel * max(1.0, abs(want))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--polar", required=True)
@@ -118,6 +148,24 @@ def main():
                                    timeout=300, check=True).stdout
         check(generated == text + "\n", f"polar generate {generated!r} != served {text!r}")
         print(f"completions: {text!r} (whole = streamed = generate)")
+
+        ids = [1, 403, 407, 261, 378]  # "Once upon a time" in stories260K; any ids in the vocabulary do
+        scored = client.completions.create(model=model, prompt=ids, logprobs=2, echo=True, max_tokens=0)
+        lp = scored.choices[0].logprobs
+        ref = log_softmax_rows(args.polar, args.model, ids, tmp.name)
+        check(len(lp.tokens) == len(ids) and len(lp.token_logprobs) == len(ids) and len(lp.text_offset) == len(ids),
+              f"one entry per prompt token: {lp}")
+        check(lp.token_logprobs[0] is None and lp.top_logprobs[0] is None, "nothing scores the first token")
+        check(lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset), f"text_offset {lp.text_offset}")
+        check(scored.usage.prompt_tokens == len(ids) and scored.usage.completion_tokens == 0, f"usage {scored.usage}")
+        for i in range(1, len(ids)):
+            want = ref[i - 1][ids[i]]
+            check(close(lp.token_logprobs[i], want), f"token {i}: {lp.token_logprobs[i]} != {want}")
+            best = sorted(ref[i - 1], reverse=True)[:2]
+            top = sorted(lp.top_logprobs[i].values(), reverse=True)
+            check(2 <= len(top) <= 3 and all(close(g, w) for g, w in zip(top, best)) and
+                  any(close(v, want) for v in top), f"token {i}: top_logprobs {lp.top_logprobs[i]}, want {best}")
+        print(f"echo + logprobs: {sum(lp.token_logprobs[1:]):.4f} = polar logits' log-likelihood")
 
         if args.chat_template or "Instruct" in args.model:
             messages = [{"role": "user", "content": "Write one sentence about the sea."}]

@@ -268,6 +268,35 @@ class CpuBackend final : public Backend {
     }
   }
 
+  void logprobs(const Tensor& logits, const Tensor& rows, const Tensor& targets, Tensor& target_lp, Tensor& top_ids,
+                Tensor& top_lp) override {
+    expect_f32(logits, "logprobs logits");
+    const int64_t R = logits.dim(0), V = logits.dim(1), M = rows.numel(), n = top_ids.ndim() == 2 ? top_ids.dim(1) : 0;
+    check(rows.dtype() == DType::I32 && targets.dtype() == DType::I32 && targets.numel() == M &&
+              target_lp.dtype() == DType::F32 && target_lp.numel() == M && top_ids.dtype() == DType::I32 &&
+              top_ids.dim(0) == M && n >= 1 && n <= V && top_lp.dtype() == DType::F32 && top_lp.numel() == M * n,
+          "logprobs: {} rows, {} targets, outputs {} {} {}", M, targets.numel(), shape_str(target_lp.shape()),
+          shape_str(top_ids.shape()), shape_str(top_lp.shape()));
+    std::vector<int32_t> order(V);
+    for (int64_t m = 0; m < M; ++m) {
+      const int32_t r = rows.data<int32_t>()[m], target = targets.data<int32_t>()[m];
+      check(r >= 0 && r < R && target >= 0 && target < V, "logprobs: row {} of {}, target {} of {}", r, R, target, V);
+      const float* row = logits.data<float>() + r * V;
+      const float mx = *std::max_element(row, row + V);
+      double sum = 0;
+      for (int64_t v = 0; v < V; ++v) sum += std::exp(double(row[v]) - mx);
+      const float lse = static_cast<float>(mx + std::log(sum));
+      target_lp.data<float>()[m] = row[target] - lse;
+      std::iota(order.begin(), order.end(), 0);
+      std::partial_sort(order.begin(), order.begin() + n, order.end(),
+                        [&](int32_t a, int32_t b) { return row[a] > row[b] || (row[a] == row[b] && a < b); });
+      for (int64_t j = 0; j < n; ++j) {
+        top_ids.data<int32_t>()[m * n + j] = order[j];
+        top_lp.data<float>()[m * n + j] = row[order[j]] - lse;
+      }
+    }
+  }
+
   void route_heads(const Tensor& scores, int64_t group, Tensor& idx) override {
     const int64_t R = scores.dim(0), H = scores.dim(1), k = idx.dim(1);
     check(group >= 1 && H % group == 0 && idx.dim(0) == R && k >= 1 && k <= H / group && idx.dtype() == DType::I32,

@@ -538,6 +538,24 @@ class CudaBackend final : public Backend {
     cuda::argmax(logits.raw(), logits.dim(0), logits.dim(1), out.data<int32_t>(), elem(), stream_);
   }
 
+  void logprobs(const Tensor& logits, const Tensor& rows, const Tensor& targets, Tensor& target_lp, Tensor& top_ids,
+                Tensor& top_lp) override {
+    expect_act(logits, "logprobs logits");
+    expect_i32(rows, "logprobs rows");
+    expect_i32(targets, "logprobs targets");
+    expect_i32(top_ids, "logprobs top_ids");
+    expect_device(target_lp, "logprobs target_lp");
+    expect_device(top_lp, "logprobs top_lp");
+    const int64_t M = rows.numel(), n = top_ids.ndim() == 2 ? top_ids.dim(1) : 0;
+    check(logits.ndim() == 2 && targets.numel() == M && target_lp.dtype() == DType::F32 && target_lp.numel() == M &&
+              top_ids.dim(0) == M && n >= 1 && n <= logits.dim(1) && top_lp.dtype() == DType::F32 &&
+              top_lp.numel() == M * n,
+          "logprobs: logits {}, {} rows, {} targets, outputs {} {} {}", shape_str(logits.shape()), M, targets.numel(),
+          shape_str(target_lp.shape()), shape_str(top_ids.shape()), shape_str(top_lp.shape()));
+    cuda::logprobs(logits.raw(), logits.dim(1), rows.data<int32_t>(), targets.data<int32_t>(), M, n,
+                   target_lp.data<float>(), top_ids.data<int32_t>(), top_lp.data<float>(), elem(), stream_);
+  }
+
   void sample(const Tensor& logits, const SamplingParams& p, const Tensor& uniforms, Tensor& out) override {
     validate(p);
     expect_act(logits, "sample logits");

@@ -345,6 +345,71 @@ __global__ void sample_kernel(const T* logits, int64_t V, float temperature, int
   if (threadIdx.x == 0) out[blockIdx.x] = chosen;
 }
 
+// ---- logprobs (backend.h): one CTA per listed row. The top n come from n block-wide argmax passes, each
+// over the tokens ranked after the previous pick (logit descending, id ascending), so the row is neither
+// copied nor sorted for the few (n <= 20) the API asks for; the first pick is the row's maximum, the shift
+// of the log-sum-exp. ----
+
+// The best (value, id) pair over the block, on every thread: the larger value, the lower id among equals.
+__device__ void block_best(float& v, int32_t& id, float* sv, int32_t* si) {
+  auto better = [](float ov, int32_t oi, float v_, int32_t i_) { return ov > v_ || (ov == v_ && oi < i_); };
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+    const int32_t oi = __shfl_xor_sync(0xffffffffu, id, o);
+    if (better(ov, oi, v, id)) v = ov, id = oi;
+  }
+  __syncthreads();
+  if (threadIdx.x % 32 == 0) sv[threadIdx.x / 32] = v, si[threadIdx.x / 32] = id;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    v = threadIdx.x < blockDim.x / 32 ? sv[threadIdx.x] : -INFINITY;
+    id = threadIdx.x < blockDim.x / 32 ? si[threadIdx.x] : INT32_MAX;
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+      const int32_t oi = __shfl_xor_sync(0xffffffffu, id, o);
+      if (better(ov, oi, v, id)) v = ov, id = oi;
+    }
+    if (threadIdx.x == 0) sv[0] = v, si[0] = id;
+  }
+  __syncthreads();
+  v = sv[0];
+  id = si[0];
+  __syncthreads();  // sv/si are reused by the next call
+}
+
+template <typename T>
+__global__ void logprobs_kernel(const T* logits, int64_t V, const int32_t* rows, const int32_t* targets, int64_t n,
+                                float* target_lp, int32_t* top_ids, float* top_lp) {
+  __shared__ float sv[32];
+  __shared__ int32_t si[32];
+  const int64_t m = blockIdx.x;
+  const T* row = logits + int64_t(rows[m]) * V;
+  float prev_v = INFINITY, mx = 0;  // mx: the row's maximum, the first pick
+  int32_t prev_i = -1;
+  for (int64_t j = 0; j < n; ++j) {
+    float best = -INFINITY;
+    int32_t best_i = INT32_MAX;
+    for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
+      const float x = to_float(row[i]);
+      const int32_t id = static_cast<int32_t>(i);
+      const bool after = x < prev_v || (x == prev_v && id > prev_i);
+      if (after && (x > best || (x == best && id < best_i))) best = x, best_i = id;
+    }
+    block_best(best, best_i, sv, si);
+    if (threadIdx.x == 0) top_ids[m * n + j] = best_i, top_lp[m * n + j] = best;  // a logit until lse is known
+    if (j == 0) mx = best;
+    prev_v = best;
+    prev_i = best_i;
+  }
+  float sum = 0;
+  for (int64_t i = threadIdx.x; i < V; i += blockDim.x) sum += __expf(to_float(row[i]) - mx);
+  const float lse = mx + __logf(block_reduce_sum(sum, sv));
+  if (threadIdx.x == 0) {  // the thread that wrote the top logits
+    target_lp[m] = to_float(row[targets[m]]) - lse;
+    for (int64_t j = 0; j < n; ++j) top_lp[m * n + j] -= lse;
+  }
+}
+
 int row_threads(int64_t work) { return work >= 1024 ? 1024 : (work >= 256 ? 256 : 128); }
 
 // ---- the sparse MLP's dense-GEMM path (CudaBackend::sparse_projection): selected columns moved between
@@ -835,6 +900,17 @@ void argmax(const void* logits, int64_t R, int64_t V, int32_t* out, Elem e, cuda
     argmax_kernel<<<static_cast<unsigned>(R), 1024, 0, stream>>>(static_cast<const T*>(logits), V, out);
   });
   check_launch("argmax");
+}
+
+void logprobs(const void* logits, int64_t V, const int32_t* rows, const int32_t* targets, int64_t M, int64_t n,
+              float* target_lp, int32_t* top_ids, float* top_lp, Elem e, cudaStream_t stream) {
+  if (M == 0) return;
+  dispatch(e, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    logprobs_kernel<<<static_cast<unsigned>(M), 1024, 0, stream>>>(static_cast<const T*>(logits), V, rows, targets, n,
+                                                                     target_lp, top_ids, top_lp);
+  });
+  check_launch("logprobs");
 }
 
 void sample(const void* logits, int64_t R, int64_t V, float temperature, int64_t top_k, float top_p,
