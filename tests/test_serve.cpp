@@ -595,7 +595,7 @@ TEST(Serve, StreamedLogprobsConcatenateToTheWholeResponse) {
     SCOPED_TRACE(testing::Message() << "choice " << i);
     const json& want = w["choices"][i]["logprobs"];
     ASSERT_EQ(want["tokens"].size(), w["usage"]["prompt_tokens"].get<size_t>() + 10) << "the prompt, then 10 tokens";
-    EXPECT_EQ(text[i], w["choices"][i]["text"]);
+    EXPECT_EQ(text[i], w["choices"][i]["text"].get<std::string>());
     EXPECT_EQ(lp[i]["tokens"], want["tokens"]);
     EXPECT_EQ(lp[i]["text_offset"], want["text_offset"]);
     ASSERT_EQ(lp[i]["token_logprobs"].size(), want["token_logprobs"].size());
