@@ -4,7 +4,7 @@
 # logs, CSVs and plots to a results folder; a short summary table comes last.
 #
 #   scripts/gpu-check.sh [STAGE ...]   stages: build test kernels bench sparse serve serve-http tp (default: all,
-#                                      in that order)
+#                                      in that order), and tp-multi (several GPUs: only when named)
 #
 # Environment:
 #   RESULTS         results folder (default: $OUT if set, else out/gpu-check)
@@ -21,6 +21,8 @@
 #   HTTP_RATES      request rates of the serve-http stage (default 4,8,16,inf)
 #   TP_SHAPES       shapes of the tp stage: decode at --tp 1 plainly and through a one-rank NCCL communicator
 #                   (--tp-comm), what the collectives cost (default "llama-2-7b opt-6.7b")
+#   TP_SIZES        tensor-parallel sizes of the tp-multi stage, on a machine with that many GPUs (default
+#                   "2 4 8"; sizes above the GPU count are skipped)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,7 +36,7 @@ SPARSE_BATCHES=${SPARSE_BATCHES:-1,8,16,32,64,128,256}
 TP_SHAPES=${TP_SHAPES:-"llama-2-7b opt-6.7b"}
 mkdir -p "$RESULTS"
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(build test kernels bench sparse serve serve-http tp)
+[ ${#stages[@]} -eq 0 ] && stages=(build test kernels bench sparse serve serve-http tp)  # tp-multi: by name
 has_stage() { local s; for s in "${stages[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
 log() { echo "[gpu-check] $*" >&2; }
 
@@ -185,6 +187,56 @@ if has_stage serve-http; then
     2> "$RESULTS/serve-http-inprocess.log" || tail -20 "$RESULTS/serve-http-inprocess.log"
 fi
 
+if has_stage tp; then
+  log "tensor-parallel communicator at --tp 1: $TP_SHAPES"
+  for shape in $TP_SHAPES; do
+    for mode in plain comm; do
+      flag=(); [ "$mode" = comm ] && flag=(--tp-comm)
+      "$BUILD_DIR/src/polar" bench --device cuda --shape "$shape" --batch 1,8,32,128 --ctx 1024 "${flag[@]}" \
+        --csv "$RESULTS/tp-$shape-$mode.csv" > "$RESULTS/tp-$shape-$mode.txt" 2> "$RESULTS/tp-$shape-$mode.log" ||
+        { tail -20 "$RESULTS/tp-$shape-$mode.log"; }
+    done
+  done
+fi
+
+# Tensor parallelism over several GPUs (issue 17; needs a machine with TP_SIZES GPUs, NCCL, NVLS off):
+# parity of --tp N with --tp 1 on stories260K (greedy text and perplexity, dense and with random routers in
+# both --tp-heads modes), then decode steps dense and sparse at each size: opt-66b (head density 0.3) and
+# llama-3.1-70b (group density 0.625) at the sizes that hold them, llama-2-7b (density 0.5) at every size
+# with the same total batch, global and balanced head selection side by side.
+TP_SIZES=${TP_SIZES:-"2 4 8"}
+if has_stage tp-multi; then
+  gpus=$(nvidia-smi -L | wc -l)
+  export NCCL_NVLS_ENABLE=0
+  stories="${POLAR_SHARED:-../shared}/models/stories260K/stories260K.gguf"
+  text="${POLAR_SHARED:-../shared}/data/text/wikitext2_test.txt"
+  polar="$BUILD_DIR/src/polar"
+  "$polar" routers --random --model "$stories" --out "$RESULTS/stories260K.routers.safetensors" >> "$RESULTS/tp-multi.log" 2>&1
+  for n in 1 $TP_SIZES; do  # stories260K splits over 1, 2 and 4 ranks (its MLP has 172 neurons); 8 says so
+    [ "$n" -gt "$gpus" ] && { log "skipping --tp $n: $gpus GPUs"; continue; }
+    log "parity at --tp $n (stories260K)"
+    "$polar" generate --device cuda --tp "$n" --model "$stories" --prompt "Once upon a time" --max-tokens 48 \
+      > "$RESULTS/tp$n-generate.txt" 2>> "$RESULTS/tp-multi.log" || echo "generate --tp $n failed" >> "$RESULTS/tp-multi.log"
+    for heads in global balanced; do
+      "$polar" perplexity --device cuda --tp "$n" --model "$stories" --text "$text" --ctx 256 --max-tokens 20000 \
+        --routers "$RESULTS/stories260K.routers.safetensors" --density 0.5 --tp-heads "$heads" --json > "$RESULTS/tp$n-ppl-$heads.json" 2>> "$RESULTS/tp-multi.log" ||
+        echo "perplexity --tp $n --tp-heads $heads failed" >> "$RESULTS/tp-multi.log"
+    done
+    for point in opt-66b:1920:0.3:2,4 llama-3.1-70b:8192:0.625:4,8 llama-2-7b:3968:0.5:1,2,4,8; do
+      IFS=: read -r shape ctx density sizes <<< "$point"
+      [[ ",$sizes," == *",$n,"* ]] || continue
+      for mode in dense global balanced; do
+        [ "$mode" = balanced ] && [ "$n" = 1 ] && continue
+        args=(--density 1); [ "$mode" != dense ] && args=(--density "$density" --tp-heads "$mode")
+        log "bench $shape --tp $n $mode"
+        "$polar" bench --device cuda --tp "$n" --shape "$shape" --ctx "$ctx" --batch 1,8,32,64,128,192 "${args[@]}" \
+          --csv "$RESULTS/tp$n-$shape-$mode.csv" > "$RESULTS/tp$n-$shape-$mode.txt" 2>> "$RESULTS/tp-multi.log" ||
+          log "bench $shape --tp $n $mode failed"
+      done
+    done
+  done
+fi
+
 echo
 echo "== gpu-check summary ($(date -u +%Y-%m-%d), $(tail -1 "$RESULTS/gpu.csv" | cut -d, -f1)) =="
 echo "tests: $test_summary"
@@ -213,18 +265,6 @@ for key, r in ours.items():
           f"{float(r['gb_per_s']):>6.0f} {100 * float(r['of_read']):>7.0f}% {100 * float(r['of_copy']):>7.0f}%{src}")
 PY
 fi
-if has_stage tp; then
-  log "tensor-parallel communicator at --tp 1: $TP_SHAPES"
-  for shape in $TP_SHAPES; do
-    for mode in plain comm; do
-      flag=(); [ "$mode" = comm ] && flag=(--tp-comm)
-      "$BUILD_DIR/src/polar" bench --device cuda --shape "$shape" --batch 1,8,32,128 --ctx 1024 "${flag[@]}" \
-        --csv "$RESULTS/tp-$shape-$mode.csv" > "$RESULTS/tp-$shape-$mode.txt" 2> "$RESULTS/tp-$shape-$mode.log" ||
-        { tail -20 "$RESULTS/tp-$shape-$mode.log"; }
-    done
-  done
-fi
-
 if has_stage bench; then
   for shape in $BENCH_SHAPES; do
     [ -f "$RESULTS/bench-$shape.txt" ] && { echo "-- $shape"; cat "$RESULTS/bench-$shape.txt"; }
@@ -296,5 +336,26 @@ if has_stage tp; then
     for mode in plain comm; do
       [ -f "$RESULTS/tp-$shape-$mode.txt" ] && { echo "-- $shape --tp 1, $mode"; cat "$RESULTS/tp-$shape-$mode.txt"; }
     done
+  done
+fi
+if has_stage tp-multi; then
+  echo "-- tensor parallelism over several GPUs: parity with --tp 1 (stories260K) and decode speed"
+  for f in "$RESULTS"/tp*-generate.txt; do
+    [ -f "$f" ] || continue
+    cmp -s "$f" "$RESULTS/tp1-generate.txt" && echo "$(basename "$f"): same text as --tp 1" ||
+      echo "$(basename "$f"): TEXT DIFFERS from --tp 1"
+  done
+  python3 - "$RESULTS" <<'PY'
+import glob, json, os, sys
+res = sys.argv[1]
+for f in sorted(glob.glob(f"{res}/tp*-ppl-*.json")):
+    j = json.load(open(f))
+    print(f"{os.path.basename(f)}: perplexity {j.get('perplexity')}")
+PY
+  for f in "$RESULTS"/tp*-*-global.csv; do
+    [ -f "$f" ] || continue
+    dense=${f%-global.csv}-dense.csv balanced=${f%-global.csv}-balanced.csv
+    [ -f "$dense" ] && "$BUILD_DIR/src/polar" bench --from-csv "$f" --baseline "$dense"
+    [ -f "$balanced" ] && [ -f "$dense" ] && "$BUILD_DIR/src/polar" bench --from-csv "$balanced" --baseline "$dense"
   done
 fi
