@@ -4,9 +4,11 @@
 #include <bit>
 #include <cmath>
 #include <cstring>
+#include <map>
 #include <random>
 
 #include "core/half.h"
+#include "io/checkpoint.h"
 #include "io/gguf.h"
 #include "test_util.h"
 
@@ -591,6 +593,43 @@ TEST(GgufMalformed, MetadataErrors) {
                        "general.alignment must be a power of two, got 24"));
   EXPECT_TRUE(Contains(open_error(Raw().header(0, 1).str("general.alignment").num(STRING).str("32").b),
                        "general.alignment must be a power of two"));
+}
+
+// Model dimensions and token ids from metadata are bounded before the loader multiplies or narrows them: a
+// head count of 2^40 times a head dim of 2^40 would overflow int64 on the way to the tensor shape checks, and
+// a token id of 2^32 + 5 would be narrowed to token 5.
+TEST(GgufMalformed, AbsurdDimensionsAndTokenIdsAreRefused) {
+  TempDir tmp;
+  // The config of a valid small llama file with one integer key set to `value` (added, or replacing the base's).
+  auto config_error = [&](const std::string& key, int64_t value) -> std::string {
+    std::map<std::string, int64_t> ints = {{"llama.embedding_length", 64}, {"llama.block_count", 1},
+                                           {"llama.attention.head_count", 4}, {"llama.feed_forward_length", 128},
+                                           {"llama.context_length", 256}, {"llama.vocab_size", 32}};
+    if (!key.empty()) ints[key] = value;
+    Writer w;
+    w.set_string("general.architecture", "llama");
+    w.set_f32("llama.attention.layer_norm_rms_epsilon", 1e-5f);
+    for (const auto& [k, v] : ints) v < 0 ? w.set_i32(k, static_cast<int32_t>(v)) : w.set_u64(k, static_cast<uint64_t>(v));
+    const std::string path = tmp.path("m.gguf");
+    w.write(path);
+    try {
+      load_checkpoint_metadata(path);
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "";
+  };
+  EXPECT_EQ(config_error("", 0), "") << "the valid base file";
+  EXPECT_TRUE(Contains(config_error("llama.attention.head_count", int64_t(1) << 40),
+                       "metadata llama.attention.head_count must be in [1, 16777216], got 1099511627776"));
+  EXPECT_TRUE(Contains(config_error("llama.attention.key_length", int64_t(1) << 40),
+                       "llama.attention.key_length must be in [1, 16777216]"));
+  EXPECT_TRUE(Contains(config_error("llama.context_length", int64_t(1) << 31), "llama.context_length must be in [1, 2147483647]"));
+  EXPECT_TRUE(Contains(config_error("llama.vocab_size", int64_t(1) << 40), "llama.vocab_size must be in [1, 16777216]"));
+  EXPECT_TRUE(Contains(config_error("tokenizer.ggml.bos_token_id", (int64_t(1) << 32) + 5),
+                       "metadata tokenizer.ggml.bos_token_id = 4294967301 is not a token id"));
+  EXPECT_TRUE(Contains(config_error("tokenizer.ggml.eos_token_id", -2), "tokenizer.ggml.eos_token_id = -2 is not a token id"));
+  EXPECT_EQ(config_error("tokenizer.ggml.eos_token_id", 31), "") << "an id in range";
 }
 
 TEST(GgufMalformed, TensorInfoErrors) {

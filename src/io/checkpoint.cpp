@@ -3,6 +3,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <set>
 
 #include <fmt/format.h>
@@ -123,23 +124,26 @@ ModelConfig config_from_gguf(const gguf::File& f) {
   } else {
     fail("{}: unsupported GGUF architecture '{}' (supported: llama, mistral, qwen2)", f.path(), arch);
   }
-  auto positive = [&](const std::string& k) {
+  // Sizes are bounded as well as positive, so that the products the loader forms from them (heads x head
+  // dim, rows x columns) cannot overflow on a corrupt or hostile file before the tensor shapes are checked.
+  // 2^24 is far above any real model's width, head count, layer count or vocabulary; positions are I32.
+  auto dimension = [&](const std::string& k, int64_t most = int64_t(1) << 24) {
     int64_t v = f.get_int(k);
-    check(v > 0, "{}: metadata {} must be positive, got {}", f.path(), k, v);
+    check(v > 0 && v <= most, "{}: metadata {} must be in [1, {}], got {}", f.path(), k, most, v);
     return v;
   };
-  c.hidden = positive(key("embedding_length"));
-  c.n_layers = positive(key("block_count"));
-  c.n_heads = positive(key("attention.head_count"));
-  c.n_kv_heads = f.has(key("attention.head_count_kv")) ? positive(key("attention.head_count_kv")) : c.n_heads;
+  c.hidden = dimension(key("embedding_length"));
+  c.n_layers = dimension(key("block_count"));
+  c.n_heads = dimension(key("attention.head_count"));
+  c.n_kv_heads = f.has(key("attention.head_count_kv")) ? dimension(key("attention.head_count_kv")) : c.n_heads;
   check(c.n_heads % c.n_kv_heads == 0, "{}: head_count {} is not a multiple of head_count_kv {}", f.path(), c.n_heads,
         c.n_kv_heads);
-  c.head_dim = f.has(key("attention.key_length")) ? positive(key("attention.key_length")) : c.hidden / c.n_heads;
+  c.head_dim = f.has(key("attention.key_length")) ? dimension(key("attention.key_length")) : c.hidden / c.n_heads;
   if (f.has(key("rope.dimension_count")))
     check(f.get_int(key("rope.dimension_count")) == c.head_dim, "{}: partial rotary embeddings are not supported",
           f.path());
-  c.ffn = positive(key("feed_forward_length"));
-  c.max_positions = positive(key("context_length"));
+  c.ffn = dimension(key("feed_forward_length"));
+  c.max_positions = dimension(key("context_length"), std::numeric_limits<int32_t>::max());
   c.norm_eps = f.get_float(key("attention.layer_norm_rms_epsilon"));
   c.rope.theta = f.find_float(key("rope.freq_base")).value_or(10000.0);
   if (f.has(key("rope.scaling.type"))) {
@@ -154,10 +158,10 @@ ModelConfig config_from_gguf(const gguf::File& f) {
   c.qkv_bias = f.find("blk.0.attn_q.bias") != nullptr;
   c.tie_embeddings = f.find("output.weight") == nullptr;
   if (f.has("tokenizer.ggml.tokens")) c.vocab_size = static_cast<int64_t>(f.metadata()["tokenizer.ggml.tokens"].size());
-  if (auto v = f.find_int(key("vocab_size"))) c.vocab_size = *v;
+  if (f.has(key("vocab_size"))) c.vocab_size = dimension(key("vocab_size"));
   check(c.vocab_size > 0, "{}: vocabulary size unknown (no {}.vocab_size and no tokenizer)", f.path(), arch);
-  c.bos_id = static_cast<int32_t>(f.find_int("tokenizer.ggml.bos_token_id").value_or(-1));
-  c.eos_id = static_cast<int32_t>(f.find_int("tokenizer.ggml.eos_token_id").value_or(-1));
+  c.bos_id = f.find_token_id("tokenizer.ggml.bos_token_id").value_or(-1);
+  c.eos_id = f.find_token_id("tokenizer.ggml.eos_token_id").value_or(-1);
   return c;
 }
 

@@ -6,6 +6,7 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <string_view>
 
 #include "core/error.h"
@@ -458,6 +459,14 @@ bool File::get_bool(const std::string& key) const {
 
 std::optional<int64_t> File::find_int(const std::string& key) const {
   return has(key) ? std::optional(get_int(key)) : std::nullopt;
+}
+
+std::optional<int32_t> File::find_token_id(const std::string& key) const {
+  const std::optional<int64_t> v = find_int(key);
+  if (!v) return std::nullopt;
+  check(*v >= -1 && *v <= std::numeric_limits<int32_t>::max(), "{}: metadata {} = {} is not a token id", path(), key,
+        *v);
+  return static_cast<int32_t>(*v);
 }
 
 std::optional<double> File::find_float(const std::string& key) const {

@@ -68,6 +68,9 @@ class File {
   bool get_bool(const std::string& key) const;
   std::optional<int64_t> find_int(const std::string& key) const;
   std::optional<double> find_float(const std::string& key) const;
+  // A token id (tokenizer.ggml.bos_token_id, ...): ids are I32 everywhere, so a value outside [-1, 2^31)
+  // (-1: "none", as some converters write) is a polar::Error naming the key, not narrowed into another token.
+  std::optional<int32_t> find_token_id(const std::string& key) const;
 
   const std::vector<TensorInfo>& tensors() const { return tensors_; }
   const TensorInfo* find(const std::string& name) const;  // nullptr if absent

@@ -171,12 +171,11 @@ void read_gguf_vocab(const gguf::File& f, VocabSpec& spec, int32_t default_bos, 
       spec.types[i] = static_cast<TokenType>(types[i].get<int32_t>());
     }
   }
-  auto id = [&](const char* key, int32_t def) { return static_cast<int32_t>(f.find_int(key).value_or(def)); };
-  spec.bos = id("tokenizer.ggml.bos_token_id", default_bos);
-  spec.eos = id("tokenizer.ggml.eos_token_id", default_eos);
-  spec.unk = id("tokenizer.ggml.unknown_token_id", default_unk);
+  spec.bos = f.find_token_id("tokenizer.ggml.bos_token_id").value_or(default_bos);
+  spec.eos = f.find_token_id("tokenizer.ggml.eos_token_id").value_or(default_eos);
+  spec.unk = f.find_token_id("tokenizer.ggml.unknown_token_id").value_or(default_unk);
   for (const char* key : {"tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"})
-    if (auto v = f.find_int(key)) spec.eog.push_back(static_cast<int32_t>(*v));
+    if (auto v = f.find_token_id(key)) spec.eog.push_back(*v);
 }
 
 bool gguf_bool(const gguf::File& f, const std::string& key, bool def) { return f.has(key) ? f.get_bool(key) : def; }
