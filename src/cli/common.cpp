@@ -207,15 +207,30 @@ int64_t BatchingOptions::kv_tokens_for(const LoadedModel& m, int64_t longest) co
 
 int64_t default_kv_tokens(const LoadedModel& m, int64_t max_seqs, int64_t longest, int64_t max_batch_tokens) {
   const ModelConfig& c = m.model->config();
-  Backend& be = *m.backend;
-  const int64_t per_token = kv_bytes_per_token(c, be.activation_dtype());
   const int64_t want = max_seqs * (longest + 16);  // + a partly used block each
   const double activations = static_cast<double>(max_batch_tokens) * 4.0 *
                              static_cast<double>(4 * c.hidden + 2 * c.q_dim() + 2 * c.kv_dim() + 3 * c.ffn);
-  const double room = 0.9 * static_cast<double>(be.memory_info().first) - activations - 1e9;
-  check(room > static_cast<double>(per_token * longest),
-        "the device has no room for a KV cache of even one sequence of {} tokens", longest);
-  return std::min<int64_t>(want, static_cast<int64_t>(room / static_cast<double>(per_token)));
+  // Tokens whose KV (per_token bytes each) fit in 90% of what `be` has free, beside the step's activations.
+  auto fit = [&](Backend& be, int64_t per_token) {
+    const double room = 0.9 * static_cast<double>(be.memory_info().first) - activations - 1e9;
+    check(room > static_cast<double>(per_token * longest),
+          "the device has no room for a KV cache of even one sequence of {} tokens", longest);
+    return static_cast<int64_t>(room / static_cast<double>(per_token));
+  };
+  // Under tensor parallelism each rank caches only its own KV heads (docs/parallel.md): a CUDA rank has a GPU
+  // of its own, so the fullest one sets the size; CPU ranks share the host's memory, so their heads add up.
+  const int64_t per_head = kv_bytes_per_token(c, m.backend->activation_dtype()) / c.n_kv_heads;
+  const bool one_memory = m.backend->device() == Device::CPU;
+  int64_t tokens = want, host_per_token = 0;
+  for (int r = 0; r < m.model->ranks(); ++r) {
+    Model& rank = m.model->rank(r);
+    const int64_t per_token = per_head * rank.dims().kv_heads;
+    if (one_memory)
+      host_per_token += per_token;
+    else
+      tokens = std::min(tokens, fit(rank.backend(), per_token));
+  }
+  return one_memory ? std::min(tokens, fit(*m.backend, host_per_token)) : tokens;
 }
 
 void load_sparsity(LoadedModel& m, const ModelOptions& opt, bool random_allowed, uint64_t seed) {

@@ -92,7 +92,8 @@ struct BatchingOptions {
 
 // The KV cache a server-like run gets unless told: max_seqs sequences of `longest` tokens each, unless that
 // is more than 90% of the device's free memory holds beside a step of max_batch_tokens tokens (then
-// sequences are preempted when the cache fills). Too little room for one sequence is a polar::Error.
+// sequences are preempted when the cache fills). Too little room for one sequence is a polar::Error. Under
+// tensor parallelism each rank's device holds its own KV heads' share.
 int64_t default_kv_tokens(const LoadedModel& m, int64_t max_seqs, int64_t longest, int64_t max_batch_tokens);
 
 // Sparse decoding per --routers / --density: the router file, validated against the model; without a file
