@@ -1,6 +1,7 @@
 // The CUDA backend: fp16 or bf16 weights, activations and KV cache with fp32 accumulation. GEMMs go to
-// cuBLASLt; everything else is polar's own kernels (kernels.cu, attention.cu). All work is enqueued on one
-// stream; host synchronisation happens only where the host needs data back (to_host_f32, synchronize).
+// cuBLASLt; everything else is polar's own kernels (the op families of kernels.h, attention.h,
+// gather_gemm.h). All work is enqueued on one stream; host synchronisation happens only where the host
+// needs data back (to_host_f32, synchronize).
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 

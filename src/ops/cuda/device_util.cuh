@@ -1,6 +1,7 @@
-// Device helpers shared by the CUDA backend's kernel files (kernels.cu, attention.cu, gather_gemm.cu):
-// element conversions, launch checks, dtype dispatch, and the PTX wrappers of the tensor-core kernels
-// (cp.async, ldmatrix, mma.sync m16n8k16). Header-only and internal to src/ops/cuda.
+// Device helpers shared by the CUDA backend's kernel files (the op families of kernels.h, attention.cu,
+// gather_gemm.cu, bandwidth.cu): launch shapes, element conversions, order keys, launch checks, dtype
+// dispatch, and the PTX wrappers of the tensor-core kernels (cp.async, ldmatrix, mma.sync m16n8k16).
+// Header-only and internal to src/ops/cuda.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -10,9 +11,25 @@
 #include <type_traits>
 
 #include "core/error.h"
-#include "ops/cuda/kernels.h"
+#include "ops/cuda/elem.h"
 
 namespace polar::cuda::detail {
+
+// Launch shapes shared by the op-family kernel files: grid-stride launches of kGridThreads-thread CTAs (at
+// most 16·65535 CTAs, each thread taking per_thread elements a pass) and the CTA width of one-CTA-per-row
+// kernels.
+constexpr int kGridThreads = 256;
+inline int grid_for(int64_t n, int per_thread = 1) {
+  const int64_t blocks = (n + int64_t(kGridThreads) * per_thread - 1) / (int64_t(kGridThreads) * per_thread);
+  return static_cast<int>(blocks < 1 ? 1 : (blocks > 65535 * 16 ? 65535 * 16 : blocks));
+}
+inline int row_threads(int64_t work) { return work >= 1024 ? 1024 : (work >= 256 ? 256 : 128); }
+
+// Monotone map float -> uint32: a > b  <=>  key(a) > key(b).
+__device__ __forceinline__ uint32_t order_key(float f) {
+  const uint32_t u = __float_as_uint(f);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
 
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }

@@ -16,7 +16,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "ops/cuda/kernels.h"
+#include "ops/cuda/elem.h"
 
 namespace polar::cuda {
 
