@@ -552,6 +552,27 @@ TEST(Scheduler, LogprobsAreTheLogSoftmaxOfTheRawLogits) {
 // The prompt's log-probabilities through 8-token steps (prompts read in chunks) and a cache too small for
 // the batch (sequences preempted and recomputed, their prompts read again): each prompt token scored
 // exactly once, with the values of one pass over the whole prompt.
+// An echoed prompt's scoring rows are bounded per step (max_scored_rows): a 40-token prompt with 3 rows a
+// step is read in short chunks over at least 13 steps, beside a request that does not score and reads its
+// prompt at once, and both get what they get alone.
+TEST(Scheduler, EchoScoringRowsPerStepAreBounded) {
+  Loaded& m = stories();
+  const auto ps = prompts(2, 40, 40, m.ck.config.vocab_size, 11);
+  Request echoed = greedy(ps[0], 4), plain = greedy(ps[1], 4);
+  echoed.params.logprobs = 1;
+  echoed.params.echo_logprobs = true;
+  Scheduler sched(*m.model, {.max_seqs = 4, .max_batch_tokens = 64, .max_scored_rows = 3, .kv_tokens = 256});
+  auto se = sched.submit(echoed), sp = sched.submit(plain);
+  ASSERT_TRUE(sched.step());
+  EXPECT_EQ(sched.stats().prompt_tokens, 3 + 40) << "3 echoed positions to score, and the plain prompt at once";
+  sched.run_until_idle();
+  EXPECT_GE(sched.stats().steps, 13) << "39 prompt positions to score, 3 a step";
+  const Scored o = drain_scored(*se);
+  EXPECT_EQ(o.tokens.size(), 4u);
+  expect_request_scored(*m.model, echoed, o);
+  EXPECT_EQ(drain(*sp).tokens, alone(*m.model, ps[1], 4));
+}
+
 TEST(Scheduler, PromptLogprobsSurviveChunkingAndPreemption) {
   Loaded& m = stories();
   const auto ps = prompts(12, 5, 30, m.ck.config.vocab_size, 5);

@@ -111,8 +111,12 @@ Scheduler::Scheduler(Model& model, SchedulerOptions options)
       options_(std::move(options)),
       engine_(model, {.kv_tokens = options_.kv_tokens, .block_size = options_.block_size, .graphs = options_.graphs,
                       .sparsity = options_.sparsity}),
-      blocks_total_(engine_.cache().num_blocks()) {
+      blocks_total_(engine_.cache().num_blocks()),
+      scored_rows_(options_.max_scored_rows > 0
+                       ? options_.max_scored_rows
+                       : std::max<int64_t>(16, (int64_t(256) << 20) / (4 * model.config().vocab_size))) {
   check(options_.kv_tokens > 0, "scheduler: the KV cache needs a capacity (kv_tokens)");
+  check(options_.max_scored_rows >= 0, "max_scored_rows must be >= 0, got {}", options_.max_scored_rows);
   check(options_.max_seqs >= 1, "--max-seqs must be >= 1, got {}", options_.max_seqs);
   // Every running sequence decodes in every step: the step budget must hold a full batch of decode tokens.
   check(options_.max_batch_tokens >= options_.max_seqs, "--max-batch-tokens ({}) must be >= --max-seqs ({})",
@@ -377,14 +381,27 @@ bool Scheduler::step() {
   // A chunk's logit rows run from its logits_from to its end: its last token's (which samples) and, under
   // echo_logprobs, those of the positions that score prompt tokens not scored yet — position p scores
   // token p + 1 of the prompt, so the chunk's positions [max(cached, echo_next - 1), prompt length - 1).
+  // The rows a step adds for scoring stay within scored_rows_: an echoed prompt's chunk ends where its
+  // share runs out (or waits for the next step, when it would score from its first token).
   bool all_logits = false;
+  int64_t scored_left = scored_rows_;
   auto add_prompt_chunk = [&](Sequence& s) {
-    const int64_t take = std::min<int64_t>(s.prompt_end - s.cached, budget);
+    int64_t take = std::min<int64_t>(s.prompt_end - s.cached, budget);
     int64_t from = take - 1;
     if (s.request.params.echo_logprobs) {
-      const int64_t first = std::max(s.cached, s.echo_next - 1),
-                    end = std::min<int64_t>(s.cached + take, static_cast<int64_t>(s.request.prompt.size()) - 1);
-      if (first < end) from = first - s.cached;
+      // Chunk offsets: scoring starts at `first`, and positions before `last` score a prompt token.
+      const int64_t first = std::max(s.cached, s.echo_next - 1) - s.cached,
+                    last = static_cast<int64_t>(s.request.prompt.size()) - 1 - s.cached;
+      if (first < std::min(take, last)) {
+        if (scored_left == 0 && first == 0) return;
+        take = std::min(take, first + scored_left);
+        if (first < std::min(take, last)) {
+          from = first;
+          scored_left -= take - from;
+        } else {
+          from = take - 1;
+        }
+      }
     }
     all_logits = all_logits || from < take - 1;
     chunks.push_back({s.engine_seq, std::span<const int32_t>(s.tokens).subspan(static_cast<size_t>(s.cached),

@@ -118,6 +118,11 @@ class RequestStream {
 struct SchedulerOptions {
   int64_t max_seqs = 256;          // sequences in the running batch at most
   int64_t max_batch_tokens = 2048;  // tokens per engine step at most (decode tokens + prompt chunks)
+  // Prompt positions scored for echo_logprobs per step at most: each adds a vocabulary-wide row to the step's
+  // logits, so a long echoed prompt would otherwise ask for a [max_batch_tokens, vocab] block at once (512 MB
+  // in fp16 at 2048 x 128k). 0: as many as 256 MiB of fp32 rows hold, at least 16. A longer prompt is scored
+  // over several steps, reading its prompt in shorter chunks.
+  int64_t max_scored_rows = 0;
   int64_t kv_tokens = 0;           // KV cache capacity in tokens (EngineOptions::kv_tokens); required
   int64_t block_size = 16;
   bool graphs = true;
@@ -198,6 +203,7 @@ class Scheduler {
   SchedulerOptions options_;
   Engine engine_;
   int64_t blocks_total_;
+  int64_t scored_rows_;  // the effective max_scored_rows
 
   mutable std::mutex submit_mu_;
   std::condition_variable submit_cv_;
