@@ -4,7 +4,7 @@
 # (safetensors, GGUF, checkpoints, tokenizers, router files, task files, chat templates), the sparse ops, the
 # CLI's bad-input tests and the HTTP server's tests again under AddressSanitizer + UBSan, and last a short
 # coverage-guided fuzzing run of the parsers (scripts/fuzz.sh, FUZZ_SECONDS a target, 20 by default).
-# About 25 minutes on 2 cores from a fresh checkout.
+# About 30 minutes on 2 cores from a fresh checkout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD_DIR=build scripts/build.sh
