@@ -25,10 +25,7 @@ int64_t pow2_at_least(int64_t x) {
   return p;
 }
 
-}  // namespace
-
-namespace {
-
+// Every rank's backend, rank 0 first (the KV cache keeps one store on each).
 std::vector<Backend*> rank_backends(Model& model) {
   std::vector<Backend*> out;
   for (int r = 0; r < model.ranks(); ++r) out.push_back(&model.rank(r).backend());
