@@ -77,8 +77,12 @@ if has_stage test; then
   cpu_line=$(grep -E "tests passed" "$RESULTS/tests-cpu.log" || echo "cpu tests: no summary")
   gpu_line=$(grep -E "tests passed" "$RESULTS/tests-gpu.log" || echo "gpu tests: no summary")
   test_summary="cpu: $cpu_line | gpu: $gpu_line"
-  [ $cpu_rc -ne 0 ] && grep -E "Failed|FAILED|Failure|Expected|Which is|rel_err|error" "$RESULTS/tests-cpu.log" | head -40
-  [ $gpu_rc -ne 0 ] && grep -E "FAILED|Failure|Expected|Which is|Value of|actual|error|Trace|step|row" "$RESULTS/tests-gpu.log" | head -80
+  if [ $cpu_rc -ne 0 ]; then
+    grep -E "Failed|FAILED|Failure|Expected|Which is|rel_err|error" "$RESULTS/tests-cpu.log" | head -40 || true
+  fi
+  if [ $gpu_rc -ne 0 ]; then
+    grep -E "FAILED|Failure|Expected|Which is|Value of|actual|error|Trace|step|row" "$RESULTS/tests-gpu.log" | head -80 || true
+  fi
 fi
 
 if has_stage kernels; then
