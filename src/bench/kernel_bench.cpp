@@ -84,9 +84,11 @@ std::vector<GemmShape> default_gemm_shapes() {
 
 std::vector<GatherShape> default_gather_shapes() {
   std::vector<GatherShape> s;
-  for (bool up : {true, false})
-    for (int64_t b : {16, 64, 256}) s.push_back({up, b, 9216, 36864, 0.5});
-  for (int64_t b : {64, 256}) s.push_back({false, b, 4096, 16384, 0.1});
+  // The anchors' table (../shared/docs/anchors-h200.md): OPT-6.7B's and OPT-66B's MLP at both densities.
+  for (int64_t d : {4096, 9216})
+    for (double density : {0.1, 0.5})
+      for (bool up : {true, false})
+        for (int64_t b : {16, 64, 256}) s.push_back({up, b, d, 4 * d, density});
   return s;
 }
 

@@ -33,6 +33,9 @@
 // distinct banks; x's stages are swizzled instead (wgmma reads them whole).
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <tuple>
+#include <utility>
 
 #include "ops/cuda/device_util.cuh"
 #include "ops/cuda/gather_gemm.h"
@@ -43,15 +46,16 @@ namespace {
 
 using namespace detail;
 
-// Compile-time shape of one configuration: BM rows of x, up (gather_n) or down.
-template <int BM, bool kGatherN> struct Cfg {
-  static constexpr int kWG = BM >= 128 ? 2 : 1;  // warpgroups
+// Compile-time shape of one configuration: BM rows of x, up (gather_n) or down, WG warpgroups (64 weight rows
+// each: kBN = 64·WG outputs a tile), K stages kBK deep, kStages of them in the cp.async pipeline.
+template <int BM_, bool kGatherN_, int WG, int BK, int Stages> struct Cfg {
+  static constexpr int BM = BM_;
+  static constexpr bool kGatherN = kGatherN_;
+  static constexpr int kWG = WG;
   static constexpr int kBN = 64 * kWG;
   static constexpr int kThreads = 128 * kWG;
-  // K per stage: 128 where shared memory allows 2-3 CTAs an SM (each selected row is then read 256 bytes
-  // at a time, and a unit's fixed costs are spread over twice the bytes), 64 at BM 128/256.
-  static constexpr int kBK = BM <= 64 ? 128 : 64;
-  static constexpr int kStages = kBK == 128 ? 3 : 4;
+  static constexpr int kBK = BK;
+  static constexpr int kStages = Stages;
   // x's stage: kBK / 64 column blocks [BM][64], each in the 128-byte swizzle layout.
   static constexpr int kXStageBytes = BM * kBK * 2;
   // B in shared memory: up [kBN n][kBK k], down [kBK k][kBN n].
@@ -60,8 +64,36 @@ template <int BM, bool kGatherN> struct Cfg {
   static constexpr int kWChunks = kWRows * kWCols / 8 / kThreads;
   // + 1 KB to align the swizzled x stages to 1024 bytes.
   static constexpr int kSmemBytes = kStages * (kXStageBytes + kWRows * kWPitch * 2) + 1024;
-  static_assert(kXChunks >= 1 && kXStageBytes % 1024 == 0);
+  static_assert(kXChunks >= 1 && BM * kBK % (8 * kThreads) == 0 && kXStageBytes % 1024 == 0);
 };
+
+// The configurations tried per BM (EXPERIMENT: POLAR_GATHER_CFG picks one; the first is the current
+// default). Each trades x's L2 traffic per weight byte (x's stage is re-read for every kBN weight rows) against
+// CTAs per SM and per-unit fixed costs.
+template <int BM, bool G> struct Configs;
+template <bool G> struct Configs<16, G> {
+  using List = std::tuple<Cfg<16, G, 1, 128, 3>, Cfg<16, G, 2, 128, 3>>;
+};
+template <bool G> struct Configs<32, G> {
+  using List = std::tuple<Cfg<32, G, 1, 128, 3>, Cfg<32, G, 2, 64, 4>, Cfg<32, G, 2, 128, 3>>;
+};
+template <bool G> struct Configs<64, G> {
+  using List = std::tuple<Cfg<64, G, 1, 128, 3>, Cfg<64, G, 2, 64, 4>, Cfg<64, G, 2, 128, 3>, Cfg<64, G, 4, 64, 3>>;
+};
+template <bool G> struct Configs<128, G> {
+  using List = std::tuple<Cfg<128, G, 2, 64, 4>, Cfg<128, G, 4, 64, 3>>;
+};
+template <bool G> struct Configs<256, G> {
+  using List = std::tuple<Cfg<256, G, 2, 64, 4>>;
+};
+
+int config_choice() {
+  static const int v = [] {
+    const char* e = std::getenv("POLAR_GATHER_CFG");
+    return e ? std::atoi(e) : 0;
+  }();
+  return v;
+}
 
 // Units per CTA at least: fewer, and a CTA spends more time filling its pipeline than computing.
 constexpr int kMinUnitsPerCta = 4;
@@ -126,10 +158,11 @@ __host__ __device__ inline int64_t workspace_floats(const Plan& p) {
   return partial_offset(p, int64_t(p.ctas) * p.m_tiles, 0);
 }
 
-template <typename T, int BM, bool kGatherN>
-__global__ void __launch_bounds__(Cfg<BM, kGatherN>::kThreads)
+template <typename T, typename C>
+__global__ void __launch_bounds__(C::kThreads)
     gather_gemm_kernel(const GatherGemm g, const Plan p, bool vec_x, bool vec_w, float* workspace) {
-  using C = Cfg<BM, kGatherN>;
+  constexpr int BM = C::BM;
+  constexpr bool kGatherN = C::kGatherN;
   constexpr int kBN = C::kBN, kBK = C::kBK;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - smem_u32(smem_raw) % 1024) % 1024);
@@ -329,16 +362,26 @@ __global__ void __launch_bounds__(kFinishThreads) gather_gemm_finish_kernel(cons
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// Calls f(tag, bm, gather_n) with the kernel's compile-time configuration for g.
+// f(cfg) with cfg a null pointer to List's n-th type.
+template <typename List, typename F, size_t... I> void call_nth(int n, F&& f, std::index_sequence<I...>) {
+  ((I == static_cast<size_t>(n) ? (f(static_cast<std::tuple_element_t<I, List>*>(nullptr)), 0) : 0), ...);
+}
+
+// Calls f(tag, cfg) with the kernel's compile-time configuration for g (cfg: a null Cfg pointer).
 template <typename F> void dispatch_config(const GatherGemm& g, Elem e, F&& f) {
   dispatch(e, [&](auto* tag) {
+    auto pick = [&](auto bm, auto gather_n) {
+      using List = typename Configs<bm(), gather_n()>::List;
+      const int choice = std::min<int>(config_choice(), std::tuple_size_v<List> - 1);
+      call_nth<List>(choice, [&](auto* cfg) { f(tag, cfg); }, std::make_index_sequence<std::tuple_size_v<List>>{});
+    };
     auto with_bm = [&](auto gather_n) {
       switch (bm_for(g.M)) {
-        case 16: return f(tag, std::integral_constant<int, 16>{}, gather_n);
-        case 32: return f(tag, std::integral_constant<int, 32>{}, gather_n);
-        case 64: return f(tag, std::integral_constant<int, 64>{}, gather_n);
-        case 128: return f(tag, std::integral_constant<int, 128>{}, gather_n);
-        default: return f(tag, std::integral_constant<int, 256>{}, gather_n);
+        case 16: return pick(std::integral_constant<int, 16>{}, gather_n);
+        case 32: return pick(std::integral_constant<int, 32>{}, gather_n);
+        case 64: return pick(std::integral_constant<int, 64>{}, gather_n);
+        case 128: return pick(std::integral_constant<int, 128>{}, gather_n);
+        default: return pick(std::integral_constant<int, 256>{}, gather_n);
       }
     };
     if (g.gather_n) {
@@ -350,21 +393,20 @@ template <typename F> void dispatch_config(const GatherGemm& g, Elem e, F&& f) {
 }
 
 // The configuration's kernel with its shared memory reserved, and how many CTAs of it the GPU holds at once.
-template <typename T, int BM, bool kGatherN> int resident_ctas(int num_sms) {
-  using C = Cfg<BM, kGatherN>;
-  return ctas_per_sm(gather_gemm_kernel<T, BM, kGatherN>, C::kThreads, C::kSmemBytes, "gather GEMM") * num_sms;
+template <typename T, typename C> int resident_ctas(int num_sms) {
+  return ctas_per_sm(gather_gemm_kernel<T, C>, C::kThreads, C::kSmemBytes, "gather GEMM") * num_sms;
 }
 
-template <typename T, int BM, bool kGatherN> Plan plan_of(const GatherGemm& g, int num_sms) {
-  return plan_for(g, Cfg<BM, kGatherN>::kBN, Cfg<BM, kGatherN>::kBK, resident_ctas<T, BM, kGatherN>(num_sms));
+template <typename T, typename C> Plan plan_of(const GatherGemm& g, int num_sms) {
+  return plan_for(g, C::kBN, C::kBK, resident_ctas<T, C>(num_sms));
 }
 
 }  // namespace
 
 size_t gather_gemm_workspace_bytes(const GatherGemm& g, int num_sms, Elem e) {
   size_t bytes = 0;
-  dispatch_config(g, e, [&](auto* tag, auto bm, auto gather_n) {
-    const Plan p = plan_of<std::remove_pointer_t<decltype(tag)>, bm(), gather_n()>(g, num_sms);
+  dispatch_config(g, e, [&](auto* tag, auto* cfg) {
+    const Plan p = plan_of<std::remove_pointer_t<decltype(tag)>, std::remove_pointer_t<decltype(cfg)>>(g, num_sms);
     bytes = static_cast<size_t>(workspace_floats(p)) * sizeof(float);
   });
   return bytes;
@@ -375,21 +417,18 @@ void gather_gemm(const GatherGemm& g, void* workspace, size_t workspace_bytes, i
   if (g.M == 0 || g.N == 0) return;
   if (workspace_bytes < gather_gemm_workspace_bytes(g, num_sms, e))
     fail("gather GEMM: workspace of {} bytes is too small", workspace_bytes);
-  dispatch_config(g, e, [&](auto* tag, auto bm, auto gather_n) {
+  dispatch_config(g, e, [&](auto* tag, auto* cfg) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    constexpr int BM = bm();
-    constexpr bool kGatherN = gather_n();
-    const Plan p = plan_of<T, BM, kGatherN>(g, num_sms);
+    using C = std::remove_pointer_t<decltype(cfg)>;
+    const Plan p = plan_of<T, C>(g, num_sms);
     // cp.async needs every 8-element chunk it copies to start 16-byte aligned.
     const bool vec_x = aligned16(g.x) && g.ldx % 8 == 0 && g.K % 8 == 0;
-    const bool vec_w = aligned16(g.w) && g.ldw % 8 == 0 && (kGatherN ? g.K : g.N) % 8 == 0;
+    const bool vec_w = aligned16(g.w) && g.ldw % 8 == 0 && (C::kGatherN ? g.K : g.N) % 8 == 0;
     float* tiles = static_cast<float*>(workspace);
-    using C = Cfg<BM, kGatherN>;
-    gather_gemm_kernel<T, BM, kGatherN><<<p.ctas * p.m_tiles, C::kThreads, C::kSmemBytes, stream>>>(g, p, vec_x, vec_w,
-                                                                                                   tiles);
+    gather_gemm_kernel<T, C><<<p.ctas * p.m_tiles, C::kThreads, C::kSmemBytes, stream>>>(g, p, vec_x, vec_w, tiles);
     check_launch("gather GEMM");
     gather_gemm_finish_kernel<T, C::kBN>
-        <<<dim3(p.n_tiles, p.m_tiles, BM / kFinishRows), kFinishThreads, 0, stream>>>(g, p, tiles);
+        <<<dim3(p.n_tiles, p.m_tiles, C::BM / kFinishRows), kFinishThreads, 0, stream>>>(g, p, tiles);
     check_launch("gather GEMM epilogue");
   });
 }
