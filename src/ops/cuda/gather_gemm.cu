@@ -168,6 +168,9 @@ __global__ void __launch_bounds__(C::kThreads)
   unsigned char* smem = smem_raw + ((1024 - smem_u32(smem_raw) % 1024) % 1024);
   T* xs = reinterpret_cast<T*>(smem);  // [kStages][kBK / 64][BM][64], 128-byte swizzle
   T* ws = reinterpret_cast<T*>(smem + C::kStages * C::kXStageBytes);  // [kStages][kWRows][kWPitch]
+  // The epilogue kernel may be scheduled now: its CTAs wait (wait_for_prior_grid) beside these ones, which
+  // take a fraction of an SM's threads and registers, so its launch is hidden behind this kernel.
+  trigger_dependents();
   const T* x = static_cast<const T*>(g.x);
   const T* w = static_cast<const T*>(g.w);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -339,6 +342,7 @@ template <typename T, int BN>
 __global__ void __launch_bounds__(kFinishThreads) gather_gemm_finish_kernel(const GatherGemm g, const Plan p,
                                                                             const float* workspace) {
   constexpr int kPerThread = kFinishRows * BN / kFinishThreads;
+  wait_for_prior_grid();  // the GEMM kernel's workspace tiles
   const int64_t tile = blockIdx.x, m_tile = blockIdx.y;
   const int64_t c0 = p.owner(tile * p.k_tiles), c1 = p.owner((tile + 1) * p.k_tiles - 1);
   const int rows_at = blockIdx.z * kFinishRows * BN;  // this CTA's rows within a tile slot
@@ -427,9 +431,8 @@ void gather_gemm(const GatherGemm& g, void* workspace, size_t workspace_bytes, i
     float* tiles = static_cast<float*>(workspace);
     gather_gemm_kernel<T, C><<<p.ctas * p.m_tiles, C::kThreads, C::kSmemBytes, stream>>>(g, p, vec_x, vec_w, tiles);
     check_launch("gather GEMM");
-    gather_gemm_finish_kernel<T, C::kBN>
-        <<<dim3(p.n_tiles, p.m_tiles, C::BM / kFinishRows), kFinishThreads, 0, stream>>>(g, p, tiles);
-    check_launch("gather GEMM epilogue");
+    launch_after_trigger(gather_gemm_finish_kernel<T, C::kBN>, dim3(p.n_tiles, p.m_tiles, C::BM / kFinishRows),
+                         dim3(kFinishThreads), 0, stream, "gather GEMM epilogue", g, p, static_cast<const float*>(tiles));
   });
 }
 
