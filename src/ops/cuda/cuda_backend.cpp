@@ -1,17 +1,14 @@
 // The CUDA backend: fp16 or bf16 weights, activations and KV cache with fp32 accumulation. GEMMs go to
-// cuBLASLt; everything else is polar's own kernels (the op families of kernels.h, attention.h,
-// gather_gemm.h). All work is enqueued on one stream; host synchronisation happens only where the host
-// needs data back (to_host_f32, synchronize).
-#include <cublasLt.h>
+// cuBLASLt (cublaslt_gemm.h); everything else is polar's own kernels (the op families of kernels.h,
+// attention.h, gather_gemm.h); memory comes from a caching allocator (device_allocator.h). All work is
+// enqueued on one stream; host synchronisation happens only where the host needs data back (to_host_f32,
+// synchronize).
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
 #include <compare>
 #include <map>
-#include <mutex>
-#include <tuple>
-#include <unordered_map>
 #include <vector>
 
 #include <fmt/format.h>
@@ -20,133 +17,21 @@
 #include "ops/backend.h"
 #include "ops/cuda/attention.h"
 #include "ops/cuda/bandwidth.h"
+#include "ops/cuda/cublaslt_gemm.h"
 #include "ops/cuda/cuda_backend.h"
+#include "ops/cuda/cuda_check.h"
+#include "ops/cuda/device_allocator.h"
 #include "ops/cuda/gather_gemm.h"
 #include "ops/cuda/kernels.h"
+#include "ops/cuda/variant_timing.h"
 
 namespace polar {
 
 namespace {
 
-void cuda_check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) fail("CUDA error in {}: {}", what, cudaGetErrorString(err));
-}
-
-void lt_check(cublasStatus_t st, const char* what) {
-  if (st != CUBLAS_STATUS_SUCCESS) fail("cuBLASLt error in {}: status {}", what, static_cast<int>(st));
-}
-
-// Caching device allocator: freed blocks are kept by size (cuda_block_bytes' classes) and handed out again, so the
-// steady state of a decode loop, which asks for the same sizes every step, never calls cudaMalloc. All
-// work runs on one stream, so a block freed on the host can be reused by the next op in stream order.
-class DeviceAllocator {
- public:
-  ~DeviceAllocator() { release_cached(); }
-
-  void* get(size_t bytes) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    auto it = free_.find(bytes);
-    if (it != free_.end() && !it->second.empty()) {
-      void* p = it->second.back();
-      it->second.pop_back();
-      cached_bytes_ -= bytes;
-      return p;
-    }
-    void* p = nullptr;
-    if (cudaMalloc(&p, bytes) != cudaSuccess) {
-      cudaGetLastError();  // clear the sticky-free error state of the failed allocation
-      release_cached_locked();
-      if (cudaMalloc(&p, bytes) != cudaSuccess) {
-        cudaGetLastError();
-        size_t free_b = 0, total_b = 0;
-        cudaMemGetInfo(&free_b, &total_b);
-        fail("out of GPU memory allocating {:.1f} MiB ({:.1f} MiB free of {:.1f} MiB)", bytes / 1048576.0,
-             free_b / 1048576.0, total_b / 1048576.0);
-      }
-    }
-    return p;
-  }
-
-  void put(void* p, size_t bytes) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    free_[bytes].push_back(p);
-    cached_bytes_ += bytes;
-  }
-
-  size_t cached_bytes() const { return cached_bytes_; }
-  void release_cached() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    release_cached_locked();
-  }
-
- private:
-  void release_cached_locked() {
-    for (auto& [size, blocks] : free_)
-      for (void* p : blocks) cudaFree(p);
-    free_.clear();
-    cached_bytes_ = 0;
-  }
-  std::mutex mutex_;
-  std::unordered_map<size_t, std::vector<void*>> free_;
-  size_t cached_bytes_ = 0;
-};
-
-}  // namespace
-
-// Prefill and mixed steps ask for sizes that vary with their token count; with exact sizes each new count
-// would miss the cache (a cudaMalloc, which synchronises) and leave one more block in it for good. Between
-// 64 KiB and 256 MiB, sizes are rounded up to 8 classes per power of two (at most 12.5% unused), so the cache
-// holds a bounded set of sizes; below, to 256 bytes; above (weights, the KV cache), to 2 MiB, where a wider
-// class would waste gigabytes.
-size_t cuda_block_bytes(size_t bytes) {
-  auto round_up = [](size_t x, size_t to) { return (x + to - 1) / to * to; };
-  if (bytes < (size_t{64} << 10)) return std::max<size_t>(256, round_up(bytes, 256));
-  if (bytes >= (size_t{256} << 20)) return round_up(bytes, size_t{2} << 20);
-  size_t top = size_t{1} << 16;
-  while (top * 2 <= bytes) top *= 2;  // top <= bytes < 2 top
-  return round_up(bytes, top / 8);
-}
-
-namespace {
-
-class DeviceStorage final : public Storage {
- public:
-  DeviceStorage(std::shared_ptr<DeviceAllocator> alloc, size_t bytes)
-      : alloc_(std::move(alloc)), capacity_(cuda_block_bytes(bytes)), size_(bytes) {
-    ptr_ = alloc_->get(capacity_);
-  }
-  ~DeviceStorage() override { alloc_->put(ptr_, capacity_); }
-  void* data() override { return ptr_; }
-  size_t size() const override { return size_; }
-  Device device() const override { return Device::CUDA; }
-
- private:
-  std::shared_ptr<DeviceAllocator> alloc_;
-  void* ptr_ = nullptr;
-  size_t capacity_, size_;
-};
-
-// A cuBLASLt plan for one GEMM shape: descriptors plus the fastest of the heuristic's candidate algorithms
-// (CudaBackend::fastest), cached so the per-call host cost is a descriptor attribute update and the launch.
-struct GemmPlan {
-  cublasLtMatmulDesc_t desc = nullptr;
-  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
-  cublasLtMatmulAlgo_t algo{};
-};
-
-// What a GEMM plan depends on: shape, epilogue, weight layout, beta, and the operands' alignments.
-struct GemmKey {
-  int64_t m, n, k;
-  bool bias, relu, w_kn, accumulate;
-  int align_x, align_w, align_y;
-  auto operator<=>(const GemmKey&) const = default;
-};
-
-int alignment_of(const void* p) {
-  const auto v = reinterpret_cast<uintptr_t>(p);
-  for (int a : {256, 128, 64, 32, 16, 8, 4}) if (v % a == 0) return a;
-  return 2;
-}
+using cuda::cuda_check;
+using cuda::DeviceAllocator;
+using cuda::DeviceStorage;
 
 // A captured CUDA graph plus every device buffer allocated while it was captured.
 class CudaGraph final : public Graph {
@@ -175,25 +60,19 @@ class CudaBackend final : public Backend {
     num_sms_ = prop.multiProcessorCount;
     cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
     cuda_check(cudaStreamCreateWithFlags(&side_stream_, cudaStreamNonBlocking), "cudaStreamCreate");
-    lt_check(cublasLtCreate(&lt_), "cublasLtCreate");
+    gemms_ = std::make_unique<cuda::GemmPlanner>(device, dtype);
     alloc_ = std::make_shared<DeviceAllocator>();
-    workspace_ = alloc(DType::U8, {kGemmWorkspace});
-    side_workspace_ = alloc(DType::U8, {kGemmWorkspace});
+    workspace_ = alloc(DType::U8, {cuda::GemmPlanner::kWorkspaceBytes});
+    side_workspace_ = alloc(DType::U8, {cuda::GemmPlanner::kWorkspaceBytes});
     error_flag_ = alloc(DType::I32, {1});
     cuda_check(cudaMemsetAsync(error_flag_.raw(), 0, 4, stream_), "cudaMemset");
   }
 
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
-    for (auto& [key, plan] : plans_) {
-      cublasLtMatrixLayoutDestroy(plan.a);
-      cublasLtMatrixLayoutDestroy(plan.b);
-      cublasLtMatrixLayoutDestroy(plan.c);
-      cublasLtMatmulDescDestroy(plan.desc);
-    }
+    gemms_.reset();
     for (cudaEvent_t e : events_) cudaEventDestroy(e);
     for (cudaEvent_t e : side_events_) cudaEventDestroy(e);
-    cublasLtDestroy(lt_);
     cudaStreamDestroy(stream_);
     cudaStreamDestroy(side_stream_);
   }
@@ -651,14 +530,6 @@ class CudaBackend final : public Backend {
     cudaEventDestroy(stop);
   }
 
-  static constexpr int64_t kGemmWorkspace = 32 << 20;
-  static constexpr int kGemmCandidates = 16;  // cuBLASLt heuristic results timed per GEMM plan
-  static constexpr int kTuneRuns = 5;
-  static constexpr size_t kSplitKBases = 4;   // heuristic picks that also get split-K variants
-  // GEMMs of up to this many rows (decode batches, graph buckets) are tuned for their exact m; larger ones
-  // per row bucket (row_bucket_key).
-  static constexpr int64_t kExactTuneRows = 256;
-
   cuda::Elem elem() const { return dtype_ == DType::BF16 ? cuda::Elem::BF16 : cuda::Elem::F16; }
 
   void expect_device(const Tensor& t, const char* what) const {
@@ -747,7 +618,7 @@ class CudaBackend final : public Backend {
     if (auto it = mlp_paths_.find(key); it != mlp_paths_.end()) return it->second;
     if (capturing_) return false;
     Tensor scratch = alloc(dtype_, y.shape());
-    const std::vector<float> ms = time_variants(2, [&](size_t i) {
+    const std::vector<float> ms = cuda::time_variants(device_, stream_, 2, [&](size_t i) {
       i == 0 ? kernel(scratch) : dense(scratch);
       return true;
     });
@@ -782,10 +653,7 @@ class CudaBackend final : public Backend {
     cuda::gather_gemm(g, workspace.raw(), ws, num_sms_, elem(), stream_);
   }
 
-  // y[m, n] = x[m, k] · W (+ bias[n]) (ReLU) (+ y), W = wᵀ for w [n, k] (w_kn false: a Linear's weight) or
-  // W = w for w [k, n] (w_kn true: neuron-major down-projection rows). Row-major y is column-major
-  // yᵀ [n, m] = W' · xᵀ, so cuBLASLt computes D = op(A)·B with A = w (column-major [k, n] transposed, or
-  // [n, k] as is) and B = x (column-major [k, m]).
+  // cuda::Gemm's y = x · W (+ bias) (ReLU) (+ y) on checked operands, W = wᵀ for w [n, k] or w for w [k, n] (w_kn).
   void gemm(const Tensor& x, const Tensor& w, bool w_kn, const Tensor* bias, bool relu, Tensor& y, bool accumulate,
             const char* what) {
     expect_act(x, what);
@@ -799,177 +667,18 @@ class CudaBackend final : public Backend {
       check(bias->numel() == n, "{}: bias of {} for {} outputs", what, bias->numel(), n);
     }
     if (m == 0) return;
-    GemmPlan& plan = gemm_plan({m, n, k, bias != nullptr, relu, w_kn, accumulate, alignment_of(x.raw()),
-                                alignment_of(w.raw()), alignment_of(y.raw())},
-                               bias ? bias->raw() : nullptr, x.raw(), w.raw());
-    if (bias) {
-      const void* bp = bias->raw();
-      lt_check(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp, sizeof(bp)), "bias");
-    }
-    lt_check(matmul(plan, plan.algo, x.raw(), w.raw(), y.raw(), accumulate), "cublasLtMatmul");
-  }
-
-  cublasStatus_t matmul(const GemmPlan& plan, const cublasLtMatmulAlgo_t& algo, const void* x, const void* w, void* y,
-                        bool accumulate) {
-    const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
-    return cublasLtMatmul(lt_, plan.desc, &alpha, w, plan.a, x, plan.b, &beta, y, plan.c, y, plan.c, &algo,
-                          workspace_.raw(), kGemmWorkspace, stream_);
-  }
-
-  GemmPlan& gemm_plan(const GemmKey& key, const void* bias, const void* x, const void* w) {
-    auto it = plans_.find(key);
-    if (it != plans_.end()) return it->second;
-    const int64_t m = key.m, n = key.n, k = key.k;
-    const cudaDataType_t t = dtype_ == DType::BF16 ? CUDA_R_16BF : CUDA_R_16F;
-    GemmPlan p;
-    lt_check(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "matmul desc");
-    const cublasOperation_t trans_a = key.w_kn ? CUBLAS_OP_N : CUBLAS_OP_T, no_trans = CUBLAS_OP_N;
-    lt_check(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &trans_a, sizeof(trans_a)), "transa");
-    lt_check(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &no_trans, sizeof(no_trans)), "transb");
-    const cublasLtEpilogue_t epi = key.relu ? (key.bias ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU)
-                                            : (key.bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT);
-    lt_check(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)), "epilogue");
-    if (bias)
-      lt_check(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)), "bias");
-    if (key.w_kn)
-      lt_check(cublasLtMatrixLayoutCreate(&p.a, t, n, k, n), "layout a");
-    else
-      lt_check(cublasLtMatrixLayoutCreate(&p.a, t, k, n, k), "layout a");
-    lt_check(cublasLtMatrixLayoutCreate(&p.b, t, k, m, k), "layout b");
-    lt_check(cublasLtMatrixLayoutCreate(&p.c, t, n, m, n), "layout c");
-    // Prompt-sized GEMMs (m > kExactTuneRows rows: prefill and mixed steps, whose m changes with every prompt)
-    // reuse the algorithm tuned for the first m of their row bucket, when cuBLASLt accepts it for this m:
-    // tuning times some 30 candidates, tens of milliseconds per shape, which would land on the step.
-    if (m > kExactTuneRows && !capturing_) {
-      const auto tuned = tuned_for_rows_.find(row_bucket_key(key));
-      cublasLtMatmulHeuristicResult_t r{};
-      if (tuned != tuned_for_rows_.end() &&
-          cublasLtMatmulAlgoCheck(lt_, p.desc, p.a, p.b, p.c, p.c, &tuned->second, &r) == CUBLAS_STATUS_SUCCESS &&
-          r.workspaceSize <= static_cast<size_t>(kGemmWorkspace)) {
-        p.algo = tuned->second;
-        return plans_.emplace(key, p).first->second;
-      }
-    }
-    cublasLtMatmulPreference_t pref;
-    lt_check(cublasLtMatmulPreferenceCreate(&pref), "preference");
-    const uint64_t ws = kGemmWorkspace;
-    lt_check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)), "ws");
-    const uint32_t aw = key.align_w, ax = key.align_x, ay = key.align_y;
-    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &aw, sizeof(aw));
-    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &ax, sizeof(ax));
-    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &ay, sizeof(ay));
-    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &ay, sizeof(ay));
-    std::vector<cublasLtMatmulHeuristicResult_t> results(kGemmCandidates);
-    int found = 0;
-    const cublasStatus_t st =
-        cublasLtMatmulAlgoGetHeuristic(lt_, p.desc, p.a, p.b, p.c, p.c, pref, kGemmCandidates, results.data(), &found);
-    cublasLtMatmulPreferenceDestroy(pref);
-    if (st != CUBLAS_STATUS_SUCCESS || found == 0)
-      fail("cuBLASLt has no algorithm for a {} GEMM of m={} n={} k={}", dtype_name(dtype_), m, n, k);
-    results.resize(found);
-    if (!capturing_) add_split_k_variants(p, results);
-    p.algo = capturing_ ? results[0].algo : fastest(p, results, x, w, m * n, key.accumulate);
-    if (m > kExactTuneRows && !capturing_) tuned_for_rows_.emplace(row_bucket_key(key), p.algo);
-    return plans_.emplace(key, p).first->second;
-  }
-
-  // The key a prompt-sized GEMM's tuned algorithm is kept under: m rounded up to a power of two (the
-  // operands' alignments stay in it: the algorithm was chosen for them).
-  static GemmKey row_bucket_key(GemmKey key) {
-    int64_t bucket = kExactTuneRows;
-    while (bucket < key.m) bucket *= 2;
-    key.m = bucket;
-    return key;
-  }
-
-  // Split-K variants (2, 4, 8 splits of k, partial sums reduced in fp32 in the workspace) of the heuristic's
-  // first kSplitKBases picks, where the algorithm supports it and cuBLASLt accepts the configuration: at
-  // decode batch sizes a [n, k] weight with n = 4096 gives too few output tiles to keep every SM streaming.
-  void add_split_k_variants(const GemmPlan& p, std::vector<cublasLtMatmulHeuristicResult_t>& results) {
-    const size_t bases = std::min<size_t>(results.size(), kSplitKBases);
-    for (size_t i = 0; i < bases; ++i) {
-      int32_t supported = 0, current = 1;
-      uint32_t schemes = 0;
-      size_t written = 0;
-      const cublasLtMatmulAlgo_t& base = results[i].algo;
-      if (cublasLtMatmulAlgoCapGetAttribute(&base, CUBLASLT_ALGO_CAP_SPLITK_SUPPORT, &supported, sizeof(supported),
-                                            &written) != CUBLAS_STATUS_SUCCESS || !supported)
-        continue;
-      cublasLtMatmulAlgoCapGetAttribute(&base, CUBLASLT_ALGO_CAP_REDUCTION_SCHEME_MASK, &schemes, sizeof(schemes),
-                                        &written);
-      cublasLtMatmulAlgoConfigGetAttribute(&base, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &current, sizeof(current), &written);
-      if (current > 1 || !(schemes & CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE)) continue;
-      for (int32_t splits : {2, 4, 8}) {
-        cublasLtMatmulHeuristicResult_t r{};
-        r.algo = base;
-        const uint32_t scheme = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
-        cublasLtMatmulAlgoConfigSetAttribute(&r.algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &splits, sizeof(splits));
-        cublasLtMatmulAlgoConfigSetAttribute(&r.algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &scheme, sizeof(scheme));
-        if (cublasLtMatmulAlgoCheck(lt_, p.desc, p.a, p.b, p.c, p.c, &r.algo, &r) == CUBLAS_STATUS_SUCCESS &&
-            r.workspaceSize <= static_cast<size_t>(kGemmWorkspace))
-          results.push_back(r);
-      }
-    }
-  }
-
-  // The fastest of cuBLASLt's candidate algorithms for a plan: the heuristic's first pick is made for
-  // throughput-sized problems and leaves much of the bandwidth unused on some decode shapes (on an H200,
-  // m <= 256 x n = k = 4096 ran at 61% of copy bandwidth). Each candidate is timed (time_variants) into a
-  // scratch output; without memory for the scratch (a cache filling the device) the first pick stays.
-  cublasLtMatmulAlgo_t fastest(const GemmPlan& p, const std::vector<cublasLtMatmulHeuristicResult_t>& results,
-                               const void* x, const void* w, int64_t y_elems, bool accumulate) {
-    if (results.size() == 1) return results[0].algo;
-    void* y = nullptr;
-    if (cudaMalloc(&y, static_cast<size_t>(y_elems) * 2) != cudaSuccess) {
-      cudaGetLastError();
-      return results[0].algo;
-    }
-    const std::vector<float> ms = time_variants(results.size(), [&](size_t i) {
-      return matmul(p, results[i].algo, x, w, y, accumulate) == CUBLAS_STATUS_SUCCESS;
-    });
-    cuda_check(cudaFree(y), "cudaFree");
-    const size_t best = ms.empty() ? 0 : std::min_element(ms.begin(), ms.end()) - ms.begin();
-    return results[best].algo;
-  }
-
-  // The median time (ms) of each of n variants of one operation, enqueued by run(i), which returns false
-  // where variant i cannot run (its time is then infinite). Every variant runs once untimed (plans and
-  // caches it builds on first use stay out of the timing), then kTuneRuns times, each run after an
-  // L2-sized flush so that weights come from HBM as in a decode step. Empty without memory for the flush.
-  template <typename Run> std::vector<float> time_variants(size_t n, const Run& run) {
-    int l2 = 0;
-    cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device_);
-    const size_t flush_bytes = 2 * static_cast<size_t>(l2);
-    void* flush = nullptr;
-    if (cudaMalloc(&flush, flush_bytes) != cudaSuccess) {
-      cudaGetLastError();
-      return {};
-    }
-    cudaEvent_t start, stop;
-    cuda_check(cudaEventCreate(&start), "cudaEventCreate");
-    cuda_check(cudaEventCreate(&stop), "cudaEventCreate");
-    std::vector<float> medians(n, INFINITY);
-    for (size_t i = 0; i < n; ++i) {
-      if (!run(i)) continue;
-      std::vector<float> ms;
-      for (int r = 0; r < kTuneRuns; ++r) {
-        cuda_check(cudaMemsetAsync(flush, r, flush_bytes, stream_), "L2 flush");
-        cuda_check(cudaEventRecord(start, stream_), "cudaEventRecord");
-        if (!run(i)) break;
-        cuda_check(cudaEventRecord(stop, stream_), "cudaEventRecord");
-        cuda_check(cudaEventSynchronize(stop), "cudaEventSynchronize");
-        float t = 0;
-        cuda_check(cudaEventElapsedTime(&t, start, stop), "cudaEventElapsedTime");
-        ms.push_back(t);
-      }
-      if (ms.size() < static_cast<size_t>(kTuneRuns)) continue;
-      std::nth_element(ms.begin(), ms.begin() + kTuneRuns / 2, ms.end());
-      medians[i] = ms[kTuneRuns / 2];
-    }
-    cudaEventDestroy(start);
-    cudaEventDestroy(stop);
-    cuda_check(cudaFree(flush), "cudaFree");
-    return medians;
+    cuda::Gemm g;
+    g.x = x.raw();
+    g.w = w.raw();
+    g.bias = bias ? bias->raw() : nullptr;
+    g.y = y.raw();
+    g.m = m;
+    g.n = n;
+    g.k = k;
+    g.w_kn = w_kn;
+    g.relu = relu;
+    g.accumulate = accumulate;
+    gemms_->run(g, stream_, workspace_.raw(), capturing_);
   }
 
   int device_;
@@ -977,11 +686,9 @@ class CudaBackend final : public Backend {
   std::string name_;
   int num_sms_ = 0;
   cudaStream_t stream_ = nullptr;
-  cublasLtHandle_t lt_ = nullptr;
+  std::unique_ptr<cuda::GemmPlanner> gemms_;
   std::shared_ptr<DeviceAllocator> alloc_;
   Tensor workspace_, error_flag_;
-  std::map<GemmKey, GemmPlan> plans_;
-  std::map<GemmKey, cublasLtMatmulAlgo_t> tuned_for_rows_;  // by row_bucket_key: the algorithm tuned first there
   std::vector<cudaEvent_t> events_;
   size_t next_event_ = 0;
   bool capturing_ = false;

@@ -1,0 +1,175 @@
+#include "ops/cuda/cublaslt_gemm.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "core/error.h"
+#include "ops/cuda/cuda_check.h"
+#include "ops/cuda/variant_timing.h"
+
+namespace polar::cuda {
+
+namespace {
+
+void lt_check(cublasStatus_t st, const char* what) {
+  if (st != CUBLAS_STATUS_SUCCESS) fail("cuBLASLt error in {}: status {}", what, static_cast<int>(st));
+}
+
+int alignment_of(const void* p) {
+  const auto v = reinterpret_cast<uintptr_t>(p);
+  for (int a : {256, 128, 64, 32, 16, 8, 4}) if (v % a == 0) return a;
+  return 2;
+}
+
+}  // namespace
+
+GemmPlanner::GemmPlanner(int device, DType dtype) : device_(device), dtype_(dtype) {
+  lt_check(cublasLtCreate(&lt_), "cublasLtCreate");
+}
+
+GemmPlanner::~GemmPlanner() {
+  for (auto& [key, plan] : plans_) {
+    cublasLtMatrixLayoutDestroy(plan.a);
+    cublasLtMatrixLayoutDestroy(plan.b);
+    cublasLtMatrixLayoutDestroy(plan.c);
+    cublasLtMatmulDescDestroy(plan.desc);
+  }
+  cublasLtDestroy(lt_);
+}
+
+void GemmPlanner::run(const Gemm& g, cudaStream_t stream, void* workspace, bool capturing) {
+  stream_ = stream;
+  workspace_ = workspace;
+  capturing_ = capturing;
+  Plan& p = plan({g.m, g.n, g.k, g.bias != nullptr, g.relu, g.w_kn, g.accumulate, alignment_of(g.x),
+                  alignment_of(g.w), alignment_of(g.y)},
+                 g.bias, g.x, g.w);
+  if (g.bias) lt_check(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias, sizeof(g.bias)), "bias");
+  lt_check(matmul(p, p.algo, g.x, g.w, g.y, g.accumulate), "cublasLtMatmul");
+}
+
+cublasStatus_t GemmPlanner::matmul(const Plan& plan, const cublasLtMatmulAlgo_t& algo, const void* x, const void* w, void* y,
+                      bool accumulate) {
+  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+  return cublasLtMatmul(lt_, plan.desc, &alpha, w, plan.a, x, plan.b, &beta, y, plan.c, y, plan.c, &algo,
+                        workspace_, kWorkspaceBytes, stream_);
+}
+
+GemmPlanner::Plan& GemmPlanner::plan(const Key& key, const void* bias, const void* x, const void* w) {
+  auto it = plans_.find(key);
+  if (it != plans_.end()) return it->second;
+  const int64_t m = key.m, n = key.n, k = key.k;
+  const cudaDataType_t t = dtype_ == DType::BF16 ? CUDA_R_16BF : CUDA_R_16F;
+  Plan p;
+  lt_check(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "matmul desc");
+  const cublasOperation_t trans_a = key.w_kn ? CUBLAS_OP_N : CUBLAS_OP_T, no_trans = CUBLAS_OP_N;
+  lt_check(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &trans_a, sizeof(trans_a)), "transa");
+  lt_check(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &no_trans, sizeof(no_trans)), "transb");
+  const cublasLtEpilogue_t epi = key.relu ? (key.bias ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU)
+                                          : (key.bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT);
+  lt_check(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)), "epilogue");
+  if (bias)
+    lt_check(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)), "bias");
+  if (key.w_kn)
+    lt_check(cublasLtMatrixLayoutCreate(&p.a, t, n, k, n), "layout a");
+  else
+    lt_check(cublasLtMatrixLayoutCreate(&p.a, t, k, n, k), "layout a");
+  lt_check(cublasLtMatrixLayoutCreate(&p.b, t, k, m, k), "layout b");
+  lt_check(cublasLtMatrixLayoutCreate(&p.c, t, n, m, n), "layout c");
+  // Prompt-sized GEMMs (m > kExactTuneRows rows: prefill and mixed steps, whose m changes with every prompt)
+  // reuse the algorithm tuned for the first m of their row bucket, when cuBLASLt accepts it for this m:
+  // tuning times some 30 candidates, tens of milliseconds per shape, which would land on the step.
+  if (m > kExactTuneRows && !capturing_) {
+    const auto tuned = tuned_for_rows_.find(row_bucket_key(key));
+    cublasLtMatmulHeuristicResult_t r{};
+    if (tuned != tuned_for_rows_.end() &&
+        cublasLtMatmulAlgoCheck(lt_, p.desc, p.a, p.b, p.c, p.c, &tuned->second, &r) == CUBLAS_STATUS_SUCCESS &&
+        r.workspaceSize <= static_cast<size_t>(kWorkspaceBytes)) {
+      p.algo = tuned->second;
+      return plans_.emplace(key, p).first->second;
+    }
+  }
+  cublasLtMatmulPreference_t pref;
+  lt_check(cublasLtMatmulPreferenceCreate(&pref), "preference");
+  const uint64_t ws = kWorkspaceBytes;
+  lt_check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)), "ws");
+  const uint32_t aw = key.align_w, ax = key.align_x, ay = key.align_y;
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &aw, sizeof(aw));
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &ax, sizeof(ax));
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &ay, sizeof(ay));
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &ay, sizeof(ay));
+  std::vector<cublasLtMatmulHeuristicResult_t> results(kGemmCandidates);
+  int found = 0;
+  const cublasStatus_t st =
+      cublasLtMatmulAlgoGetHeuristic(lt_, p.desc, p.a, p.b, p.c, p.c, pref, kGemmCandidates, results.data(), &found);
+  cublasLtMatmulPreferenceDestroy(pref);
+  if (st != CUBLAS_STATUS_SUCCESS || found == 0)
+    fail("cuBLASLt has no algorithm for a {} GEMM of m={} n={} k={}", dtype_name(dtype_), m, n, k);
+  results.resize(found);
+  if (!capturing_) add_split_k_variants(p, results);
+  p.algo = capturing_ ? results[0].algo : fastest(p, results, x, w, m * n, key.accumulate);
+  if (m > kExactTuneRows && !capturing_) tuned_for_rows_.emplace(row_bucket_key(key), p.algo);
+  return plans_.emplace(key, p).first->second;
+}
+
+// The key a prompt-sized GEMM's tuned algorithm is kept under: m rounded up to a power of two (the
+// operands' alignments stay in it: the algorithm was chosen for them).
+GemmPlanner::Key GemmPlanner::row_bucket_key(Key key) {
+  int64_t bucket = kExactTuneRows;
+  while (bucket < key.m) bucket *= 2;
+  key.m = bucket;
+  return key;
+}
+
+// Split-K variants (2, 4, 8 splits of k, partial sums reduced in fp32 in the workspace) of the heuristic's
+// first kSplitKBases picks, where the algorithm supports it and cuBLASLt accepts the configuration: at
+// decode batch sizes a [n, k] weight with n = 4096 gives too few output tiles to keep every SM streaming.
+void GemmPlanner::add_split_k_variants(const Plan& p, std::vector<cublasLtMatmulHeuristicResult_t>& results) {
+  const size_t bases = std::min<size_t>(results.size(), kSplitKBases);
+  for (size_t i = 0; i < bases; ++i) {
+    int32_t supported = 0, current = 1;
+    uint32_t schemes = 0;
+    size_t written = 0;
+    const cublasLtMatmulAlgo_t& base = results[i].algo;
+    if (cublasLtMatmulAlgoCapGetAttribute(&base, CUBLASLT_ALGO_CAP_SPLITK_SUPPORT, &supported, sizeof(supported),
+                                          &written) != CUBLAS_STATUS_SUCCESS || !supported)
+      continue;
+    cublasLtMatmulAlgoCapGetAttribute(&base, CUBLASLT_ALGO_CAP_REDUCTION_SCHEME_MASK, &schemes, sizeof(schemes),
+                                      &written);
+    cublasLtMatmulAlgoConfigGetAttribute(&base, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &current, sizeof(current), &written);
+    if (current > 1 || !(schemes & CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE)) continue;
+    for (int32_t splits : {2, 4, 8}) {
+      cublasLtMatmulHeuristicResult_t r{};
+      r.algo = base;
+      const uint32_t scheme = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+      cublasLtMatmulAlgoConfigSetAttribute(&r.algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &splits, sizeof(splits));
+      cublasLtMatmulAlgoConfigSetAttribute(&r.algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &scheme, sizeof(scheme));
+      if (cublasLtMatmulAlgoCheck(lt_, p.desc, p.a, p.b, p.c, p.c, &r.algo, &r) == CUBLAS_STATUS_SUCCESS &&
+          r.workspaceSize <= static_cast<size_t>(kWorkspaceBytes))
+        results.push_back(r);
+    }
+  }
+}
+
+// The fastest of cuBLASLt's candidate algorithms for a plan: the heuristic's first pick is made for
+// throughput-sized problems and leaves much of the bandwidth unused on some decode shapes (on an H200,
+// m <= 256 x n = k = 4096 ran at 61% of copy bandwidth). Each candidate is timed (time_variants) into a
+// scratch output; without memory for the scratch (a cache filling the device) the first pick stays.
+cublasLtMatmulAlgo_t GemmPlanner::fastest(const Plan& p, const std::vector<cublasLtMatmulHeuristicResult_t>& results,
+                                            const void* x, const void* w, int64_t y_elems, bool accumulate) {
+  if (results.size() == 1) return results[0].algo;
+  void* y = nullptr;
+  if (cudaMalloc(&y, static_cast<size_t>(y_elems) * 2) != cudaSuccess) {
+    cudaGetLastError();
+    return results[0].algo;
+  }
+  const std::vector<float> ms = time_variants(device_, stream_, results.size(), [&](size_t i) {
+    return matmul(p, results[i].algo, x, w, y, accumulate) == CUBLAS_STATUS_SUCCESS;
+  });
+  cuda_check(cudaFree(y), "cudaFree");
+  const size_t best = ms.empty() ? 0 : std::min_element(ms.begin(), ms.end()) - ms.begin();
+  return results[best].algo;
+}
+
+}  // namespace polar::cuda
