@@ -126,20 +126,27 @@ for r in rows:
           f"{r['avg_d_acc_points']:>+8.2f} ± {r['se_points']:<6.2f} {ppl:>9.2f}")
 print(f"dense perplexity {dense_ppl:.2f}")
 PY
-# Accuracy change against the density reached, one line per rule and granularity (gnuplot, where present).
+# Accuracy change (adaptive.png) and perplexity (adaptive-ppl.png, log scale) against the density reached,
+# one line per rule and granularity (gnuplot, where present).
 if command -v gnuplot >/dev/null; then
   python3 - "$out" <<'PY' > "$out/adaptive.gp"
 import csv, sys
 out = sys.argv[1]
-rows = [r for r in csv.DictReader(open(f"{out}/adaptive.csv")) if r["density_reached"]]
-series = sorted({(r["rule"], r["granularity"]) for r in rows})
-print(f"set terminal pngcairo size 1000,650\nset output '{out}/adaptive.png'")
-print("set xlabel 'mean density reached'\nset ylabel 'mean paired accuracy change (points)'\nset key outside right\nset grid")
-print("plot " + ", ".join(f"'-' using 1:2:3 with yerrorlines title '{r} ({g})'" for r, g in series))
-for rule, gran in series:
-    for r in sorted((r for r in rows if (r["rule"], r["granularity"]) == (rule, gran)), key=lambda r: float(r["density_reached"])):
-        print(r["density_reached"], r["avg_d_acc_points"], r["se_points"])
-    print("e")
+rows = list(csv.DictReader(open(f"{out}/adaptive.csv")))
+def plot(png, ylabel, x, y, err, extra=""):
+    pts = [r for r in rows if r[x] and r[y]]
+    series = sorted({(r["rule"], r["granularity"]) for r in pts})
+    print(f"set terminal pngcairo size 1000,650\nset output '{out}/{png}'\n{extra}")
+    print(f"set xlabel 'mean density reached'\nset ylabel '{ylabel}'\nset key outside right\nset grid")
+    style = "using 1:2:3 with yerrorlines" if err else "using 1:2 with linespoints"
+    print("plot " + ", ".join(f"'-' {style} title '{r} ({g})'" for r, g in series))
+    for rule, gran in series:
+        for r in sorted((r for r in pts if (r["rule"], r["granularity"]) == (rule, gran)), key=lambda r: float(r[x])):
+            print(r[x], r[y], r[err] if err else "")
+        print("e")
+    print("unset logscale")
+plot("adaptive.png", "mean paired accuracy change (points)", "density_reached", "avg_d_acc_points", "se_points")
+plot("adaptive-ppl.png", "WikiText-2 perplexity", "ppl_density_reached", "perplexity", None, "set logscale y")
 PY
   gnuplot "$out/adaptive.gp" || log "plot failed"
 fi
