@@ -18,7 +18,7 @@
 #   DENSITIES      target mean densities, comma-separated (default 0.33,0.5,0.67,0.8)
 #   GRANULARITIES  default "group head"
 #   EVAL_LIMIT     items per task (default 400: a paired standard error of the 8-task mean below 1 point
-#                  for this model; 0 = every item)
+#                  for this model; 0 = every item; -1 = no evaluation, perplexity only)
 #   PPL_TOKENS     WikiText-2 tokens scored (default 16384), CTX its window (default 512)
 #   RULES          which runs (default all): router-topk router-topk-cal threshold threshold-cal stat-topk
 #                  stat-topk-cal oracle static random
@@ -70,10 +70,13 @@ for gran in $GRANULARITIES; do
   for rule in $RULES; do
     read -r -a f <<< "${flags[$rule]:?unknown rule $rule}"
     name="$rule-$gran"
-    log "eval $name at densities $DENSITIES ($EVAL_LIMIT items per task)"
-    "$POLAR" eval --device "$DEVICE" --model "$model" "${tasks[@]}" --limit "$EVAL_LIMIT" --json \
-      --density "$DENSITIES" --granularity "$gran" "${f[@]}" > "$out/eval-$name.json" 2> "$out/eval-$name.log" ||
-      { tail -5 "$out/eval-$name.log"; continue; }
+    if [ "$EVAL_LIMIT" -ge 0 ]; then
+      log "eval $name at densities $DENSITIES ($EVAL_LIMIT items per task)"
+      "$POLAR" eval --device "$DEVICE" --model "$model" "${tasks[@]}" --limit "$EVAL_LIMIT" --json \
+        --density "$DENSITIES" --granularity "$gran" "${f[@]}" > "$out/eval-$name.json" 2> "$out/eval-$name.log" ||
+        { tail -5 "$out/eval-$name.log"; continue; }
+    fi
+    log "perplexity $name at densities $DENSITIES"
     for d in ${DENSITIES//,/ }; do
       "$POLAR" perplexity --device "$DEVICE" --model "$model" --text "$shared/data/text/wikitext2_test.txt" \
         --ctx "$CTX" --max-tokens "$PPL_TOKENS" --json --density "$d" --granularity "$gran" "${f[@]}" \
@@ -87,43 +90,48 @@ done
 # One row per (run, granularity, target density): the density reached, the 8-task mean accuracy, the mean of
 # the per-task paired differences to dense (points) with its standard error sqrt(Σ se²) / n, and perplexity.
 python3 - "$out" <<'PY'
-import csv, glob, json, math, os, sys
+import csv, glob, json, math, os, re, sys
 out = sys.argv[1]
+def load(path):
+    return json.load(open(path)) if os.path.exists(path) and os.path.getsize(path) else None
+dense_ppl = load(f"{out}/ppl-dense.json")["perplexity"]
+# (run name, density) -> the tasks of its eval run, and -> its perplexity run
+evals, ppls = {}, {}
+for path in glob.glob(f"{out}/eval-*.json"):
+    j = load(path)
+    for t in (j["tasks"] if j else []):
+        if t["density"] < 1:
+            evals.setdefault((os.path.basename(path)[5:-5], t["density"]), []).append(t)
+for path in glob.glob(f"{out}/ppl-*-d*.json"):
+    m = re.match(r"ppl-(.*)-d([0-9.]+)\.json$", os.path.basename(path))
+    if m and load(path):
+        ppls[(m.group(1), float(m.group(2)))] = load(path)
 rows = []
-dense_ppl = json.load(open(f"{out}/ppl-dense.json"))["perplexity"]
-for path in sorted(glob.glob(f"{out}/eval-*.json")):
-    if os.path.getsize(path) == 0:
-        continue
-    name = os.path.basename(path)[len("eval-"):-len(".json")]
+for name, density in sorted(set(evals) | set(ppls)):
     rule, gran = name.rsplit("-", 1)
-    j = json.load(open(path))
-    by_density = {}
-    for t in j["tasks"]:
-        by_density.setdefault(t["density"], []).append(t)
-    for density, tasks in sorted(by_density.items()):
-        if density >= 1:
-            continue
-        deltas = [t["delta_acc"] for t in tasks if "delta_acc" in t]
-        reached = tasks[0].get("density_reached")
-        ppl_path = f"{out}/ppl-{name}-d{density:g}.json"
-        ppl = json.load(open(ppl_path)) if os.path.exists(ppl_path) and os.path.getsize(ppl_path) else {}
-        rows.append({
-            "rule": rule, "granularity": gran, "density": density,
-            "density_reached": reached, "ppl_density_reached": ppl.get("density_reached"),
-            "items": sum(t["n"] for t in tasks), "avg_acc": sum(t["acc"]["mean"] for t in tasks) / len(tasks),
-            "avg_d_acc_points": 100 * sum(d["mean"] for d in deltas) / len(deltas),
-            "se_points": 100 * math.sqrt(sum(d["se"] ** 2 for d in deltas)) / len(deltas),
-            "perplexity": ppl.get("perplexity"), "dense_perplexity": dense_ppl})
+    tasks, ppl = evals.get((name, density), []), ppls.get((name, density), {})
+    deltas = [t["delta_acc"] for t in tasks if "delta_acc" in t]
+    rows.append({
+        "rule": rule, "granularity": gran, "density": density,
+        "density_reached": tasks[0].get("density_reached") if tasks else None,
+        "ppl_density_reached": ppl.get("density_reached"),
+        "items": sum(t["n"] for t in tasks),
+        "avg_acc": sum(t["acc"]["mean"] for t in tasks) / len(tasks) if tasks else None,
+        "avg_d_acc_points": 100 * sum(d["mean"] for d in deltas) / len(deltas) if deltas else None,
+        "se_points": 100 * math.sqrt(sum(d["se"] ** 2 for d in deltas)) / len(deltas) if deltas else None,
+        "perplexity": ppl.get("perplexity"), "dense_perplexity": dense_ppl})
 with open(f"{out}/adaptive.csv", "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=list(rows[0].keys()) if rows else ["rule"])
     w.writeheader()
     w.writerows(rows)
-print(f"{'rule':<16} {'gran':<5} {'target':>6} {'reached':>7} {'avg acc':>7} {'d_acc ± se (pts)':>17} {'ppl':>9}")
+nan = float("nan")
+def num(x):
+    return nan if x is None else x
+print(f"{'rule':<16} {'gran':<5} {'target':>6} {'reached':>7} {'avg acc':>7} {'d_acc ± se (pts)':>17} {'ppl':>9} {'(reached)':>9}")
 for r in rows:
-    reached = r["density_reached"] if r["density_reached"] is not None else float("nan")
-    ppl = r["perplexity"] if r["perplexity"] is not None else float("nan")
-    print(f"{r['rule']:<16} {r['granularity']:<5} {r['density']:>6.3g} {reached:>7.3f} {r['avg_acc']:>7.3f} "
-          f"{r['avg_d_acc_points']:>+8.2f} ± {r['se_points']:<6.2f} {ppl:>9.2f}")
+    print(f"{r['rule']:<16} {r['granularity']:<5} {r['density']:>6.3g} {num(r['density_reached']):>7.3f} "
+          f"{num(r['avg_acc']):>7.3f} {num(r['avg_d_acc_points']):>+8.2f} ± {num(r['se_points']):<6.2f} "
+          f"{num(r['perplexity']):>9.2f} {num(r['ppl_density_reached']):>9.3f}")
 print(f"dense perplexity {dense_ppl:.2f}")
 PY
 # Accuracy change (adaptive.png) and perplexity (adaptive-ppl.png, log scale) against the density reached,
