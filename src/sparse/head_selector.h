@@ -102,7 +102,9 @@ class HeadSelector : public Sparsity {
   int64_t kmin_ = 1, kmax_ = 0;       // the threshold rules' bounds (kmax_ = units_ unless asked)
   std::vector<int64_t> layer_kept_;   // [layer]: the schedule
   std::vector<float> cutoff_;         // [layer]: the threshold, or stat-topk's c
-  Tensor tally_;                      // [layers, 2] I32 on the backend: Σ (units kept, rows) per layer
+  // [layers, 2] I32 on the backend: Σ (units kept, rows) per layer; good for 2^31 units kept per layer
+  // (67M sparse tokens at 32 units: far beyond any one command's run)
+  Tensor tally_;
   bool tallied_ = false;              // whether a step has added to tally_
   Tensor live_tokens_, dense_tokens_;  // this step's (begin_step)
 };
