@@ -4,7 +4,8 @@
 # logs, CSVs and plots to a results folder; a short summary table comes last.
 #
 #   scripts/gpu-check.sh [STAGE ...]   stages: build test kernels bench sparse serve serve-http tp (default: all,
-#                                      in that order), and tp-multi (several GPUs: only when named)
+#                                      in that order), tp-multi (several GPUs) and adaptive (issue 19's accuracy
+#                                      sweep and speed points, long): only when named
 #
 # Environment:
 #   RESULTS         results folder (default: $OUT if set, else out/gpu-check)
@@ -23,6 +24,14 @@
 #                   (--tp-comm), what the collectives cost (default "llama-2-7b opt-6.7b")
 #   TP_SIZES        tensor-parallel sizes of the tp-multi stage, on a machine with that many GPUs (default
 #                   "2 4 8"; sizes above the GPU count are skipped)
+#   ADAPTIVE_MODEL  the adaptive stage's model (default models/SmolLM2-135M-Instruct.Q4_1.gguf: carry it, the
+#                   GPU machine cannot fetch it); stories260K from POLAR_SHARED runs too
+#   ADAPTIVE_ROUTERS  its router file with selection statistics (default: calibrated in the stage, on the GPU,
+#                   ADAPTIVE_CALIB_TOKENS tokens, default 100000); stories260K's is always calibrated there
+#   ADAPTIVE_LIMIT  items per task (default 400), ADAPTIVE_DENSITIES target densities (default 0.33,0.5,0.67,0.8),
+#                   ADAPTIVE_PPL_TOKENS WikiText-2 tokens (default 65536)
+#   ADAPTIVE_BENCH  speed points as shape:ctx:density (default "llama-2-7b:3968:0.5 llama-3-8b:8192:0.625"):
+#                   dense, top-k and stat-topk on random routers (c from synthetic normal scores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -241,6 +250,30 @@ if has_stage tp-multi; then
   done
 fi
 
+# Adaptive selection (issue 19): the accuracy sweep (scripts/adaptive-sweep.sh: every rule and baseline at each
+# target density, group and head granularity, the eight tasks and WikiText-2, the density each run reached)
+# for the default model and stories260K, then decode speed at the issue's two points for top-k and stat-topk.
+ADAPTIVE_BENCH=${ADAPTIVE_BENCH:-"llama-2-7b:3968:0.5 llama-3-8b:8192:0.625"}
+if has_stage adaptive; then
+  shared=${POLAR_SHARED:-../shared}
+  smol=${ADAPTIVE_MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
+  for spec in "$smol:smollm2:${ADAPTIVE_ROUTERS:-}" "$shared/models/stories260K/stories260K.gguf:stories260K:"; do
+    IFS=: read -r model name routers <<< "$spec"
+    [ -f "$model" ] || { log "adaptive: no model at $model, skipped"; continue; }
+    log "adaptive accuracy sweep: $name"
+    POLAR="$BUILD_DIR/src/polar" DEVICE=cuda ROUTERS="$routers" CALIB_TOKENS="${ADAPTIVE_CALIB_TOKENS:-100000}"       EVAL_LIMIT="${ADAPTIVE_LIMIT:-400}" DENSITIES="${ADAPTIVE_DENSITIES:-0.33,0.5,0.67,0.8}"       PPL_TOKENS="${ADAPTIVE_PPL_TOKENS:-65536}" scripts/adaptive-sweep.sh "$model" "$RESULTS/adaptive-$name"       > "$RESULTS/adaptive-$name.txt" 2> "$RESULTS/adaptive-$name.log" || tail -20 "$RESULTS/adaptive-$name.log"
+  done
+  for point in $ADAPTIVE_BENCH; do
+    IFS=: read -r shape ctx density <<< "$point"
+    for run in dense topk stat-topk; do
+      args=(--density "$density"); [ $run = dense ] && args=(--density 1)
+      [ $run = stat-topk ] && args+=(--selection stat-topk)
+      log "adaptive speed: $shape ctx $ctx $run"
+      "$BUILD_DIR/src/polar" bench --device cuda --shape "$shape" --ctx "$ctx" --batch "$SPARSE_BATCHES" "${args[@]}"         --json --csv "$RESULTS/adaptive-bench-$shape-$run.csv" > "$RESULTS/adaptive-bench-$shape-$run.json"         2> "$RESULTS/adaptive-bench-$shape-$run.log" || tail -20 "$RESULTS/adaptive-bench-$shape-$run.log"
+    done
+  done
+fi
+
 echo
 echo "== gpu-check summary ($(date -u +%Y-%m-%d), $(tail -1 "$RESULTS/gpu.csv" | cut -d, -f1)) =="
 echo "tests: $test_summary"
@@ -339,6 +372,20 @@ if has_stage tp; then
   for shape in $TP_SHAPES; do
     for mode in plain comm; do
       [ -f "$RESULTS/tp-$shape-$mode.txt" ] && { echo "-- $shape --tp 1, $mode"; cat "$RESULTS/tp-$shape-$mode.txt"; }
+    done
+  done
+fi
+if has_stage adaptive; then
+  for f in "$RESULTS"/adaptive-*.txt; do [ -f "$f" ] && { echo "-- $(basename "$f" .txt) (adaptive.csv beside it)"; cat "$f"; }; done
+  echo "-- adaptive selection, decode speed (random routers; density_reached from the sparse steps)"
+  for point in $ADAPTIVE_BENCH; do
+    IFS=: read -r shape ctx density <<< "$point"
+    for run in topk stat-topk; do
+      f="$RESULTS/adaptive-bench-$shape-$run.csv" dense="$RESULTS/adaptive-bench-$shape-dense.csv"
+      [ -f "$f" ] && [ -f "$dense" ] || continue
+      echo "$shape ctx $ctx $run: density reached $(python3 -c "import json,sys; print(json.load(open(sys.argv[1])).get('density_reached'))" \
+        "$RESULTS/adaptive-bench-$shape-$run.json" 2>/dev/null || echo '?')"
+      "$BUILD_DIR/src/polar" bench --from-csv "$f" --baseline "$dense" || echo "($shape $run: comparison failed)"
     done
   done
 fi

@@ -27,6 +27,8 @@
 #include "io/checkpoint.h"
 #include "io/safetensors.h"
 #include "model/model.h"
+#include "runtime/engine.h"
+#include "sparse/router_sparsity.h"
 #include "sparse/routers.h"
 #include "sparse/static_sparsity.h"
 #include "test_util.h"
@@ -503,6 +505,50 @@ TEST(CalibGqa, GroupSelectionBeatsRandom) {
   save_routers(tmp.path("r.safetensors"), r);
   EXPECT_EQ(load_routers(tmp.path("r.safetensors"), m.ck.config, m.fingerprint).layers[1].attn_w.shape(),
             (Shape{8, 64}));
+}
+
+// Adaptive selection (issue 19): calibration records, per layer and granularity, quantiles of the router's
+// scores (and of each token's standardised scores) and the energy its best units carry; thresholds set
+// from them for a target density keep about that share of the units on text calibration did not see.
+TEST(CalibGqa, SelectionStatsSetThresholdsThatReachTheTargetDensity) {
+  Loaded m = load("fixtures/hf/llama3_gqa");
+  test::TempDir tmp;
+  CalibrationOptions o = options_in(tmp.path("work"));
+  o.train.epochs = 2;
+  Calibration cal(*m.model, m.fingerprint, text_sequences(kWikitext, 256, 4000), o);
+  const Routers r = calibrate_all(cal);
+  ASSERT_TRUE(r.selection.has_value());
+  const SpillDims& d = cal.dims();
+  for (int64_t l = 1; l < d.layers; ++l) {
+    SCOPED_TRACE(l);
+    for (const auto& [u, units] : {std::pair{&r.selection->group[size_t(l)], d.kv_heads},
+                                   std::pair{&r.selection->head[size_t(l)], d.heads}}) {
+      ASSERT_EQ(u->coverage.size(), size_t(units + 1));
+      ASSERT_EQ(u->score.size(), size_t(kSelectionQuantiles + 1));
+      EXPECT_TRUE(std::is_sorted(u->score.begin(), u->score.end()) && std::is_sorted(u->z.begin(), u->z.end()));
+      EXPECT_TRUE(std::is_sorted(u->coverage.begin(), u->coverage.end()));
+      EXPECT_EQ(u->coverage.front(), 0.0f);
+      EXPECT_NEAR(u->coverage.back(), 1.0f, 1e-5);
+      EXPECT_LT(u->score.front(), u->score.back());
+    }
+  }
+  test::TempDir files;
+  save_routers(files.path("r.safetensors"), r);
+  const Routers back = load_routers(files.path("r.safetensors"), m.ck.config, m.fingerprint);
+  // Held-out text: the sequences after the calibration's 4000 tokens.
+  const auto text = text_sequences(kWikitext, 256, 6000);
+  for (SelectionRule rule : {SelectionRule::Threshold, SelectionRule::StatTopK})
+    for (double density : {0.25, 0.5, 0.75}) {
+      RouterSparsity s(*m.model, back, density, Granularity::Head, TpHeads::Global, {.rule = rule});
+      Engine e(*m.model, {.kv_tokens = 512, .sparsity = &s});
+      for (size_t i = 16; i < text.size(); ++i) {
+        const int64_t seq = e.add_sequence();
+        (void)e.step({{seq, text[i], 1}}, false);
+        e.remove_sequence(seq);
+      }
+      ASSERT_TRUE(s.density_reached().has_value());
+      EXPECT_NEAR(*s.density_reached(), density, 0.1) << selection_rule_name(rule) << " at " << density;
+    }
 }
 
 // Static selection's ranking: calibration records, per layer, how often each head and each KV group was

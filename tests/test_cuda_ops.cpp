@@ -402,6 +402,26 @@ TEST_P(CudaOps, RopeKvAppendAndAttentionMatchCpu) {
     Tensor pgot = poisoned({T, H, dh}), gkvp = dev(kvp);
     cuda_->attention(gq, gpu_cache, gpu_l, scale, pc.window, pgot, &gkvp);
     EXPECT_LT(rel_err(back(pgot), sref), tol()) << "padded selective attention, k " << k << " of " << Hkv;
+    // Variable counts (adaptive selection's fixed-capacity lists, issue 19): token t keeps its first
+    // 1 + t % Hkv heads of a shuffled order, the rest of its Hkv slots padding.
+    Tensor var = Tensor::empty(DType::I32, {T, Hkv});
+    for (int64_t t = 0; t < T; ++t) {
+      std::vector<int32_t> heads(Hkv);
+      std::iota(heads.begin(), heads.end(), 0);
+      std::shuffle(heads.begin(), heads.end(), rng_);
+      const int64_t n = 1 + t % Hkv;
+      std::sort(heads.begin(), heads.begin() + n);
+      std::fill(heads.begin() + n, heads.end(), static_cast<int32_t>(Hkv));
+      std::copy(heads.begin(), heads.end(), var.data<int32_t>() + t * Hkv);
+    }
+    Tensor vref = Tensor::empty(DType::F32, {T, H, dh}), vgot = poisoned({T, H, dh}), gvar = dev(var);
+    cpu_->attention(q_r, cache_r, cpu_l, scale, pc.window, vref, &var);
+    cuda_->attention(gq, gpu_cache, gpu_l, scale, pc.window, vgot, &gvar);
+    Tensor vback = back(vgot);
+    EXPECT_LT(rel_err(vback, vref), tol()) << "variable-count selective attention over " << Hkv << " KV heads";
+    int64_t nonzero_padded = 0;  // heads of padding slots are exactly zero
+    for (int64_t i = 0; i < vref.numel(); ++i) nonzero_padded += vref.data<float>()[i] == 0.0f && vback.data<float>()[i] != 0.0f;
+    EXPECT_EQ(nonzero_padded, 0);
   }
 }
 
@@ -497,6 +517,56 @@ TEST_P(CudaOps, RouteHeadsAndNeuronsSelectLikeCpu) {
 
 // The oracle's ops: row norms within the dtype's tolerance; keep_heads zeroes exactly the rows the CPU does
 // and leaves the others bit-identical.
+// Adaptive selection (issue 19): route_heads with a cutoff keeps the same units, pads the same slots and
+// tallies the same counts as the CPU, for absolute thresholds and statistical top-k over odd shapes, kmin
+// and kmax anywhere in their range, ties, a NaN, and tallies restricted to live, sparse rows. The CPU reads
+// the same rounded scores and both compute stat-topk's threshold with the same fp64 operations, so the
+// selections must be equal.
+TEST_P(CudaOps, RouteHeadsWithCutoffSelectLikeCpu) {
+  struct Case {
+    int64_t R, H, group, k, kmin;
+    float value;
+    bool row_stat;
+    int32_t live;
+  };
+  for (const Case& c : std::vector<Case>{{1, 8, 1, 8, 1, 0.0f, false, 1},
+                                         {5, 32, 1, 16, 3, 0.5f, false, 4},
+                                         {33, 32, 4, 8, 1, -0.2f, false, 33},
+                                         {130, 72, 1, 21, 2, 0.3f, true, 100},
+                                         {17, 28, 7, 4, 4, 1.0f, true, 17},
+                                         {3, 64, 8, 5, 1, -0.5f, true, 2},
+                                         {2, 1024, 1, 300, 7, 1.5f, true, 2},
+                                         {9, 12, 3, 4, 1, -INFINITY, false, 9}}) {
+    SCOPED_TRACE(::testing::Message() << "R " << c.R << " H " << c.H << " group " << c.group << " k " << c.k << " kmin "
+                                      << c.kmin << " value " << c.value << " stat " << c.row_stat);
+    Tensor scores = host_random({c.R, c.H}, -3, 3);
+    scores.data<float>()[0] = scores.data<float>()[c.H - 1];
+    if (c.H > 2) scores.data<float>()[1] = std::numeric_limits<float>::quiet_NaN();
+    std::vector<int32_t> flags(static_cast<size_t>(c.R));
+    for (size_t r = 0; r < flags.size(); ++r) flags[r] = r % 4 == 2;
+    Tensor live = host_i32({c.live}), dense = host_i32(flags), tally = host_i32({5, 7});
+    HeadCutoff cpu_cut{.kmin = c.kmin, .value = c.value, .row_stat = c.row_stat, .tally = &tally, .live_rows = &live,
+                       .dense_rows = &dense};
+    Tensor ref = Tensor::empty(DType::I32, {c.R, c.k});
+    cpu_->route_heads(scores, c.group, ref, &cpu_cut);
+    Tensor d_live = dev(live), d_dense = dev(dense), d_tally = dev(host_i32({5, 7}));
+    HeadCutoff gpu_cut{.kmin = c.kmin, .value = c.value, .row_stat = c.row_stat, .tally = &d_tally,
+                       .live_rows = &d_live, .dense_rows = &d_dense};
+    Tensor got = cuda_->alloc(DType::I32, {c.R, c.k});
+    cuda_->route_heads(dev(scores), c.group, got, &gpu_cut);
+    Tensor g = back(got);
+    EXPECT_TRUE(std::equal(ref.data<int32_t>(), ref.data<int32_t>() + ref.numel(), g.data<int32_t>()));
+    Tensor gt = back(d_tally);
+    EXPECT_EQ(gt.data<int32_t>()[0], tally.data<int32_t>()[0]) << "units tallied";
+    EXPECT_EQ(gt.data<int32_t>()[1], tally.data<int32_t>()[1]) << "rows tallied";
+    // Without live rows or flags, every row counts.
+    Tensor d_all = dev(host_i32({0, 0}));
+    HeadCutoff all_rows{.kmin = c.kmin, .value = c.value, .row_stat = c.row_stat, .tally = &d_all};
+    cuda_->route_heads(dev(scores), c.group, got, &all_rows);
+    EXPECT_EQ(back(d_all).data<int32_t>()[1], c.R);
+  }
+}
+
 TEST_P(CudaOps, L2NormsAndKeepHeadsMatchCpu) {
   for (auto [R, n] : {std::pair<int64_t, int64_t>{1, 8}, {27, 64}, {129, 128}, {17, 384}, {3, 1000}}) {
     Tensor x = host_random({R, n});

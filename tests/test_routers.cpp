@@ -145,6 +145,47 @@ TEST(Routers, HeadSharesRoundTripAndAreOptional) {
   expect_equal(r, read_routers(tmp.path("shares")));  // Hkv read from the file itself
 }
 
+// Adaptive selection's statistics (issue 19) for a model of `layers` layers, `heads` heads in `groups` KV
+// groups: increasing quantiles and concave coverage curves, as calibration records them.
+SelectionStats selection_stats(int64_t layers, int64_t heads, int64_t groups) {
+  auto stats = [](int64_t units, float shift) {
+    UnitStats u;
+    for (int64_t i = 0; i <= kSelectionQuantiles; ++i) {
+      u.score.push_back(shift + 0.1f * static_cast<float>(i));
+      u.z.push_back(-2.0f + 0.04f * static_cast<float>(i));
+    }
+    for (int64_t k = 0; k <= units; ++k) u.coverage.push_back(std::sqrt(float(k) / float(units)));
+    return u;
+  };
+  SelectionStats s;
+  s.group.resize(size_t(layers));
+  s.head.resize(size_t(layers));
+  for (size_t l = 1; l < size_t(layers); ++l) {
+    s.group[l] = stats(groups, float(l));
+    s.head[l] = stats(heads, -float(l));
+  }
+  return s;
+}
+
+TEST(Routers, SelectionStatsRoundTripAndAreOptional) {
+  const Model m = model(kGqa);
+  Routers r = random_for(m);
+  test::TempDir tmp;
+  save_routers(tmp.path("plain"), r);
+  EXPECT_FALSE(load_routers(tmp.path("plain"), m.config, m.fingerprint).selection.has_value());
+  r.selection = selection_stats(3, 8, 2);
+  save_routers(tmp.path("stats"), r);
+  const Routers back = load_routers(tmp.path("stats"), m.config, m.fingerprint);
+  ASSERT_TRUE(back.selection.has_value());
+  EXPECT_EQ(back.selection->group[2].coverage, r.selection->group[2].coverage);
+  EXPECT_EQ(back.selection->head[1].score, r.selection->head[1].score);
+  EXPECT_EQ(back.selection->group[1].z, r.selection->group[1].z);
+  expect_equal(r, back);
+  add_head_shares(r, 8, 2);  // Hkv then comes from the file itself
+  save_routers(tmp.path("shares"), r);
+  expect_equal(r, read_routers(tmp.path("shares")));
+}
+
 TEST(Routers, SameSeedWritesTheSameBytes) {
   const Model m = model(kOpt);
   test::TempDir tmp;
@@ -320,6 +361,19 @@ Tensor filled(DType dtype, Shape shape, float v) {
 
 std::vector<BadFile> bad_files() {
   auto meta = [](std::function<void(json&)> f) { return [f](Parts& p) { p.edit_meta(f); }; };
+  // Valid selection statistics of the GQA fixture (3 layers, 8 heads in 2 groups), then `f`'s damage.
+  auto with_selection = [](std::function<void(json&)> f) {
+    return [f](Parts& p) {
+      p.edit_meta([&](json& j) {
+        Routers r;
+        r.layers.resize(3);
+        r.selection = selection_stats(3, 8, 2);
+        json sel = routers_metadata(r)["selection"];
+        f(sel);
+        j["selection"] = sel;
+      });
+    };
+  };
   // Head shares on both sparse layers of the GQA fixture (8 heads), with `groups` group shares of `value`.
   auto group_shares = [](int64_t groups, float value) {
     return [=](Parts& p) {
@@ -415,6 +469,24 @@ std::vector<BadFile> bad_files() {
        {"tensor 'layers.1.attn.group_share' has shape [8] but the model needs [2]"}},
       {"HeadShareAboveOne", kGqa, group_shares(2, 1.5f),
        {"tensor 'layers.1.attn.group_share' holds 1.5 at element 0, not a share in [0, 1]"}},
+      // Selection statistics (issue 19): optional, but whole and consistent when present.
+      {"SelectionQuantilesDecrease", kGqa, with_selection([](json& sel) { sel["layers"][1]["group"]["score"][5] = -100; }),
+       {"selection.layers[1].group.score must not decrease", "score[5] = -100"}},
+      {"SelectionCoverageOfTheWrongLength", kGqa,
+       with_selection([](json& sel) { sel["layers"][2]["group"]["coverage"] = {0, 0.5, 0.8, 1}; }),
+       {"selection.layers[2].group.coverage must be an array of 3 numbers"}},
+      {"SelectionCoverageAboveOne", kGqa,
+       with_selection([](json& sel) { sel["layers"][1]["head"]["coverage"][8] = 1.5; }),
+       {"selection.layers[1].head.coverage[8] = 1.5 is not a share in [0, 1]"}},
+      {"SelectionCoverageNotFromZero", kGqa,
+       with_selection([](json& sel) { sel["layers"][1]["group"]["coverage"][0] = 0.1; }),
+       {"selection.layers[1].group.coverage[0] must be 0"}},
+      {"SelectionOnLayerZero", kGqa, with_selection([](json& sel) { sel["layers"][0] = sel["layers"][1]; }),
+       {"selection.layers[0] must be null"}},
+      {"SelectionQuantileCount", kGqa, with_selection([](json& sel) { sel["quantiles"] = 50; }),
+       {"selection.quantiles is 50, this polar reads 100"}},
+      {"SelectionLayerMissingAGranularity", kGqa, with_selection([](json& sel) { sel["layers"][2].erase("head"); }),
+       {"lacks \"selection.layers[2].head\""}},
       {"HeadShareOnLayerZero", kGqa,
        [](Parts& p) { p.replace("layers.0.attn.head_share", filled(DType::F32, {8}, 0.5f)); },
        {"unexpected tensor 'layers.0.attn.head_share' (layer 0 is always dense"}},

@@ -28,6 +28,7 @@
 #include "sparse/random_sparsity.h"
 #include "sparse/router_sparsity.h"
 #include "sparse/routers.h"
+#include "sparse/selection.h"
 #include "sparse/static_sparsity.h"
 #include "test_util.h"
 
@@ -679,7 +680,7 @@ TEST(SparseModels, HeadGranularityIsDenseWithTheOtherQueryHeadsZeroed) {
   RouterSparsity heads(*model, attention_routers(ck, 3), 0.5, Granularity::Head);
   EXPECT_TRUE(heads.per_query_head());
   EXPECT_EQ(heads.kept(), c.n_heads / 2);
-  EXPECT_EQ(heads.kv_heads_read(), c.n_kv_heads);
+  EXPECT_EQ(heads.kv_heads_read(1), c.n_kv_heads);
   Tensor h = Tensor::zeros(DType::F32, {2, c.hidden});
   EXPECT_EQ(heads.attention_heads(1, h).shape(), (Shape{2, c.n_heads / 2}));
   // MHA: a head is a group, and head granularity stays on the selective attention path.
@@ -717,6 +718,201 @@ TEST(SparseModels, UnknownGranularityIsAClearError) {
   EXPECT_EQ(parse_granularity("group"), Granularity::Group);
   EXPECT_THAT(test::error_of([] { parse_granularity("heads"); }),
               ::testing::HasSubstr("unknown granularity 'heads': choose group (KV groups) or head (query heads)"));
+}
+
+// ---- Adaptive selection (issue 19): threshold rules over fixed-capacity lists, density schedules.
+
+TEST(SparseOps, RouteHeadsCutoffKeepsUnitsAboveTheThresholdBetweenKminAndK) {
+  auto cpu = make_cpu_backend();
+  const float nan = std::nanf("");
+  // Threshold 1.5, kmin 2, capacity 4. Row 0: 3, 2, 2 clear it -> {1, 5, 7} and one padding slot (8);
+  // row 1: nothing clears it (NaN ranks last) -> the best 2, {1, 2} (ties to the lower index); row 2:
+  // nothing either -> its best 2, -1 and -2 at {3, 4}.
+  Tensor scores = f32({3, 8}, {0, 3, 1, 0.5f, 0, 2, 0, 2, /**/ nan, 1, 1, 1, 1, 1, 1, 0,
+                               /**/ -5, -4, -3, -2, -1, -6, -7, -8});
+  Tensor idx = Tensor::empty(DType::I32, {3, 4});
+  // The tally counts live rows (the first 2) not flagged dense (row 0 is): row 1 alone, 2 units.
+  Tensor tally = i32({0, 0}), live = i32({2}), dense = i32({1, 0, 0});
+  HeadCutoff cut{.kmin = 2, .value = 1.5f, .tally = &tally, .live_rows = &live, .dense_rows = &dense};
+  cpu->route_heads(scores, 1, idx, &cut);
+  EXPECT_EQ(ints(idx), (std::vector<int32_t>{1, 5, 7, 8, /**/ 1, 2, 8, 8, /**/ 3, 4, 8, 8}));
+  EXPECT_EQ(ints(tally), (std::vector<int32_t>{2, 1}));
+  // A capacity below what clears the threshold keeps the best k: threshold 0.5 clears 5 units of row 0.
+  Tensor three = Tensor::empty(DType::I32, {3, 3});
+  HeadCutoff low{.kmin = 1, .value = 0.5f};
+  cpu->route_heads(scores, 1, three, &low);
+  const std::vector<int32_t> first_row = ints(three);
+  EXPECT_EQ(std::vector<int32_t>(first_row.begin(), first_row.begin() + 3), (std::vector<int32_t>{1, 5, 7}));
+  // Statistical top-k: units {0, 0, 0, 4} (groups of 2 over 8 heads) have mean 1 and std sqrt(3): c = 1
+  // puts the line at 2.73 (only unit 3), c = -1 at -0.73 (all four).
+  Tensor row = f32({1, 8}, {0, -1, 0, -2, -3, 0, 4, 1});
+  Tensor units = Tensor::empty(DType::I32, {1, 4});
+  HeadCutoff stat{.kmin = 1, .value = 1.0f, .row_stat = true};
+  cpu->route_heads(row, 2, units, &stat);
+  EXPECT_EQ(ints(units), (std::vector<int32_t>{3, 4, 4, 4}));
+  stat.value = -1.0f;
+  cpu->route_heads(row, 2, units, &stat);
+  EXPECT_EQ(ints(units), (std::vector<int32_t>{0, 1, 2, 3}));
+  HeadCutoff too_many{.kmin = 5};
+  EXPECT_THAT(test::error_of([&] { cpu->route_heads(scores, 1, idx, &too_many); }),
+              ::testing::HasSubstr("kmin 5 outside [1, 4]"));
+}
+
+// A threshold that keeps everything is the full selection; kmin = k is top-k whatever the threshold; and in
+// between, a row's units are exactly the top n for its count n.
+TEST(SparseOps, RouteHeadsCutoffIdentities) {
+  auto cpu = make_cpu_backend();
+  std::mt19937_64 rng(11);
+  const Tensor scores = random({37, 24}, rng, -2, 2);
+  for (int64_t group : {1, 3}) {
+    const int64_t G = 24 / group;
+    Tensor all = Tensor::empty(DType::I32, {37, G}), top_all = Tensor::empty(DType::I32, {37, G});
+    HeadCutoff everything{.kmin = 1, .value = -INFINITY};
+    cpu->route_heads(scores, group, all, &everything);
+    cpu->route_heads(scores, group, top_all);
+    EXPECT_EQ(ints(all), ints(top_all));
+    const int64_t k = G / 2;
+    Tensor top = Tensor::empty(DType::I32, {37, k}), pinned = Tensor::empty(DType::I32, {37, k});
+    cpu->route_heads(scores, group, top);
+    for (float value : {-10.0f, 0.0f, 10.0f})
+      for (bool row_stat : {false, true}) {
+        HeadCutoff cut{.kmin = k, .value = value, .row_stat = row_stat};
+        cpu->route_heads(scores, group, pinned, &cut);
+        EXPECT_EQ(ints(pinned), ints(top)) << "group " << group << " value " << value << " stat " << row_stat;
+      }
+    HeadCutoff mid{.kmin = 1, .value = 0.5f, .row_stat = true};
+    Tensor var = Tensor::empty(DType::I32, {37, G});
+    cpu->route_heads(scores, group, var, &mid);
+    std::set<int64_t> counts;
+    const std::vector<int32_t> rows = ints(var);
+    for (int64_t r = 0; r < 37; ++r) {
+      const std::vector<int32_t> row(rows.begin() + r * G, rows.begin() + (r + 1) * G);
+      const int64_t n = std::find(row.begin(), row.end(), static_cast<int32_t>(G)) - row.begin();
+      counts.insert(n);
+      ASSERT_GE(n, 1);
+      EXPECT_TRUE(std::all_of(row.begin() + n, row.end(), [&](int32_t u) { return u == G; }));
+      Tensor top_n = Tensor::empty(DType::I32, {1, n});
+      cpu->route_heads(scores.slice_rows(r, r + 1), group, top_n);
+      EXPECT_EQ(std::vector<int32_t>(row.begin(), row.begin() + n), ints(top_n)) << "row " << r;
+    }
+    EXPECT_GT(counts.size(), 1u) << "the counts vary between rows";
+  }
+}
+
+// Selection statistics for the model's routers, the same at every layer: flat score and z quantiles at
+// `cutoff` and a concave coverage curve 1 - (1 - k/n)².
+Routers with_selection_stats(Routers r, const ModelConfig& c, float cutoff) {
+  auto stats = [&](int64_t units) {
+    UnitStats u;
+    u.score.assign(kSelectionQuantiles + 1, cutoff);
+    u.z = u.score;
+    for (int64_t k = 0; k <= units; ++k) {
+      const double rest = 1.0 - double(k) / double(units);
+      u.coverage.push_back(static_cast<float>(1.0 - rest * rest));
+    }
+    return u;
+  };
+  r.selection = SelectionStats{};
+  r.selection->group.resize(static_cast<size_t>(c.n_layers));
+  r.selection->head.resize(static_cast<size_t>(c.n_layers));
+  for (size_t l = 1; l < static_cast<size_t>(c.n_layers); ++l) {
+    r.selection->group[l] = stats(c.n_kv_heads);
+    r.selection->head[l] = stats(c.n_heads);
+  }
+  return r;
+}
+
+// The identities of issue 19 on whole models: a threshold that keeps everything decodes as the dense model;
+// kmin = kmax = k decodes as top-k; a calibrated schedule over layers of equal importance is the uniform
+// one; and the density reached is tallied over the sparse decode tokens only.
+TEST(SparseModels, AdaptiveSelectionIdentities) {
+  for (const char* fixture : {"opt", "llama_mha", "llama3_gqa"}) {
+    SCOPED_TRACE(fixture);
+    Checkpoint ck = load_checkpoint(test::shared_path(std::string("fixtures/hf/") + fixture));
+    auto cpu = make_cpu_backend();
+    auto model = make_model(ck, *cpu);
+    const Routers keep_all = with_selection_stats(attention_routers(ck, 3), ck.config, -1e30f);
+    const Routers keep_few = with_selection_stats(attention_routers(ck, 3), ck.config, 1e30f);
+    const auto dense = decode(*model, nullptr, 4);
+    for (SelectionRule rule : {SelectionRule::Threshold, SelectionRule::StatTopK}) {
+      RouterSparsity all(*model, keep_all, 0.5, Granularity::Group, TpHeads::Global, {.rule = rule});
+      EXPECT_FALSE(all.density_reached().has_value()) << "no step yet";
+      EXPECT_EQ(decode(*model, &all, 4), dense);
+      EXPECT_EQ(all.density_reached(), 1.0);
+      RouterSparsity topk(*model, keep_all, 0.5);
+      const int64_t k = topk.kept();
+      RouterSparsity pinned(*model, keep_few, 0.5, Granularity::Group, TpHeads::Global,
+                            {.rule = rule, .kmin = k, .kmax = k});
+      EXPECT_EQ(decode(*model, &pinned, 4), decode(*model, &topk, 4));
+      EXPECT_EQ(pinned.density_reached(), double(k) / double(ck.config.n_kv_heads));
+      // kmin alone: the threshold keeps nothing above it, so every token keeps kmin in a list of kmax.
+      RouterSparsity floor(*model, keep_few, 0.5, Granularity::Group, TpHeads::Global, {.rule = rule, .kmin = 1});
+      EXPECT_EQ(floor.width(1), ck.config.n_kv_heads);
+      (void)decode(*model, &floor, 2);
+      EXPECT_EQ(floor.density_reached(), 1.0 / double(ck.config.n_kv_heads));
+    }
+    // Equal importance everywhere: the calibrated schedule gives every layer the uniform k (densities
+    // whose share is a whole number of units).
+    const int64_t units = ck.config.n_kv_heads;
+    const double density = double(units / 2) / double(units);
+    RouterSparsity uniform(*model, keep_all, density);
+    RouterSparsity calibrated(*model, keep_all, density, Granularity::Group, TpHeads::Global,
+                              {.schedule = DensitySchedule::Calibrated});
+    for (int l = 1; l < ck.config.n_layers; ++l) EXPECT_EQ(calibrated.layer_kept(l), uniform.kept());
+    EXPECT_EQ(decode(*model, &calibrated, 4), decode(*model, &uniform, 4));
+  }
+}
+
+// The calibrated schedule gives more units to a layer whose best units carry less of its output, keeps the
+// total of the uniform schedule at the same mean, and at least one unit everywhere.
+TEST(SparseModels, CalibratedScheduleFollowsCoverage) {
+  const int64_t units = 4, layers = 4;
+  std::vector<std::vector<float>> coverage(layers);
+  coverage[1] = {0, 0.9f, 0.97f, 0.99f, 1};   // one unit carries almost everything
+  coverage[2] = {0, 0.4f, 0.7f, 0.9f, 1};     // spread out
+  coverage[3] = {0, 0.6f, 0.85f, 0.95f, 1};
+  const std::vector<int64_t> k = layer_units(DensitySchedule::Calibrated, 0.5, units, layers, coverage);
+  EXPECT_EQ(k, (std::vector<int64_t>{0, 1, 3, 2}));
+  EXPECT_EQ(layer_units(DensitySchedule::Uniform, 0.5, units, layers), (std::vector<int64_t>{0, 2, 2, 2}));
+  // A mean between whole units: 0.6 of 4 units over 3 layers is 7 units (uniform would keep 2 a layer).
+  const std::vector<int64_t> k6 = layer_units(DensitySchedule::Calibrated, 0.6, units, layers, coverage);
+  EXPECT_EQ(k6[1] + k6[2] + k6[3], 7);
+  EXPECT_EQ(layer_units(DensitySchedule::Calibrated, 0.01, units, layers, coverage), (std::vector<int64_t>{0, 1, 1, 1}));
+  EXPECT_THAT(test::error_of([&] { layer_units(DensitySchedule::Calibrated, 0.5, units, layers, {}); }),
+              ::testing::HasSubstr("coverage of 0 layers for 4"));
+  EXPECT_FLOAT_EQ(quantile_at({0, 1, 3}, 0.75), 2.0f);
+  EXPECT_FLOAT_EQ(quantile_at({0, 1, 3}, 0), 0.0f);
+}
+
+// Asking a rule or schedule of routers without selection statistics names the routers and the remedy;
+// bounds outside 1 <= kmin <= kmax <= units and bounds given to top-k are refused.
+TEST(SparseModels, AdaptiveSelectionErrorsAreClear) {
+  Checkpoint ck = load_checkpoint(test::shared_path("fixtures/hf/llama3_gqa"));
+  auto cpu = make_cpu_backend();
+  auto model = make_model(ck, *cpu);
+  const Routers plain = attention_routers(ck, 3);
+  EXPECT_THAT(test::error_of([&] {
+                RouterSparsity(*model, plain, 0.5, Granularity::Group, TpHeads::Global,
+                               {.rule = SelectionRule::Threshold}, "old.routers.safetensors");
+              }),
+              ::testing::HasSubstr("old.routers.safetensors records no selection statistics"));
+  EXPECT_THAT(test::error_of([&] {
+                RouterSparsity(*model, plain, 0.5, Granularity::Group, TpHeads::Global,
+                               {.schedule = DensitySchedule::Calibrated});
+              }),
+              ::testing::HasSubstr("calibrate the routers again"));
+  const Routers stats = with_selection_stats(plain, ck.config, 0);
+  EXPECT_THAT(test::error_of([&] {
+                RouterSparsity(*model, stats, 0.5, Granularity::Group, TpHeads::Global,
+                               {.rule = SelectionRule::StatTopK, .kmin = 2, .kmax = 1});
+              }),
+              ::testing::HasSubstr("--kmin 2 and --kmax 1 must satisfy 1 <= kmin <= kmax <= 2"));
+  EXPECT_THAT(test::error_of([&] {
+                RouterSparsity(*model, stats, 0.5, Granularity::Group, TpHeads::Global, {.kmin = 2});
+              }),
+              ::testing::HasSubstr("--kmin and --kmax bound the threshold rules"));
+  EXPECT_THAT(test::error_of([] { parse_selection_rule("top-k"); }),
+              ::testing::HasSubstr("choose topk, threshold or stat-topk"));
 }
 
 }  // namespace

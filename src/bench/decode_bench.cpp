@@ -33,7 +33,8 @@ int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 // The bytes a decode step of B sequences at context read_ctx must read: the weights once and every
 // sequence's KV cache. A sparse step reads only its selected MLP rows (fc1 and fc2ᵀ rows of the kept
 // neurons, in layers whose MLP runs sparse), adds the routers it runs, and reads KV only for the heads
-// each sequence keeps (all of them at layer 0).
+// each sequence keeps (all of them at layer 0; under a threshold rule, the schedule's aim, which tokens
+// meet on average).
 double step_bytes(const Model& model, const RouterSparsity* sparsity, int64_t B, double read_ctx) {
   const ModelConfig& c = model.config();
   const double elem = static_cast<double>(dtype_size(model.backend().activation_dtype()));
@@ -45,7 +46,7 @@ double step_bytes(const Model& model, const RouterSparsity* sparsity, int64_t B,
     bytes -= static_cast<double>(c.ffn - kept) * 2.0 * static_cast<double>(c.hidden) * elem;
     bytes += static_cast<double>(sparsity->router_bytes(l, B));
     if (l > 0)
-      bytes -= kv_layer * static_cast<double>(c.n_kv_heads - sparsity->kv_heads_read()) / static_cast<double>(c.n_kv_heads);
+      bytes -= kv_layer * static_cast<double>(c.n_kv_heads - sparsity->kv_heads_read(l)) / static_cast<double>(c.n_kv_heads);
   }
   return bytes;
 }

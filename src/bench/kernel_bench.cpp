@@ -97,6 +97,10 @@ std::vector<RouteShape> default_route_shapes() {
   return {{8, 16384, 4096}, {64, 16384, 8192}, {256, 16384, 12288}, {64, 36864, 18432}};
 }
 
+std::vector<HeadRouteShape> default_head_route_shapes() {
+  return {{64, 32, 1, 32}, {256, 32, 1, 32}, {64, 32, 4, 8}, {256, 32, 4, 8}};
+}
+
 std::vector<KernelRow> bench_attention(Backend& be, const std::vector<AttentionShape>& shapes, const MemoryRates& rates,
                                        const KernelBenchOptions& o,
                                        const std::function<void(const std::string&)>& progress) {
@@ -241,6 +245,30 @@ std::vector<KernelRow> bench_route(Backend& be, const std::vector<RouteShape>& s
     const double bytes = static_cast<double>(logits.nbytes() + idx.nbytes());
     rows.push_back(row("route", fmt::format("R{} D{} k{}", s.rows, s.D, s.k), ms, bytes, rates));
     if (progress) progress(fmt::format("route {}: {:.4f} ms", rows.back().shape, ms));
+  }
+  return rows;
+}
+
+std::vector<KernelRow> bench_route_heads(Backend& be, const std::vector<HeadRouteShape>& shapes,
+                                         const MemoryRates& rates, const KernelBenchOptions& o,
+                                         const std::function<void(const std::string&)>& progress) {
+  std::vector<KernelRow> rows;
+  for (const HeadRouteShape& s : shapes) {
+    check(s.group >= 1 && s.heads % s.group == 0 && s.k >= 1 && s.k <= s.heads / s.group,
+          "route_heads: {} of {} heads in groups of {}", s.k, s.heads, s.group);
+    // Scores symmetric around 0, so threshold 0 and c = 0 each keep about half the units.
+    Tensor scores = be.random_uniform(be.activation_dtype(), {s.rows, s.heads}, -1, 1, o.seed + 9);
+    Tensor idx = be.alloc(DType::I32, {s.rows, s.k});
+    const double bytes = static_cast<double>(scores.nbytes() + idx.nbytes());
+    for (const char* rule : {"topk", "threshold", "stat-topk"}) {
+      const std::string r = rule;
+      const HeadCutoff cutoff{.kmin = 1, .value = 0.0f, .row_stat = r == "stat-topk"};
+      const HeadCutoff* cut = r == "topk" ? nullptr : &cutoff;
+      const double ms = time_ms(be, o.reps, [&](int) { be.route_heads(scores, s.group, idx, cut); });
+      rows.push_back(row("route_heads", fmt::format("R{} H{} g{} k{} {}", s.rows, s.heads, s.group, s.k, rule), ms,
+                         bytes, rates));
+      if (progress) progress(fmt::format("route_heads {}: {:.4f} ms", rows.back().shape, ms));
+    }
   }
   return rows;
 }

@@ -33,6 +33,13 @@ struct RouteShape {
   int64_t rows, D, k;
 };
 
+// route_heads (issue 19's rules): each of R rows keeps units of its H scores max-pooled over groups of
+// `group`: exactly k (top-k), or those clearing a threshold or mean + c·std (statistical top-k), in lists
+// of width k.
+struct HeadRouteShape {
+  int64_t rows, heads, group, k;
+};
+
 // The default tables: the issue's decode-attention shapes (B·N up to 128·1920 and 16·3968, MHA and GQA,
 // dh 128) and llama-2-7b's decode GEMMs at batch 1 … 256.
 std::vector<AttentionShape> default_attention_shapes();
@@ -41,9 +48,11 @@ std::vector<GemmShape> default_gemm_shapes();
 // route_neurons at OPT-6.7B and OPT-66B decode batches.
 std::vector<GatherShape> default_gather_shapes();
 std::vector<RouteShape> default_route_shapes();
+// route_heads at llama-2-7b (32 heads) and llama-3-8b (8 KV groups of 4) decode batches.
+std::vector<HeadRouteShape> default_head_route_shapes();
 
 struct KernelRow {
-  std::string kernel;  // "attention", "gemm", "gather_up", "gather_down" or "route"
+  std::string kernel;  // "attention", "gemm", "gather_up", "gather_down", "route" or "route_heads"
   std::string shape;   // e.g. "B64 N1920 H32/32 dh128" or "m64 n4096 k4096"
   double ms = 0;       // median over the timed repetitions
   double bytes = 0;    // the byte floor's bytes
@@ -73,5 +82,10 @@ std::vector<KernelRow> bench_gather(Backend& be, const std::vector<GatherShape>&
 std::vector<KernelRow> bench_route(Backend& be, const std::vector<RouteShape>& shapes, const MemoryRates& rates,
                                    const KernelBenchOptions& o,
                                    const std::function<void(const std::string&)>& progress = {});
+// Each head-route shape three times: top-k, a threshold (0: about half the units of the random scores) and
+// statistical top-k (c = 0), kmin 1, on random scores; the floor counts the scores and the list once.
+std::vector<KernelRow> bench_route_heads(Backend& be, const std::vector<HeadRouteShape>& shapes,
+                                         const MemoryRates& rates, const KernelBenchOptions& o,
+                                         const std::function<void(const std::string&)>& progress = {});
 
 }  // namespace polar

@@ -6,6 +6,7 @@
 #include <fstream>
 #include <iterator>
 #include <limits>
+#include <tuple>
 
 #include <fmt/format.h>
 
@@ -20,8 +21,8 @@ namespace {
 
 constexpr int64_t kStateFormat = 1;
 // What a trained layer file holds; part of the training key, so layers trained by an older polar (format 1:
-// no head shares) are trained again while their collection is reused.
-constexpr int64_t kLayerFormat = 2;
+// no head shares; 2: no selection statistics) are trained again while their collection is reused.
+constexpr int64_t kLayerFormat = 3;
 constexpr const char* kStateFile = "state.json";
 constexpr const char* kLayerMetaKey = "polar.calib";
 
@@ -232,6 +233,8 @@ void Calibration::train_layer(int64_t layer) {
     r.attn = train_attention_router(spill, split, options_.train, options_.seed, layer, report("attention"));
     r.head_share = top_share(spill, 1, options_.train.head_density);
     r.group_share = top_share(spill, dims_.heads / dims_.kv_heads, options_.train.head_density);
+    r.group_stats = selection_stats(spill, split.val, r.attn.w, r.attn.b, dims_.heads / dims_.kv_heads);
+    r.head_stats = selection_stats(spill, split.val, r.attn.w, r.attn.b, 1);
   }
   if (dims_.mlp) {
     r.mlp = train_mlp_router(spill, split, options_.mlp_rank, options_.train, options_.seed, layer, report("mlp"));
@@ -258,6 +261,11 @@ void Calibration::write_layer(int64_t layer, const LayerResult& r) const {
     meta["attn"] = {{"head_recall", r.attn.head_recall}, {"group_recall", r.attn.group_recall}, {"epoch", r.attn.epoch}};
     tensors.emplace_back("attn.head_share", tensor_of(r.head_share, {dims_.heads}));
     tensors.emplace_back("attn.group_share", tensor_of(r.group_share, {dims_.kv_heads}));
+    for (const auto& [name, u] : {std::pair{"group", &r.group_stats}, std::pair{"head", &r.head_stats}}) {
+      tensors.emplace_back(fmt::format("sel.{}.score", name), tensor_of(u->score, {int64_t(u->score.size())}));
+      tensors.emplace_back(fmt::format("sel.{}.z", name), tensor_of(u->z, {int64_t(u->z.size())}));
+      tensors.emplace_back(fmt::format("sel.{}.coverage", name), tensor_of(u->coverage, {int64_t(u->coverage.size())}));
+    }
   }
   if (r.mlp.rank > 0) {
     tensors.emplace_back("mlp.a", tensor_of(r.mlp.a, {r.mlp.rank, d}));
@@ -289,6 +297,12 @@ LayerResult Calibration::read_layer(int64_t layer) const {
                 a.at("head_recall").get<double>(), a.at("group_recall").get<double>(), a.at("epoch").get<int64_t>()};
       r.head_share = values("attn.head_share", {dims_.heads});
       r.group_share = values("attn.group_share", {dims_.kv_heads});
+      for (const auto& [name, u, units] : {std::tuple{"group", &r.group_stats, dims_.kv_heads},
+                                           std::tuple{"head", &r.head_stats, dims_.heads}}) {
+        u->score = values(fmt::format("sel.{}.score", name).c_str(), {kSelectionQuantiles + 1});
+        u->z = values(fmt::format("sel.{}.z", name).c_str(), {kSelectionQuantiles + 1});
+        u->coverage = values(fmt::format("sel.{}.coverage", name).c_str(), {units + 1});
+      }
     }
     if (dims_.mlp) {
       const json& m = meta.at("mlp");
@@ -325,6 +339,11 @@ Routers Calibration::routers() const {
     out.mlp_k = MlpKTable{options_.k_table.batch_sizes, {}, {}};
   }
   out.source += fmt::format("; AdamW lr {}, weight decay {}, batch {}", t.lr, t.weight_decay, t.batch);
+  if (dims_.layers > 1) {
+    out.selection = SelectionStats{};
+    out.selection->group.resize(size_t(dims_.layers));
+    out.selection->head.resize(size_t(dims_.layers));
+  }
   for (int64_t l = 0; l < dims_.layers; ++l) {
     const LayerResult& r = layer(l);
     LayerRouters& lr = out.layers[size_t(l)];
@@ -334,6 +353,8 @@ Routers Calibration::routers() const {
       lr.head_share = tensor_of(r.head_share, {dims_.heads});
       lr.group_share = tensor_of(r.group_share, {dims_.kv_heads});
       out.attn_recall[size_t(l)] = r.attn.group_recall;
+      out.selection->group[size_t(l)] = r.group_stats;
+      out.selection->head[size_t(l)] = r.head_stats;
     }
     if (dims_.mlp) {
       lr.mlp_a = tensor_of(r.mlp.a, {r.mlp.rank, dims_.hidden});

@@ -51,6 +51,9 @@ struct LayerResult {
   // top_share of the layer's query heads [H] and KV groups [Hkv] over every collected token at the
   // training head density (the static selector's ranking); empty on layer 0
   std::vector<float> head_share, group_share;
+  // adaptive selection's statistics of the trained router on the validation tokens, per KV group and per
+  // query head (sparse/routers.h); empty on layer 0
+  UnitStats group_stats, head_stats;
   MlpRouter mlp;         // rank 0 without a ReLU MLP
   KRow k;                // empty without a ReLU MLP
 };

@@ -9,6 +9,7 @@
 
 #include "core/error.h"
 #include "core/random.h"
+#include "sparse/selection.h"
 
 namespace polar::calib {
 
@@ -209,6 +210,53 @@ std::vector<float> top_share(const LayerSpill& spill, int64_t group, double dens
   std::vector<float> share(static_cast<size_t>(G));
   for (int64_t g = 0; g < G; ++g) share[size_t(g)] = n ? float(double(count[size_t(g)]) / double(n)) : 0.0f;
   return share;
+}
+
+UnitStats selection_stats(const LayerSpill& spill, const std::vector<int64_t>& rows, const std::vector<float>& w,
+                          const std::vector<float>& b, int64_t group) {
+  const SpillDims& dims = spill.dims();
+  const int64_t d = dims.hidden, H = dims.heads;
+  check(group >= 1 && H % group == 0 && !rows.empty(), "selection statistics: {} heads in groups of {} over {} tokens", H,
+        group, rows.size());
+  const int64_t G = H / group;
+  const size_t units = static_cast<size_t>(G);
+  std::vector<float> x(static_cast<size_t>(kValidationChunk * d)), score(static_cast<size_t>(kValidationChunk * H)),
+      pooled(units), norm(units), scores, z;
+  std::vector<int32_t> order(units);
+  std::vector<double> coverage(units + 1, 0.0);
+  scores.reserve(rows.size() * size_t(G));
+  z.reserve(rows.size() * size_t(G));
+  for_each_batch(rows, kValidationChunk, [&](std::span<const int64_t> batch) {
+    const int64_t n = static_cast<int64_t>(batch.size());
+    spill.inputs(batch, x.data());
+    gemm(false, true, n, H, d, x.data(), w.data(), score.data());
+    for (int64_t i = 0; i < n; ++i) {
+      const float* s = score.data() + i * H;
+      for (int64_t g = 0; g < G; ++g) {
+        pooled[size_t(g)] = -INFINITY;
+        for (int64_t h = g * group; h < (g + 1) * group; ++h) pooled[size_t(g)] = std::max(pooled[size_t(g)], s[h] + b[size_t(h)]);
+      }
+      scores.insert(scores.end(), pooled.begin(), pooled.end());
+      append_standardised(pooled.data(), G, z);
+      pool_norms(spill.norms(batch[size_t(i)]), H, group, norm.data());
+      // The router's order (higher score first, ties to the lower index), and the energy its first k carry.
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(),
+                       [&](int32_t p, int32_t q) { return ranks_before(pooled.data(), p, q); });
+      double total = 0, carried = 0;
+      for (float v : norm) total += double(v) * v;
+      for (int64_t k = 1; k <= G; ++k) {
+        carried += double(norm[size_t(order[size_t(k - 1)])]) * norm[size_t(order[size_t(k - 1)])];
+        coverage[size_t(k)] += total > 0 ? std::min(1.0, carried / total) : double(k) / double(G);
+      }
+    }
+  });
+  UnitStats out;
+  out.score = quantile_table(scores);
+  out.z = quantile_table(z);
+  out.coverage.resize(size_t(G + 1));
+  for (int64_t k = 0; k <= G; ++k) out.coverage[size_t(k)] = float(coverage[size_t(k)] / double(rows.size()));
+  return out;
 }
 
 AttentionRecall attention_recall(const LayerSpill& spill, const std::vector<int64_t>& rows, const std::vector<float>& w,

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "calib/spill.h"
+#include "sparse/routers.h"
 
 namespace polar::calib {
 
@@ -71,6 +72,13 @@ struct AttentionRecall {
 // Recall of router (w [H, d], b [H]) on spill rows `rows`, at head and at KV-group granularity.
 AttentionRecall attention_recall(const LayerSpill& spill, const std::vector<int64_t>& rows, const std::vector<float>& w,
                                  const std::vector<float>& b, double density);
+
+// Adaptive selection's statistics (sparse/routers.h: UnitStats) of router (w [H, d], b [H]) on spill rows
+// `rows`, with the scores max-pooled over groups of `group` consecutive heads (1: per query head): quantiles
+// of the unit scores and of each token's standardised unit scores, and the mean share of a token's
+// attention-output energy (Σ over its units of the pooled norm²) that the router's best k units carry.
+UnitStats selection_stats(const LayerSpill& spill, const std::vector<int64_t>& rows, const std::vector<float>& w,
+                          const std::vector<float>& b, int64_t group);
 
 // on_epoch(epoch from 1, validation metric) after each epoch.
 using EpochFn = std::function<void(int64_t, double)>;

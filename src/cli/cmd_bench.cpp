@@ -300,10 +300,13 @@ int run_bench_cmd(const BenchArgs& a) {
   const DecodeSweep sweep =
       run_decode_sweep(*m.model, sweep_options, rates, [](const std::string& s) { fmt::print(stderr, "{}\n", s); });
 
+  report_density_reached(m, "sparse steps (warm-up included)");
+  const std::optional<double> reached = density_reached(m);
   // Results first, files after: a failing plot must not lose the numbers.
   const std::string device = fmt::format("{}, {}", be.name(), dtype_name(be.activation_dtype()));
   if (a.json) {
     nlohmann::json j = to_json(label, sweep);
+    if (reached) j["density_reached"] = *reached;
     j.update({{"shape", label}, {"config", c.describe()}, {"device", device}, {"memory_gb_per_s", rates.copy_gbps},
               {"read_gb_per_s", rates.read_gbps},
               {"weight_bytes", m.model->weight_bytes()}, {"step_weight_bytes", m.model->step_weight_bytes()},

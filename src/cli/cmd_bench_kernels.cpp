@@ -18,7 +18,7 @@ struct KernelArgs {
   std::string device = "cuda";
   std::string dtype = "f16";
   std::string sparse_mlp = "fastest";
-  std::vector<std::string> attention, gemm, gather, route;
+  std::vector<std::string> attention, gemm, gather, route, route_heads;
   KernelBenchOptions bench;
   std::string csv;
   bool json = false;
@@ -77,11 +77,19 @@ int run(const KernelArgs& a) {
     check(d[2] <= d[1], "bad route shape '{}': k must be at most D", s);
     route.push_back({d[0], d[1], d[2]});
   }
-  if (a.attention.empty() && a.gemm.empty() && a.gather.empty() && a.route.empty()) {
+  std::vector<HeadRouteShape> head_route;
+  for (const auto& s : a.route_heads) {
+    auto d = parse_dims(s, 4, "route-heads");
+    check(d[2] >= 1 && d[1] % d[2] == 0 && d[3] >= 1 && d[3] <= d[1] / d[2],
+          "bad route-heads shape '{}': GROUP must divide H and K be at most H / GROUP", s);
+    head_route.push_back({d[0], d[1], d[2], d[3]});
+  }
+  if (a.attention.empty() && a.gemm.empty() && a.gather.empty() && a.route.empty() && a.route_heads.empty()) {
     att = default_attention_shapes();
     gemm = default_gemm_shapes();
     gather = default_gather_shapes();
     route = default_route_shapes();
+    head_route = default_head_route_shapes();
   }
   fmt::print(stderr, "measuring memory bandwidth on {}...\n", be->name());
   const MemoryRates rates = MemoryRates::measure(*be);
@@ -92,6 +100,7 @@ int run(const KernelArgs& a) {
   for (auto& r : bench_gemm(*be, gemm, rates, a.bench, progress)) rows.push_back(r);
   for (auto& r : bench_gather(*be, gather, rates, a.bench, progress)) rows.push_back(r);
   for (auto& r : bench_route(*be, route, rates, a.bench, progress)) rows.push_back(r);
+  for (auto& r : bench_route_heads(*be, head_route, rates, a.bench, progress)) rows.push_back(r);
   if (!a.csv.empty()) {
     std::ofstream f(a.csv);
     check(f.good(), "cannot write {}", a.csv);
@@ -145,6 +154,10 @@ Command bench_kernels_command() {
                           "its dense layer (default: a built-in table)")
                 ->delimiter(',');
             c->add_option("--route", a->route, "route_neurons shapes RxDxK: the K best of D neurons over R rows")
+                ->delimiter(',');
+            c->add_option("--route-heads", a->route_heads,
+                          "route_heads shapes RxHxGROUPxK, each timed for top-k, a threshold and statistical top-k "
+                          "(issue 19's selection rules) in lists of width K (default: a built-in table)")
                 ->delimiter(',');
             c->add_option("--reps", a->bench.reps, "Timed repetitions per shape")->capture_default_str()
                 ->check(above(0));

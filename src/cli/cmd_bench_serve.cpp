@@ -388,6 +388,7 @@ int run_bench_serve(BenchServeArgs& a) {
     }
   }
 
+  report_density_reached(m, "sparse runs (warm-up included)");
   report(a, w, label, c.describe(), fmt::format("{}, {}", be.name(), dtype_name(be.activation_dtype())), m.density,
          kv_tokens, runs);
   return 0;

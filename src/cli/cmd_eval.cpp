@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <map>
 #include <optional>
 
 #include <fmt/core.h>
@@ -148,11 +149,13 @@ int run_eval(const EvalArgs& a) {
     if (d < 1 && std::find(densities.begin(), densities.end(), d) == densities.end()) densities.push_back(d);
   const auto t0 = std::chrono::steady_clock::now();
   std::vector<TaskResult> results;
+  std::map<double, double> reached;  // density -> the mean density its run reached (over all its tasks)
   for (double density : densities) {
     ModelOptions at = a.model;
     at.density = density;
     m.sparsity.reset();
     m.routers = nullptr;
+    m.selector = nullptr;
     if (density < 1) load_sparsity(m, at, /*random_allowed=*/false, 0);
     for (const Task& task : tasks) {
       const auto t1 = std::chrono::steady_clock::now();
@@ -170,6 +173,8 @@ int run_eval(const EvalArgs& a) {
                  seconds_since(t1),
                  r.truncated ? fmt::format(" ({} requests had their context cut to fit the model)", r.truncated) : "");
     }
+    if (const std::optional<double> d = density_reached(m)) reached[density] = *d;
+    report_density_reached(m, fmt::format("density {:g}", density));
   }
   const double secs = seconds_since(t0);
   const std::string device = fmt::format("{}, {}", m.backend->name(), dtype_name(m.backend->activation_dtype()));
@@ -181,9 +186,14 @@ int run_eval(const EvalArgs& a) {
       j["tasks"].push_back(to_json(r));
       if (const auto delta = delta_to_dense(r, results))
         j["tasks"].back()["delta_acc"] = {{"mean", delta->mean}, {"se", delta->se}};
+      if (reached.count(r.density)) j["tasks"].back()["density_reached"] = reached[r.density];
     }
     j["selector"] = a.model.selector;
     j["granularity"] = a.model.granularity;
+    j["selection"] = a.model.selection;
+    j["density_schedule"] = a.model.density_schedule;
+    j["kmin"] = a.model.kmin;
+    j["kmax"] = a.model.kmax;
     j["sparse_context"] = a.sparse_context;
     fmt::print("{}\n", j.dump(1));
   } else {

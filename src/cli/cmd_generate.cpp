@@ -136,6 +136,7 @@ int run_generate(GenerateArgs& a) {
              n, n == 1 ? "" : "s", st.prompt_tokens, st.generated_tokens, st.seconds, output_rate,
              st.mean_ttft_seconds, s.steps, mean_batch, s.decode_only_tokens, s.decode_only_steps,
              s.decode_only_seconds, decode_rate);
+  report_density_reached(m);
   return 0;
 }
 }  // namespace

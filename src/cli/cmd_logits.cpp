@@ -34,7 +34,11 @@ int run_logits(const LogitsArgs& a) {
     meta["density"] = fmt::format("{}", m.density);
     meta["selector"] = a.model.selector;
     meta["granularity"] = a.model.granularity;
+    meta["selection"] = a.model.selection;
+    meta["density_schedule"] = a.model.density_schedule;
     if (!a.model.routers.empty()) meta["routers"] = a.model.routers;
+    if (const std::optional<double> reached = density_reached(m)) meta["density_reached"] = fmt::format("{}", *reached);
+    report_density_reached(m);
   }
   safetensors::write(a.out, {{"logits", logits}}, meta);
   fmt::print(stderr, "wrote logits [{}, {}] to {}\n", logits.dim(0), logits.dim(1), a.out);

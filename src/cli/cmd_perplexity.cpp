@@ -36,11 +36,16 @@ int run_perplexity(const PerplexityArgs& a) {
   }, m.sparsity.get());
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   fmt::print(stderr, "\n");
+  report_density_reached(m);
+  const std::optional<double> reached = density_reached(m);
   if (a.json) {
     fmt::print("{}\n", nlohmann::json{{"perplexity", r.perplexity()}, {"tokens_scored", r.scored},
                                       {"nll_mean", r.nll_sum / r.scored}, {"ctx", a.ctx}, {"seconds", secs},
                                       {"density", m.density}, {"selector", a.model.selector},
-                                      {"granularity", a.model.granularity}}
+                                      {"granularity", a.model.granularity}, {"selection", a.model.selection},
+                                      {"density_schedule", a.model.density_schedule}, {"kmin", a.model.kmin},
+                                      {"kmax", a.model.kmax},
+                                      {"density_reached", reached ? nlohmann::json(*reached) : nlohmann::json()}}
                            .dump());
   } else {
     fmt::print("perplexity {:.4f} over {} tokens (ctx {})\n", r.perplexity(), r.scored, a.ctx);

@@ -101,6 +101,26 @@ void ModelOptions::add_sparsity(CLI::App& app, bool selectors) {
                  "selection; router selection only)")
       ->capture_default_str()
       ->check(CLI::IsMember({"global", "balanced"}));
+  app.add_option("--selection", selection,
+                 "How many heads (KV groups) a token keeps: topk (exactly the density's k), threshold (those whose "
+                 "router score clears the layer's calibrated threshold) or stat-topk (those above mean + c·std of the "
+                 "token's own scores, c calibrated per layer); the threshold rules keep --kmin..--kmax and need a "
+                 "router file from polar calibrate (stat-topk also runs on random routers: synthetic normal scores)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"topk", "threshold", "stat-topk"}));
+  app.add_option("--kmin", kmin, "Threshold rules: the fewest heads (KV groups) a token keeps")
+      ->capture_default_str()
+      ->check(at_least(1));
+  app.add_option("--kmax", kmax,
+                 "Threshold rules: the most heads (KV groups) a token keeps, the width of the head lists (0: all)")
+      ->capture_default_str()
+      ->check(at_least(0));
+  app.add_option("--density-schedule", density_schedule,
+                 "uniform (every layer keeps the density's share) or calibrated (the same mean spread over the layers "
+                 "by the router file's per-layer importance: more heads where the router's best heads carry less of "
+                 "the attention output)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"uniform", "calibrated"}));
   if (!selectors) return;
   app.add_option("--selector", selector,
                  "Who picks the heads: router (the router file's routers), oracle (the heads with the largest true "
@@ -236,11 +256,18 @@ int64_t default_kv_tokens(const LoadedModel& m, int64_t max_seqs, int64_t longes
 void load_sparsity(LoadedModel& m, const ModelOptions& opt, bool random_allowed, uint64_t seed) {
   const ModelConfig& c = m.model->config();
   const Granularity granularity = parse_granularity(opt.granularity);
+  const SelectionOptions selection{parse_selection_rule(opt.selection), parse_density_schedule(opt.density_schedule),
+                                   opt.kmin, opt.kmax};
   if (opt.selector != "router") {
+    check(!selection.adaptive() && selection.schedule == DensitySchedule::Uniform && opt.kmin == 1 && opt.kmax == 0,
+          "--selection, --kmin, --kmax and --density-schedule choose how routers select: the baselines (--selector {}) "
+          "keep a uniform top-k",
+          opt.selector);
     std::unique_ptr<HeadSelector> selector = for_every_rank<HeadSelector>(
         m, [&](Model& model) { return baseline_selector(m, model, opt, granularity); });
     fmt::print(stderr, "{} heads: {} per token at layers 1..{}{}\n", opt.selector, selector->describe(), c.n_layers - 1,
                opt.selector == "random" ? fmt::format(" (seed {})", opt.selector_seed) : "");
+    m.selector = selector.get();
     m.sparsity = std::move(selector);
     m.density = opt.density;
     return;
@@ -252,6 +279,15 @@ void load_sparsity(LoadedModel& m, const ModelOptions& opt, bool random_allowed,
     check(random_allowed, "--density needs --routers FILE (polar routers --random makes random ones)");
     routers = random_routers(c, model_fingerprint(m.checkpoint), seed);
     fmt::print(stderr, "random routers (seed {}) for the sparse decode steps\n", seed);
+    check(selection.rule != SelectionRule::Threshold && selection.schedule == DensitySchedule::Uniform,
+          "--selection threshold and --density-schedule calibrated need calibrated routers (--routers FILE from polar "
+          "calibrate): random routers have no score distribution or layer importance to calibrate them by");
+    if (selection.rule == SelectionRule::StatTopK) {
+      // Random routers' scores of a token's query heads are close to independent normals of one scale, so
+      // statistical top-k's c comes from that distribution (synthetic, not measured).
+      routers.selection = synthetic_stat_topk_stats(c.n_layers, c.n_heads, c.n_kv_heads);
+      fmt::print(stderr, "stat-topk on random routers: c from independent normal head scores (synthetic)\n");
+    }
   } else {
     return;
   }
@@ -259,14 +295,27 @@ void load_sparsity(LoadedModel& m, const ModelOptions& opt, bool random_allowed,
   check(density > 0, "--density must be in (0, 1]");
   const TpHeads tp_heads = parse_tp_heads(opt.tp_heads);
   auto router_sparsity = for_every_rank<RouterSparsity>(m, [&](Model& model) {
-    return std::make_unique<RouterSparsity>(model, routers, density, granularity, tp_heads);
+    return std::make_unique<RouterSparsity>(model, routers, density, granularity, tp_heads, selection,
+                                            opt.routers.empty() ? "random routers" : opt.routers);
   });
   m.routers = router_sparsity.get();
+  m.selector = router_sparsity.get();
   m.density = density;
   m.sparsity = std::move(router_sparsity);
   fmt::print(stderr, "sparse decoding: {} per sequence at layers 1..{}{}{}\n", m.routers->describe(), c.n_layers - 1,
              routers.mlp_k ? ", MLP neurons per the router file's k table" : "",
              opt.tp > 1 ? fmt::format(", heads shared over {} ranks: {}", opt.tp, opt.tp_heads) : "");
+}
+
+std::optional<double> density_reached(const LoadedModel& m) {
+  return m.selector ? m.selector->density_reached() : std::nullopt;
+}
+
+void report_density_reached(const LoadedModel& m, const std::string& what) {
+  if (const std::optional<double> d = density_reached(m))
+    fmt::print(stderr, "{}mean density reached: {:.4f} (units kept / units, over layers 1..{} and the sparse tokens{})\n",
+               what.empty() ? "" : what + ": ", *d, m.model->config().n_layers - 1,
+               m.selector->selection().adaptive() ? ", tallied on the device" : "; exact for top-k");
 }
 
 DType ModelOptions::activation_dtype() const { return dtype == "bf16" ? DType::BF16 : DType::F16; }

@@ -2,6 +2,7 @@
 #pragma once
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -24,6 +25,10 @@ struct ModelOptions {
   std::string selector = "router";
   uint64_t selector_seed = 0;
   std::string granularity = "group";  // group (KV groups) or head (query heads, GQA models)
+  // Adaptive selection (sparse/selection.h): the rule, its bounds (kmax 0 = every unit) and the schedule
+  std::string selection = "topk";
+  int64_t kmin = 1, kmax = 0;
+  std::string density_schedule = "uniform";
   std::string sparse_mlp = "fastest";  // the CUDA backend's SparseMlpPath: fastest, kernel or dense
   int tp = 1;                          // tensor-parallel ranks (docs/parallel.md)
   std::string devices;                 // the ranks' CUDA devices ("2,3"); empty: 0..tp-1
@@ -32,7 +37,8 @@ struct ModelOptions {
   // --model (required; returned so a command with other model sources can relax that), --device, --dtype,
   // --tp, --devices, --tp-comm
   CLI::Option* add(CLI::App& app);
-  // --routers, --density, --tp-heads; with selectors, also --selector, --selector-seed and --granularity
+  // --routers, --density, --tp-heads, --selection, --kmin, --kmax, --density-schedule; with selectors,
+  // also --selector, --selector-seed and --granularity
   void add_sparsity(CLI::App& app, bool selectors = false);
   // The device of each rank: "cpu" for all on the CPU; --devices, or cuda:0..tp-1, on CUDA.
   std::vector<std::string> rank_devices() const;
@@ -53,7 +59,8 @@ struct LoadedModel {
   std::unique_ptr<Model> model;
   std::unique_ptr<Sparsity> sparsity;  // set by load_sparsity for sparse decoding; null = dense
   RouterSparsity* routers = nullptr;   // the same object when routers select (benchmarks read its sizes)
-  double density = 1.0;                // of the sparsity in use
+  HeadSelector* selector = nullptr;    // the same object whoever selects
+  double density = 1.0;                // of the sparsity in use (the mean aimed at)
   const Tokenizer& tokenizer() const;  // error if the checkpoint carries none
 };
 
@@ -100,6 +107,12 @@ int64_t default_kv_tokens(const LoadedModel& m, int64_t max_seqs, int64_t longes
 // but with a density below 1, random routers drawn from `seed` when `random_allowed` (benchmarks), else an
 // error. Nothing when neither option is given or the density is 1.
 void load_sparsity(LoadedModel& m, const ModelOptions& opt, bool random_allowed, uint64_t seed);
+
+// The mean density the sparse steps so far reached (HeadSelector::density_reached), or nullopt (dense, or
+// no step yet).
+std::optional<double> density_reached(const LoadedModel& m);
+// Prints it to stderr ("mean density reached: ..."), if any; `what` names the run.
+void report_density_reached(const LoadedModel& m, const std::string& what = "");
 
 // Range checks for numeric flags whose messages read as a person would say them ("--temperature: must be
 // >= 0, got -1"); CLI11's own NonNegativeNumber prints the largest double as the upper bound. A value that

@@ -85,6 +85,7 @@ class Llama final : public Model {
 
     be.embedding(embed_, in.ids, x);
     if (probe) probe->hidden(0, be.to_host_f32(x));
+    if (in.sparsity) in.sparsity->begin_step(in.layout.live_tokens, in.dense_tokens);
     for (int64_t l = 0; l < c.n_layers; ++l) {
       const LlamaLayer& L = layers_[l];
       be.region("other");

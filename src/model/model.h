@@ -56,6 +56,11 @@ class Sparsity {
   virtual ~Sparsity() = default;
   // Rank 0's object stands for the group and owns the other ranks' (the Engine asks rank(r) for rank r's).
   Sparsity& rank(int r) { return r == 0 ? *this : *peers_.at(static_cast<size_t>(r - 1)); }
+  // Called by the model before a step's layers: the rows whose selections the step uses are tokens
+  // [0, live_tokens[0]) (I32 [1]; undefined: all) not flagged in dense_tokens (I32 [T]; undefined: none).
+  // Device tensors that a captured graph refills, so a selector may hand them to its ops (the density an
+  // adaptive selector reaches is tallied over those rows).
+  virtual void begin_step(const Tensor& live_tokens, const Tensor& dense_tokens) { (void)live_tokens, (void)dense_tokens; }
   int ranks() const { return 1 + static_cast<int>(peers_.size()); }
   void add_rank(std::unique_ptr<Sparsity> next) { peers_.push_back(std::move(next)); }
   // The KV heads (KV groups for GQA, heads for MHA) each token attends to, in ascending order: [T, k] I32,

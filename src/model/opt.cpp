@@ -98,6 +98,7 @@ class Opt final : public Model {
     be.embedding(positions_, in.layout.positions, h, c.position_offset);
     be.add(x, h, x);
     if (probe) probe->hidden(0, be.to_host_f32(x));
+    if (in.sparsity) in.sparsity->begin_step(in.layout.live_tokens, in.dense_tokens);
     for (int64_t l = 0; l < c.n_layers; ++l) {
       const OptLayer& L = layers_[l];
       // Attention block. Post-LN: the norm follows the residual add instead of preceding q/k/v.

@@ -44,6 +44,20 @@ class Graph {
   virtual void replay() = 0;
 };
 
+// Variable per-row unit counts for route_heads (issue 19). The list keeps its fixed shape [R, k] (graphs
+// stay valid); what varies is how many of its entries are real.
+struct HeadCutoff {
+  int64_t kmin = 1;        // 1 <= kmin <= k
+  float value = 0;         // the threshold, or with row_stat the c of mean + c · std
+  bool row_stat = false;   // statistical top-k: the threshold from each row's own scores
+  // Optional tally (the density reached): tally [2] I32 += (units kept, rows) over the rows r with
+  // r < live_rows[0] (I32 [1]; undefined: every row) and dense_rows[r] == 0 (I32 [R]; undefined: none
+  // flagged) — the rows whose selection a step uses. Integer sums, so the same on every backend.
+  Tensor* tally = nullptr;
+  const Tensor* live_rows = nullptr;
+  const Tensor* dense_rows = nullptr;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -112,7 +126,13 @@ class Backend {
   // Attention router selection: scores [R, H] per query head; with group > 1 (GQA) a KV group's score is
   // the max over its `group` consecutive heads. idx [R, k] (I32) = each row's k best heads (group == 1) or
   // KV groups, k = idx.dim(1) <= H / group.
-  virtual void route_heads(const Tensor& scores, int64_t group, Tensor& idx) = 0;
+  // With a cutoff (adaptive selection, issue 19), k is a capacity: row r keeps its units whose pooled score
+  // is >= its threshold, but at least cutoff->kmin and at most k of them, the best by the order above (so
+  // the kept units are always a prefix of that order); its other entries are padding, H / group, which the
+  // attention op and keep_heads skip. The row's threshold is cutoff->value, or, with cutoff->row_stat
+  // (statistical top-k), mean + value · std of the row's H / group pooled scores (population std, in fp64;
+  // a NaN threshold keeps kmin).
+  virtual void route_heads(const Tensor& scores, int64_t group, Tensor& idx, const HeadCutoff* cutoff = nullptr) = 0;
   // out[R] = the L2 norm of each row of x [R, n] (accumulated in fp32 or wider): per-head norms of an attention output
   // [T, H, dh] viewed as [T·H, dh] (a KV group's as [T·Hkv, group·dh]), as calibration measures them.
   virtual void l2_norms(const Tensor& x, Tensor& out) = 0;

@@ -6,10 +6,18 @@
 // outputs are zeroed after a dense attention; no KV read is saved — for accuracy comparisons). Each token
 // keeps k = max(1, int(density · n)) of the n units (Hkv groups or H query heads) at layers 1..L-1; layer 0
 // is always dense, and so is every layer when k = n.
+//
+// Adaptive selection (issue 19, selection.h): with a calibrated schedule the k of each layer comes from the
+// router file's coverage curves (the same mean); with a threshold rule a token keeps between kmin and kmax
+// units, in [T, kmax] lists padded with n, and the units each token really kept are tallied on the device
+// (density_reached).
 #pragma once
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "model/model.h"
+#include "sparse/selection.h"
 
 namespace polar {
 
@@ -32,29 +40,49 @@ class HeadSelector : public Sparsity {
   // Attention sparsity only; RouterSparsity adds the MLP's.
   Tensor mlp_neurons(int, const Tensor&, const StepLayout&) override { return Tensor(); }
 
+  void begin_step(const Tensor& live_tokens, const Tensor& dense_tokens) override;
+
   double density() const { return density_; }
   Granularity granularity() const { return granularity_; }
   int64_t units() const { return units_; }  // KV groups, or query heads
-  int64_t kept() const { return kept_; }    // units each token keeps at layers >= 1
-  // KV heads whose cache each token's attention reads at layers >= 1.
-  int64_t kv_heads_read() const { return per_query_head() ? config_.n_kv_heads : kept_; }
-  // "2 of 3 KV groups", "4 of 9 query heads", ...
+  int64_t kept() const { return kept_; }    // units each token keeps at layers >= 1 under a uniform top-k
+  // The units layer `layer` aims at per token: its schedule's k (0 at layer 0, which is dense).
+  int64_t layer_kept(int layer) const { return layer_kept_.at(static_cast<size_t>(layer)); }
+  // Width of layer `layer`'s index lists: its k for top-k, kmax for the threshold rules.
+  int64_t width(int layer) const { return selection_.adaptive() ? kmax_ : layer_kept(layer); }
+  // KV heads whose cache each token's attention reads at layer `layer` >= 1: for the threshold rules the
+  // schedule's aim, which the tokens reach only on average (density_reached says how well).
+  int64_t kv_heads_read(int layer) const { return per_query_head() ? config_.n_kv_heads : layer_kept(layer); }
+  const SelectionOptions& selection() const { return selection_; }
+  // "2 of 3 KV groups", "4 of 9 query heads", "threshold, 1..3 of 3 KV groups, 0.67 mean aimed at", ...
   std::string describe() const;
+  // The mean share of units kept over layers 1..L-1 and the sparse tokens of the steps so far (per layer:
+  // Σ units kept / (tokens · units), then the mean over the layers): exact for top-k; for the threshold
+  // rules read from the device tally of the steps run (synchronises), nullopt before any step ran.
+  std::optional<double> density_reached();
 
  protected:
-  // density in (0, 1]. Balanced (a tensor-parallel model) only where the selector can score its own heads alone.
-  HeadSelector(const Model& model, double density, Granularity granularity, TpHeads tp_heads = TpHeads::Global);
-  // Whether `layer` selects at all (layer 0 and a density keeping every unit are dense).
-  bool selects(int layer) const { return layer > 0 && kept_ < units_; }
-  // [T, kept()] I32: each row's best units by scores [T, units() · pool], a unit's score being the max over
-  // its `pool` consecutive columns (the route_heads op's rule: ascending, ties to the lower index); on a
+  // density in (0, 1] (the mean over layers 1..L-1 with a calibrated schedule). Balanced (a tensor-parallel
+  // model) only where the selector can score its own heads alone. stats: the routers' selection statistics
+  // at this granularity ([layer]), which the calibrated schedule and the threshold rules need (a polar::Error
+  // naming `source` without them).
+  HeadSelector(const Model& model, double density, Granularity granularity, TpHeads tp_heads = TpHeads::Global,
+               const SelectionOptions& selection = {}, const std::vector<UnitStats>* stats = nullptr,
+               const std::string& source = "");
+  // Whether `layer` selects at all (layer 0 and a layer keeping every unit by top-k are dense).
+  bool selects(int layer) const {
+    return layer > 0 && (selection_.adaptive() ? kmin_ < units_ : layer_kept(layer) < units_);
+  }
+  // [T, width(layer)] I32: each row's best units by scores [T, units() · pool], a unit's score being the max
+  // over its `pool` consecutive columns (the route_heads op's rule: ascending, ties to the lower index) —
+  // layer_kept(layer) of them, or as many as the threshold rule keeps, padded with units(); on a
   // tensor-parallel rank, the units of that it owns (localize).
-  Tensor top(const Tensor& scores, int64_t pool) const;
-  // A tensor-parallel rank's part of whole-model selections idx [T, kept()]: [T, min(kept(), its units)],
-  // padded (Backend::localize_indices). idx itself alone.
+  Tensor top(const Tensor& scores, int64_t pool, int layer);
+  // A tensor-parallel rank's part of whole-model selections idx [T, k]: [T, min(k, its units)], padded
+  // (Backend::localize_indices). idx itself alone.
   Tensor localize(const Tensor& idx) const;
-  // Balanced: the rank's ceil(kept() / N) best of its own units by scores [T, its units · pool].
-  Tensor top_own(const Tensor& scores, int64_t pool) const;
+  // Balanced: the rank's ceil(layer_kept / N) best of its own units by scores [T, its units · pool].
+  Tensor top_own(const Tensor& scores, int64_t pool, int layer) const;
   bool balanced() const { return tp_heads_ == TpHeads::Balanced; }
 
   Backend& backend_;
@@ -68,6 +96,17 @@ class HeadSelector : public Sparsity {
   TpHeads tp_heads_;
   int64_t units_, kept_;
   int64_t first_unit_, own_units_;  // the rank's units: [first_unit_, first_unit_ + own_units_)
+  std::string describe_units() const;  // "KV groups", "query heads" or "heads"
+  double mean_layer_density() const;    // mean of layer_kept / units over layers 1..L-1
+  SelectionOptions selection_;
+  int64_t kmin_ = 1, kmax_ = 0;       // the threshold rules' bounds (kmax_ = units_ unless asked)
+  std::vector<int64_t> layer_kept_;   // [layer]: the schedule
+  std::vector<float> cutoff_;         // [layer]: the threshold, or stat-topk's c
+  // [layers, 2] I32 on the backend: Σ (units kept, rows) per layer; good for 2^31 units kept per layer
+  // (67M sparse tokens at 32 units: far beyond any one command's run)
+  Tensor tally_;
+  bool tallied_ = false;              // whether a step has added to tally_
+  Tensor live_tokens_, dense_tokens_;  // this step's (begin_step)
 };
 
 }  // namespace polar

@@ -4,9 +4,20 @@
 
 namespace polar {
 
+namespace {
+
+// The routers' selection statistics at a granularity, where they have them.
+const std::vector<UnitStats>* unit_stats(const Routers& routers, Granularity granularity) {
+  if (!routers.selection) return nullptr;
+  return granularity == Granularity::Group ? &routers.selection->group : &routers.selection->head;
+}
+
+}  // namespace
+
 RouterSparsity::RouterSparsity(const Model& model, const Routers& routers, double density, Granularity granularity,
-                               TpHeads tp_heads)
-    : HeadSelector(model, density, granularity, tp_heads), mlp_k_(routers.mlp_k) {
+                               TpHeads tp_heads, const SelectionOptions& selection, const std::string& source)
+    : HeadSelector(model, density, granularity, tp_heads, selection, unit_stats(routers, granularity), source),
+      mlp_k_(routers.mlp_k) {
   check(static_cast<int64_t>(routers.layers.size()) == config_.n_layers, "routers for {} layers, the model has {}",
         routers.layers.size(), config_.n_layers);
   const DType dt = backend_.activation_dtype();
@@ -38,8 +49,8 @@ Tensor RouterSparsity::attention_heads(int layer, const Tensor& h) {
   if (!selects(layer) || !attn_w_[layer].defined()) return Tensor();
   Tensor scores = backend_.alloc(backend_.activation_dtype(), {h.dim(0), attn_w_[layer].dim(0)});
   backend_.linear(h, attn_w_[layer], &attn_b_[layer], scores);
-  if (balanced()) return top_own(scores, per_query_head() ? 1 : dims_.heads / dims_.kv_heads);
-  return top(scores, config_.n_heads / units());
+  if (balanced()) return top_own(scores, per_query_head() ? 1 : dims_.heads / dims_.kv_heads, layer);
+  return top(scores, config_.n_heads / units(), layer);
 }
 
 int64_t RouterSparsity::mlp_neurons_kept(int layer, int64_t batch) const {

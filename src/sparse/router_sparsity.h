@@ -28,8 +28,11 @@ class RouterSparsity final : public HeadSelector {
   // are replicated (their input is), except with TpHeads::Balanced, where the rank keeps the attention
   // router's rows of its own query heads; the MLP neuron set is the whole model's (every rank computes the
   // same), of which the rank applies its own neurons.
+  // selection: the rule and schedule (selection.h), which need routers.selection unless top-k with a
+  // uniform schedule; `source` names the routers in errors (the file).
   RouterSparsity(const Model& model, const Routers& routers, double density,
-                 Granularity granularity = Granularity::Group, TpHeads tp_heads = TpHeads::Global);
+                 Granularity granularity = Granularity::Group, TpHeads tp_heads = TpHeads::Global,
+                 const SelectionOptions& selection = {}, const std::string& source = "");
 
   Tensor attention_heads(int layer, const Tensor& h) override;
   Tensor mlp_neurons(int layer, const Tensor& h, const StepLayout& layout) override;

@@ -148,6 +148,62 @@ MlpKTable parse_k_table(const std::string& path, const json& mk, const Dims& dim
   return t;
 }
 
+// A non-empty array of n finite numbers (n = 0: any length >= 2), each >= the one before and, with
+// `share`, in [0, 1].
+std::vector<float> parse_curve(const std::string& path, const json& v, const std::string& what, size_t n, bool share) {
+  check(v.is_array() && (n ? v.size() == n : v.size() >= 2), "{}: router metadata {} must be an array of {} numbers, not {}",
+        path, what, n ? std::to_string(n) : "at least 2", brief(v));
+  std::vector<float> out;
+  for (size_t i = 0; i < v.size(); ++i) {
+    check(v[i].is_number() && std::isfinite(v[i].get<double>()), "{}: router metadata {}[{}] must be a finite number, not {}",
+          path, what, i, brief(v[i]));
+    const float x = v[i].get<float>();
+    check(!share || (x >= 0 && x <= 1), "{}: router metadata {}[{}] = {} is not a share in [0, 1]", path, what, i, x);
+    check(out.empty() || x >= out.back(), "{}: router metadata {} must not decrease, but {}[{}] = {} follows {}", path,
+          what, what, i, x, out.empty() ? 0.0f : out.back());
+    out.push_back(x);
+  }
+  return out;
+}
+
+UnitStats parse_unit_stats(const std::string& path, const json& v, const std::string& what, int64_t units, size_t q) {
+  check(v.is_object(), "{}: router metadata {} must be an object, not {}", path, what, brief(v));
+  check_keys(path, v, {"score", "z", "coverage"}, what.c_str());
+  UnitStats u;
+  u.score = parse_curve(path, field(path, v, "score", what + "."), what + ".score", q + 1, false);
+  u.z = parse_curve(path, field(path, v, "z", what + "."), what + ".z", q + 1, false);
+  u.coverage = parse_curve(path, field(path, v, "coverage", what + "."), what + ".coverage",
+                           units > 0 ? static_cast<size_t>(units + 1) : 0, true);
+  check(u.coverage.front() == 0, "{}: router metadata {}.coverage[0] must be 0 (no unit carries nothing), not {}", path,
+        what, u.coverage.front());
+  return u;
+}
+
+SelectionStats parse_selection(const std::string& path, const json& sel, const Dims& dims) {
+  check(sel.is_object(), "{}: router metadata selection must be an object, not {}", path, brief(sel));
+  check_keys(path, sel, {"quantiles", "layers"}, "selection");
+  const int64_t q = as_int(path, field(path, sel, "quantiles", "selection."), "selection.quantiles");
+  check(q == kSelectionQuantiles, "{}: router metadata selection.quantiles is {}, this polar reads {}", path, q,
+        kSelectionQuantiles);
+  const json& layers = as_array(path, field(path, sel, "layers", "selection."), "selection.layers",
+                                static_cast<size_t>(dims.layers), "one per layer");
+  check(layers.empty() || layers[0].is_null(),
+        "{}: router metadata selection.layers[0] must be null: layer 0 is always dense", path);
+  SelectionStats out;
+  out.group.resize(layers.size());
+  out.head.resize(layers.size());
+  for (size_t l = 1; l < layers.size(); ++l) {
+    const std::string what = fmt::format("selection.layers[{}]", l);
+    check(layers[l].is_object(), "{}: router metadata {} must be an object, not {}", path, what, brief(layers[l]));
+    check_keys(path, layers[l], {"group", "head"}, what.c_str());
+    out.group[l] = parse_unit_stats(path, field(path, layers[l], "group", what + "."), what + ".group", dims.kv_heads,
+                                    static_cast<size_t>(q));
+    out.head[l] = parse_unit_stats(path, field(path, layers[l], "head", what + "."), what + ".head", dims.heads,
+                                   static_cast<size_t>(q));
+  }
+  return out;
+}
+
 // The dimensions a file describes by itself (read_routers): layers from attention_recall, H and d from layer
 // 1's attention router, D from layer 0's MLP router. The full check against them follows in read_file.
 Dims dims_from_file(const safetensors::File& f, const json& meta) {
@@ -231,13 +287,15 @@ Routers read_file(const std::string& path, const ModelConfig* config, const std:
 
   if (dims.mlp) {
     check_keys(path, meta,
-               {"format", "model", "granularity", "head_density", "attention_recall", "source", "mlp_rank", "mlp_k"},
+               {"format", "model", "granularity", "head_density", "attention_recall", "source", "mlp_rank", "mlp_k",
+                "selection"},
                "(top level)");
   } else {
     check(!meta.contains("mlp_rank") && !meta.contains("mlp_k"),
           "{}: router metadata has mlp_rank / mlp_k, but the model's MLP is gated, and gated MLPs have no MLP routers",
           path);
-    check_keys(path, meta, {"format", "model", "granularity", "head_density", "attention_recall", "source"},
+    check_keys(path, meta,
+               {"format", "model", "granularity", "head_density", "attention_recall", "source", "selection"},
                "(top level)");
   }
   r.granularity = as_string(path, field(path, meta, "granularity"), "granularity");
@@ -260,6 +318,7 @@ Routers read_file(const std::string& path, const ModelConfig* config, const std:
     check(r.mlp_rank >= 1, "{}: router metadata mlp_rank must be at least 1, not {}", path, r.mlp_rank);
     r.mlp_k = parse_k_table(path, field(path, meta, "mlp_k"), dims);
   }
+  if (meta.contains("selection")) r.selection = parse_selection(path, meta["selection"], dims);
 
   // The tensors: exactly the expected set, each of the expected shape.
   struct Expected {
@@ -396,6 +455,14 @@ json routers_metadata(const Routers& r) {
             {"head_density", r.head_density},
             {"attention_recall", recall_json(r.attn_recall)},
             {"source", r.source}};
+  if (r.selection) {
+    json layers = json::array();
+    auto stats = [](const UnitStats& u) { return json{{"score", u.score}, {"z", u.z}, {"coverage", u.coverage}}; };
+    for (size_t l = 0; l < r.layers.size(); ++l)
+      layers.push_back(l == 0 ? json(nullptr)
+                              : json{{"group", stats(r.selection->group.at(l))}, {"head", stats(r.selection->head.at(l))}});
+    j["selection"] = {{"quantiles", kSelectionQuantiles}, {"layers", layers}};
+  }
   if (r.mlp_k) {
     json recall = json::array();
     for (const auto& row : r.mlp_k->recall) recall.push_back(recall_json(row));

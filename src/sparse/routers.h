@@ -15,8 +15,10 @@
 //   {"format": 1, "model": FINGERPRINT, "granularity": "head"|"group", "head_density": X,
 //    "attention_recall": [per layer, null where unmeasured], "mlp_rank": r,
 //    "mlp_k": {"batch_sizes": [...], "k": [[per batch size] per layer], "recall": [[...] per layer]},
+//    "selection": {"quantiles": Q, "layers": [null, {"group": STATS, "head": STATS} per layer 1..L-1]},
 //    "source": "..."}
-// ("mlp_rank" and "mlp_k" only for ReLU models.)
+// ("mlp_rank" and "mlp_k" only for ReLU models; "selection" optional: files written before issue 19 and
+// random routers have none), STATS = {"score": [Q + 1], "z": [Q + 1], "coverage": [units + 1]} (UnitStats).
 #pragma once
 #include <cstdint>
 #include <optional>
@@ -44,6 +46,27 @@ struct LayerRouters {
   Tensor group_share;  // [Hkv]
 };
 
+// What adaptive selection (issue 19: --selection threshold|stat-topk, --density-schedule calibrated) needs
+// of a layer's trained attention router at one granularity, measured in calibration on its validation
+// tokens. A unit's score is the router's, max-pooled over a KV group's heads for groups.
+struct UnitStats {
+  // Quantile i / Q (i = 0..Q) of the units' scores over tokens × units, non-decreasing: the threshold at
+  // which a layer keeps a share p of its units on average is score quantile 1 - p.
+  std::vector<float> score;
+  // The same of each token's scores standardised by its own units' mean and (population) std: statistical
+  // top-k's c for a share p is z quantile 1 - p.
+  std::vector<float> z;
+  // [units + 1]: the mean share of a token's attention-output energy (Σ of its units' squared output norms)
+  // that the router's best k units carry, k = 0..units, non-decreasing in [0, 1]: the layer's importance
+  // profile, from which the calibrated density schedule gives layers their units.
+  std::vector<float> coverage;
+};
+// Quantiles recorded per UnitStats (Q).
+constexpr int64_t kSelectionQuantiles = 100;
+struct SelectionStats {
+  std::vector<UnitStats> group, head;  // [layer]; empty on layer 0 (always dense)
+};
+
 // MLP neurons kept per layer and batch size (polar-method.md §4, "dynamic layer-wise top-k").
 struct MlpKTable {
   std::vector<int64_t> batch_sizes;         // strictly ascending, >= 1
@@ -62,6 +85,7 @@ struct Routers {
   std::vector<double> attn_recall;  // [layer] validation recall (NaN where unmeasured; layer 0 always NaN)
   int64_t mlp_rank = 0;             // r; 0 without MLP routers
   std::optional<MlpKTable> mlp_k;   // present exactly when there are MLP routers
+  std::optional<SelectionStats> selection;  // adaptive selection's statistics (optional)
   std::string source;               // how they were made: "random, seed 7", a calibration summary, ...
   std::vector<LayerRouters> layers;  // [n_layers]
 };

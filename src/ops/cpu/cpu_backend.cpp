@@ -35,6 +35,36 @@ void select_top(const float* score, int64_t n, int64_t k, int32_t* out) {
   std::copy(order.begin(), order.begin() + k, out);
 }
 
+// Statistical top-k's threshold for a row of n pooled scores: mean + c · std (population), in fp64 in index
+// order with explicit fused multiply-adds (the CUDA kernel computes it the same way, op for op, so both
+// backends draw the same line whatever the compiler would contract).
+double row_threshold(const float* pooled, int64_t n, float c) {
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += pooled[i];
+  const double mean = sum / double(n);
+  double ss = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double d = pooled[i] - mean;
+    ss = std::fma(d, d, ss);
+  }
+  return std::fma(double(c), std::sqrt(ss / double(n)), mean);
+}
+
+void check_cutoff(const HeadCutoff& c, int64_t R, int64_t k) {
+  check(c.kmin >= 1 && c.kmin <= k, "route_heads: kmin {} outside [1, {}] (the list's capacity)", c.kmin, k);
+  check(!c.tally || (c.tally->dtype() == DType::I32 && c.tally->numel() == 2),
+        "route_heads: the tally must be I32 [2], not {} {}", c.tally ? dtype_name(c.tally->dtype()) : "",
+        c.tally ? shape_str(c.tally->shape()) : "");
+  check(!c.dense_rows || c.dense_rows->numel() == R, "route_heads: dense_rows {} for {} rows",
+        c.dense_rows ? shape_str(c.dense_rows->shape()) : "", R);
+}
+
+// Whether row r's selection counts in the tally (HeadCutoff).
+bool counts_row(const HeadCutoff& c, int64_t r) {
+  if (c.live_rows && r >= c.live_rows->data<int32_t>()[0]) return false;
+  return !(c.dense_rows && c.dense_rows->data<int32_t>()[r]);
+}
+
 class CpuBackend final : public Backend {
  public:
   // share > 1: one of that many backends running at once (tensor-parallel ranks on the CPU), each issuing
@@ -297,19 +327,35 @@ class CpuBackend final : public Backend {
     }
   }
 
-  void route_heads(const Tensor& scores, int64_t group, Tensor& idx) override {
-    const int64_t R = scores.dim(0), H = scores.dim(1), k = idx.dim(1);
-    check(group >= 1 && H % group == 0 && idx.dim(0) == R && k >= 1 && k <= H / group && idx.dtype() == DType::I32,
+  void route_heads(const Tensor& scores, int64_t group, Tensor& idx, const HeadCutoff* cutoff) override {
+    const int64_t R = scores.dim(0), H = scores.dim(1), k = idx.dim(1), G = H / std::max<int64_t>(group, 1);
+    check(group >= 1 && H % group == 0 && idx.dim(0) == R && k >= 1 && k <= G && idx.dtype() == DType::I32,
           "route_heads: {} scores per row in groups of {} cannot give idx {}", H, group, shape_str(idx.shape()));
-    std::vector<float> pooled(H / group);
+    if (cutoff) check_cutoff(*cutoff, R, k);
+    std::vector<float> pooled(G);
     for (int64_t r = 0; r < R; ++r) {
       const float* row = scores.data<float>() + r * H;
-      for (int64_t g = 0; g < H / group; ++g) {
+      for (int64_t g = 0; g < G; ++g) {
         pooled[g] = -INFINITY;
         for (int64_t j = g * group; j < (g + 1) * group; ++j)
           if (!std::isnan(row[j])) pooled[g] = std::max(pooled[g], row[j]);
       }
-      select_top(pooled.data(), H / group, k, idx.data<int32_t>() + r * k);
+      int32_t* out = idx.data<int32_t>() + r * k;
+      if (!cutoff) {
+        select_top(pooled.data(), G, k, out);
+        continue;
+      }
+      // The units at or above the threshold are a prefix of the selection order, so keeping n of them is
+      // keeping the top n: n = that count, clamped to [kmin, k].
+      const double t = cutoff->row_stat ? row_threshold(pooled.data(), G, cutoff->value) : double(cutoff->value);
+      const int64_t above = std::count_if(pooled.begin(), pooled.end(), [&](float p) { return double(p) >= t; });
+      const int64_t n = std::clamp(above, cutoff->kmin, k);
+      select_top(pooled.data(), G, n, out);
+      std::fill(out + n, out + k, static_cast<int32_t>(G));
+      if (cutoff->tally && counts_row(*cutoff, r)) {
+        cutoff->tally->data<int32_t>()[0] += static_cast<int32_t>(n);
+        cutoff->tally->data<int32_t>()[1] += 1;
+      }
     }
   }
 

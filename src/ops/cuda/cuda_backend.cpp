@@ -252,13 +252,37 @@ class CudaBackend final : public Backend {
     sparse_projection(a, wt, *idx, bias, y, /*up=*/false, accumulate, "gather_down");
   }
 
-  void route_heads(const Tensor& scores, int64_t group, Tensor& idx) override {
+  void route_heads(const Tensor& scores, int64_t group, Tensor& idx, const HeadCutoff* cutoff) override {
     expect_act(scores, "route_heads scores");
     expect_i32(idx, "route_heads output");
     const int64_t R = scores.dim(0), H = scores.dim(1), k = idx.dim(1);
     check(group >= 1 && H % group == 0 && H / group <= 1024 && idx.dim(0) == R && k >= 1 && k <= H / group,
           "route_heads: {} scores per row in groups of {} cannot give idx {}", H, group, shape_str(idx.shape()));
-    cuda::route_heads(scores.raw(), R, H, group, k, idx.data<int32_t>(), elem(), stream_);
+    cuda::RowCutoff cut;
+    if (cutoff) {
+      check(cutoff->kmin >= 1 && cutoff->kmin <= k, "route_heads: kmin {} outside [1, {}] (the list's capacity)",
+            cutoff->kmin, k);
+      cut.mode = cutoff->row_stat ? cuda::RowCutoff::kRowStat : cuda::RowCutoff::kThreshold;
+      cut.kmin = static_cast<int>(cutoff->kmin);
+      cut.value = cutoff->value;
+      if (cutoff->tally) {
+        expect_i32(*cutoff->tally, "route_heads tally");
+        check(cutoff->tally->numel() == 2, "route_heads: the tally must be I32 [2], not {}",
+              shape_str(cutoff->tally->shape()));
+        cut.tally = cutoff->tally->data<int32_t>();
+      }
+      if (cutoff->live_rows) {
+        expect_i32(*cutoff->live_rows, "route_heads live rows");
+        cut.live_rows = cutoff->live_rows->data<int32_t>();
+      }
+      if (cutoff->dense_rows) {
+        expect_i32(*cutoff->dense_rows, "route_heads dense rows");
+        check(cutoff->dense_rows->numel() == R, "route_heads: dense_rows {} for {} rows",
+              shape_str(cutoff->dense_rows->shape()), R);
+        cut.dense_rows = cutoff->dense_rows->data<int32_t>();
+      }
+    }
+    cuda::route_heads(scores.raw(), R, H, group, k, cut, idx.data<int32_t>(), elem(), stream_);
   }
 
   void route_neurons(const Tensor& logits, const Tensor& live_rows, Tensor& idx) override {

@@ -21,12 +21,18 @@ namespace {
 __device__ __forceinline__ float nan_as_lowest(float v) { return isnan(v) ? -INFINITY : v; }
 
 // One CTA per row of scores [R, H]: pooled[g] = max over the group's heads; a group is kept when fewer than
-// k groups rank before it, and written at the count of kept groups below it (ascending order). O(G²) per
-// row, which at G <= 1024 heads costs less than the launch.
+// k groups rank before it (and, with a cutoff, fewer than kmin do or its score clears the row's threshold:
+// the units above a threshold are a prefix of the rank order), and written at the count of kept groups
+// below it (ascending order); the row's other k - n entries get G (padding). O(G²) per row, which at
+// G <= 1024 heads costs less than the launch. Statistical top-k's mean and std are summed by one thread in
+// index order in fp64 with explicit FMAs where the CPU has them (and no other contraction): the same
+// threshold on both backends, O(G) per row.
 template <typename T>
-__global__ void route_heads_kernel(const T* scores, int H, int group, int k, int32_t* idx) {
+__global__ void route_heads_kernel(const T* scores, int H, int group, int k, RowCutoff cut, int32_t* idx) {
   __shared__ float pooled[1024];
   __shared__ int32_t kept[1024];
+  __shared__ double threshold;
+  __shared__ int n_kept;
   const int G = H / group;
   const T* row = scores + int64_t(blockIdx.x) * H;
   for (int g = threadIdx.x; g < G; g += blockDim.x) {
@@ -34,18 +40,43 @@ __global__ void route_heads_kernel(const T* scores, int H, int group, int k, int
     for (int j = 0; j < group; ++j) m = fmaxf(m, nan_as_lowest(to_float(row[g * group + j])));
     pooled[g] = m;
   }
+  if (threadIdx.x == 0) n_kept = 0;
+  __syncthreads();
+  if (threadIdx.x == 0 && cut.mode == RowCutoff::kRowStat) {
+    double sum = 0;
+    for (int g = 0; g < G; ++g) sum = __dadd_rn(sum, double(pooled[g]));
+    const double mean = sum / double(G);
+    double ss = 0;
+    for (int g = 0; g < G; ++g) {
+      const double d = __dsub_rn(double(pooled[g]), mean);
+      ss = fma(d, d, ss);
+    }
+    threshold = fma(double(cut.value), sqrt(ss / double(G)), mean);
+  } else if (threadIdx.x == 0) {
+    threshold = double(cut.value);
+  }
   __syncthreads();
   for (int g = threadIdx.x; g < G; g += blockDim.x) {
     int rank = 0;
     for (int o = 0; o < G; ++o) rank += pooled[o] > pooled[g] || (pooled[o] == pooled[g] && o < g);
-    kept[g] = rank < k;
+    kept[g] = rank < k && (cut.mode == RowCutoff::kTopK || rank < cut.kmin || double(pooled[g]) >= threshold);
+    if (kept[g]) atomicAdd(&n_kept, 1);
   }
   __syncthreads();
+  int32_t* out = idx + int64_t(blockIdx.x) * k;
   for (int g = threadIdx.x; g < G; g += blockDim.x) {
     if (!kept[g]) continue;
     int at = 0;
     for (int o = 0; o < g; ++o) at += kept[o];
-    idx[int64_t(blockIdx.x) * k + at] = g;
+    out[at] = g;
+  }
+  for (int j = n_kept + threadIdx.x; j < k; j += blockDim.x) out[j] = G;
+  if (threadIdx.x == 0 && cut.tally) {
+    const int r = blockIdx.x;
+    if ((!cut.live_rows || r < cut.live_rows[0]) && (!cut.dense_rows || !cut.dense_rows[r])) {
+      atomicAdd(&cut.tally[0], n_kept);
+      atomicAdd(&cut.tally[1], 1);
+    }
   }
 }
 
@@ -261,13 +292,13 @@ __global__ void __launch_bounds__(kSelectThreads) select_top_kernel(const uint32
 
 }  // namespace
 
-void route_heads(const void* scores, int64_t R, int64_t H, int64_t group, int64_t k, int32_t* idx, Elem e,
-                 cudaStream_t stream) {
+void route_heads(const void* scores, int64_t R, int64_t H, int64_t group, int64_t k, const RowCutoff& cutoff,
+                 int32_t* idx, Elem e, cudaStream_t stream) {
   if (R == 0) return;
   dispatch(e, [&](auto* tag) {
     using Ty = std::remove_pointer_t<decltype(tag)>;
-    route_heads_kernel<<<static_cast<unsigned>(R), kGridThreads, 0, stream>>>(static_cast<const Ty*>(scores), static_cast<int>(H),
-                                                              static_cast<int>(group), static_cast<int>(k), idx);
+    route_heads_kernel<<<static_cast<unsigned>(R), kGridThreads, 0, stream>>>(
+        static_cast<const Ty*>(scores), static_cast<int>(H), static_cast<int>(group), static_cast<int>(k), cutoff, idx);
   });
   check_launch("route_heads");
 }
