@@ -121,6 +121,17 @@ if has_stage sparse; then
         { tail -20 "$RESULTS/sparse-$shape-d$d.log"; }
     done
   done
+  # The anchors page's gpt-fast-style PyTorch step at the same points (Llama shapes only), for polar beside it
+  # on the same card.
+  steps=()
+  for point in $SPARSE_POINTS; do
+    IFS=: read -r shape ctx density <<< "$point"
+    case "$shape" in llama-*) steps+=("$shape:$ctx:$SPARSE_BATCHES") ;; esac
+  done
+  if [ ${#steps[@]} -gt 0 ]; then
+    python3 scripts/torch_reference.py --csv "$RESULTS/sparse-torch-step.csv" --step "${steps[@]}" \
+      2> "$RESULTS/sparse-torch-step.log" || tail -20 "$RESULTS/sparse-torch-step.log"
+  fi
 fi
 
 # Serving (issue 14): bench-serve dense vs sparse in one process per workload, random routers. (a) decode-heavy,

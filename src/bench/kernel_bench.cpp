@@ -1,7 +1,6 @@
 #include "bench/kernel_bench.h"
 
 #include <algorithm>
-#include <cstdlib>
 #include <cmath>
 #include <numeric>
 #include <random>
@@ -105,8 +104,7 @@ std::vector<KernelRow> bench_attention(Backend& be, const std::vector<AttentionS
                                        const KernelBenchOptions& o,
                                        const std::function<void(const std::string&)>& progress) {
   const DType dt = be.activation_dtype();
-  const int64_t bs = std::getenv("POLAR_BENCH_BS") ? std::atoi(std::getenv("POLAR_BENCH_BS")) : 16;  // EXPERIMENT
-  const bool contiguous = std::getenv("POLAR_BENCH_CONTIG") != nullptr;                                  // EXPERIMENT
+  const int64_t bs = 16;
   std::vector<KernelRow> rows;
   std::mt19937_64 rng(o.seed);
   for (const AttentionShape& s : shapes) {
@@ -115,7 +113,7 @@ std::vector<KernelRow> bench_attention(Backend& be, const std::vector<AttentionS
     // server's would be.
     std::vector<int32_t> perm(blocks);
     std::iota(perm.begin(), perm.end(), 0);
-    if (!contiguous) std::shuffle(perm.begin(), perm.end(), rng);
+    std::shuffle(perm.begin(), perm.end(), rng);
     std::vector<int32_t> pos(s.batch, static_cast<int32_t>(s.ctx - 1)), seq(s.batch), starts(s.batch + 1);
     std::iota(seq.begin(), seq.end(), 0);
     std::iota(starts.begin(), starts.end(), 0);

@@ -36,7 +36,6 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
-#include <cstdlib>
 #include <numeric>
 #include <type_traits>
 
@@ -66,7 +65,7 @@ constexpr int kSplitCostKeys = 32;
 constexpr float kLog2e = 1.4426950408889634f;
 
 // Compile-time sizes for head dim DH. DH = 8 is padded to 16 (the MMA's K) with zero columns.
-template <int DH, int kStagesSet = 0> struct Dims {
+template <int DH> struct Dims {
   static constexpr int kPadded = (DH + 15) / 16 * 16;
   static constexpr int kKSteps = kPadded / 16;  // MMA k-steps over dh (QK^T), also pairs of dh n-tiles (PV)
   static constexpr int kNTiles = kPadded / 8;   // 8-wide dh tiles of the output accumulator
@@ -74,7 +73,7 @@ template <int DH, int kStagesSet = 0> struct Dims {
   static constexpr int kVecs = DH / 8;          // 16-byte vectors per cache row
   static constexpr int kTileBytes = 2 * kTileKeys * kPitch * 2;  // one stage: K and V tiles
   // ~72 KB of pipeline per CTA: 2 stages at dh 128 (3 CTAs per SM), deeper for small heads.
-  static constexpr int kStages = kStagesSet ? kStagesSet : std::clamp(72 * 1024 / kTileBytes, 2, 4);
+  static constexpr int kStages = std::clamp(72 * 1024 / kTileBytes, 2, 4);
   static constexpr int kMergePitch = kPadded + 8;  // fp32 merge rows; float2 stores of a half-warp hit 32 banks
   static constexpr int kMergeBytes = (2 * kWarps * kDecodeRows + kWarps * kDecodeRows * kMergePitch) * 4;
   static constexpr int kSmemBytes = std::max(kStages * kTileBytes, kMergeBytes);
@@ -123,10 +122,10 @@ __device__ __forceinline__ int window_start(int pos, int window) { return window
 // ws_o [T*H][splits][DH] (unnormalised fp32 accumulator). keys_per_split is ignored when splits == 1.
 // Fragment layouts (PTX ISA, mma.m16n8k16): lane = 4*r + c holds rows r and r+8; A pairs at k = 2c(+8);
 // B pairs at k = 2c(+8), n = r; C pairs at n = 2c.
-template <typename T, int DH, bool kDecode, int kStagesSet = 0>
+template <typename T, int DH, bool kDecode>
 __global__ void __launch_bounds__(kThreads, 2)
     attention_kernel(const PagedAttention a, BlockDiv bdiv, int splits, int keys_per_split, float2* ws_ml, float* ws_o) {
-  using D = Dims<DH, kStagesSet>;
+  using D = Dims<DH>;
   extern __shared__ __align__(16) unsigned char smem[];
   T* k_tiles = reinterpret_cast<T*>(smem);
   T* v_tiles = k_tiles + D::kStages * kTileKeys * D::kPitch;
@@ -458,15 +457,6 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const float2* ws_ml, 
 
 // ---- host side ----
 
-// EXPERIMENT: POLAR_ATTN_STAGES=3 runs dh-128 decode with 3 pipeline stages (2 CTAs an SM) instead of 2 (3).
-bool decode_stages3(int dh) {
-  static const bool on = [] {
-    const char* e = std::getenv("POLAR_ATTN_STAGES");
-    return e && std::atoi(e) == 3;
-  }();
-  return on && dh == 128;
-}
-
 struct SplitPlan {
   int splits = 1;
   int keys_per_split = 0;  // multiple of lcm(kTileKeys, block_size); unused when splits == 1
@@ -532,17 +522,11 @@ void launch(const PagedAttention& a, const SplitPlan& plan, void* workspace, cud
               : cudaMemsetAsync(a.out, 0, sizeof(T) * size_t(a.T) * a.H * DH, stream);
       if (err != cudaSuccess) fail("attention: clearing skipped heads failed: {}", cudaGetErrorString(err));
     }
-    auto run = [&](auto kernel, int smem) {
-      if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess)
-        fail("attention: cannot give the decode kernel {} bytes of shared memory (dh {})", smem, DH);
-      kernel<<<dim3(a.T, y, plan.splits), kThreads, smem, stream>>>(a, BlockDiv::of(a.block_size), plan.splits,
-                                                                    plan.keys_per_split, ws_ml, ws_o);
-    };
-    if (decode_stages3(DH)) {
-      run(attention_kernel<T, DH, true, 3>, Dims<DH, 3>::kSmemBytes);
-    } else {
-      run(attention_kernel<T, DH, true>, D::kSmemBytes);
-    }
+    const auto kernel = attention_kernel<T, DH, true>;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, D::kSmemBytes) != cudaSuccess)
+      fail("attention: cannot give the decode kernel {} bytes of shared memory (dh {})", D::kSmemBytes, DH);
+    attention_kernel<T, DH, true><<<dim3(a.T, y, plan.splits), kThreads, D::kSmemBytes, stream>>>(
+        a, BlockDiv::of(a.block_size), plan.splits, plan.keys_per_split, ws_ml, ws_o);
     check_launch("attention decode");
     if (plan.splits > 1) {
       const int64_t rows = int64_t(a.T) * a.H;
@@ -591,9 +575,7 @@ int resident_decode_ctas(const PagedAttention& a, int num_sms) {
   dispatch(a, [&](auto* tag, auto dh) {
     using T = std::remove_pointer_t<decltype(tag)>;
     constexpr int DH = decltype(dh)::value;
-    per_sm = decode_stages3(DH)
-                 ? ctas_per_sm(attention_kernel<T, DH, true, 3>, kThreads, Dims<DH, 3>::kSmemBytes, "attention decode")
-                 : ctas_per_sm(attention_kernel<T, DH, true>, kThreads, Dims<DH>::kSmemBytes, "attention decode");
+    per_sm = ctas_per_sm(attention_kernel<T, DH, true>, kThreads, Dims<DH>::kSmemBytes, "attention decode");
   });
   return per_sm * std::max(num_sms, 1);
 }

@@ -8,9 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <type_traits>
-#include <utility>
 
 #include "core/error.h"
 #include "ops/cuda/elem.h"
@@ -48,40 +46,6 @@ template <typename T> __device__ __forceinline__ T from_float(float x) {
 
 inline void check_launch(const char* what) {
   cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) fail("CUDA kernel {} failed to launch: {}", what, cudaGetErrorString(err));
-}
-
-// Programmatic dependent launch (sm_90). A kernel launched by launch_after_trigger may start while the kernel
-// before it on the stream still runs, once every CTA of that kernel has called trigger_dependents() (or
-// exited); it must call wait_for_prior_grid() before it reads anything that kernel writes. What it hides:
-// the second kernel's launch latency and ramp (microseconds, a few percent of a decode-sized kernel). Graph
-// capture keeps the dependency as a programmatic edge.
-__device__ __forceinline__ void trigger_dependents() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
-__device__ __forceinline__ void wait_for_prior_grid() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
-
-// EXPERIMENT: POLAR_PDL=0 turns it off.
-inline bool pdl_enabled() {
-  static const bool on = [] {
-    const char* e = std::getenv("POLAR_PDL");
-    return !(e && e[0] == '0');
-  }();
-  return on;
-}
-
-template <typename... Params, typename... Args>
-void launch_after_trigger(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                          const char* what, Args&&... args) {
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = pdl_enabled() ? 1 : 0;
-  config.attrs = attribute;
-  config.numAttrs = 1;
-  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
   if (err != cudaSuccess) fail("CUDA kernel {} failed to launch: {}", what, cudaGetErrorString(err));
 }
 

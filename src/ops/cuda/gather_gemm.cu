@@ -33,9 +33,7 @@
 // distinct banks; x's stages are swizzled instead (wgmma reads them whole).
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-#include <tuple>
-#include <utility>
+#include <type_traits>
 
 #include "ops/cuda/device_util.cuh"
 #include "ops/cuda/gather_gemm.h"
@@ -67,33 +65,14 @@ template <int BM_, bool kGatherN_, int WG, int BK, int Stages> struct Cfg {
   static_assert(kXChunks >= 1 && BM * kBK % (8 * kThreads) == 0 && kXStageBytes % 1024 == 0);
 };
 
-// The configurations tried per BM (EXPERIMENT: POLAR_GATHER_CFG picks one; the first is the current
-// default). Each trades x's L2 traffic per weight byte (x's stage is re-read for every kBN weight rows) against
-// CTAs per SM and per-unit fixed costs.
-template <int BM, bool G> struct Configs;
-template <bool G> struct Configs<16, G> {
-  using List = std::tuple<Cfg<16, G, 1, 128, 3>, Cfg<16, G, 2, 128, 3>>;
-};
-template <bool G> struct Configs<32, G> {
-  using List = std::tuple<Cfg<32, G, 1, 128, 3>, Cfg<32, G, 2, 64, 4>, Cfg<32, G, 2, 128, 3>>;
-};
-template <bool G> struct Configs<64, G> {
-  using List = std::tuple<Cfg<64, G, 1, 128, 3>, Cfg<64, G, 2, 64, 4>, Cfg<64, G, 2, 128, 3>, Cfg<64, G, 4, 64, 3>>;
-};
-template <bool G> struct Configs<128, G> {
-  using List = std::tuple<Cfg<128, G, 2, 64, 4>, Cfg<128, G, 4, 64, 3>>;
-};
-template <bool G> struct Configs<256, G> {
-  using List = std::tuple<Cfg<256, G, 2, 64, 4>>;
-};
-
-int config_choice() {
-  static const int v = [] {
-    const char* e = std::getenv("POLAR_GATHER_CFG");
-    return e ? std::atoi(e) : 0;
-  }();
-  return v;
-}
+// The configuration per BM: one warpgroup and 128-deep K stages (3 in flight) up to BM 64, where shared memory
+// then holds 2-3 CTAs an SM, each selected row is read 256 bytes at a time and a unit's fixed costs are spread
+// over twice the bytes; two warpgroups and 64-deep stages (4 in flight, one CTA an SM) at BM 128 and 256,
+// sharing each x stage between twice the weight rows. (Measured on an H100,
+// docs/benchmarks.md: two warpgroups with 128-deep stages at BM 64, which halves x's L2 traffic per weight
+// byte, ran the B64 gather rows 2-8% faster; not yet the default, because its parity test has not run on a GPU.)
+template <int BM, bool G>
+using ConfigFor = std::conditional_t<(BM <= 64), Cfg<BM, G, 1, 128, 3>, Cfg<BM, G, 2, 64, 4>>;
 
 // Units per CTA at least: fewer, and a CTA spends more time filling its pipeline than computing.
 constexpr int kMinUnitsPerCta = 4;
@@ -168,9 +147,6 @@ __global__ void __launch_bounds__(C::kThreads)
   unsigned char* smem = smem_raw + ((1024 - smem_u32(smem_raw) % 1024) % 1024);
   T* xs = reinterpret_cast<T*>(smem);  // [kStages][kBK / 64][BM][64], 128-byte swizzle
   T* ws = reinterpret_cast<T*>(smem + C::kStages * C::kXStageBytes);  // [kStages][kWRows][kWPitch]
-  // The epilogue kernel may be scheduled now: its CTAs wait (wait_for_prior_grid) beside these ones, which
-  // take a fraction of an SM's threads and registers, so its launch is hidden behind this kernel.
-  trigger_dependents();
   const T* x = static_cast<const T*>(g.x);
   const T* w = static_cast<const T*>(g.w);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -342,7 +318,6 @@ template <typename T, int BN>
 __global__ void __launch_bounds__(kFinishThreads) gather_gemm_finish_kernel(const GatherGemm g, const Plan p,
                                                                             const float* workspace) {
   constexpr int kPerThread = kFinishRows * BN / kFinishThreads;
-  wait_for_prior_grid();  // the GEMM kernel's workspace tiles
   const int64_t tile = blockIdx.x, m_tile = blockIdx.y;
   const int64_t c0 = p.owner(tile * p.k_tiles), c1 = p.owner((tile + 1) * p.k_tiles - 1);
   const int rows_at = blockIdx.z * kFinishRows * BN;  // this CTA's rows within a tile slot
@@ -366,18 +341,11 @@ __global__ void __launch_bounds__(kFinishThreads) gather_gemm_finish_kernel(cons
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// f(cfg) with cfg a null pointer to List's n-th type.
-template <typename List, typename F, size_t... I> void call_nth(int n, F&& f, std::index_sequence<I...>) {
-  ((I == static_cast<size_t>(n) ? (f(static_cast<std::tuple_element_t<I, List>*>(nullptr)), 0) : 0), ...);
-}
-
 // Calls f(tag, cfg) with the kernel's compile-time configuration for g (cfg: a null Cfg pointer).
 template <typename F> void dispatch_config(const GatherGemm& g, Elem e, F&& f) {
   dispatch(e, [&](auto* tag) {
     auto pick = [&](auto bm, auto gather_n) {
-      using List = typename Configs<bm(), gather_n()>::List;
-      const int choice = std::min<int>(config_choice(), std::tuple_size_v<List> - 1);
-      call_nth<List>(choice, [&](auto* cfg) { f(tag, cfg); }, std::make_index_sequence<std::tuple_size_v<List>>{});
+      f(tag, static_cast<ConfigFor<bm(), gather_n()>*>(nullptr));
     };
     auto with_bm = [&](auto gather_n) {
       switch (bm_for(g.M)) {
@@ -431,8 +399,9 @@ void gather_gemm(const GatherGemm& g, void* workspace, size_t workspace_bytes, i
     float* tiles = static_cast<float*>(workspace);
     gather_gemm_kernel<T, C><<<p.ctas * p.m_tiles, C::kThreads, C::kSmemBytes, stream>>>(g, p, vec_x, vec_w, tiles);
     check_launch("gather GEMM");
-    launch_after_trigger(gather_gemm_finish_kernel<T, C::kBN>, dim3(p.n_tiles, p.m_tiles, C::BM / kFinishRows),
-                         dim3(kFinishThreads), 0, stream, "gather GEMM epilogue", g, p, static_cast<const float*>(tiles));
+    gather_gemm_finish_kernel<T, C::kBN>
+        <<<dim3(p.n_tiles, p.m_tiles, C::BM / kFinishRows), kFinishThreads, 0, stream>>>(g, p, tiles);
+    check_launch("gather GEMM epilogue");
   });
 }
 
