@@ -144,6 +144,8 @@ rows = list(csv.DictReader(open(f"{out}/adaptive.csv")))
 def plot(png, ylabel, x, y, err, extra=""):
     pts = [r for r in rows if r[x] and r[y]]
     series = sorted({(r["rule"], r["granularity"]) for r in pts})
+    if not series:  # nothing measured (no evaluation, or no perplexity): no plot
+        return
     print(f"set terminal pngcairo size 1000,650\nset output '{out}/{png}'\n{extra}")
     print(f"set xlabel 'mean density reached'\nset ylabel '{ylabel}'\nset key outside right\nset grid")
     style = "using 1:2:3 with yerrorlines" if err else "using 1:2 with linespoints"

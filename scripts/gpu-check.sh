@@ -28,8 +28,11 @@
 #                   GPU machine cannot fetch it); stories260K from POLAR_SHARED runs too
 #   ADAPTIVE_ROUTERS  its router file with selection statistics (default: calibrated in the stage, on the GPU,
 #                   ADAPTIVE_CALIB_TOKENS tokens, default 100000); stories260K's is always calibrated there
-#   ADAPTIVE_LIMIT  items per task (default 400), ADAPTIVE_DENSITIES target densities (default 0.33,0.5,0.67,0.8),
-#                   ADAPTIVE_PPL_TOKENS WikiText-2 tokens (default 65536)
+#   ADAPTIVE_LIMIT  items per task (default 150: the GPU's 123 gave a paired standard error of 0.8 points for the
+#                   8-task mean), ADAPTIVE_DENSITIES target densities (default 0.5,0.67,0.8), ADAPTIVE_PPL_TOKENS
+#                   WikiText-2 tokens (default 65536), ADAPTIVE_RULES and ADAPTIVE_GRANULARITIES (default: all
+#                   of scripts/adaptive-sweep.sh's: 9 rules x 2 granularities, each an eval run of 1 + densities
+#                   passes; the stage's GPU time is not known yet: cut these first)
 #   ADAPTIVE_BENCH  speed points as shape:ctx:density (default "llama-2-7b:3968:0.5 llama-3-8b:8192:0.625"):
 #                   dense, top-k and stat-topk on random routers (c from synthetic normal scores)
 set -euo pipefail
@@ -268,11 +271,17 @@ ADAPTIVE_BENCH=${ADAPTIVE_BENCH:-"llama-2-7b:3968:0.5 llama-3-8b:8192:0.625"}
 if has_stage adaptive; then
   shared=${POLAR_SHARED:-../shared}
   smol=${ADAPTIVE_MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
+  # The sweep's own defaults (every rule, both granularities) unless these narrow them.
+  [ -n "${ADAPTIVE_RULES:-}" ] && export RULES="$ADAPTIVE_RULES"
+  [ -n "${ADAPTIVE_GRANULARITIES:-}" ] && export GRANULARITIES="$ADAPTIVE_GRANULARITIES"
   for spec in "$smol:smollm2:${ADAPTIVE_ROUTERS:-}" "$shared/models/stories260K/stories260K.gguf:stories260K:"; do
     IFS=: read -r model name routers <<< "$spec"
     [ -f "$model" ] || { log "adaptive: no model at $model, skipped"; continue; }
     log "adaptive accuracy sweep: $name"
-    POLAR="$BUILD_DIR/src/polar" DEVICE=cuda ROUTERS="$routers" CALIB_TOKENS="${ADAPTIVE_CALIB_TOKENS:-100000}"       EVAL_LIMIT="${ADAPTIVE_LIMIT:-400}" DENSITIES="${ADAPTIVE_DENSITIES:-0.33,0.5,0.67,0.8}"       PPL_TOKENS="${ADAPTIVE_PPL_TOKENS:-65536}" scripts/adaptive-sweep.sh "$model" "$RESULTS/adaptive-$name"       > "$RESULTS/adaptive-$name.txt" 2> "$RESULTS/adaptive-$name.log" || tail -20 "$RESULTS/adaptive-$name.log"
+    POLAR="$BUILD_DIR/src/polar" DEVICE=cuda ROUTERS="$routers" CALIB_TOKENS="${ADAPTIVE_CALIB_TOKENS:-100000}" \
+      EVAL_LIMIT="${ADAPTIVE_LIMIT:-150}" DENSITIES="${ADAPTIVE_DENSITIES:-0.5,0.67,0.8}" \
+      PPL_TOKENS="${ADAPTIVE_PPL_TOKENS:-65536}" scripts/adaptive-sweep.sh "$model" "$RESULTS/adaptive-$name" \
+      > "$RESULTS/adaptive-$name.txt" 2> "$RESULTS/adaptive-$name.log" || tail -20 "$RESULTS/adaptive-$name.log"
   done
   for point in $ADAPTIVE_BENCH; do
     IFS=: read -r shape ctx density <<< "$point"

@@ -535,20 +535,27 @@ TEST(CalibGqa, SelectionStatsSetThresholdsThatReachTheTargetDensity) {
   test::TempDir files;
   save_routers(files.path("r.safetensors"), r);
   const Routers back = load_routers(files.path("r.safetensors"), m.ck.config, m.fingerprint);
-  // Held-out text: the sequences after the calibration's 4000 tokens.
+  // Held-out text: the sequences after the calibration's 4000 tokens, each scored sparse after its first.
   const auto text = text_sequences(kWikitext, 256, 6000);
+  auto reached = [&](RouterSparsity& s) {
+    Engine e(*m.model, {.kv_tokens = 512, .sparsity = &s});
+    for (size_t i = 16; i < text.size(); ++i) {
+      const int64_t seq = e.add_sequence();
+      (void)e.step({{seq, text[i], 1}}, false);
+      e.remove_sequence(seq);
+    }
+    return s.density_reached().value_or(-1.0);
+  };
   for (SelectionRule rule : {SelectionRule::Threshold, SelectionRule::StatTopK})
     for (double density : {0.25, 0.5, 0.75}) {
       RouterSparsity s(*m.model, back, density, Granularity::Head, TpHeads::Global, {.rule = rule});
-      Engine e(*m.model, {.kv_tokens = 512, .sparsity = &s});
-      for (size_t i = 16; i < text.size(); ++i) {
-        const int64_t seq = e.add_sequence();
-        (void)e.step({{seq, text[i], 1}}, false);
-        e.remove_sequence(seq);
-      }
-      ASSERT_TRUE(s.density_reached().has_value());
-      EXPECT_NEAR(*s.density_reached(), density, 0.1) << selection_rule_name(rule) << " at " << density;
+      EXPECT_NEAR(reached(s), density, 0.1) << selection_rule_name(rule) << " at " << density;
     }
+  // A threshold aims at the density itself, not at top-k's whole number of units: 0.75 of 2 KV groups is
+  // 1.5 a token on average (top-k would keep 1).
+  ASSERT_EQ(d.kv_heads, 2);
+  RouterSparsity groups(*m.model, back, 0.75, Granularity::Group, TpHeads::Global, {.rule = SelectionRule::Threshold});
+  EXPECT_NEAR(reached(groups), 0.75, 0.1);
 }
 
 // Static selection's ranking: calibration records, per layer, how often each head and each KV group was

@@ -86,8 +86,8 @@ TEST(BadInput, UsageErrorsExitCleanly) {
   }
 }
 
-// Selector and granularity choices are checked by the parser, which names the valid ones; generate decodes
-// with routers only and has no --selector.
+// Selector, granularity, selection rule and schedule choices are checked by the parser, which names the
+// valid ones; generate decodes with routers only and has no --selector.
 TEST(BadInput, SelectorMistakesNameTheChoices) {
   const std::string gguf = shared_path(kGgufRel);
   const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
@@ -95,6 +95,10 @@ TEST(BadInput, SelectorMistakesNameTheChoices) {
        "--selector: bogus not in {router,oracle,static,random}"},
       {{"eval", "--model", gguf, "--task", "t", "--granularity", "heads"}, "--granularity: heads not in {group,head}"},
       {{"generate", "--model", gguf, "--prompt", "x", "--selector", "oracle"}, "not expected"},
+      {{"generate", "--model", gguf, "--prompt", "x", "--selection", "top-k"},
+       "--selection: top-k not in {topk,threshold,stat-topk}"},
+      {{"bench", "--shape", "tiny-llama", "--density-schedule", "learned"},
+       "--density-schedule: learned not in {uniform,calibrated}"},
   };
   for (const auto& [args, expect] : cases) {
     RunResult r = run_polar(args);
@@ -280,6 +284,18 @@ std::vector<BadRun> bad_runs() {
        ppl_with({"--selector", "oracle", "--density", "0.5", "--routers", "{tmp}random.routers.safetensors"}),
        {"--selector oracle picks heads without routers: drop --routers"}},
       {"OracleAtDensityOne", ppl_with({"--selector", "oracle"}), {"--selector oracle needs --density below 1"}},
+      // Adaptive selection (issue 19): a rule the router file has no statistics for, bounds given to top-k,
+      // a baseline asked to adapt, and the threshold on random routers.
+      {"ThresholdWithoutSelectionStats",
+       ppl_with({"--density", "0.5", "--routers", "{tmp}random.routers.safetensors", "--selection", "threshold"}),
+       {"random.routers.safetensors records no selection statistics", "calibrate the routers again"}},
+      {"KminWithTopK", ppl_with({"--density", "0.5", "--routers", "{tmp}random.routers.safetensors", "--kmin", "2"}),
+       {"--kmin and --kmax bound the threshold rules"}},
+      {"AdaptiveBaseline", ppl_with({"--selector", "random", "--density", "0.5", "--selection", "stat-topk"}),
+       {"the baselines (--selector random) keep a uniform top-k"}},
+      {"ThresholdOnRandomRouters",
+       {"bench", "--shape", "tiny-llama", "--density", "0.5", "--selection", "threshold", "--batch", "1", "--ctx", "16"},
+       {"--selection threshold and --density-schedule calibrated need calibrated routers"}},
       {"EvalStaticWithoutRouters",
        {"eval", "--model", "{gguf}", "--task", "{tmp}task.jsonl", "--selector", "static", "--density", "0.5"},
        {"densities below 1 need --routers FILE (or --selector random or oracle)"}},

@@ -46,7 +46,7 @@ double step_bytes(const Model& model, const RouterSparsity* sparsity, int64_t B,
     bytes -= static_cast<double>(c.ffn - kept) * 2.0 * static_cast<double>(c.hidden) * elem;
     bytes += static_cast<double>(sparsity->router_bytes(l, B));
     if (l > 0)
-      bytes -= kv_layer * static_cast<double>(c.n_kv_heads - sparsity->kv_heads_read(l)) / static_cast<double>(c.n_kv_heads);
+      bytes -= kv_layer * (static_cast<double>(c.n_kv_heads) - sparsity->kv_heads_read(l)) / static_cast<double>(c.n_kv_heads);
   }
   return bytes;
 }

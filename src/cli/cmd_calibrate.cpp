@@ -66,7 +66,7 @@ void print_table(const calib::Calibration& cal, const calib::KTableOptions& k_ta
   const bool gqa = d.kv_heads != d.heads;
   fmt::print("{:>5}  {:>11}", "layer", "head recall");
   if (gqa) fmt::print("  {:>12}", "group recall");
-  fmt::print("  {:>5}", "epoch");
+  fmt::print("  {:>5}  {:>7}", "epoch", "carried");
   if (d.mlp) {
     fmt::print("  {:>6}  {:>6}   k/D at batch", "mlp F1", "epoch");
     for (int64_t b : k_table.batch_sizes) fmt::print(" {:>5}", b);
@@ -77,7 +77,8 @@ void print_table(const calib::Calibration& cal, const calib::KTableOptions& k_ta
     const bool attn = !r.attn.w.empty();
     fmt::print("{:>5}  {:>11}", l, attn ? metric(r.attn.head_recall) : "dense");
     if (gqa) fmt::print("  {:>12}", attn ? metric(r.attn.group_recall) : "dense");
-    fmt::print("  {:>5}", attn ? std::to_string(r.attn.epoch) : "-");
+    fmt::print("  {:>5}  {:>7}", attn ? std::to_string(r.attn.epoch) : "-",
+               attn ? metric(r.group_stats.coverage.at(size_t(calib::heads_kept(cal.head_density(), d.kv_heads)))) : "-");
     if (d.mlp) {
       fmt::print("  {:>6}  {:>6}   {:12}", metric(r.mlp.f1), fmt::format("{}/{}", r.mlp.epoch, r.mlp.epochs_run), "");
       for (int64_t k : r.k.k) fmt::print(" {:>5.2f}", static_cast<double>(k) / static_cast<double>(d.ffn));
@@ -90,7 +91,9 @@ void print_table(const calib::Calibration& cal, const calib::KTableOptions& k_ta
   if (gqa)
     fmt::print(", {:.3f} of the groups",
                static_cast<double>(calib::heads_kept(density, d.kv_heads)) / static_cast<double>(d.kv_heads));
-  fmt::print(")\n");
+  fmt::print(")\n(carried: the share of a token's attention-output energy the router's best {} of {} {} carry on the "
+             "validation tokens; the calibrated density schedule gives more units to layers where it is low)\n",
+             calib::heads_kept(density, d.kv_heads), d.kv_heads, gqa ? "KV groups" : "heads");
 }
 
 json layers_json(const calib::Calibration& cal) {
@@ -99,7 +102,8 @@ json layers_json(const calib::Calibration& cal) {
     const calib::LayerResult& r = cal.layer(l);
     json j = {{"layer", l}, {"attention", nullptr}, {"mlp", nullptr}};
     if (!r.attn.w.empty())
-      j["attention"] = {{"head_recall", r.attn.head_recall}, {"group_recall", r.attn.group_recall}, {"epoch", r.attn.epoch}};
+      j["attention"] = {{"head_recall", r.attn.head_recall}, {"group_recall", r.attn.group_recall}, {"epoch", r.attn.epoch},
+                        {"group_coverage", r.group_stats.coverage}, {"head_coverage", r.head_stats.coverage}};
     if (r.mlp.rank > 0)
       j["mlp"] = {{"f1", r.mlp.f1}, {"epoch", r.mlp.epoch}, {"epochs_run", r.mlp.epochs_run},
                   {"k", r.k.k},     {"k_recall", r.k.recall}};

@@ -62,12 +62,15 @@ HeadSelector::HeadSelector(const Model& model, double density, Granularity granu
   check(kmin_ >= 1 && kmin_ <= kmax_ && kmax_ <= units_, "--kmin {} and --kmax {} must satisfy 1 <= kmin <= kmax <= {} ({})",
         selection.kmin, kmax_, units_, describe_units());
   cutoff_.assign(stats->size(), 0.0f);
+  aim_.assign(stats->size(), 0.0);
   for (size_t l = 1; l < stats->size(); ++l) {
-    // The layer keeps a share p of its units on average where p of the calibration's scores (or z-scores)
-    // lie at or above the cutoff: quantile 1 - p. A layer the schedule gives every unit keeps them all.
-    const double p = static_cast<double>(layer_kept_[l]) / static_cast<double>(units_);
+    // The share of its units a layer aims at: the density itself under a uniform schedule (a threshold need
+    // not keep a whole number of units per token, so 0.5 of 3 groups is 1.5 on average, not top-k's 1), the
+    // schedule's k / n under a calibrated one. It keeps a share p on average where p of the calibration's
+    // scores (or z-scores) lie at or above the cutoff: quantile 1 - p. A layer aiming at every unit keeps all.
+    aim_[l] = calibrated ? static_cast<double>(layer_kept_[l]) / static_cast<double>(units_) : density;
     const std::vector<float>& q = selection.rule == SelectionRule::Threshold ? (*stats)[l].score : (*stats)[l].z;
-    cutoff_[l] = layer_kept_[l] >= units_ ? -INFINITY : quantile_at(q, 1.0 - p);
+    cutoff_[l] = aim_[l] >= 1.0 ? -INFINITY : quantile_at(q, 1.0 - aim_[l]);
   }
   tally_ = backend_.upload(Tensor::zeros(DType::I32, {config_.n_layers, 2}), DType::I32);
 }
@@ -90,10 +93,15 @@ std::string HeadSelector::describe() const {
                      selection_rule_name(selection_.rule), kmin_, kmax_, units_, unit, mean_layer_density(), schedule);
 }
 
+double HeadSelector::aim(int layer) const {
+  return selection_.adaptive() ? aim_.at(static_cast<size_t>(layer))
+                               : static_cast<double>(layer_kept(layer)) / static_cast<double>(units_);
+}
+
 double HeadSelector::mean_layer_density() const {
   double sum = 0;
-  for (size_t l = 1; l < layer_kept_.size(); ++l) sum += static_cast<double>(layer_kept_[l]) / static_cast<double>(units_);
-  return layer_kept_.size() > 1 ? sum / static_cast<double>(layer_kept_.size() - 1) : 1.0;
+  for (int l = 1; l < config_.n_layers; ++l) sum += aim(l);
+  return config_.n_layers > 1 ? sum / static_cast<double>(config_.n_layers - 1) : 1.0;
 }
 
 std::optional<double> HeadSelector::density_reached() {

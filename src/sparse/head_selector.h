@@ -50,9 +50,15 @@ class HeadSelector : public Sparsity {
   int64_t layer_kept(int layer) const { return layer_kept_.at(static_cast<size_t>(layer)); }
   // Width of layer `layer`'s index lists: its k for top-k, kmax for the threshold rules.
   int64_t width(int layer) const { return selection_.adaptive() ? kmax_ : layer_kept(layer); }
-  // KV heads whose cache each token's attention reads at layer `layer` >= 1: for the threshold rules the
-  // schedule's aim, which the tokens reach only on average (density_reached says how well).
-  int64_t kv_heads_read(int layer) const { return per_query_head() ? config_.n_kv_heads : layer_kept(layer); }
+  // The share of its units layer `layer` >= 1 aims to keep per token: layer_kept / units for top-k; for
+  // the threshold rules the density (uniform schedule) or the calibrated schedule's k / units, which the
+  // tokens reach only on average (density_reached says how well).
+  double aim(int layer) const;
+  // KV heads whose cache each token's attention reads at layer `layer` >= 1 (on average, for the threshold
+  // rules: the aim's share).
+  double kv_heads_read(int layer) const {
+    return per_query_head() ? static_cast<double>(config_.n_kv_heads) : aim(layer) * static_cast<double>(units_);
+  }
   const SelectionOptions& selection() const { return selection_; }
   // "2 of 3 KV groups", "4 of 9 query heads", "threshold, 1..3 of 3 KV groups, 0.67 mean aimed at", ...
   std::string describe() const;
@@ -97,11 +103,12 @@ class HeadSelector : public Sparsity {
   int64_t units_, kept_;
   int64_t first_unit_, own_units_;  // the rank's units: [first_unit_, first_unit_ + own_units_)
   std::string describe_units() const;  // "KV groups", "query heads" or "heads"
-  double mean_layer_density() const;    // mean of layer_kept / units over layers 1..L-1
+  double mean_layer_density() const;    // mean of aim over layers 1..L-1
   SelectionOptions selection_;
   int64_t kmin_ = 1, kmax_ = 0;       // the threshold rules' bounds (kmax_ = units_ unless asked)
   std::vector<int64_t> layer_kept_;   // [layer]: the schedule
   std::vector<float> cutoff_;         // [layer]: the threshold, or stat-topk's c
+  std::vector<double> aim_;           // [layer]: the threshold rules' aim (aim())
   // [layers, 2] I32 on the backend: Σ (units kept, rows) per layer; good for 2^31 units kept per layer
   // (67M sparse tokens at 32 units: far beyond any one command's run)
   Tensor tally_;
