@@ -598,6 +598,8 @@ TEST(RoutersCli, RandomForACheckpointThenShowJson) {
   EXPECT_THAT(t.out, HasSubstr(m.fingerprint));
   EXPECT_THAT(t.out, HasSubstr("checked      only on its own"));
   EXPECT_THAT(t.out, HasSubstr("head shares  none (--selector static needs routers from polar calibrate)"));
+  EXPECT_THAT(t.out, HasSubstr("selection    none (--selection threshold / stat-topk and --density-schedule "
+                               "calibrated need routers from polar calibrate)"));
   EXPECT_THAT(t.out, HasSubstr("rank 16 routers over D = 256"));
   EXPECT_THAT(t.out, HasSubstr("  layer 2   0.500  0.500  0.500  0.500  0.500  1.000  1.000  1.000  1.000\n"));
 }

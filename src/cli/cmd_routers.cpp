@@ -128,6 +128,11 @@ int show(const RoutersArgs& a) {
   if (layers > 1)
     fmt::print("head shares  {}\n", has_head_shares(r) ? "recorded (--selector static can use this file)"
                                                        : "none (--selector static needs routers from polar calibrate)");
+  if (layers > 1)
+    fmt::print("selection    {}\n", r.selection ? "recorded (--selection threshold / stat-topk and --density-schedule "
+                                                  "calibrated can use this file)"
+                                                : "none (--selection threshold / stat-topk and --density-schedule "
+                                                  "calibrated need routers from polar calibrate)");
   if (!r.mlp_k) {
     fmt::print("mlp          dense (no MLP routers)\n");
     return 0;
