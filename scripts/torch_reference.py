@@ -42,9 +42,9 @@ STEP_SHAPES = {
 }
 
 
-def time_ms(fn, reps):
-    """Median ms per call. Each timed run replays a CUDA graph of CALLS_PER_RUN back-to-back calls fn(0),
-    fn(1), ..., as polar's bench-kernels does, so the host's launch cost stays out of the time."""
+def time_ms(fn, reps, calls=CALLS_PER_RUN):
+    """Median ms per call. Each timed run replays a CUDA graph of `calls` back-to-back calls fn(0), fn(1), ...,
+    as polar's bench-kernels does, so the host's launch cost stays out of the time."""
     for i in range(3):
         fn(i)
     torch.cuda.synchronize()
@@ -56,7 +56,7 @@ def time_ms(fn, reps):
             fn(i)
     torch.cuda.current_stream().wait_stream(stream)
     with torch.cuda.graph(graph):
-        for i in range(CALLS_PER_RUN):
+        for i in range(calls):
             fn(i)
     graph.replay()
     torch.cuda.synchronize()
@@ -67,7 +67,7 @@ def time_ms(fn, reps):
         graph.replay()
         stop.record()
         stop.synchronize()
-        times.append(start.elapsed_time(stop) / CALLS_PER_RUN)
+        times.append(start.elapsed_time(stop) / calls)
     return statistics.median(times)
 
 
@@ -111,30 +111,10 @@ def step_ms(shape, ctx, batch, dt, reps):
         return F.linear(rms(x, norm), head).argmax(-1)
 
     # One step per replay (CALLS_PER_RUN steps of a 7B model would only repeat the same traffic).
-    for i in range(3):
-        step(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step(0)
-    torch.cuda.current_stream().wait_stream(stream)
-    with torch.cuda.graph(graph):
-        step(0)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    del ws, graph
+    ms = time_ms(step, reps, calls=1)
+    del ws
     torch.cuda.empty_cache()
-    return statistics.median(times)
+    return ms
 
 
 def main():

@@ -39,24 +39,25 @@ GemmPlanner::~GemmPlanner() {
 }
 
 void GemmPlanner::run(const Gemm& g, cudaStream_t stream, void* workspace, bool capturing) {
-  stream_ = stream;
-  workspace_ = workspace;
-  capturing_ = capturing;
+  const Launch at{stream, workspace, capturing};
   Plan& p = plan({g.m, g.n, g.k, g.bias != nullptr, g.relu, g.w_kn, g.accumulate, alignment_of(g.x),
                   alignment_of(g.w), alignment_of(g.y)},
-                 g.bias, g.x, g.w);
-  if (g.bias) lt_check(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias, sizeof(g.bias)), "bias");
-  lt_check(matmul(p, p.algo, g.x, g.w, g.y, g.accumulate), "cublasLtMatmul");
+                 g.bias, g.x, g.w, at);
+  if (g.bias)
+    lt_check(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias, sizeof(g.bias)),
+             "bias");
+  lt_check(matmul(p, p.algo, g.x, g.w, g.y, g.accumulate, at), "cublasLtMatmul");
 }
 
-cublasStatus_t GemmPlanner::matmul(const Plan& plan, const cublasLtMatmulAlgo_t& algo, const void* x, const void* w, void* y,
-                      bool accumulate) {
+cublasStatus_t GemmPlanner::matmul(const Plan& plan, const cublasLtMatmulAlgo_t& algo, const void* x, const void* w,
+                                   void* y, bool accumulate, const Launch& at) {
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
   return cublasLtMatmul(lt_, plan.desc, &alpha, w, plan.a, x, plan.b, &beta, y, plan.c, y, plan.c, &algo,
-                        workspace_, kWorkspaceBytes, stream_);
+                        at.workspace, kWorkspaceBytes, at.stream);
 }
 
-GemmPlanner::Plan& GemmPlanner::plan(const Key& key, const void* bias, const void* x, const void* w) {
+GemmPlanner::Plan& GemmPlanner::plan(const Key& key, const void* bias, const void* x, const void* w,
+                                     const Launch& at) {
   auto it = plans_.find(key);
   if (it != plans_.end()) return it->second;
   const int64_t m = key.m, n = key.n, k = key.k;
@@ -80,7 +81,7 @@ GemmPlanner::Plan& GemmPlanner::plan(const Key& key, const void* bias, const voi
   // Prompt-sized GEMMs (m > kExactTuneRows rows: prefill and mixed steps, whose m changes with every prompt)
   // reuse the algorithm tuned for the first m of their row bucket, when cuBLASLt accepts it for this m:
   // tuning times some 30 candidates, tens of milliseconds per shape, which would land on the step.
-  if (m > kExactTuneRows && !capturing_) {
+  if (m > kExactTuneRows && !at.capturing) {
     const auto tuned = tuned_for_rows_.find(row_bucket_key(key));
     cublasLtMatmulHeuristicResult_t r{};
     if (tuned != tuned_for_rows_.end() &&
@@ -107,9 +108,9 @@ GemmPlanner::Plan& GemmPlanner::plan(const Key& key, const void* bias, const voi
   if (st != CUBLAS_STATUS_SUCCESS || found == 0)
     fail("cuBLASLt has no algorithm for a {} GEMM of m={} n={} k={}", dtype_name(dtype_), m, n, k);
   results.resize(found);
-  if (!capturing_) add_split_k_variants(p, results);
-  p.algo = capturing_ ? results[0].algo : fastest(p, results, x, w, m * n, key.accumulate);
-  if (m > kExactTuneRows && !capturing_) tuned_for_rows_.emplace(row_bucket_key(key), p.algo);
+  if (!at.capturing) add_split_k_variants(p, results);
+  p.algo = at.capturing ? results[0].algo : fastest(p, results, x, w, m * n, key.accumulate, at);
+  if (m > kExactTuneRows && !at.capturing) tuned_for_rows_.emplace(row_bucket_key(key), p.algo);
   return plans_.emplace(key, p).first->second;
 }
 
@@ -157,15 +158,16 @@ void GemmPlanner::add_split_k_variants(const Plan& p, std::vector<cublasLtMatmul
 // m <= 256 x n = k = 4096 ran at 61% of copy bandwidth). Each candidate is timed (time_variants) into a
 // scratch output; without memory for the scratch (a cache filling the device) the first pick stays.
 cublasLtMatmulAlgo_t GemmPlanner::fastest(const Plan& p, const std::vector<cublasLtMatmulHeuristicResult_t>& results,
-                                            const void* x, const void* w, int64_t y_elems, bool accumulate) {
+                                          const void* x, const void* w, int64_t y_elems, bool accumulate,
+                                          const Launch& at) {
   if (results.size() == 1) return results[0].algo;
   void* y = nullptr;
   if (cudaMalloc(&y, static_cast<size_t>(y_elems) * 2) != cudaSuccess) {
     cudaGetLastError();
     return results[0].algo;
   }
-  const std::vector<float> ms = time_variants(device_, stream_, results.size(), [&](size_t i) {
-    return matmul(p, results[i].algo, x, w, y, accumulate) == CUBLAS_STATUS_SUCCESS;
+  const std::vector<float> ms = time_variants(device_, at.stream, results.size(), [&](size_t i) {
+    return matmul(p, results[i].algo, x, w, y, accumulate, at) == CUBLAS_STATUS_SUCCESS;
   });
   cuda_check(cudaFree(y), "cudaFree");
   const size_t best = ms.empty() ? 0 : std::min_element(ms.begin(), ms.end()) - ms.begin();

@@ -64,23 +64,26 @@ class GemmPlanner {
   // per row bucket (row_bucket_key).
   static constexpr int64_t kExactTuneRows = 256;
 
-  Plan& plan(const Key& key, const void* bias, const void* x, const void* w);
+  // Where a call runs: its stream and cuBLASLt workspace, and whether a graph is being captured there.
+  struct Launch {
+    cudaStream_t stream;
+    void* workspace;
+    bool capturing;
+  };
+
+  Plan& plan(const Key& key, const void* bias, const void* x, const void* w, const Launch& at);
   static Key row_bucket_key(Key key);
   void add_split_k_variants(const Plan& p, std::vector<cublasLtMatmulHeuristicResult_t>& results);
   cublasLtMatmulAlgo_t fastest(const Plan& p, const std::vector<cublasLtMatmulHeuristicResult_t>& results,
-                               const void* x, const void* w, int64_t y_elems, bool accumulate);
+                               const void* x, const void* w, int64_t y_elems, bool accumulate, const Launch& at);
   cublasStatus_t matmul(const Plan& plan, const cublasLtMatmulAlgo_t& algo, const void* x, const void* w, void* y,
-                        bool accumulate);
+                        bool accumulate, const Launch& at);
 
   int device_;
   DType dtype_;
   cublasLtHandle_t lt_ = nullptr;
   std::map<Key, Plan> plans_;
   std::map<Key, cublasLtMatmulAlgo_t> tuned_for_rows_;  // by row_bucket_key: the algorithm tuned first there
-  // The call being run: its stream, cuBLASLt workspace, and whether a graph is being captured.
-  cudaStream_t stream_ = nullptr;
-  void* workspace_ = nullptr;
-  bool capturing_ = false;
 };
 
 }  // namespace polar::cuda
