@@ -74,7 +74,7 @@ std::vector<AttentionShape> default_attention_shapes() {
 
 std::vector<GemmShape> default_gemm_shapes() {
   std::vector<GemmShape> s;
-  for (int64_t m : {1, 8, 32, 64, 128, 256})
+  for (int64_t m : {1, 8, 16, 32, 64, 128, 256})
     // Llama-2-7B's o_proj, fused q/k/v, fused gate/up and down_proj; OPT-6.7B's fc1 and fc2.
     for (auto [n, k] : {std::pair<int64_t, int64_t>{4096, 4096}, {12288, 4096}, {22016, 4096}, {4096, 11008},
                         {16384, 4096}, {4096, 16384}})

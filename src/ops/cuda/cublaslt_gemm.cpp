@@ -1,6 +1,7 @@
 #include "ops/cuda/cublaslt_gemm.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstdint>
 #include <vector>
 
@@ -42,7 +43,8 @@ void GemmPlanner::run(const Gemm& g, cudaStream_t stream, void* workspace, bool 
   const Launch at{stream, workspace, capturing};
   Plan& p = plan({g.m, g.n, g.k, g.bias != nullptr, g.relu, g.w_kn, g.accumulate, alignment_of(g.x),
                   alignment_of(g.w), alignment_of(g.y)},
-                 g.bias, g.x, g.w, at);
+                 g, at);
+  if (p.skinny >= 0) return skinny_gemm(skinny_of(g), p.skinny, elem(), stream);
   if (g.bias)
     lt_check(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias, sizeof(g.bias)),
              "bias");
@@ -56,8 +58,21 @@ cublasStatus_t GemmPlanner::matmul(const Plan& plan, const cublasLtMatmulAlgo_t&
                         at.workspace, kWorkspaceBytes, at.stream);
 }
 
-GemmPlanner::Plan& GemmPlanner::plan(const Key& key, const void* bias, const void* x, const void* w,
-                                     const Launch& at) {
+SkinnyGemm GemmPlanner::skinny_of(const Gemm& g) const {
+  SkinnyGemm s;
+  s.x = g.x;
+  s.w = g.w;
+  s.bias = g.bias;
+  s.y = g.y;
+  s.m = g.m;
+  s.n = g.n;
+  s.k = g.k;
+  s.relu = g.relu;
+  s.accumulate = g.accumulate;
+  return s;
+}
+
+GemmPlanner::Plan& GemmPlanner::plan(const Key& key, const Gemm& g, const Launch& at) {
   auto it = plans_.find(key);
   if (it != plans_.end()) return it->second;
   const int64_t m = key.m, n = key.n, k = key.k;
@@ -70,8 +85,9 @@ GemmPlanner::Plan& GemmPlanner::plan(const Key& key, const void* bias, const voi
   const cublasLtEpilogue_t epi = key.relu ? (key.bias ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU)
                                           : (key.bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT);
   lt_check(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)), "epilogue");
-  if (bias)
-    lt_check(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)), "bias");
+  if (g.bias)
+    lt_check(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias, sizeof(g.bias)),
+             "bias");
   if (key.w_kn)
     lt_check(cublasLtMatrixLayoutCreate(&p.a, t, n, k, n), "layout a");
   else
@@ -108,8 +124,11 @@ GemmPlanner::Plan& GemmPlanner::plan(const Key& key, const void* bias, const voi
   if (st != CUBLAS_STATUS_SUCCESS || found == 0)
     fail("cuBLASLt has no algorithm for a {} GEMM of m={} n={} k={}", dtype_name(dtype_), m, n, k);
   results.resize(found);
-  if (!at.capturing) add_split_k_variants(p, results);
-  p.algo = at.capturing ? results[0].algo : fastest(p, results, x, w, m * n, key.accumulate, at);
+  p.algo = results[0].algo;
+  if (!at.capturing) {
+    add_split_k_variants(p, results);
+    pick_fastest(p, results, g, !key.w_kn && skinny_gemm_supports(skinny_of(g)) && !std::getenv("POLAR_NO_SKINNY"), at);  // EXPERIMENT
+  }
   if (m > kExactTuneRows && !at.capturing) tuned_for_rows_.emplace(row_bucket_key(key), p.algo);
   return plans_.emplace(key, p).first->second;
 }
@@ -153,25 +172,37 @@ void GemmPlanner::add_split_k_variants(const Plan& p, std::vector<cublasLtMatmul
   }
 }
 
-// The fastest of cuBLASLt's candidate algorithms for a plan: the heuristic's first pick is made for
-// throughput-sized problems and leaves much of the bandwidth unused on some decode shapes (on an H200,
-// m <= 256 x n = k = 4096 ran at 61% of copy bandwidth). Each candidate is timed (time_variants) into a
-// scratch output; without memory for the scratch (a cache filling the device) the first pick stays.
-cublasLtMatmulAlgo_t GemmPlanner::fastest(const Plan& p, const std::vector<cublasLtMatmulHeuristicResult_t>& results,
-                                          const void* x, const void* w, int64_t y_elems, bool accumulate,
-                                          const Launch& at) {
-  if (results.size() == 1) return results[0].algo;
+// The fastest of cuBLASLt's candidate algorithms for a plan and, where `skinny`, the skinny GEMM's variants:
+// the heuristic's first pick is made for throughput-sized problems and leaves much of the bandwidth unused on
+// some decode shapes (on an H200, m <= 256 x n = k = 4096 ran at 61% of copy bandwidth). Each candidate is
+// timed (time_variants) into a scratch output; without memory for the scratch (a cache filling the device)
+// the first pick stays.
+void GemmPlanner::pick_fastest(Plan& p, const std::vector<cublasLtMatmulHeuristicResult_t>& results, const Gemm& g,
+                               bool skinny, const Launch& at) {
+  const size_t variants = results.size() + (skinny ? kSkinnyVariants : 0);
+  if (variants == 1) return;
   void* y = nullptr;
-  if (cudaMalloc(&y, static_cast<size_t>(y_elems) * 2) != cudaSuccess) {
+  if (cudaMalloc(&y, static_cast<size_t>(g.m * g.n) * 2) != cudaSuccess) {
     cudaGetLastError();
-    return results[0].algo;
+    return;
   }
-  const std::vector<float> ms = time_variants(device_, at.stream, results.size(), [&](size_t i) {
-    return matmul(p, results[i].algo, x, w, y, accumulate, at) == CUBLAS_STATUS_SUCCESS;
+  SkinnyGemm s = skinny_of(g);
+  s.y = y;
+  const std::vector<float> ms = time_variants(device_, at.stream, variants, [&](size_t i) {
+    if (i >= results.size()) {
+      skinny_gemm(s, static_cast<int>(i - results.size()), elem(), at.stream);
+      return true;
+    }
+    return matmul(p, results[i].algo, g.x, g.w, y, g.accumulate, at) == CUBLAS_STATUS_SUCCESS;
   });
   cuda_check(cudaFree(y), "cudaFree");
-  const size_t best = ms.empty() ? 0 : std::min_element(ms.begin(), ms.end()) - ms.begin();
-  return results[best].algo;
+  if (ms.empty()) return;
+  const size_t best = std::min_element(ms.begin(), ms.end()) - ms.begin();
+  if (best >= results.size()) {
+    p.skinny = static_cast<int>(best - results.size());
+  } else {
+    p.algo = results[best].algo;
+  }
 }
 
 }  // namespace polar::cuda
