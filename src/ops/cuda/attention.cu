@@ -131,6 +131,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   T* v_tiles = k_tiles + D::kStages * kTileKeys * D::kPitch;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int r4 = lane >> 2, c4 = lane & 3;
+  pdl_enter();
 
   // Which KV head and which of its query heads this CTA serves.
   const int group = a.H / a.Hkv;
@@ -417,6 +418,7 @@ template <typename T, int DH>
 __global__ void __launch_bounds__(kThreads) combine_kernel(const float2* ws_ml, const float* ws_o, int64_t rows,
                                                            int splits, T* out) {
   constexpr int kPerLane = (DH + 31) / 32;
+  pdl_enter();
   const int64_t row = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (row >= rows) return;
@@ -525,14 +527,13 @@ void launch(const PagedAttention& a, const SplitPlan& plan, void* workspace, cud
     const auto kernel = attention_kernel<T, DH, true>;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, D::kSmemBytes) != cudaSuccess)
       fail("attention: cannot give the decode kernel {} bytes of shared memory (dh {})", D::kSmemBytes, DH);
-    attention_kernel<T, DH, true><<<dim3(a.T, y, plan.splits), kThreads, D::kSmemBytes, stream>>>(
-        a, BlockDiv::of(a.block_size), plan.splits, plan.keys_per_split, ws_ml, ws_o);
-    check_launch("attention decode");
+    launch_pdl("attention decode", kernel, dim3(a.T, y, plan.splits), kThreads, D::kSmemBytes, stream, a,
+               BlockDiv::of(a.block_size), plan.splits, plan.keys_per_split, ws_ml, ws_o);
     if (plan.splits > 1) {
       const int64_t rows = int64_t(a.T) * a.H;
-      combine_kernel<T, DH><<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(
-          ws_ml, ws_o, rows, plan.splits, static_cast<T*>(a.out));
-      check_launch("attention split-K combine");
+      launch_pdl("attention split-K combine", combine_kernel<T, DH>, static_cast<unsigned>((rows + kWarps - 1) / kWarps),
+                 kThreads, 0, stream, static_cast<const float2*>(ws_ml), static_cast<const float*>(ws_o), rows,
+                 plan.splits, static_cast<T*>(a.out));
     }
   } else {
     if (a.S > 65535) fail("attention: {} sequences in one prefill step exceed the grid's z limit", a.S);
@@ -541,9 +542,8 @@ void launch(const PagedAttention& a, const SplitPlan& plan, void* workspace, cud
     const auto kernel = attention_kernel<T, DH, false>;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, D::kSmemBytes) != cudaSuccess)
       fail("attention: cannot give the prefill kernel {} bytes of shared memory (dh {})", D::kSmemBytes, DH);
-    attention_kernel<T, DH, false><<<dim3(tiles, y, a.S), kThreads, D::kSmemBytes, stream>>>(
-        a, BlockDiv::of(a.block_size), 1, 0, nullptr, nullptr);
-    check_launch("attention prefill");
+    launch_pdl("attention prefill", kernel, dim3(tiles, y, a.S), kThreads, D::kSmemBytes, stream, a,
+               BlockDiv::of(a.block_size), 1, 0, static_cast<float2*>(nullptr), static_cast<float*>(nullptr));
   }
 }
 

@@ -8,7 +8,9 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
+#include <utility>
 
 #include "core/error.h"
 #include "ops/cuda/elem.h"
@@ -46,6 +48,51 @@ template <typename T> __device__ __forceinline__ T from_float(float x) {
 
 inline void check_launch(const char* what) {
   cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) fail("CUDA kernel {} failed to launch: {}", what, cudaGetErrorString(err));
+}
+
+// ---- programmatic dependent launch (PDL, sm_90) ----
+// A decode step is hundreds of short kernels in a row; normally each starts only after the one before it has
+// finished and its writes are flushed, so every boundary leaves the GPU idle for a launch latency. A kernel
+// launched by launch_pdl may start while the kernel before it on the stream is still running: it calls
+// pdl_wait() (griddepcontrol.wait: returns once that kernel has completed and its writes are visible) before
+// it reads anything that kernel wrote or writes anything it reads, so only work that touches neither (index
+// arithmetic, loads of weights, which no step writes) overlaps the other kernel's tail. pdl_trigger() lets
+// the next PDL kernel be launched before this one ends; pdl_enter() is both, for kernels with nothing to
+// overlap. All are no-ops in a kernel launched without the attribute.
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+__device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
+__device__ __forceinline__ void pdl_enter() {
+  pdl_wait();
+  pdl_trigger();
+}
+
+// The launch attribute that makes a launch programmatic-dependent. EXPERIMENT: POLAR_PDL=0 turns it off.
+inline cudaLaunchAttribute pdl_attribute() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("POLAR_PDL");
+    return !(v && v[0] == '0');
+  }();
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = enabled ? 1 : 0;
+  return attr;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...) as a programmatic dependent launch; the kernel must call
+// pdl_wait() (or pdl_enter()) before touching what other kernels write. `what` names it in the error.
+template <typename... Params, typename... Args>
+void launch_pdl(const char* what, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                Args&&... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr = pdl_attribute();
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
   if (err != cudaSuccess) fail("CUDA kernel {} failed to launch: {}", what, cudaGetErrorString(err));
 }
 

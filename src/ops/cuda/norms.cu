@@ -28,6 +28,7 @@ __device__ float block_sum(float v, float* scratch) {
 template <typename T>
 __global__ void norm_kernel(const T* x, const T* w, const T* b, float eps, bool rms, int64_t d, T* out) {
   __shared__ float scratch[32];
+  pdl_enter();
   const T* xr = x + blockIdx.x * d;
   T* orow = out + blockIdx.x * d;
   float mean = 0.0f;
@@ -72,10 +73,10 @@ void norm(const void* x, const void* w, const void* b, float eps, bool rms, int6
   if (rows == 0) return;
   dispatch(e, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    norm_kernel<<<static_cast<unsigned>(rows), row_threads(d), 0, stream>>>(
-        static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(b), eps, rms, d, static_cast<T*>(out));
+    launch_pdl(rms ? "rms_norm" : "layer_norm", norm_kernel<T>, static_cast<unsigned>(rows), row_threads(d), 0, stream,
+               static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(b), eps, rms, d,
+               static_cast<T*>(out));
   });
-  check_launch(rms ? "rms_norm" : "layer_norm");
 }
 
 void l2_norms(const void* x, int64_t R, int64_t n, void* out, Elem e, cudaStream_t stream) {

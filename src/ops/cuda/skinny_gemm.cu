@@ -14,6 +14,8 @@
 //   layouts: A pairs a0a1/a2a3 rows r4/r4+8 at k 2c4, a4a5/a6a7 at k 2c4+8; B pairs b0b1 at k 2c4, b2b3 at
 //   k 2c4+8, column r4). The weight is streamed past L1 (ld.global.nc.L1::no_allocate); x, read by every
 //   CTA, stays in L1/L2.
+// - Programmatic dependent launch (device_util.cuh): the first weight loads are issued before waiting for
+//   the kernel before, which writes x.
 // - Reduction in fixed order: the 4 warps' accumulators are summed in shared memory (warp 0 first), then
 //   CTA rank 0 of the cluster adds the other ranks' sums from their shared memory (distributed shared
 //   memory) in rank order and applies the epilogue; a final cluster barrier keeps every CTA's shared memory
@@ -82,22 +84,38 @@ template <typename T, int MT, int RT> __global__ void __launch_bounds__(kThreads
     x_rows[mt] = static_cast<const T*>(g.x) + (x_ok[mt] ? r : 0) * g.k + 8 * c4;
   }
 
-  float acc[RT][MT][4] = {};
+  // Loads of weight steps [s0, s0 + kUnroll) and of the same steps of x; steps past s_end read zeros.
+  uint4 wv[kUnroll][RT][2], xv[kUnroll][MT];
   const uint4 zero = make_uint4(0, 0, 0, 0);
-  for (int64_t s0 = s_begin; s0 < s_end; s0 += kUnroll) {
-    uint4 wv[kUnroll][RT][2], xv[kUnroll][MT];
+  auto step_ok = [&](int64_t s) { return s < s_end && s * kStepK + 8 * c4 < g.k; };  // k % 8 == 0: all 8 or none
+  auto load_w = [&](int64_t s0) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int64_t kk = (s0 + u) * kStepK;
-      const bool ok = s0 + u < s_end && kk + 8 * c4 < g.k;  // k % 8 == 0: a lane's 8 elements are all in or out
+      const bool ok = step_ok(s0 + u);
 #pragma unroll
       for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-        for (int i = 0; i < 2; ++i) wv[u][rt][i] = ok && w_ok[rt][i] ? load_streaming(w_rows[rt][i] + kk) : zero;
+        for (int i = 0; i < 2; ++i)
+          wv[u][rt][i] = ok && w_ok[rt][i] ? load_streaming(w_rows[rt][i] + (s0 + u) * kStepK) : zero;
+    }
+  };
+  auto load_x = [&](int64_t s0) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const bool ok = step_ok(s0 + u);
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
-        xv[u][mt] = ok && x_ok[mt] ? __ldg(reinterpret_cast<const uint4*>(x_rows[mt] + kk)) : zero;
+        xv[u][mt] = ok && x_ok[mt] ? __ldg(reinterpret_cast<const uint4*>(x_rows[mt] + (s0 + u) * kStepK)) : zero;
     }
+  };
+
+  // The first weight loads go out before waiting for the kernel that writes x (programmatic dependent
+  // launch): no step writes weights.
+  load_w(s_begin);
+  pdl_enter();
+  float acc[RT][MT][4] = {};
+  for (int64_t s0 = s_begin; s0 < s_end;) {
+    load_x(s0);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
@@ -112,6 +130,8 @@ template <typename T, int MT, int RT> __global__ void __launch_bounds__(kThreads
             mma16816<T>(acc[rt][mt], a, h ? b.z : b.x, h ? b.w : b.y);
           }
         }
+    s0 += kUnroll;
+    if (s0 < s_end) load_w(s0);
   }
 
   // Warps' sums, then the cluster's, each in a fixed order.
@@ -158,13 +178,13 @@ template <typename T, int MT, int RT> void launch(const SkinnyGemm& g, int clust
   cfg.blockDim = dim3(kThreads);
   cfg.dynamicSmemBytes = 0;
   cfg.stream = stream;
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = cluster;
-  attr.val.clusterDim.y = 1;
-  attr.val.clusterDim.z = 1;
-  cfg.attrs = &attr;
-  cfg.numAttrs = 1;
+  cudaLaunchAttribute attrs[2] = {pdl_attribute(), {}};
+  attrs[1].id = cudaLaunchAttributeClusterDimension;
+  attrs[1].val.clusterDim.x = cluster;
+  attrs[1].val.clusterDim.y = 1;
+  attrs[1].val.clusterDim.z = 1;
+  cfg.attrs = attrs;
+  cfg.numAttrs = 2;
   const cudaError_t err = cudaLaunchKernelEx(&cfg, skinny_gemm_kernel<T, MT, RT>, g);
   if (err != cudaSuccess) fail("CUDA kernel skinny GEMM failed to launch: {}", cudaGetErrorString(err));
 }
