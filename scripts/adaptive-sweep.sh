@@ -66,6 +66,9 @@ declare -A flags=(
   [static]="--selector static --routers $routers"
   [random]="--selector random"
 )
+# Dense perplexity first: the runs below are compared with it (and a sweep cut short keeps it).
+"$POLAR" perplexity --device "$DEVICE" --model "$model" --text "$shared/data/text/wikitext2_test.txt" --ctx "$CTX" \
+  --max-tokens "$PPL_TOKENS" --json > "$out/ppl-dense.json" 2> "$out/ppl-dense.log"
 for gran in $GRANULARITIES; do
   for rule in $RULES; do
     read -r -a f <<< "${flags[$rule]:?unknown rule $rule}"
@@ -84,8 +87,6 @@ for gran in $GRANULARITIES; do
     done
   done
 done
-"$POLAR" perplexity --device "$DEVICE" --model "$model" --text "$shared/data/text/wikitext2_test.txt" --ctx "$CTX" \
-  --max-tokens "$PPL_TOKENS" --json > "$out/ppl-dense.json" 2> "$out/ppl-dense.log"
 
 # One row per (run, granularity, target density): the density reached, the 8-task mean accuracy, the mean of
 # the per-task paired differences to dense (points) with its standard error sqrt(Σ se²) / n, and perplexity.
