@@ -4,8 +4,9 @@
 # logs, CSVs and plots to a results folder; a short summary table comes last.
 #
 #   scripts/gpu-check.sh [STAGE ...]   stages: build test kernels bench sparse serve serve-http tp (default: all,
-#                                      in that order), tp-multi (several GPUs) and adaptive (issue 19's accuracy
-#                                      sweep and speed points, long): only when named
+#                                      in that order), tp-multi (several GPUs), adaptive (issue 19's accuracy
+#                                      sweep and speed points, long) and profile (Nsight Systems kernel
+#                                      summaries of decode steps): only when named
 #
 # Environment:
 #   RESULTS         results folder (default: $OUT if set, else out/gpu-check)
@@ -33,6 +34,9 @@
 #                   WikiText-2 tokens (default 65536), ADAPTIVE_RULES and ADAPTIVE_GRANULARITIES (default: all
 #                   of scripts/adaptive-sweep.sh's: 9 rules x 2 granularities, each an eval run of 1 + densities
 #                   passes; the stage's GPU time is not known yet: cut these first)
+#   PROFILE_POINTS  the profile stage's decode steps as shape:ctx:batch:density (default "llama-2-7b:3968:1:1
+#                   llama-2-7b:3968:1:0.5 llama-2-7b:3968:16:1 llama-2-7b:3968:16:0.5"): per kernel, the
+#                   device time of a graph-replayed step (nsys --cuda-graph-trace=node)
 #   ADAPTIVE_BENCH  speed points as shape:ctx:density (default "llama-2-7b:3968:0.5 llama-3-8b:8192:0.625"):
 #                   dense, top-k and stat-topk on random routers (c from synthetic normal scores)
 set -euo pipefail
@@ -294,6 +298,28 @@ if has_stage adaptive; then
   done
 fi
 
+# Where a step's time goes (issue 18's small batches): each point's decode steps under Nsight Systems, graph
+# nodes traced one by one; the kernel summary per point (CSV) and its top kernels in the summary below.
+PROFILE_POINTS=${PROFILE_POINTS:-"llama-2-7b:3968:1:1 llama-2-7b:3968:1:0.5 llama-2-7b:3968:16:1 llama-2-7b:3968:16:0.5"}
+if has_stage profile; then
+  nsys=$(command -v nsys || ls /usr/local/cuda/bin/nsys 2>/dev/null || true)
+  if [ -z "$nsys" ]; then
+    log "profile: no nsys on this machine, skipped"
+  else
+    for point in $PROFILE_POINTS; do
+      IFS=: read -r shape ctx batch density <<< "$point"
+      name="profile-$shape-c$ctx-b$batch-d$density"
+      log "profile: $shape ctx $ctx batch $batch density $density"
+      "$nsys" profile --cuda-graph-trace=node -f true -o "$RESULTS/$name" "$BUILD_DIR/src/polar" bench --device cuda \
+        --shape "$shape" --ctx "$ctx" --batch "$batch" --density "$density" --steps 20 --csv "$RESULTS/$name-bench.csv" \
+        > "$RESULTS/$name.log" 2>&1 || { tail -5 "$RESULTS/$name.log"; continue; }
+      "$nsys" stats --report cuda_gpu_kern_sum --format csv -o "$RESULTS/$name" "$RESULTS/$name.nsys-rep" \
+        >> "$RESULTS/$name.log" 2>&1 || tail -5 "$RESULTS/$name.log"
+      rm -f "$RESULTS/$name.nsys-rep" "$RESULTS/$name.sqlite"
+    done
+  fi
+fi
+
 echo
 echo "== gpu-check summary ($(date -u +%Y-%m-%d), $(tail -1 "$RESULTS/gpu.csv" | cut -d, -f1)) =="
 echo "tests: $test_summary"
@@ -393,6 +419,22 @@ if has_stage tp; then
     for mode in plain comm; do
       [ -f "$RESULTS/tp-$shape-$mode.txt" ] && { echo "-- $shape --tp 1, $mode"; cat "$RESULTS/tp-$shape-$mode.txt"; }
     done
+  done
+fi
+if has_stage profile; then
+  for point in $PROFILE_POINTS; do
+    IFS=: read -r shape ctx batch density <<< "$point"
+    name="profile-$shape-c$ctx-b$batch-d$density"
+    [ -f "$RESULTS/${name}_cuda_gpu_kern_sum.csv" ] || continue
+    echo "-- where a step goes: $shape ctx $ctx batch $batch density $density (kernels of the profiled run, top 8)"
+    python3 - "$RESULTS/${name}_cuda_gpu_kern_sum.csv" <<'PY'
+import csv, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+total = sum(float(r["Total Time (ns)"]) for r in rows)
+for r in rows[:8]:
+    print(f"{float(r['Time (%)']):5.1f}%  {int(r['Instances']):6d} x {float(r['Avg (ns)']) / 1e3:8.2f} us  {r['Name'][:90]}")
+print(f"kernels: {total / 1e6:.2f} ms in {sum(int(r['Instances']) for r in rows)} launches")
+PY
   done
 fi
 if has_stage adaptive; then
