@@ -1,8 +1,9 @@
 // Tensor parallelism on the CPU (docs/parallel.md): the in-process communicator's collectives over 1-4
 // rank threads, and every fixture model and stories260K split over 2-4 ranks giving the logits of one rank
 // (within 1e-5, scaled as test_util.h measures) and the same greedy text, dense and sparse; global head
-// selection choosing exactly the heads and MLP neurons of one rank, balanced k/N per rank; bad --tp values
-// refused. CUDA: NCCL with one rank equals the plain path (skipped without a GPU).
+// selection choosing exactly the heads and MLP neurons of one rank, balanced k/N per rank; each rank's KV
+// bytes per token; bad --tp values refused. CUDA: NCCL with one rank equals the plain path (skipped without a
+// GPU).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -186,6 +187,29 @@ TEST(TensorParallel, EveryModelSplitOverTwoToFourRanksGivesTheLogitsAndTextOfOne
     }
   }
   EXPECT_GT(gqa_replicated, 0) << "a GQA model with fewer KV heads than ranks (replicated KV heads) was run";
+}
+
+// Model::kv_bytes_per_token is what each rank's KV cache holds per token (its stores, the scratch block
+// included, over their slots): at --tp 2 half the model's K/V, at --tp 4 — more ranks than llama3_gqa's 2 KV
+// heads, each rank caching one replicated head — as much as at --tp 2, so the 4 ranks hold twice the model's.
+TEST(TensorParallel, KvBytesPerTokenAreWhatEachRankCaches) {
+  const Checkpoint ck = load_checkpoint(test::shared_path("fixtures/hf/llama3_gqa"));
+  const ModelConfig& c = ck.config;
+  ASSERT_EQ(c.n_kv_heads, 2);
+  const int64_t model_per_token = c.n_layers * 2 * c.n_kv_heads * c.head_dim * 4;  // fp32 on the CPU
+  for (const auto& [n, per_rank] :
+       std::vector<std::pair<int, int64_t>>{{1, model_per_token}, {2, model_per_token / 2}, {4, model_per_token / 2}}) {
+    SCOPED_TRACE(testing::Message() << "--tp " << n);
+    TpModel tp(ck, n);
+    Engine engine(*tp.model, {.kv_tokens = 64});
+    const int64_t slots = (engine.cache().num_blocks() + 1) * engine.cache().block_size();
+    for (int r = 0; r < n; ++r) {
+      EXPECT_EQ(tp.model->rank(r).kv_bytes_per_token(), per_rank) << "rank " << r;
+      int64_t held = 0;
+      for (const KVLayer& l : engine.cache().layers(r)) held += static_cast<int64_t>(l.k.nbytes() + l.v.nbytes());
+      EXPECT_EQ(held, slots * tp.model->rank(r).kv_bytes_per_token()) << "rank " << r;
+    }
+  }
 }
 
 // Rank r's selections [T, m] in whole-model numbering (padding dropped), merged over the ranks: what the
