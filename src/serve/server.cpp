@@ -75,6 +75,8 @@ void Server::serve(Model& model, const SchedulerOptions& scheduler, ApiContext c
   ctx_ = std::move(ctx);
   metrics_->set_density(head_density);
   scheduler_ = std::make_unique<Scheduler>(model, scheduler);
+  // The loop's device work goes to the model's device (--device cuda:N), not this new thread's default: the
+  // Engine makes rank 0's device current on whichever thread steps it, before any of that work.
   loop_ = std::thread([this] { scheduler_->run(); });
   ready_.store(true);
 }
