@@ -610,3 +610,75 @@ TEST(Scheduler, PromptLogprobsSurviveChunkingAndPreemption) {
   EXPECT_EQ(drain(*sa).tokens.size(), 60u);
   expect_request_scored(*m.model, b, drain_scored(*sb));
 }
+
+// The choices of one prompt (submit_choices, the API's n) score an echoed prompt once between them, each
+// position by whichever choice reads it first: every choice's first event carries the prompt's
+// log-probabilities, the same in all and those of one pass over the prompt, and the scheduler counts the
+// prompt's positions scored once — through 3-row scoring steps (the prompt read in short chunks), prompt-only
+// choices (max_tokens 0), and a cache too small for the choices together (preempted, prompts read again).
+// Choices that do not share their prompt and log-probability parameters are refused, and none is queued.
+TEST(Scheduler, ChoicesOfOnePromptScoreItOnce) {
+  Loaded& m = stories();
+  const std::vector<int32_t> prompt = prompts(1, 40, 40, m.ck.config.vocab_size, 21)[0];
+  struct Case {
+    const char* name;
+    SchedulerOptions options;
+    int64_t max_tokens;
+  };
+  for (const Case& c : std::vector<Case>{
+           {"3 scoring rows a step", {.max_seqs = 4, .max_batch_tokens = 64, .max_scored_rows = 3, .kv_tokens = 1024}, 4},
+           {"prompt only", {.max_seqs = 4, .max_batch_tokens = 16, .kv_tokens = 1024}, 0},
+           {"preempted", {.max_seqs = 3, .max_batch_tokens = 8, .kv_tokens = 96, .block_size = 8}, 12},
+       }) {
+    SCOPED_TRACE(c.name);
+    Scheduler sched(*m.model, c.options);
+    std::vector<Request> choices;
+    for (uint64_t j = 0; j < 3; ++j) {
+      Request r = greedy(prompt, c.max_tokens);
+      r.params.logprobs = 2;
+      r.params.echo_logprobs = true;
+      r.params.sampling = {.temperature = 0.9f, .seed = 5};
+      r.params.sample_stream = j;
+      choices.push_back(r);
+    }
+    const auto streams = sched.submit_choices(choices);
+    sched.run_until_idle();
+    EXPECT_EQ(sched.stats().scored_prompt_tokens, static_cast<int64_t>(prompt.size()) - 1)
+        << "each prompt position scored once for the 3 choices";
+    if (c.options.kv_tokens == 96) {
+      EXPECT_GT(sched.stats().preemptions, 0);
+    }
+    std::vector<Scored> got;
+    for (size_t j = 0; j < streams.size(); ++j) {
+      SCOPED_TRACE(testing::Message() << "choice " << j);
+      got.push_back(drain_scored(*streams[j]));
+      EXPECT_EQ(static_cast<int64_t>(got[j].tokens.size()), c.max_tokens);
+      expect_request_scored(*m.model, choices[j], got[j]);
+      ASSERT_EQ(got[j].prompt.size(), got[0].prompt.size());
+      for (size_t p = 0; p < got[0].prompt.size(); ++p) {
+        EXPECT_EQ(got[j].prompt[p].logprob, got[0].prompt[p].logprob) << "prompt token " << p;
+        EXPECT_EQ(got[j].prompt[p].top, got[0].prompt[p].top) << "prompt token " << p;
+      }
+    }
+    if (c.max_tokens > 0) {
+      EXPECT_NE(got[0].tokens, got[1].tokens) << "each choice samples from its own stream";
+    }
+    EXPECT_EQ(sched.cache().free_blocks(), sched.cache().num_blocks());
+  }
+
+  Scheduler sched(*m.model, {.max_seqs = 4, .max_batch_tokens = 64, .kv_tokens = 1024});
+  Request a = greedy(prompt, 2);
+  a.params.logprobs = 1;
+  a.params.echo_logprobs = true;
+  Request other_prompt = a, other_logprobs = a, too_long = a;
+  other_prompt.prompt.push_back(5);
+  other_logprobs.params.logprobs = 2;
+  too_long.params.max_tokens = 100000;
+  for (const Request& b : {other_prompt, other_logprobs}) {
+    EXPECT_THAT(test::error_of([&] { sched.submit_choices({a, b}); }),
+                HasSubstr("the choices of one prompt must share the prompt, logprobs and echo_logprobs"));
+  }
+  EXPECT_THAT(test::error_of([&] { sched.submit_choices({a, too_long}); }), HasSubstr("exceeds the model's context"));
+  EXPECT_EQ(sched.waiting(), 0) << "a refused set of choices queues none of them";
+  EXPECT_FALSE(sched.step());
+}

@@ -609,6 +609,46 @@ TEST(Serve, StreamedLogprobsConcatenateToTheWholeResponse) {
   }
 }
 
+// n choices of an echoed prompt with logprobs: the prompt is scored once for the request, not once per choice
+// (the scheduler's count of scored prompt tokens), and every choice echoes the same log-probabilities, those
+// of the prompt sent with n = 1.
+TEST(Serve, EchoedPromptIsScoredOnceForAllChoices) {
+  Running r;
+  const std::string prompt = "Once upon a time, there was a little girl";
+  const size_t P = stories().ck.tokenizer->encode(prompt, true).size();
+  auto complete = [&](int n) {
+    auto res = r.post("/v1/completions", {{"prompt", prompt}, {"max_tokens", 2}, {"echo", true}, {"logprobs", 2},
+                                          {"n", n}, {"temperature", 0.8}, {"seed", 3}});
+    EXPECT_TRUE(res && res->status == 200) << (res ? res->body : "no response");
+    return res ? json::parse(res->body) : json();
+  };
+  // Read after a choice's last token, which follows the step that scored its prompt (and published the count).
+  auto scored = [&] { return r.server.scheduler()->gauges().stats.scored_prompt_tokens; };
+  const json one = complete(1);
+  EXPECT_EQ(scored(), static_cast<int64_t>(P) - 1) << "the first token has nothing before it to score it";
+  const json three = complete(3);
+  EXPECT_EQ(scored(), 2 * (static_cast<int64_t>(P) - 1)) << "scored once for the 3 choices";
+  const json& want = one["choices"][0]["logprobs"];
+  ASSERT_EQ(three["choices"].size(), 3u);
+  for (size_t i = 0; i < 3; ++i) {
+    SCOPED_TRACE(testing::Message() << "choice " << i);
+    const json& lp = three["choices"][i]["logprobs"];
+    ASSERT_EQ(lp["tokens"].size(), P + 2) << "the prompt, then 2 tokens";
+    for (size_t k = 0; k < P; ++k) {
+      SCOPED_TRACE(testing::Message() << "prompt token " << k);
+      EXPECT_EQ(lp["tokens"][k], want["tokens"][k]);
+      EXPECT_EQ(lp["token_logprobs"][k], three["choices"][0]["logprobs"]["token_logprobs"][k]);
+      EXPECT_EQ(lp["top_logprobs"][k], three["choices"][0]["logprobs"]["top_logprobs"][k]);
+      if (k == 0) {
+        EXPECT_TRUE(lp["token_logprobs"][k].is_null());
+        continue;
+      }
+      const double v = want["token_logprobs"][k];
+      EXPECT_NEAR(lp["token_logprobs"][k].get<double>(), v, test::scaled_tol(1e-5, v));
+    }
+  }
+}
+
 // Token strings and offsets of a text whose "日本" stories260K spells as six byte tokens: each byte alone is
 // not UTF-8, so it is written as OpenAI's "bytes:\xNN" escape, and text_offset counts characters.
 TEST(Serve, LogprobTokensEscapeBytesAndOffsetsCountCharacters) {

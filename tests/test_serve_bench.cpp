@@ -179,6 +179,22 @@ TEST(BenchServeCli, JsonCsvAndTableAgree) {
   EXPECT_THAT(table.out, HasSubstr("tiny-opt     dense    inf")) << "dense only without sparsity";
 }
 
+// The KV cache line under tensor parallelism: each rank caches its KV heads' share, tiny-llama's 2 KV heads
+// one per rank at --tp 2 and, at --tp 4, one replicated head per rank (2 layers x K and V x 16 dims x 4
+// bytes = 256 bytes a token per rank), so the line gives both the rank's and the group's size.
+TEST(BenchServeCli, KvCacheSizeIsPerRankAndOverTheRanks) {
+  for (const auto& [tp, size] : std::vector<std::pair<std::string, std::string>>{
+           {"1", "(0.000512 GB)"},
+           {"2", "(0.000256 GB per rank, 0.000512 GB over 2 ranks)"},
+           {"4", "(0.000256 GB per rank, 0.00102 GB over 4 ranks)"},
+       }) {
+    test::RunResult r = test::run_polar({"bench-serve", "--shape", "tiny-llama", "--tp", tp, "--kv-tokens", "1000",
+                                         "--requests", "2", "--prompt-len", "4", "--output-len", "2", "--warmup", "0"});
+    ASSERT_EQ(r.exit_code, 0) << describe(r);
+    EXPECT_THAT(r.err, HasSubstr("KV cache: 1000 tokens " + size)) << "--tp " << tp;
+  }
+}
+
 TEST(BenchServeCli, BadWorkloadsSayWhy) {
   const std::vector<std::string> base = {"bench-serve", "--shape", "tiny-llama", "--requests", "2"};
   struct Case {

@@ -1,12 +1,14 @@
 // Tensor parallelism on the CPU (docs/parallel.md): the in-process communicator's collectives over 1-4
 // rank threads, and every fixture model and stories260K split over 2-4 ranks giving the logits of one rank
 // (within 1e-5, scaled as test_util.h measures) and the same greedy text, dense and sparse; global head
-// selection choosing exactly the heads and MLP neurons of one rank, balanced k/N per rank; bad --tp values
-// refused. CUDA: NCCL with one rank equals the plain path (skipped without a GPU).
+// selection choosing exactly the heads and MLP neurons of one rank, balanced k/N per rank; each rank's KV
+// bytes per token; the thread that steps the engine bound to rank 0; bad --tp values refused. CUDA: NCCL with
+// one rank equals the plain path (skipped without a GPU).
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <atomic>
+#include <omp.h>
 #include <set>
 #include <thread>
 
@@ -16,6 +18,7 @@
 #include "ops/cuda_devices.h"
 #include "runtime/engine.h"
 #include "runtime/rank_threads.h"
+#include "runtime/scheduler.h"
 #include "sparse/random_sparsity.h"
 #include "sparse/router_sparsity.h"
 #include "sparse/routers.h"
@@ -186,6 +189,55 @@ TEST(TensorParallel, EveryModelSplitOverTwoToFourRanksGivesTheLogitsAndTextOfOne
     }
   }
   EXPECT_GT(gqa_replicated, 0) << "a GQA model with fewer KV heads than ranks (replicated KV heads) was run";
+}
+
+// Model::kv_bytes_per_token is what each rank's KV cache holds per token (its stores, the scratch block
+// included, over their slots): at --tp 2 half the model's K/V, at --tp 4 — more ranks than llama3_gqa's 2 KV
+// heads, each rank caching one replicated head — as much as at --tp 2, so the 4 ranks hold twice the model's.
+TEST(TensorParallel, KvBytesPerTokenAreWhatEachRankCaches) {
+  const Checkpoint ck = load_checkpoint(test::shared_path("fixtures/hf/llama3_gqa"));
+  const ModelConfig& c = ck.config;
+  ASSERT_EQ(c.n_kv_heads, 2);
+  const int64_t model_per_token = c.n_layers * 2 * c.n_kv_heads * c.head_dim * 4;  // fp32 on the CPU
+  for (const auto& [n, per_rank] :
+       std::vector<std::pair<int, int64_t>>{{1, model_per_token}, {2, model_per_token / 2}, {4, model_per_token / 2}}) {
+    SCOPED_TRACE(testing::Message() << "--tp " << n);
+    TpModel tp(ck, n);
+    Engine engine(*tp.model, {.kv_tokens = 64});
+    const int64_t slots = (engine.cache().num_blocks() + 1) * engine.cache().block_size();
+    for (int r = 0; r < n; ++r) {
+      EXPECT_EQ(tp.model->rank(r).kv_bytes_per_token(), per_rank) << "rank " << r;
+      int64_t held = 0;
+      for (const KVLayer& l : engine.cache().layers(r)) held += static_cast<int64_t>(l.k.nbytes() + l.v.nbytes());
+      EXPECT_EQ(held, slots * tp.model->rank(r).kv_bytes_per_token()) << "rank " << r;
+    }
+  }
+}
+
+// The thread that steps the engine need not be the one that loaded the model: polar serve runs the
+// scheduler's loop on a thread of its own, whose device work must go to rank 0's device (--device cuda:N),
+// not to the thread's default. The Engine binds rank 0's backend to whichever thread steps it
+// (Backend::bind_thread: cudaSetDevice on CUDA); a CPU rank's binding, its share of OpenMP's threads, shows.
+TEST(TensorParallel, TheThreadThatRunsTheSchedulerLoopIsBoundToRankZero) {
+  int fresh = 0;  // OpenMP's threads on a new thread, until a backend binds it
+  std::thread([&] { fresh = omp_get_max_threads(); }).join();
+  const int share = std::max(1, omp_get_max_threads() / 2);  // a rank's, of make_cpu_backend(2) made on this thread
+  if (share == fresh) GTEST_SKIP() << "one OpenMP thread: a rank's share of them is no different";
+  const Checkpoint ck = load_checkpoint(test::shared_path("models/stories260K/stories260K.gguf"));
+  TpModel tp(ck, 2);
+  Scheduler sched(*tp.model, {.max_seqs = 1, .max_batch_tokens = 16, .kv_tokens = 64});
+  Request r;
+  r.prompt = kPrompt;
+  r.params.max_tokens = 2;
+  const auto stream = sched.submit(r);
+  int bound = 0;
+  std::thread loop([&] {
+    sched.run_until_idle();
+    bound = omp_get_max_threads();
+  });
+  loop.join();
+  EXPECT_TRUE(stream->finished());
+  EXPECT_EQ(bound, share) << "a new thread has " << fresh;
 }
 
 // Rank r's selections [T, m] in whole-model numbering (padding dropped), merged over the ranks: what the

@@ -13,7 +13,6 @@
 
 #include <nlohmann/json.hpp>
 
-#include "bench/decode_bench.h"
 #include "bench/serve_bench.h"
 #include "cli/commands.h"
 #include "cli/common.h"
@@ -356,11 +355,10 @@ int run_bench_serve(BenchServeArgs& a) {
     w.corpus = dataset_tokens(m, a.dataset);
   }
   Backend& be = *m.backend;
-  const int64_t per_token = kv_bytes_per_token(c, be.activation_dtype());
   const int64_t kv_tokens = a.batching.kv_tokens_for(m, w.prompt.hi + w.output.hi);
-  fmt::print(stderr, "{}: {}\nKV cache: {} tokens ({:.3g} GB); {} requests, prompts {}, outputs {}, max-seqs {}\n", label,
-             c.describe(), kv_tokens, static_cast<double>(kv_tokens * per_token) / 1e9, w.requests, a.prompt_len,
-             a.output_len, a.batching.max_seqs);
+  fmt::print(stderr, "{}: {}\nKV cache: {} tokens ({}); {} requests, prompts {}, outputs {}, max-seqs {}\n", label,
+             c.describe(), kv_tokens, kv_cache_size(*m.model, kv_tokens), w.requests, a.prompt_len, a.output_len,
+             a.batching.max_seqs);
 
   std::vector<std::pair<std::string, ServeResult>> runs;
   std::vector<std::pair<std::string, Sparsity*>> modes;

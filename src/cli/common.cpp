@@ -9,7 +9,6 @@
 #include <fmt/core.h>
 #include <fmt/ranges.h>
 
-#include "bench/decode_bench.h"
 #include "bench/shapes.h"
 
 #include "sparse/oracle_sparsity.h"
@@ -239,18 +238,23 @@ int64_t default_kv_tokens(const LoadedModel& m, int64_t max_seqs, int64_t longes
   };
   // Under tensor parallelism each rank caches only its own KV heads (docs/parallel.md): a CUDA rank has a GPU
   // of its own, so the fullest one sets the size; CPU ranks share the host's memory, so their heads add up.
-  const int64_t per_head = kv_bytes_per_token(c, m.backend->activation_dtype()) / c.n_kv_heads;
   const bool one_memory = m.backend->device() == Device::CPU;
   int64_t tokens = want, host_per_token = 0;
   for (int r = 0; r < m.model->ranks(); ++r) {
     Model& rank = m.model->rank(r);
-    const int64_t per_token = per_head * rank.dims().kv_heads;
+    const int64_t per_token = rank.kv_bytes_per_token();
     if (one_memory)
       host_per_token += per_token;
     else
       tokens = std::min(tokens, fit(rank.backend(), per_token));
   }
   return one_memory ? std::min(tokens, fit(*m.backend, host_per_token)) : tokens;
+}
+
+std::string kv_cache_size(const Model& model, int64_t tokens) {
+  const double per_rank = static_cast<double>(tokens * model.kv_bytes_per_token()) / 1e9;
+  if (model.ranks() == 1) return fmt::format("{:.3g} GB", per_rank);
+  return fmt::format("{:.3g} GB per rank, {:.3g} GB over {} ranks", per_rank, per_rank * model.ranks(), model.ranks());
 }
 
 void load_sparsity(LoadedModel& m, const ModelOptions& opt, bool random_allowed, uint64_t seed) {

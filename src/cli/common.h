@@ -102,6 +102,9 @@ struct BatchingOptions {
 // sequences are preempted when the cache fills). Too little room for one sequence is a polar::Error. Under
 // tensor parallelism each rank's device holds its own KV heads' share.
 int64_t default_kv_tokens(const LoadedModel& m, int64_t max_seqs, int64_t longest, int64_t max_batch_tokens);
+// The memory of a KV cache of `tokens` tokens: "X GB", or under tensor parallelism, where each rank holds its
+// KV heads' share, "X GB per rank, Y GB over N ranks".
+std::string kv_cache_size(const Model& model, int64_t tokens);
 
 // Sparse decoding per --routers / --density: the router file, validated against the model; without a file
 // but with a density below 1, random routers drawn from `seed` when `random_allowed` (benchmarks), else an

@@ -129,6 +129,13 @@ class Model {
   // but tables that are only gathered by row: an untied token embedding, OPT's positions).
   int64_t weight_bytes() const { return weight_bytes_; }
   int64_t step_weight_bytes() const { return weight_bytes_ - gathered_bytes_; }
+  // Bytes this rank's KV cache holds per token: every layer's K and V rows of the rank's KV heads, in the
+  // activation dtype. Under tensor parallelism every rank holds as many KV heads, a replicated one on each
+  // of the ranks that share it, so a group of N ranks holds N times this.
+  int64_t kv_bytes_per_token() const {
+    return config_.n_layers * 2 * dims_.kv_heads * config_.head_dim *
+           static_cast<int64_t>(dtype_size(backend_.activation_dtype()));
+  }
 
  protected:
   Model(const ModelConfig& config, Backend& backend, TpShard shard)

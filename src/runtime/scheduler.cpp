@@ -70,19 +70,27 @@ RequestTimes RequestStream::times() const {
 
 // ---- Scheduler
 
+// echo_logprobs: a prompt's log-probabilities, shared by its choices (submit_choices) so that each position
+// is scored once, by whichever choice reads it first. Kept across a preemption, so a prompt read again is not
+// scored again.
+struct Scheduler::PromptScores {
+  explicit PromptScores(int32_t first) : tokens{{first, std::nullopt, {}}} {}  // nothing precedes it to score it
+  std::vector<TokenLogprob> tokens;  // of prompt tokens [0, tokens.size()), in order
+  // Prompt tokens [0, claimed) are scored, or are being scored in the step being formed: position p scores
+  // token p + 1, so a chunk scores positions from claimed - 1 on.
+  int64_t claimed = 1;
+};
+
 struct Scheduler::Sequence {
-  Sequence(int64_t id_, Request r, const Tokenizer* tok)
+  Sequence(int64_t id_, Request r, const Tokenizer* tok, std::shared_ptr<PromptScores> echo_)
       : id(id_), request(std::move(r)), stream(new RequestStream(id_)), sampler(request.params.sampling,
-                                                                                 request.params.sample_stream) {
+                                                                                 request.params.sample_stream),
+        echo(std::move(echo_)) {
     tokens = request.prompt;
     if (tok) {  // the text continues the prompt's: SPM keeps the leading space of a first produced "▁word"
       decoder.emplace(*tok);
       for (int32_t id : tokens) decoder->push(id);
       decoder->flush();
-    }
-    if (request.params.echo_logprobs) {  // nothing precedes the first prompt token to score it
-      echo.push_back({tokens[0], std::nullopt, {}});
-      echo_next = 1;
     }
   }
   int64_t id;
@@ -98,12 +106,16 @@ struct Scheduler::Sequence {
   int64_t prompt_end = 0;   // tokens read as a prompt (dense) from admission on: the prompt, or all on recompute
   std::optional<StreamDecoder> decoder;
   std::string held;  // decoded text not yet sent: it might be the start of a stop string
-  // echo_logprobs: the prompt tokens scored so far, in order, sent with the first event; prompt tokens
-  // [0, echo_next) are scored. Kept across a preemption, so a prompt read again is not scored twice.
-  std::vector<TokenLogprob> echo;
-  int64_t echo_next = 0;
+  std::shared_ptr<PromptScores> echo;  // echo_logprobs: its prompt's scores (null without)
+  bool echo_sent = false;
   // Read its prompt (and anything it recomputes): its next step is a decode token, tokens.back().
   bool prefilled() const { return cached >= prompt_end; }
+  // The prompt's log-probabilities for the sequence's first event, none for later ones. Once it has read its
+  // prompt they are all there, whichever choice scored them: no sequence reads past a position nobody scores.
+  std::vector<TokenLogprob> first_event_echo() {
+    if (!echo || std::exchange(echo_sent, true)) return {};
+    return echo->tokens;
+  }
 };
 
 Scheduler::Scheduler(Model& model, SchedulerOptions options)
@@ -125,7 +137,7 @@ Scheduler::Scheduler(Model& model, SchedulerOptions options)
 
 Scheduler::~Scheduler() = default;
 
-std::shared_ptr<RequestStream> Scheduler::submit(Request r) {
+void Scheduler::check_request(const Request& r) {
   const ModelConfig& c = model_.config();
   const RequestParams& p = r.params;
   check(!r.prompt.empty(), "empty prompt: nothing to condition on");
@@ -151,18 +163,39 @@ std::shared_ptr<RequestStream> Scheduler::submit(Request r) {
   check((total + bs - 1) / bs <= blocks_total_,
         "prompt of {} tokens plus {} new tokens exceeds the KV cache of {} tokens", r.prompt.size(), p.max_tokens,
         blocks_total_ * bs);
-  std::lock_guard lock(submit_mu_);
-  auto s = std::make_unique<Sequence>(next_id_++, std::move(r), options_.tokenizer);
-  std::shared_ptr<RequestStream> stream = s->stream;
-  stream->times_.arrival = Clock::now();
-  if (s->request.params.max_tokens == 0 && !s->request.params.echo_logprobs) {  // nothing to compute: finished on arrival
-    stream->push({std::nullopt, "", FinishReason::length, stream->times_.arrival, std::nullopt, {}});
-    return stream;
+}
+
+std::shared_ptr<RequestStream> Scheduler::submit(Request r) {
+  std::vector<Request> one;
+  one.push_back(std::move(r));
+  return submit_choices(std::move(one))[0];
+}
+
+std::vector<std::shared_ptr<RequestStream>> Scheduler::submit_choices(std::vector<Request> choices) {
+  check(!choices.empty(), "no request to submit");
+  const Request& head = choices[0];
+  for (const Request& r : choices) {
+    check_request(r);
+    check(r.prompt == head.prompt && r.params.logprobs == head.params.logprobs &&
+              r.params.echo_logprobs == head.params.echo_logprobs,
+          "the choices of one prompt must share the prompt, logprobs and echo_logprobs");
   }
-  submitted_.push_back(std::move(s));
-  waiting_count_.fetch_add(1);
+  const auto echo = head.params.echo_logprobs ? std::make_shared<PromptScores>(head.prompt[0]) : nullptr;
+  std::vector<std::shared_ptr<RequestStream>> streams;
+  std::lock_guard lock(submit_mu_);
+  for (Request& r : choices) {
+    auto s = std::make_unique<Sequence>(next_id_++, std::move(r), options_.tokenizer, echo);
+    streams.push_back(s->stream);
+    s->stream->times_.arrival = Clock::now();
+    if (s->request.params.max_tokens == 0 && !echo) {  // nothing to compute: finished on arrival
+      s->stream->push({std::nullopt, "", FinishReason::length, s->stream->times_.arrival, std::nullopt, {}});
+      continue;
+    }
+    submitted_.push_back(std::move(s));
+    waiting_count_.fetch_add(1);
+  }
   submit_cv_.notify_all();
-  return stream;
+  return streams;
 }
 
 void Scheduler::admit_submitted() {
@@ -181,7 +214,7 @@ void Scheduler::finish(Sequence& s, FinishReason reason) {
   if (s.engine_seq >= 0) engine_.remove_sequence(s.engine_seq);
   s.engine_seq = -1;
   s.stream->push({std::nullopt, reason == FinishReason::cancelled ? "" : text, reason, Clock::now(), std::nullopt,
-                  std::exchange(s.echo, {})});
+                  s.first_event_echo()});
 }
 
 void Scheduler::preempt(Sequence& s) {
@@ -243,7 +276,7 @@ bool Scheduler::produce(Sequence& s, int32_t token, std::optional<TokenLogprob> 
     if (s.engine_seq >= 0) engine_.remove_sequence(s.engine_seq);
     s.engine_seq = -1;
   }
-  s.stream->push({token, std::move(text), finish, now, std::move(logprob), std::exchange(s.echo, {})});
+  s.stream->push({token, std::move(text), finish, now, std::move(logprob), s.first_event_echo()});
   return finish.has_value();
 }
 
@@ -355,6 +388,8 @@ bool Scheduler::step() {
 
   std::vector<SeqChunk> chunks;
   std::vector<Sequence*> owners;
+  // Per chunk: its positions from its logits_from up to this one score prompt tokens (echo_logprobs); 0: none.
+  std::vector<int64_t> scored_until;
   int64_t budget = options_.max_batch_tokens;
   // Decode tokens: every sequence that has read its prompt, oldest first. When the cache cannot grow one,
   // the most recently admitted sequence gives its blocks back (it may be this one).
@@ -373,31 +408,35 @@ bool Scheduler::step() {
     if (!placed) break;
     chunks.push_back({s.engine_seq, std::span<const int32_t>(&s.tokens[s.cached], 1)});
     owners.push_back(&s);
+    scored_until.push_back(0);
     --budget;
   }
   const int64_t decode_tokens = static_cast<int64_t>(chunks.size());
   // Prompt chunks: sequences reading their prompts (their blocks were reserved at admission), then new
   // admissions, first come first served, while the batch and the cache have room for a whole prompt.
   // A chunk's logit rows run from its logits_from to its end: its last token's (which samples) and, under
-  // echo_logprobs, those of the positions that score prompt tokens not scored yet — position p scores
-  // token p + 1 of the prompt, so the chunk's positions [max(cached, echo_next - 1), prompt length - 1).
-  // The rows a step adds for scoring stay within scored_rows_: an echoed prompt's chunk ends where its
-  // share runs out (or waits for the next step, when it would score from its first token).
+  // echo_logprobs, those of the positions that score prompt tokens not scored yet (nor claimed by another
+  // choice of the prompt earlier in this step) — position p scores token p + 1 of the prompt, so the chunk's
+  // positions [max(cached, claimed - 1), prompt length - 1). The rows a step adds for scoring stay within
+  // scored_rows_: an echoed prompt's chunk ends where its share runs out (or waits for the next step, when it
+  // would score from its first token), so no sequence reads past a position nobody scores.
   bool all_logits = false;
   int64_t scored_left = scored_rows_;
   auto add_prompt_chunk = [&](Sequence& s) {
     int64_t take = std::min<int64_t>(s.prompt_end - s.cached, budget);
-    int64_t from = take - 1;
-    if (s.request.params.echo_logprobs) {
+    int64_t from = take - 1, until = 0;
+    if (s.echo) {
       // Chunk offsets: scoring starts at `first`, and positions before `last` score a prompt token.
-      const int64_t first = std::max(s.cached, s.echo_next - 1) - s.cached,
+      const int64_t first = std::max(s.cached, s.echo->claimed - 1) - s.cached,
                     last = static_cast<int64_t>(s.request.prompt.size()) - 1 - s.cached;
       if (first < std::min(take, last)) {
         if (scored_left == 0 && first == 0) return;
         take = std::min(take, first + scored_left);
         if (first < std::min(take, last)) {
           from = first;
+          until = s.cached + std::min(take, last);
           scored_left -= take - from;
+          s.echo->claimed = until + 1;
         } else {
           from = take - 1;
         }
@@ -408,6 +447,7 @@ bool Scheduler::step() {
                                                                                 static_cast<size_t>(take)),
                       std::nullopt, from, /*prefill=*/true});
     owners.push_back(&s);
+    scored_until.push_back(until);
     budget -= take;
   };
   for (auto& s : running_) {
@@ -439,9 +479,7 @@ bool Scheduler::step() {
   for (size_t r = 0; r < chunks.size(); ++r) {
     Sequence& s = *owners[r];
     const int64_t n = static_cast<int64_t>(chunks[r].tokens.size()), from = all_logits ? chunks[r].logits_from : n - 1;
-    const int64_t prompt = static_cast<int64_t>(s.request.prompt.size());
-    for (int64_t p = std::max(s.cached + from, s.echo_next - 1);
-         s.request.params.echo_logprobs && p < std::min(s.cached + n, prompt - 1); ++p)
+    for (int64_t p = s.cached + from; p < scored_until[r]; ++p)
       scored.push_back({&s, row + p - s.cached - from, s.tokens[static_cast<size_t>(p + 1)]});
     s.cached += n;
     row += n - from;
@@ -471,10 +509,8 @@ bool Scheduler::step() {
   for (size_t i = 0; i < ready.size(); ++i)
     if (ready[i]->request.params.logprobs >= 0) scored.push_back({ready[i], rows[i], next[i]});
   std::vector<TokenLogprob> logprobs = scored.empty() ? std::vector<TokenLogprob>() : score(logits, scored);
-  for (size_t m = 0; m < prompt_scored; ++m) {
-    scored[m].s->echo.push_back(std::move(logprobs[m]));
-    ++scored[m].s->echo_next;
-  }
+  for (size_t m = 0; m < prompt_scored; ++m) scored[m].s->echo->tokens.push_back(std::move(logprobs[m]));
+  stats_.scored_prompt_tokens += static_cast<int64_t>(prompt_scored);
   const Clock::time_point t2 = Clock::now();
   for (size_t i = 0, m = prompt_scored; i < ready.size(); ++i) {
     std::optional<TokenLogprob> lp;

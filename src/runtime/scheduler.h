@@ -142,6 +142,7 @@ struct SchedulerStats {
   double mixed_seconds = 0;        // ... in mixed steps (decode tokens beside prompt chunks)
   int64_t decode_only_tokens = 0;  // tokens those steps produced
   double schedule_seconds = 0;   // the loop's own host time: forming steps, events, bookkeeping
+  int64_t scored_prompt_tokens = 0;  // prompt tokens scored for echo_logprobs (once for all choices of a prompt)
 };
 
 // What a monitor reads from any thread (Scheduler::gauges): the stats and the batch and cache occupancy as
@@ -161,6 +162,11 @@ class Scheduler {
   // vocabulary, prompt + max_tokens over the model's context or over the whole cache, stop strings without a
   // tokenizer — is a polar::Error here, naming the limit.
   std::shared_ptr<RequestStream> submit(Request request);
+  // Queues the choices of one prompt (the API's n): requests with the same prompt and log-probability
+  // parameters, sampled each by its own parameters. Under echo_logprobs the prompt is scored once for them
+  // all, each position by whichever choice reads it first, and every choice's first event carries the same
+  // scores. A choice that can never run is a polar::Error, as for submit, and then none is queued.
+  std::vector<std::shared_ptr<RequestStream>> submit_choices(std::vector<Request> choices);
   // One engine step over what is running and waiting (the loop thread). False when there was nothing to do.
   bool step();
   // Steps until no request is running or waiting.
@@ -179,6 +185,8 @@ class Scheduler {
 
  private:
   struct Sequence;
+  struct PromptScores;
+  void check_request(const Request& r);  // what submit refuses, as a polar::Error
   void admit_submitted();
   void finish(Sequence& s, FinishReason reason);
   void preempt(Sequence& s);

@@ -232,14 +232,17 @@ json error_body(const ApiError& e) {
             {"code", e.code.empty() ? json() : json(e.code)}}}};
 }
 
-std::vector<Request> ParsedRequest::requests() const {
-  std::vector<Request> out;
-  for (const auto& prompt : prompts)
+std::vector<std::vector<Request>> ParsedRequest::choices() const {
+  std::vector<std::vector<Request>> out;
+  uint64_t stream = 0;  // the choice's index in the response
+  for (const auto& prompt : prompts) {
+    out.emplace_back();
     for (int64_t j = 0; j < n; ++j) {
       Request r{prompt, params};
-      r.params.sample_stream = static_cast<uint64_t>(out.size());
-      out.push_back(std::move(r));
+      r.params.sample_stream = stream++;
+      out.back().push_back(std::move(r));
     }
+  }
   return out;
 }
 

@@ -53,8 +53,9 @@ struct ParsedRequest {
   bool echo = false;           // completions: the prompt's text (and, with logprobs, its tokens) come first
   // params.logprobs >= 0: completions' "logprobs" (0..5) or chat's "logprobs": true with "top_logprobs"
   // (0..20); params.echo_logprobs: echo with logprobs.
-  // The scheduler requests in choice order: prompt p's choice j is choice p * n + j.
-  std::vector<Request> requests() const;
+  // The scheduler requests, per prompt its n choices (submitted together: Scheduler::submit_choices); prompt
+  // p's choice j is choice p * n + j of the response.
+  std::vector<std::vector<Request>> choices() const;
 };
 
 // Parses a request body (already a JSON value) for an endpoint; ApiError (400, or 404 for an unknown model,

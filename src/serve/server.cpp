@@ -75,6 +75,8 @@ void Server::serve(Model& model, const SchedulerOptions& scheduler, ApiContext c
   ctx_ = std::move(ctx);
   metrics_->set_density(head_density);
   scheduler_ = std::make_unique<Scheduler>(model, scheduler);
+  // The loop's device work goes to the model's device (--device cuda:N), not this new thread's default: the
+  // Engine makes rank 0's device current on whichever thread steps it, before any of that work.
   loop_ = std::thread([this] { scheduler_->run(); });
   ready_.store(true);
 }
@@ -212,8 +214,8 @@ void Server::handle_generate(Endpoint endpoint, const httplib::Request& req, htt
     }
     auto parsed = std::make_shared<ParsedRequest>(parse_request(endpoint, body, ctx_));
     if (!parsed->seeded) parsed->params.sampling.seed = std::random_device()() | (uint64_t{std::random_device()()} << 32);
-    std::vector<Request> requests = parsed->requests();
-    if (scheduler_->waiting() + static_cast<int64_t>(requests.size()) > options_.max_queue)
+    const int64_t requests = static_cast<int64_t>(parsed->prompts.size()) * parsed->n;  // a choice is a request
+    if (scheduler_->waiting() + requests > options_.max_queue)
       throw ApiError(429, "rate_limit_error",
                      fmt::format("the queue is full ({} requests waiting, --max-queue {}): retry later",
                                  scheduler_->waiting(), options_.max_queue));
@@ -225,10 +227,11 @@ void Server::handle_generate(Endpoint endpoint, const httplib::Request& req, htt
       }
     };
     try {
-      for (Request& r : requests) {
-        streams->push_back(scheduler_->submit(std::move(r)));
-        track(streams->back());
-      }
+      for (std::vector<Request>& prompt_choices : parsed->choices())
+        for (std::shared_ptr<RequestStream>& s : scheduler_->submit_choices(std::move(prompt_choices))) {
+          streams->push_back(std::move(s));
+          track(streams->back());
+        }
     } catch (const Error& e) {
       release();
       throw ApiError(400, "invalid_request_error", e.what());

@@ -60,15 +60,16 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   for (serve::Endpoint endpoint : {serve::Endpoint::completions, serve::Endpoint::chat}) {
     try {
       const serve::ParsedRequest r = serve::parse_request(endpoint, body, ctx);
-      for (const Request& q : r.requests()) {
-        fuzz::require(!q.prompt.empty(), "an accepted request has a prompt");
-        fuzz::require(static_cast<int64_t>(q.prompt.size()) + q.params.max_tokens <= ctx.max_total_tokens,
-                      "an accepted request fits the context");
-        for (int32_t id : q.prompt) fuzz::require(id >= 0 && id < ctx.vocab_size, "prompt ids in the vocabulary");
-        fuzz::require(q.params.logprobs >= -1 && q.params.logprobs <= kMaxTopLogprobs &&
-                          (!q.params.echo_logprobs || q.params.logprobs >= 0),
-                      "logprobs the scheduler takes");
-      }
+      for (const std::vector<Request>& choices : r.choices())
+        for (const Request& q : choices) {
+          fuzz::require(!q.prompt.empty(), "an accepted request has a prompt");
+          fuzz::require(static_cast<int64_t>(q.prompt.size()) + q.params.max_tokens <= ctx.max_total_tokens,
+                        "an accepted request fits the context");
+          for (int32_t id : q.prompt) fuzz::require(id >= 0 && id < ctx.vocab_size, "prompt ids in the vocabulary");
+          fuzz::require(q.params.logprobs >= -1 && q.params.logprobs <= kMaxTopLogprobs &&
+                            (!q.params.echo_logprobs || q.params.logprobs >= 0),
+                        "logprobs the scheduler takes");
+        }
     } catch (const serve::ApiError& e) {
       fuzz::require(e.status >= 400 && e.status < 500, "a refused request is a client error");
     } catch (const Error&) {
