@@ -23,6 +23,17 @@ int alignment_of(const void* p) {
   return 2;
 }
 
+// The skinny GEMM joins the timed candidates only with POLAR_SKINNY_GEMM=1 until its parity test has passed
+// and it has been timed on a GPU: written in a session that got no GPU (docs/benchmarks.md, "Not yet run on
+// a GPU").
+bool skinny_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("POLAR_SKINNY_GEMM");
+    return v && v[0] == '1';
+  }();
+  return enabled;
+}
+
 }  // namespace
 
 GemmPlanner::GemmPlanner(int device, DType dtype) : device_(device), dtype_(dtype) {
@@ -127,7 +138,7 @@ GemmPlanner::Plan& GemmPlanner::plan(const Key& key, const Gemm& g, const Launch
   p.algo = results[0].algo;
   if (!at.capturing) {
     add_split_k_variants(p, results);
-    pick_fastest(p, results, g, !key.w_kn && skinny_gemm_supports(skinny_of(g)) && !std::getenv("POLAR_NO_SKINNY"), at);  // EXPERIMENT
+    pick_fastest(p, results, g, skinny_enabled() && !key.w_kn && skinny_gemm_supports(skinny_of(g)), at);
   }
   if (m > kExactTuneRows && !at.capturing) tuned_for_rows_.emplace(row_bucket_key(key), p.algo);
   return plans_.emplace(key, p).first->second;

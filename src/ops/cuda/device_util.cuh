@@ -67,11 +67,13 @@ __device__ __forceinline__ void pdl_enter() {
   pdl_trigger();
 }
 
-// The launch attribute that makes a launch programmatic-dependent. EXPERIMENT: POLAR_PDL=0 turns it off.
+// The launch attribute that makes a launch programmatic-dependent, or (its value 0) an ordinary launch.
+// Programmatic launches are opt-in (POLAR_PDL=1) until they have passed the CUDA tests and been timed on a
+// GPU: written in a session that got no GPU (docs/benchmarks.md, "Not yet run on a GPU").
 inline cudaLaunchAttribute pdl_attribute() {
   static const bool enabled = [] {
     const char* v = std::getenv("POLAR_PDL");
-    return !(v && v[0] == '0');
+    return v && v[0] == '1';
   }();
   cudaLaunchAttribute attr{};
   attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
