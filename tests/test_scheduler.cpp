@@ -549,9 +549,6 @@ TEST(Scheduler, LogprobsAreTheLogSoftmaxOfTheRawLogits) {
   EXPECT_THAT(test::error_of([&] { sched.submit(bad); }), HasSubstr("echo_logprobs needs logprobs >= 0"));
 }
 
-// The prompt's log-probabilities through 8-token steps (prompts read in chunks) and a cache too small for
-// the batch (sequences preempted and recomputed, their prompts read again): each prompt token scored
-// exactly once, with the values of one pass over the whole prompt.
 // An echoed prompt's scoring rows are bounded per step (max_scored_rows): a 40-token prompt with 3 rows a
 // step is read in short chunks over at least 13 steps, beside a request that does not score and reads its
 // prompt at once, and both get what they get alone.
@@ -573,6 +570,9 @@ TEST(Scheduler, EchoScoringRowsPerStepAreBounded) {
   EXPECT_EQ(drain(*sp).tokens, alone(*m.model, ps[1], 4));
 }
 
+// The prompt's log-probabilities through 8-token steps (prompts read in chunks) and a cache too small for
+// the batch (sequences preempted and recomputed, their prompts read again): each prompt token scored
+// exactly once, with the values of one pass over the whole prompt.
 TEST(Scheduler, PromptLogprobsSurviveChunkingAndPreemption) {
   Loaded& m = stories();
   const auto ps = prompts(12, 5, 30, m.ck.config.vocab_size, 5);
