@@ -26,6 +26,9 @@ int alignment_of(const void* p) {
 // The skinny GEMM joins the timed candidates only with POLAR_SKINNY_GEMM=1 until its parity test has passed
 // and it has been timed on a GPU: written in a session that got no GPU (docs/benchmarks.md, "Not yet run on
 // a GPU").
+// g as the skinny GEMM's arguments (meaningful for w [n, k] only: callers check !w_kn).
+SkinnyGemm skinny_of(const Gemm& g) { return {g.x, g.w, g.bias, g.y, g.m, g.n, g.k, g.relu, g.accumulate}; }
+
 bool skinny_enabled() {
   static const bool enabled = [] {
     const char* v = std::getenv("POLAR_SKINNY_GEMM");
@@ -67,20 +70,6 @@ cublasStatus_t GemmPlanner::matmul(const Plan& plan, const cublasLtMatmulAlgo_t&
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
   return cublasLtMatmul(lt_, plan.desc, &alpha, w, plan.a, x, plan.b, &beta, y, plan.c, y, plan.c, &algo,
                         at.workspace, kWorkspaceBytes, at.stream);
-}
-
-SkinnyGemm GemmPlanner::skinny_of(const Gemm& g) const {
-  SkinnyGemm s;
-  s.x = g.x;
-  s.w = g.w;
-  s.bias = g.bias;
-  s.y = g.y;
-  s.m = g.m;
-  s.n = g.n;
-  s.k = g.k;
-  s.relu = g.relu;
-  s.accumulate = g.accumulate;
-  return s;
 }
 
 GemmPlanner::Plan& GemmPlanner::plan(const Key& key, const Gemm& g, const Launch& at) {

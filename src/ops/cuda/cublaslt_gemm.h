@@ -82,7 +82,6 @@ class GemmPlanner {
   cublasStatus_t matmul(const Plan& plan, const cublasLtMatmulAlgo_t& algo, const void* x, const void* w, void* y,
                         bool accumulate, const Launch& at);
 
-  SkinnyGemm skinny_of(const Gemm& g) const;
   Elem elem() const { return dtype_ == DType::BF16 ? Elem::BF16 : Elem::F16; }
 
   int device_;
