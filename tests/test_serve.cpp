@@ -535,6 +535,10 @@ TEST(Serve, CompletionLogprobsAndEchoAreTheModelsLogSoftmax) {
   EXPECT_EQ(j["usage"]["completion_tokens"], 0);
   EXPECT_EQ(j["usage"]["total_tokens"], ids.size());
   expect_completion_logprobs(j["choices"][0]["logprobs"], ids, 0, 2, prompt);
+  // /metrics counts the prompt tokens scored: every one but the first, which has no score.
+  auto m = r.client.Get("/metrics");
+  ASSERT_TRUE(m && m->status == 200);
+  EXPECT_THAT(m->body, HasSubstr("polar_scored_prompt_tokens_total " + std::to_string(ids.size() - 1) + "\n"));
 
   // echo without logprobs: the text only, nothing computed for max_tokens 0.
   auto echoed = r.post("/v1/completions", {{"prompt", prompt}, {"max_tokens", 0}, {"echo", true}});

@@ -40,7 +40,8 @@ class ServerMetrics {
   std::shared_ptr<prometheus::Registry> registry_;
   prometheus::Family<prometheus::Counter>* responses_;
   prometheus::Family<prometheus::Counter>* requests_;
-  prometheus::Counter *prompt_tokens_, *generation_tokens_, *preemptions_, *steps_, *step_seconds_;
+  prometheus::Counter *prompt_tokens_, *generation_tokens_, *preemptions_, *steps_, *step_seconds_,
+      *scored_prompt_tokens_;
   prometheus::Histogram *ttft_, *tpot_, *e2e_;
   prometheus::Gauge *running_, *waiting_, *kv_usage_, *kv_used_blocks_, *density_;
   std::mutex mu_;
