@@ -80,8 +80,9 @@ int run_serve(ServeArgs& a) {
                {.max_seqs = a.batching.max_seqs, .max_batch_tokens = a.batching.max_batch_tokens, .kv_tokens = kv_tokens,
                 .sparsity = m.sparsity.get(), .tokenizer = tok},
                ctx, m.sparsity ? m.density : 1.0);
-  fmt::print(stderr, "serving {} on http://{}:{}: {} sequences at most, KV cache of {} tokens{}{}\n", name,
-             a.server.host, server.port(), a.batching.max_seqs, kv_tokens, m.sparsity ? ", sparse decoding" : "",
+  fmt::print(stderr, "serving {} on http://{}:{}: {} sequences at most, KV cache of {} tokens ({}){}{}\n",
+             name, a.server.host, server.port(), a.batching.max_seqs, kv_tokens, kv_cache_size(*m.model, kv_tokens),
+             m.sparsity ? ", sparse decoding" : "",
              chat_template ? ", chat: " + template_source : ", no chat template");
 
   int sig = 0;
