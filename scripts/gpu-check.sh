@@ -5,9 +5,10 @@
 #
 #   scripts/gpu-check.sh [STAGE ...]   stages: build test kernels bench sparse serve serve-http tp (default: all,
 #                                      in that order), tp-multi (several GPUs), adaptive (issue 19's accuracy
-#                                      sweep and speed points, long), profile (Nsight Systems kernel
-#                                      summaries of decode steps) and fast-paths (decode steps and GEMMs with
-#                                      the opt-in fast paths off and on, A/B in one run): only when named
+#                                      sweep and speed points, long), profile (Nsight Compute: the kernels
+#                                      of a decode step, decode attention beside SDPA) and fast-paths
+#                                      (decode steps and GEMMs with the opt-in fast paths off and on, A/B in
+#                                      one run): only when named
 #
 # Environment:
 #   RESULTS         results folder (default: $OUT if set, else out/gpu-check)
@@ -36,8 +37,9 @@
 #                   of scripts/adaptive-sweep.sh's: 9 rules x 2 granularities, each an eval run of 1 + densities
 #                   passes; the stage's GPU time is not known yet: cut these first)
 #   PROFILE_POINTS  the profile stage's decode steps as shape:ctx:batch:density (default "llama-2-7b:3968:1:1
-#                   llama-2-7b:3968:1:0.5 llama-2-7b:3968:16:1 llama-2-7b:3968:16:0.5"): per kernel, the
-#                   device time of a graph-replayed step (nsys --cuda-graph-trace=node)
+#                   llama-2-7b:3968:1:0.5 llama-2-7b:3968:16:1 llama-2-7b:3968:16:0.5"): per kernel, its
+#                   device time in the profiled step, beside the graph-replayed step's time
+#   PROFILE_ATTENTION  the decode attention shape profiled in full, polar's and SDPA's (default 16x3968x32x32x128)
 #   FAST_PATH_POINTS  the fast-paths stage's decode sweeps as shape:ctx:density (default "llama-2-7b:3968:1
 #                   llama-2-7b:3968:0.5 llama-3-8b:8192:0.625") at batch 1, 8, 16
 #   ADAPTIVE_BENCH  speed points as shape:ctx:density (default "llama-2-7b:3968:0.5 llama-3-8b:8192:0.625"):
@@ -333,25 +335,34 @@ if has_stage fast-paths; then
   done
 fi
 
-# Where a step's time goes (issue 18's small batches): each point's decode steps under Nsight Systems, graph
-# nodes traced one by one; the kernel summary per point (CSV) and its top kernels in the summary below.
+# Where a step's time goes (issue 18's small batches), with Nsight Compute (Nsight Systems cannot make
+# reports on these machines: the device tool's KINDS.md): the profiled decode step of `polar bench` (op by
+# op, the span the backend opens with cudaProfilerStart) under `ncu --profile-from-start off`, one duration
+# per kernel, set beside the graph-replayed step time of the same run: the difference is what launch gaps
+# and host work cost. Then the full Nsight Compute sections of one decode attention launch, polar's and
+# PyTorch SDPA's on the same shape (PROFILE_ATTENTION), for issue 18's attention target.
 PROFILE_POINTS=${PROFILE_POINTS:-"llama-2-7b:3968:1:1 llama-2-7b:3968:1:0.5 llama-2-7b:3968:16:1 llama-2-7b:3968:16:0.5"}
+PROFILE_ATTENTION=${PROFILE_ATTENTION:-16x3968x32x32x128}
 if has_stage profile; then
-  nsys=$(command -v nsys || ls /usr/local/cuda/bin/nsys 2>/dev/null || true)
-  if [ -z "$nsys" ]; then
-    log "profile: no nsys on this machine, skipped"
+  ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
+  if [ -z "$ncu" ]; then
+    log "profile: no ncu on this machine, skipped"
   else
+    ncu_flags=(--profile-from-start off --clock-control none)
     for point in $PROFILE_POINTS; do
       IFS=: read -r shape ctx batch density <<< "$point"
       name="profile-$shape-c$ctx-b$batch-d$density"
       log "profile: $shape ctx $ctx batch $batch density $density"
-      "$nsys" profile --cuda-graph-trace=node -f true -o "$RESULTS/$name" "$BUILD_DIR/src/polar" bench --device cuda \
-        --shape "$shape" --ctx "$ctx" --batch "$batch" --density "$density" --steps 20 --csv "$RESULTS/$name-bench.csv" \
-        > "$RESULTS/$name.log" 2>&1 || { tail -5 "$RESULTS/$name.log"; continue; }
-      "$nsys" stats --report cuda_gpu_kern_sum --format csv -o "$RESULTS/$name" "$RESULTS/$name.nsys-rep" \
-        >> "$RESULTS/$name.log" 2>&1 || tail -5 "$RESULTS/$name.log"
-      rm -f "$RESULTS/$name.nsys-rep" "$RESULTS/$name.sqlite"
+      bench=("$BUILD_DIR/src/polar" bench --device cuda --shape "$shape" --ctx "$ctx" --batch "$batch" --density "$density")
+      "${bench[@]}" --steps 20 --csv "$RESULTS/$name-bench.csv" > "$RESULTS/$name.log" 2>&1 || { tail -5 "$RESULTS/$name.log"; continue; }
+      "$ncu" "${ncu_flags[@]}" --metrics gpu__time_duration.sum --csv --page raw --print-units base "${bench[@]}" --steps 1 \
+        > "$RESULTS/$name-ncu.csv" 2>> "$RESULTS/$name.log" || tail -5 "$RESULTS/$name.log"
     done
+    shape=$PROFILE_ATTENTION
+    "$ncu" "${ncu_flags[@]}" --set full -k regex:attention_kernel -c 1 "$BUILD_DIR/src/polar" bench-kernels --device cuda \
+      --attention "$shape" --density 1 > "$RESULTS/profile-attention-polar.txt" 2>&1 || tail -5 "$RESULTS/profile-attention-polar.txt"
+    "$ncu" --clock-control none --set full -k regex:'flash|fmha|attention' -c 1 python3 scripts/torch_reference.py \
+      --csv "$RESULTS/profile-attention-sdpa.csv" --gemm --attention "$shape" > "$RESULTS/profile-attention-sdpa.txt" 2>&1 || tail -5 "$RESULTS/profile-attention-sdpa.txt"
   fi
 fi
 
@@ -480,16 +491,31 @@ if has_stage profile; then
   for point in $PROFILE_POINTS; do
     IFS=: read -r shape ctx batch density <<< "$point"
     name="profile-$shape-c$ctx-b$batch-d$density"
-    [ -f "$RESULTS/${name}_cuda_gpu_kern_sum.csv" ] || continue
-    echo "-- where a step goes: $shape ctx $ctx batch $batch density $density (kernels of the profiled run, top 8)"
-    python3 - "$RESULTS/${name}_cuda_gpu_kern_sum.csv" <<'PY'
+    [ -s "$RESULTS/$name-ncu.csv" ] || continue
+    echo "-- where a step goes: $shape ctx $ctx batch $batch density $density (the profiled step's kernels, top 8)"
+    python3 - "$RESULTS/$name-ncu.csv" "$RESULTS/$name-bench.csv" <<'PY'
 import csv, sys
-rows = list(csv.DictReader(open(sys.argv[1])))
-total = sum(float(r["Total Time (ns)"]) for r in rows)
-for r in rows[:8]:
-    print(f"{float(r['Time (%)']):5.1f}%  {int(r['Instances']):6d} x {float(r['Avg (ns)']) / 1e3:8.2f} us  {r['Name'][:90]}")
-print(f"kernels: {total / 1e6:.2f} ms in {sum(int(r['Instances']) for r in rows)} launches")
+lines = open(sys.argv[1]).read().splitlines()
+head = next(i for i, l in enumerate(lines) if l.startswith('"ID"'))
+rows = list(csv.DictReader(lines[head:]))[1:]  # the row after the header holds the units
+per = {}
+for r in rows:
+    name = r["Kernel Name"].split("(")[0]
+    n, t = per.get(name, (0, 0.0))
+    per[name] = (n + 1, t + float(r["gpu__time_duration.sum"]))
+total = sum(t for _, t in per.values())
+for name, (n, t) in sorted(per.items(), key=lambda kv: -kv[1][1])[:8]:
+    print(f"{100 * t / total:5.1f}%  {n:5d} x {t / n / 1e3:8.2f} us  {name[:90]}")
+step = float(next(csv.DictReader(open(sys.argv[2])))["step_ms"])
+print(f"kernels {total / 1e6:.3f} ms in {len(rows)} launches; graph-replayed step {step:.3f} ms: "
+      f"{step - total / 1e6:.3f} ms ({100 * (1 - total / 1e6 / step):.1f}%) outside kernels")
 PY
+  done
+  for who in polar sdpa; do
+    f="$RESULTS/profile-attention-$who.txt"
+    [ -f "$f" ] || continue
+    echo "-- Nsight Compute, decode attention $PROFILE_ATTENTION, $who"
+    grep -E "^ +(Duration|Memory Throughput|DRAM Throughput|Achieved Occupancy|Registers Per Thread|Theoretical Occupancy|Block Size|Grid Size|L2 Hit Rate|Issue Slots Busy|Eligible Warps Per Scheduler|No Eligible) " "$f" | head -14
   done
 fi
 if has_stage adaptive; then

@@ -11,6 +11,7 @@ void Backend::begin_capture() { fail("the {} backend cannot record graphs", name
 std::unique_ptr<Graph> Backend::end_capture() { fail("the {} backend cannot record graphs", name()); }
 
 void Backend::set_profiling(bool on) {
+  if (on != profiling_) external_profiler_span(on);
   profiling_ = on;
   marks_.clear();
   reset_markers();

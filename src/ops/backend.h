@@ -212,6 +212,10 @@ class Backend {
   virtual int64_t time_marker() = 0;
   virtual double marker_ms(int64_t from, int64_t to) = 0;
   virtual void reset_markers() {}
+  // Where profiling turns on and off: the span an external profiler started with its capture off records
+  // (CUDA: cudaProfilerStart/Stop, for `ncu --profile-from-start off`: one decode step's kernels, or a
+  // kernel benchmark's timed replays, without the set-up around them).
+  virtual void external_profiler_span(bool /*begin*/) {}
 
  private:
   bool profiling_ = false;

@@ -3,6 +3,7 @@
 // attention.h, gather_gemm.h); memory comes from a caching allocator (device_allocator.h). All work is
 // enqueued on one stream; host synchronisation happens only where the host needs data back (to_host_f32,
 // synchronize).
+#include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -533,6 +534,9 @@ class CudaBackend final : public Backend {
     return ms;
   }
   void reset_markers() override { next_event_ = 0; }
+  void external_profiler_span(bool begin) override {
+    cuda_check(begin ? cudaProfilerStart() : cudaProfilerStop(), begin ? "cudaProfilerStart" : "cudaProfilerStop");
+  }
 
  private:
   // Runs `work` `passes` times on the stream, each between two events, and hands `done` the pass number
