@@ -35,8 +35,10 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
 #include <cstdint>
 #include <numeric>
+#include <string_view>
 #include <type_traits>
 
 #include "core/error.h"
@@ -122,7 +124,7 @@ __device__ __forceinline__ int window_start(int pos, int window) { return window
 // ws_o [T*H][splits][DH] (unnormalised fp32 accumulator). keys_per_split is ignored when splits == 1.
 // Fragment layouts (PTX ISA, mma.m16n8k16): lane = 4*r + c holds rows r and r+8; A pairs at k = 2c(+8);
 // B pairs at k = 2c(+8), n = r; C pairs at n = 2c.
-template <typename T, int DH, bool kDecode>
+template <typename T, int DH, bool kDecode, bool kRuns = false>
 __global__ void __launch_bounds__(kThreads, 2)
     attention_kernel(const PagedAttention a, BlockDiv bdiv, int splits, int keys_per_split, float2* ws_ml, float* ws_o) {
   using D = Dims<DH>;
@@ -187,21 +189,49 @@ __global__ void __launch_bounds__(kThreads, 2)
     T* kd = k_tiles + buf * kTileKeys * D::kPitch;
     T* vd = v_tiles + buf * kTileKeys * D::kPitch;
     const int base = klo + tile * kTileKeys;
-    // Partly unrolled: enough lookups in flight, without the registers of all of them (3 CTAs/SM at dh 128).
-#pragma unroll 4
-    for (int i = 0; i < (kTileKeys * D::kVecs + kThreads - 1) / kThreads; ++i) {
-      const unsigned v = tid + i * kThreads;  // unsigned: the divisions below are shifts for most DH
-      if (kTileKeys * D::kVecs % kThreads == 0 || v < kTileKeys * D::kVecs) {
-        const int row = static_cast<int>(v / D::kVecs), col = static_cast<int>(v % D::kVecs) * 8;
-        const int p = base + row;
-        const bool ok = p < khi;
-        int64_t off = 0;
-        if (ok) {
-          const int blk = bdiv.div(p);
-          off = int64_t(table[blk]) * block_elems + (head_elems + (p - blk * a.block_size) * DH + col);
+    if constexpr (kRuns) {
+      // Thread tid copies 16-byte column tid % kVecs of kRunKeys consecutive keys from row
+      // (tid / kVecs) * kRunKeys: one block-table lookup and division per block the run enters, not per
+      // key, so the copy loop is little more than the copies (what limits a decode CTA is issue slots).
+      constexpr int kRunGroups = kThreads / D::kVecs, kRunKeys = (kTileKeys + kRunGroups - 1) / kRunGroups;
+      const int grp = tid / D::kVecs, col = (tid % D::kVecs) * 8, row0 = grp * kRunKeys;
+      if (grp < kRunGroups) {
+        int p = base + row0;
+        int blk = bdiv.div(p), in_blk = p - blk * a.block_size;
+        int64_t off = p < khi ? int64_t(table[blk]) * block_elems + (head_elems + in_blk * DH + col) : 0;
+#pragma unroll
+        for (int r = 0; r < kRunKeys; ++r) {
+          if (kRunGroups * kRunKeys == kTileKeys || row0 + r < kTileKeys) {
+            const bool ok = p < khi;
+            cp_async16(kd + (row0 + r) * D::kPitch + col, k_cache + (ok ? off : 0), ok);
+            cp_async16(vd + (row0 + r) * D::kPitch + col, v_cache + (ok ? off : 0), ok);
+          }
+          ++p;
+          off += DH;
+          if (++in_blk == a.block_size) {
+            in_blk = 0;
+            ++blk;
+            if (p < khi) off = int64_t(table[blk]) * block_elems + (head_elems + col);
+          }
         }
-        cp_async16(kd + row * D::kPitch + col, k_cache + off, ok);
-        cp_async16(vd + row * D::kPitch + col, v_cache + off, ok);
+      }
+    } else {
+      // Partly unrolled: enough lookups in flight, without the registers of all of them (3 CTAs/SM at dh 128).
+#pragma unroll 4
+      for (int i = 0; i < (kTileKeys * D::kVecs + kThreads - 1) / kThreads; ++i) {
+        const unsigned v = tid + i * kThreads;  // unsigned: the divisions below are shifts for most DH
+        if (kTileKeys * D::kVecs % kThreads == 0 || v < kTileKeys * D::kVecs) {
+          const int row = static_cast<int>(v / D::kVecs), col = static_cast<int>(v % D::kVecs) * 8;
+          const int p = base + row;
+          const bool ok = p < khi;
+          int64_t off = 0;
+          if (ok) {
+            const int blk = bdiv.div(p);
+            off = int64_t(table[blk]) * block_elems + (head_elems + (p - blk * a.block_size) * DH + col);
+          }
+          cp_async16(kd + row * D::kPitch + col, k_cache + off, ok);
+          cp_async16(vd + row * D::kPitch + col, v_cache + off, ok);
+        }
       }
     }
   };
@@ -505,6 +535,16 @@ SplitPlan plan_splits_for(const PagedAttention& a, int resident) {
   return plan;
 }
 
+// A/B switch while the run-walking K/V loader is measured against the per-key one (POLAR_KV_LOADER=runs):
+// decode only; prefill keeps the per-key loader.
+bool kv_loader_runs() {
+  static const bool runs = [] {
+    const char* v = std::getenv("POLAR_KV_LOADER");
+    return v && std::string_view(v) == "runs";
+  }();
+  return runs;
+}
+
 template <typename T, int DH>
 void launch(const PagedAttention& a, const SplitPlan& plan, void* workspace, cudaStream_t stream) {
   using D = Dims<DH>;
@@ -524,7 +564,7 @@ void launch(const PagedAttention& a, const SplitPlan& plan, void* workspace, cud
               : cudaMemsetAsync(a.out, 0, sizeof(T) * size_t(a.T) * a.H * DH, stream);
       if (err != cudaSuccess) fail("attention: clearing skipped heads failed: {}", cudaGetErrorString(err));
     }
-    const auto kernel = attention_kernel<T, DH, true>;
+    const auto kernel = kv_loader_runs() ? attention_kernel<T, DH, true, true> : attention_kernel<T, DH, true>;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, D::kSmemBytes) != cudaSuccess)
       fail("attention: cannot give the decode kernel {} bytes of shared memory (dh {})", D::kSmemBytes, DH);
     launch_pdl("attention decode", kernel, dim3(a.T, y, plan.splits), kThreads, D::kSmemBytes, stream, a,
@@ -575,7 +615,7 @@ int resident_decode_ctas(const PagedAttention& a, int num_sms) {
   dispatch(a, [&](auto* tag, auto dh) {
     using T = std::remove_pointer_t<decltype(tag)>;
     constexpr int DH = decltype(dh)::value;
-    per_sm = ctas_per_sm(attention_kernel<T, DH, true>, kThreads, Dims<DH>::kSmemBytes, "attention decode");
+    per_sm = ctas_per_sm(kv_loader_runs() ? attention_kernel<T, DH, true, true> : attention_kernel<T, DH, true>, kThreads, Dims<DH>::kSmemBytes, "attention decode");
   });
   return per_sm * std::max(num_sms, 1);
 }
