@@ -124,7 +124,13 @@ __device__ __forceinline__ int window_start(int pos, int window) { return window
 // ws_o [T*H][splits][DH] (unnormalised fp32 accumulator). keys_per_split is ignored when splits == 1.
 // Fragment layouts (PTX ISA, mma.m16n8k16): lane = 4*r + c holds rows r and r+8; A pairs at k = 2c(+8);
 // B pairs at k = 2c(+8), n = r; C pairs at n = 2c.
-template <typename T, int DH, bool kDecode, bool kRuns = false>
+// How a decode CTA copies K/V tiles into shared memory (an A/B while they are measured: POLAR_KV_LOADER):
+// per_key, 16-byte cp.async with a block-table lookup per key and column; runs, 16-byte cp.async over
+// runs of consecutive keys, one lookup per block a run enters; bulk, one cp.async.bulk per key row (the
+// copy engine, 1 instruction per row instead of DH / 8), completing on an mbarrier per stage.
+enum class KvLoader { per_key, runs, bulk };
+
+template <typename T, int DH, bool kDecode, KvLoader kLoader = KvLoader::per_key>
 __global__ void __launch_bounds__(kThreads, 2)
     attention_kernel(const PagedAttention a, BlockDiv bdiv, int splits, int keys_per_split, float2* ws_ml, float* ws_o) {
   using D = Dims<DH>;
@@ -185,11 +191,31 @@ __global__ void __launch_bounds__(kThreads, 2)
   const T* k_cache = static_cast<const T*>(a.k_cache);
   const T* v_cache = static_cast<const T*>(a.v_cache);
   const int block_elems = a.Hkv * a.block_size * DH, head_elems = g * a.block_size * DH;
+  // Bulk loader: one mbarrier per stage after the tiles (and the merge rows), every thread arriving once a use.
+  const uint32_t bars = smem_u32(smem + D::kSmemBytes);
   auto load_tile = [&](int tile, int buf) {
     T* kd = k_tiles + buf * kTileKeys * D::kPitch;
     T* vd = v_tiles + buf * kTileKeys * D::kPitch;
     const int base = klo + tile * kTileKeys;
-    if constexpr (kRuns) {
+    if constexpr (kLoader == KvLoader::bulk) {
+      // Thread tid copies key row tid % 64 of K (tid < 64) or V: DH elements, contiguous in the block's
+      // head slab, into its padded shared row. Keys >= khi get zeros by plain stores instead.
+      static_assert(kThreads == 2 * kTileKeys);
+      const int row = tid % kTileKeys, p = base + row;
+      T* dst = (tid < kTileKeys ? kd : vd) + row * D::kPitch;
+      const uint32_t bar = bars + 8 * buf;
+      if (p < khi) {
+        const int blk = bdiv.div(p);
+        const T* src = (tid < kTileKeys ? k_cache : v_cache) + int64_t(table[blk]) * block_elems +
+                       (head_elems + (p - blk * a.block_size) * DH);
+        mbarrier_arrive_expect_tx(bar, DH * sizeof(T));
+        bulk_copy_g2s(smem_u32(dst), src, DH * sizeof(T), bar);
+      } else {
+#pragma unroll
+        for (int c = 0; c < DH; c += 8) *reinterpret_cast<uint4*>(dst + c) = make_uint4(0, 0, 0, 0);
+        mbarrier_arrive_expect_tx(bar, 0);
+      }
+    } else if constexpr (kLoader == KvLoader::runs) {
       // Thread tid copies 16-byte column tid % kVecs of kRunKeys consecutive keys from row
       // (tid / kVecs) * kRunKeys: one block-table lookup and division per block the run enters, not per
       // key, so the copy loop is little more than the copies (what limits a decode CTA is issue slots).
@@ -236,6 +262,13 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   };
   const int ntiles = (khi - klo + kTileKeys - 1) / kTileKeys;
+  if constexpr (kLoader == KvLoader::bulk) {
+    if (tid == 0) {
+      for (int s = 0; s < D::kStages; ++s) mbarrier_init(bars + 8 * s, kThreads);
+      mbarrier_init_fence();
+    }
+    __syncthreads();
+  }
 #pragma unroll
   for (int s = 0; s < D::kStages - 1; ++s) {
     if (s < ntiles) load_tile(s, s);
@@ -359,7 +392,10 @@ __global__ void __launch_bounds__(kThreads, 2)
     warp_hi = __reduce_max_sync(0xffffffffu, max(hi[0], hi[1]));
   }
   for (int it = 0; it < ntiles; ++it) {
-    cp_async_wait<D::kStages - 2>();
+    if constexpr (kLoader == KvLoader::bulk)
+      mbarrier_wait(bars + 8 * (it % D::kStages), (it / D::kStages) & 1);
+    else
+      cp_async_wait<D::kStages - 2>();
     __syncthreads();  // tile `it` is visible to all, and every warp is done with the buffer refilled below
     if (it + D::kStages - 1 < ntiles) load_tile(it + D::kStages - 1, (it + D::kStages - 1) % D::kStages);
     cp_async_commit();
@@ -535,14 +571,27 @@ SplitPlan plan_splits_for(const PagedAttention& a, int resident) {
   return plan;
 }
 
-// A/B switch while the run-walking K/V loader is measured against the per-key one (POLAR_KV_LOADER=runs):
-// decode only; prefill keeps the per-key loader.
-bool kv_loader_runs() {
-  static const bool runs = [] {
+KvLoader kv_loader() {
+  static const KvLoader loader = [] {
     const char* v = std::getenv("POLAR_KV_LOADER");
-    return v && std::string_view(v) == "runs";
+    const std::string_view name = v ? v : "";
+    return name == "runs" ? KvLoader::runs : name == "bulk" ? KvLoader::bulk : KvLoader::per_key;
   }();
-  return runs;
+  return loader;
+}
+
+// The decode kernel of the chosen loader and its dynamic shared memory (bulk: + its stage barriers).
+template <typename T, int DH> auto decode_kernel(KvLoader loader) {
+  using D = Dims<DH>;
+  struct Choice {
+    void (*kernel)(const PagedAttention, BlockDiv, int, int, float2*, float*);
+    int smem;
+  };
+  switch (loader) {
+    case KvLoader::runs: return Choice{attention_kernel<T, DH, true, KvLoader::runs>, D::kSmemBytes};
+    case KvLoader::bulk: return Choice{attention_kernel<T, DH, true, KvLoader::bulk>, D::kSmemBytes + 8 * D::kStages};
+    default: return Choice{attention_kernel<T, DH, true>, D::kSmemBytes};
+  }
 }
 
 template <typename T, int DH>
@@ -564,10 +613,10 @@ void launch(const PagedAttention& a, const SplitPlan& plan, void* workspace, cud
               : cudaMemsetAsync(a.out, 0, sizeof(T) * size_t(a.T) * a.H * DH, stream);
       if (err != cudaSuccess) fail("attention: clearing skipped heads failed: {}", cudaGetErrorString(err));
     }
-    const auto kernel = kv_loader_runs() ? attention_kernel<T, DH, true, true> : attention_kernel<T, DH, true>;
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, D::kSmemBytes) != cudaSuccess)
-      fail("attention: cannot give the decode kernel {} bytes of shared memory (dh {})", D::kSmemBytes, DH);
-    launch_pdl("attention decode", kernel, dim3(a.T, y, plan.splits), kThreads, D::kSmemBytes, stream, a,
+    const auto [kernel, smem] = decode_kernel<T, DH>(kv_loader());
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess)
+      fail("attention: cannot give the decode kernel {} bytes of shared memory (dh {})", smem, DH);
+    launch_pdl("attention decode", kernel, dim3(a.T, y, plan.splits), kThreads, smem, stream, a,
                BlockDiv::of(a.block_size), plan.splits, plan.keys_per_split, ws_ml, ws_o);
     if (plan.splits > 1) {
       const int64_t rows = int64_t(a.T) * a.H;
@@ -615,7 +664,8 @@ int resident_decode_ctas(const PagedAttention& a, int num_sms) {
   dispatch(a, [&](auto* tag, auto dh) {
     using T = std::remove_pointer_t<decltype(tag)>;
     constexpr int DH = decltype(dh)::value;
-    per_sm = ctas_per_sm(kv_loader_runs() ? attention_kernel<T, DH, true, true> : attention_kernel<T, DH, true>, kThreads, Dims<DH>::kSmemBytes, "attention decode");
+    const auto [kernel, smem] = decode_kernel<T, DH>(kv_loader());
+    per_sm = ctas_per_sm(kernel, kThreads, smem, "attention decode");
   });
   return per_sm * std::max(num_sms, 1);
 }
