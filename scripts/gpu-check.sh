@@ -5,7 +5,7 @@
 #
 #   scripts/gpu-check.sh [STAGE ...]   stages: build test kernels bench sparse serve serve-http tp (default: all,
 #                                      in that order), tp-multi (several GPUs), adaptive (issue 19's accuracy
-#                                      sweep and speed points, long), profile (Nsight Compute: the kernels
+#                                      sweep, long), adaptive-speed (its decode speed points), profile (Nsight Compute: the kernels
 #                                      of a decode step, decode attention beside SDPA) and fast-paths
 #                                      (decode steps and GEMMs with the opt-in fast paths off and on, A/B in
 #                                      one run): only when named
@@ -301,13 +301,17 @@ if has_stage adaptive; then
       PPL_TOKENS="${ADAPTIVE_PPL_TOKENS:-65536}" scripts/adaptive-sweep.sh "$model" "$RESULTS/adaptive-$name" \
       > "$RESULTS/adaptive-$name.txt" 2> "$RESULTS/adaptive-$name.log" || tail -20 "$RESULTS/adaptive-$name.log"
   done
+fi
+if has_stage adaptive-speed; then
   for point in $ADAPTIVE_BENCH; do
     IFS=: read -r shape ctx density <<< "$point"
     for run in dense topk stat-topk; do
       args=(--density "$density"); [ $run = dense ] && args=(--density 1)
       [ $run = stat-topk ] && args+=(--selection stat-topk)
       log "adaptive speed: $shape ctx $ctx $run"
-      "$BUILD_DIR/src/polar" bench --device cuda --shape "$shape" --ctx "$ctx" --batch "$SPARSE_BATCHES" "${args[@]}"         --json --csv "$RESULTS/adaptive-bench-$shape-$run.csv" > "$RESULTS/adaptive-bench-$shape-$run.json"         2> "$RESULTS/adaptive-bench-$shape-$run.log" || tail -20 "$RESULTS/adaptive-bench-$shape-$run.log"
+      "$BUILD_DIR/src/polar" bench --device cuda --shape "$shape" --ctx "$ctx" --batch "$SPARSE_BATCHES" "${args[@]}" \
+        --json --csv "$RESULTS/adaptive-bench-$shape-$run.csv" > "$RESULTS/adaptive-bench-$shape-$run.json" \
+        2> "$RESULTS/adaptive-bench-$shape-$run.log" || tail -20 "$RESULTS/adaptive-bench-$shape-$run.log"
     done
   done
 fi
@@ -520,6 +524,8 @@ PY
 fi
 if has_stage adaptive; then
   for f in "$RESULTS"/adaptive-*.txt; do [ -f "$f" ] && { echo "-- $(basename "$f" .txt) (adaptive.csv beside it)"; cat "$f"; }; done
+fi
+if has_stage adaptive-speed; then
   echo "-- adaptive selection, decode speed (random routers; density_reached from the sparse steps)"
   for point in $ADAPTIVE_BENCH; do
     IFS=: read -r shape ctx density <<< "$point"
