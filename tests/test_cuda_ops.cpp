@@ -219,6 +219,18 @@ TEST_P(CudaOps, NormsMatchCpu) {
       Tensor inplace = dev(x);  // out aliasing x is allowed
       cuda_->layer_norm(inplace, dev(w), dev(b), 1e-5f, inplace);
       EXPECT_LT(rel_err(back(inplace), ref), tol());
+      // The residual add fused in: x += delta is stored, and the norm is of the sum; out separate, then in place.
+      Tensor delta = host_random({rows, d}, -3, 3), sum_ref = Tensor::empty(DType::F32, {rows, d});
+      cpu_->add(x, delta, sum_ref);
+      cpu_->rms_norm(sum_ref, w, 1e-5f, ref);
+      for (bool in_place : {false, true}) {
+        Tensor xd = dev(x), out = poisoned({rows, d});
+        cuda_->add_rms_norm(xd, dev(delta), dev(w), 1e-5f, in_place ? xd : out);
+        EXPECT_LT(rel_err(back(in_place ? xd : out), ref), tol()) << "add_rms_norm, in place: " << in_place;
+        if (!in_place) {
+          EXPECT_LT(rel_err(back(xd), sum_ref), tol()) << "add_rms_norm's stored sum";
+        }
+      }
     }
 }
 

@@ -1,6 +1,7 @@
 // Llama family: Llama-2/3.x, Mistral, Qwen2. RMSNorm pre-norm blocks, RoPE (rotate-half), GQA, SwiGLU MLP;
 // q/k/v biases for Qwen2, optional o/MLP biases, tied or untied lm_head.
 #include <cmath>
+#include <cstdlib>
 
 #include <fmt/format.h>
 
@@ -22,7 +23,7 @@ class Llama final : public Model {
     const ModelConfig& c = config_;
     const ShardDims& s = dims_;
     // Column-parallel q/k/v and gate/up: the rank's rows; row-parallel o_proj and down: its columns, their
-    // biases on rank 0 only (Model::accumulates).
+    // biases on rank 0 only (the ranks' partial products are summed, so a bias is added once).
     const Range q_rows{s.head0 * c.head_dim, s.heads * c.head_dim}, kv_rows{s.kv_head0 * c.head_dim, s.kv_heads * c.head_dim};
     const Range neurons{s.ffn0, s.ffn};
     const bool first = shard.rank == 0;
@@ -82,6 +83,23 @@ class Llama final : public Model {
     Tensor attn = be.alloc(dt, {T, s.heads, c.head_dim});
     Tensor gate_up = be.alloc(dt, {T, 2 * s.ffn});
     Tensor act = be.alloc(dt, {T, s.ffn});
+    // The output projections (o_proj, down) write delta; the residual add x += delta happens in the norm
+    // that reads x next (add_rms_norm: no accumulating GEMM epilogue, no launch of its own). Under tensor
+    // parallelism each rank's delta is its partial product (the bias on rank 0 only) until reduce() sums
+    // them, so every rank adds the same delta to its replica of x.
+    Tensor delta = be.alloc(dt, {T, c.hidden});
+    bool pending = false;  // delta holds a projection not yet added to x
+    const float eps = static_cast<float>(c.norm_eps);
+    // A/B while measured (POLAR_RESIDUAL_IN_GEMM=1: the projections accumulate into x as before); goes once measured.
+    static const bool in_gemm = std::getenv("POLAR_RESIDUAL_IN_GEMM") != nullptr;
+    Tensor& proj_out = in_gemm ? x : delta;
+    auto norm_x = [&](const Tensor& w, Tensor& out) {
+      if (pending)
+        be.add_rms_norm(x, delta, w, eps, out);
+      else
+        be.rms_norm(x, w, eps, out);
+      pending = false;
+    };
 
     be.embedding(embed_, in.ids, x);
     if (probe) probe->hidden(0, be.to_host_f32(x));
@@ -89,7 +107,7 @@ class Llama final : public Model {
     for (int64_t l = 0; l < c.n_layers; ++l) {
       const LlamaLayer& L = layers_[l];
       be.region("other");
-      be.rms_norm(x, L.attn_norm, static_cast<float>(c.norm_eps), h);
+      norm_x(L.attn_norm, h);
       if (probe) probe->attn_in(static_cast<int>(l), be.to_host_f32(h));
       // The attention router as side work (backend.h): its launches can overlap the QKV projection.
       Tensor heads;
@@ -108,20 +126,26 @@ class Llama final : public Model {
       attend(static_cast<int>(l), in, heads, q, cache[l], scale, c.sliding_window, attn);
       if (probe) report_head_norms(probe, static_cast<int>(l), attn);
       be.region("qkv_o");
-      be.linear(attn.reshape({T, s.heads * c.head_dim}), L.wo, ptr(L.bo), x, accumulates());
-      reduce(x);
+      be.linear(attn.reshape({T, s.heads * c.head_dim}), L.wo, ptr(L.bo), proj_out, in_gemm && accumulates());
+      reduce(proj_out);
+      pending = !in_gemm;
       be.region("other");
-      be.rms_norm(x, L.mlp_norm, static_cast<float>(c.norm_eps), h);
+      norm_x(L.mlp_norm, h);
       be.region("mlp");
       be.linear(h, L.w_gate_up, ptr(L.b_gate_up), gate_up);
       be.silu_mul(gate_up, act);
       if (probe) probe->mlp_act(static_cast<int>(l), be.to_host_f32(act));
-      be.linear(act, L.w_down, ptr(L.b_down), x, accumulates());
-      reduce(x);
-      if (probe && l + 1 < c.n_layers) probe->hidden(static_cast<int>(l + 1), be.to_host_f32(x));
+      be.linear(act, L.w_down, ptr(L.b_down), proj_out, in_gemm && accumulates());
+      reduce(proj_out);
+      pending = !in_gemm;
+      if (probe && l + 1 < c.n_layers) {
+        if (pending) be.add(x, delta, x);
+        pending = false;
+        probe->hidden(static_cast<int>(l + 1), be.to_host_f32(x));
+      }
     }
     be.region("other");
-    be.rms_norm(x, final_norm_, static_cast<float>(c.norm_eps), x);
+    norm_x(final_norm_, x);
     if (probe) probe->hidden(static_cast<int>(c.n_layers), be.to_host_f32(x));
     const int64_t R = in.logit_rows.numel();
     Tensor rows = be.alloc(dt, {R, c.hidden});

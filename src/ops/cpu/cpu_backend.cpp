@@ -159,6 +159,11 @@ class CpuBackend final : public Backend {
     }
   }
 
+  void add_rms_norm(Tensor& x, const Tensor& delta, const Tensor& w, float eps, Tensor& out) override {
+    add(x, delta, x);
+    rms_norm(x, w, eps, out);
+  }
+
   void rope_kv_append(const Tensor& qkv, KVLayer& cache, const StepLayout& layout, const Tensor& inv_freq,
                       Tensor& q) override {
     // Caches [num_blocks, Hkv, bs, dh]: slot s of head h is row s % bs of block s / bs in h's slab.

@@ -309,6 +309,13 @@ class CudaBackend final : public Backend {
     norm(x, w, &b, eps, out);
   }
   void rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& out) override { norm(x, w, nullptr, eps, out); }
+  void add_rms_norm(Tensor& x, const Tensor& delta, const Tensor& w, float eps, Tensor& out) override {
+    expect_act(delta, "add_rms_norm delta");
+    check(delta.numel() == x.numel() && delta.raw() != x.raw() && delta.raw() != out.raw(),
+          "add_rms_norm: delta {} must match x {} and be a buffer of its own", shape_str(delta.shape()),
+          shape_str(x.shape()));
+    norm(x, w, nullptr, eps, out, &delta);
+  }
 
   void rope_kv_append(const Tensor& qkv, KVLayer& cache, const StepLayout& layout, const Tensor& inv_freq,
                       Tensor& q) override {
@@ -572,7 +579,8 @@ class CudaBackend final : public Backend {
     check(t.dtype() == DType::I32, "cuda backend: {} must be i32, got {}", what, dtype_name(t.dtype()));
   }
 
-  void norm(const Tensor& x, const Tensor& w, const Tensor* b, float eps, Tensor& out) {
+  // delta: x += delta first (add_rms_norm), x written back.
+  void norm(const Tensor& x, const Tensor& w, const Tensor* b, float eps, Tensor& out, const Tensor* delta = nullptr) {
     expect_act(x, "norm input");
     expect_act(w, "norm weight");
     expect_act(out, "norm output");
@@ -580,8 +588,8 @@ class CudaBackend final : public Backend {
     const int64_t d = x.dim(-1);
     check(w.numel() == d && out.numel() == x.numel() && (!b || b->numel() == d), "norm: x {} weight {} do not agree",
           shape_str(x.shape()), shape_str(w.shape()));
-    cuda::norm(x.raw(), w.raw(), b ? b->raw() : nullptr, eps, b == nullptr, x.numel() / std::max<int64_t>(d, 1), d,
-               out.raw(), elem(), stream_);
+    cuda::norm(x.raw(), delta ? delta->raw() : nullptr, w.raw(), b ? b->raw() : nullptr, eps, b == nullptr,
+               x.numel() / std::max<int64_t>(d, 1), d, out.raw(), elem(), stream_);
   }
 
   // The sparse MLP projection over the neurons idx [k] of a neuron-major weight w [D, d]: up, y[R, k] =

@@ -25,12 +25,18 @@ __device__ float block_sum(float v, float* scratch) {
   return v;
 }
 
+// x, delta, out [rows, d]; w, b [d]; grid rows, row_threads(d) threads.
 template <typename T>
-__global__ void norm_kernel(const T* x, const T* w, const T* b, float eps, bool rms, int64_t d, T* out) {
+__global__ void norm_kernel(T* x, const T* delta, const T* w, const T* b, float eps, bool rms, int64_t d, T* out) {
   __shared__ float scratch[32];
   pdl_enter();
-  const T* xr = x + blockIdx.x * d;
+  T* xr = x + blockIdx.x * d;
   T* orow = out + blockIdx.x * d;
+  // The residual add: each thread updates the elements it reads below (same stride), so no barrier.
+  if (delta) {
+    const T* dr = delta + blockIdx.x * d;
+    for (int64_t i = threadIdx.x; i < d; i += blockDim.x) xr[i] = from_float<T>(to_float(xr[i]) + to_float(dr[i]));
+  }
   float mean = 0.0f;
   if (!rms) {
     float s = 0.0f;
@@ -68,14 +74,14 @@ __global__ void l2_norms_kernel(const T* x, int64_t n, T* out) {
 
 }  // namespace
 
-void norm(const void* x, const void* w, const void* b, float eps, bool rms, int64_t rows, int64_t d, void* out, Elem e,
-          cudaStream_t stream) {
+void norm(void* x, const void* delta, const void* w, const void* b, float eps, bool rms, int64_t rows, int64_t d,
+          void* out, Elem e, cudaStream_t stream) {
   if (rows == 0) return;
   dispatch(e, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     launch_pdl(rms ? "rms_norm" : "layer_norm", norm_kernel<T>, static_cast<unsigned>(rows), row_threads(d), 0, stream,
-               static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(b), eps, rms, d,
-               static_cast<T*>(out));
+               static_cast<T*>(x), static_cast<const T*>(delta), static_cast<const T*>(w), static_cast<const T*>(b),
+               eps, rms, d, static_cast<T*>(out));
   });
 }
 
