@@ -39,7 +39,8 @@
 #   PROFILE_POINTS  the profile stage's decode steps as shape:ctx:batch:density (default "llama-2-7b:3968:1:1
 #                   llama-2-7b:3968:1:0.5 llama-2-7b:3968:16:1 llama-2-7b:3968:16:0.5"): per kernel, its
 #                   device time in the profiled step, beside the graph-replayed step's time
-#   PROFILE_ATTENTION  the decode attention shape profiled in full, polar's and SDPA's (default 16x3968x32x32x128)
+#   PROFILE_ATTENTION  the decode attention shape profiled in full, polar's and SDPA's (default 16x3968x32x32x128;
+#                   empty: none)
 #   FAST_PATH_POINTS  the fast-paths stage's decode sweeps as shape:ctx:density (default "llama-2-7b:3968:1
 #                   llama-2-7b:3968:0.5 llama-3-8b:8192:0.625") at batch 1, 8, 16
 #   ADAPTIVE_BENCH  speed points as shape:ctx:density (default "llama-2-7b:3968:0.5 llama-3-8b:8192:0.625"):
@@ -346,7 +347,7 @@ fi
 # and host work cost. Then the full Nsight Compute sections of one decode attention launch, polar's and
 # PyTorch SDPA's on the same shape (PROFILE_ATTENTION), for issue 18's attention target.
 PROFILE_POINTS=${PROFILE_POINTS:-"llama-2-7b:3968:1:1 llama-2-7b:3968:1:0.5 llama-2-7b:3968:16:1 llama-2-7b:3968:16:0.5"}
-PROFILE_ATTENTION=${PROFILE_ATTENTION:-16x3968x32x32x128}
+PROFILE_ATTENTION=${PROFILE_ATTENTION-16x3968x32x32x128}  # empty: no attention profiles
 if has_stage profile; then
   ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
   if [ -z "$ncu" ]; then
@@ -363,9 +364,9 @@ if has_stage profile; then
         > "$RESULTS/$name-ncu.csv" 2>> "$RESULTS/$name.log" || tail -5 "$RESULTS/$name.log"
     done
     shape=$PROFILE_ATTENTION
-    "$ncu" "${ncu_flags[@]}" --set full -k regex:attention_kernel -c 1 "$BUILD_DIR/src/polar" bench-kernels --device cuda \
+    [ -n "$shape" ] && "$ncu" "${ncu_flags[@]}" --set full -k regex:attention_kernel -c 1 "$BUILD_DIR/src/polar" bench-kernels --device cuda \
       --attention "$shape" --density 1 > "$RESULTS/profile-attention-polar.txt" 2>&1 || tail -5 "$RESULTS/profile-attention-polar.txt"
-    "$ncu" --clock-control none --set full -k regex:'flash|fmha|attention' -c 1 python3 scripts/torch_reference.py \
+    [ -n "$shape" ] && "$ncu" --clock-control none --set full -k regex:'flash|fmha|attention' -c 1 python3 scripts/torch_reference.py \
       --csv "$RESULTS/profile-attention-sdpa.csv" --gemm --attention "$shape" > "$RESULTS/profile-attention-sdpa.txt" 2>&1 || tail -5 "$RESULTS/profile-attention-sdpa.txt"
   fi
 fi
