@@ -364,10 +364,13 @@ if has_stage profile; then
         > "$RESULTS/$name-ncu.csv" 2>> "$RESULTS/$name.log" || tail -5 "$RESULTS/$name.log"
     done
     shape=$PROFILE_ATTENTION
-    [ -n "$shape" ] && "$ncu" "${ncu_flags[@]}" --set full -k regex:attention_kernel -c 1 "$BUILD_DIR/src/polar" bench-kernels --device cuda \
-      --attention "$shape" --density 1 > "$RESULTS/profile-attention-polar.txt" 2>&1 || tail -5 "$RESULTS/profile-attention-polar.txt"
-    [ -n "$shape" ] && "$ncu" --clock-control none --set full -k regex:'flash|fmha|attention' -c 1 python3 scripts/torch_reference.py \
-      --csv "$RESULTS/profile-attention-sdpa.csv" --gemm --attention "$shape" > "$RESULTS/profile-attention-sdpa.txt" 2>&1 || tail -5 "$RESULTS/profile-attention-sdpa.txt"
+    if [ -n "$shape" ]; then
+      "$ncu" "${ncu_flags[@]}" --set full -k regex:attention_kernel -c 1 "$BUILD_DIR/src/polar" bench-kernels --device cuda \
+        --attention "$shape" --density 1 > "$RESULTS/profile-attention-polar.txt" 2>&1 || tail -5 "$RESULTS/profile-attention-polar.txt"
+      "$ncu" --clock-control none --set full -k regex:'flash|fmha|attention' -c 1 python3 scripts/torch_reference.py \
+        --csv "$RESULTS/profile-attention-sdpa.csv" --gemm --attention "$shape" > "$RESULTS/profile-attention-sdpa.txt" 2>&1 ||
+        tail -5 "$RESULTS/profile-attention-sdpa.txt"
+    fi
   fi
 fi
 
