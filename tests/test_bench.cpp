@@ -243,6 +243,26 @@ TEST(BenchCli, SyntheticSweepTableAndCsv) {
   for (size_t i = 0; i < points.size(); ++i) EXPECT_EQ(rows[i + 1].rfind(points[i], 0), 0u) << rows[i + 1];
 }
 
+// bench-kernels' attention rows over any KV block size and either block placement (the same bytes: the
+// layout changes, not the work); a bad placement is named.
+TEST(BenchCli, KernelAttentionRowsOverBlockSizesAndPlacements) {
+  for (const char* blocks : {"scattered", "contiguous"})
+    for (const char* bs : {"1", "16", "64"}) {
+      RunResult r = run_polar({"bench-kernels", "--device", "cpu", "--attention", "2x100x4x2x16", "--density", "1,0.5",
+                               "--kv-block-size", bs, "--kv-blocks", blocks, "--json", "--reps", "2"});
+      ASSERT_EQ(r.exit_code, 0) << describe(r);
+      const nlohmann::json j = nlohmann::json::parse(r.out);
+      ASSERT_EQ(j["rows"].size(), 2u) << r.out;
+      EXPECT_EQ(j["rows"][0]["shape"], "B2 N100 H4/2 dh16");
+      // K and V of 2 sequences x 100 positions x 2 KV heads x 16 floats, plus q and out (2 x 4 heads x 16).
+      EXPECT_EQ(j["rows"][0]["bytes"], 2 * 2 * 100 * 2 * 16 * 4 + 2 * 2 * 4 * 16 * 4) << blocks << " bs " << bs;
+      EXPECT_GT(j["rows"][1]["ms"].get<double>(), 0.0);
+    }
+  RunResult bad = run_polar({"bench-kernels", "--device", "cpu", "--attention", "2x100x4x2x16", "--kv-blocks", "sorted"});
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_THAT(bad.err, HasSubstr("--kv-blocks"));
+}
+
 TEST(BenchCli, JsonReportsRowsAndSkips) {
   RunResult r = run_polar({"bench", "--shape", "tiny-opt", "--batch", "2", "--ctx", "64,256", "--steps", "2", "--json"});
   ASSERT_EQ(r.exit_code, 0) << describe(r);

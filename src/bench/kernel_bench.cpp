@@ -104,16 +104,17 @@ std::vector<KernelRow> bench_attention(Backend& be, const std::vector<AttentionS
                                        const KernelBenchOptions& o,
                                        const std::function<void(const std::string&)>& progress) {
   const DType dt = be.activation_dtype();
-  const int64_t bs = 16;
+  const int64_t bs = o.kv_block_size;
+  check(bs >= 1, "the KV block size must be positive");
   std::vector<KernelRow> rows;
   std::mt19937_64 rng(o.seed);
   for (const AttentionShape& s : shapes) {
     const int64_t per_seq = (s.ctx + bs - 1) / bs, blocks = s.batch * per_seq;
     // Every sequence has the full context; its blocks are scattered over the pool as a long-running
-    // server's would be.
+    // server's would be, or consecutive.
     std::vector<int32_t> perm(blocks);
     std::iota(perm.begin(), perm.end(), 0);
-    std::shuffle(perm.begin(), perm.end(), rng);
+    if (o.kv_blocks_scattered) std::shuffle(perm.begin(), perm.end(), rng);
     std::vector<int32_t> pos(s.batch, static_cast<int32_t>(s.ctx - 1)), seq(s.batch), starts(s.batch + 1);
     std::iota(seq.begin(), seq.end(), 0);
     std::iota(starts.begin(), starts.end(), 0);

@@ -67,6 +67,11 @@ struct KernelBenchOptions {
   // Attention head densities: 1 = the dense kernel; below 1 the selective kernel with
   // max(1, int(density · Hkv)) random KV heads per sequence, its floor counting only their KV.
   std::vector<double> densities = {1.0};
+  // The paged KV cache of the attention rows: tokens per block, and whether each sequence's blocks are
+  // scattered over the pool (a long-running server's cache) or consecutive (a fresh one's, and the layout
+  // closest to a contiguous [B, Hkv, N, dh] cache such as SDPA reads).
+  int64_t kv_block_size = 16;
+  bool kv_blocks_scattered = true;
 };
 
 std::vector<KernelRow> bench_attention(Backend& be, const std::vector<AttentionShape>& shapes, const MemoryRates& rates,

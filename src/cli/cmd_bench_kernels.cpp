@@ -20,6 +20,7 @@ struct KernelArgs {
   std::string sparse_mlp = "fastest";
   std::vector<std::string> attention, gemm, gather, route, route_heads;
   KernelBenchOptions bench;
+  std::string kv_blocks = "scattered";
   std::string csv;
   bool json = false;
 };
@@ -91,16 +92,18 @@ int run(const KernelArgs& a) {
     route = default_route_shapes();
     head_route = default_head_route_shapes();
   }
+  KernelBenchOptions bench = a.bench;
+  bench.kv_blocks_scattered = a.kv_blocks == "scattered";
   fmt::print(stderr, "measuring memory bandwidth on {}...\n", be->name());
   const MemoryRates rates = MemoryRates::measure(*be);
   fmt::print(stderr, "copy rate {:.0f} GB/s (read + write), streaming read rate {:.0f} GB/s\n", rates.copy_gbps,
              rates.read_gbps);
   auto progress = [](const std::string& s) { fmt::print(stderr, "{}\n", s); };
-  std::vector<KernelRow> rows = bench_attention(*be, att, rates, a.bench, progress);
-  for (auto& r : bench_gemm(*be, gemm, rates, a.bench, progress)) rows.push_back(r);
-  for (auto& r : bench_gather(*be, gather, rates, a.bench, progress)) rows.push_back(r);
-  for (auto& r : bench_route(*be, route, rates, a.bench, progress)) rows.push_back(r);
-  for (auto& r : bench_route_heads(*be, head_route, rates, a.bench, progress)) rows.push_back(r);
+  std::vector<KernelRow> rows = bench_attention(*be, att, rates, bench, progress);
+  for (auto& r : bench_gemm(*be, gemm, rates, bench, progress)) rows.push_back(r);
+  for (auto& r : bench_gather(*be, gather, rates, bench, progress)) rows.push_back(r);
+  for (auto& r : bench_route(*be, route, rates, bench, progress)) rows.push_back(r);
+  for (auto& r : bench_route_heads(*be, head_route, rates, bench, progress)) rows.push_back(r);
   if (!a.csv.empty()) {
     std::ofstream f(a.csv);
     check(f.good(), "cannot write {}", a.csv);
@@ -147,6 +150,14 @@ Command bench_kernels_command() {
                           "KV heads per sequence)")
                 ->delimiter(',')
                 ->capture_default_str();
+            c->add_option("--kv-block-size", a->bench.kv_block_size, "Attention rows: tokens per KV cache block")
+                ->capture_default_str()
+                ->check(CLI::Range(1, 4096));
+            c->add_option("--kv-blocks", a->kv_blocks,
+                          "Attention rows: each sequence's cache blocks scattered over the pool (a long-running "
+                          "server's cache) or contiguous (a fresh one's; nearest a [B, Hkv, N, dh] cache)")
+                ->capture_default_str()
+                ->check(CLI::IsMember({"scattered", "contiguous"}));
             c->add_option("--gemm", a->gemm, "GEMM shapes MxNxK, y[M,N] = x[M,K]·w[N,K]ᵀ (default: a built-in table)")
                 ->delimiter(',');
             c->add_option("--gather", a->gather,
