@@ -5,10 +5,9 @@
 #
 #   scripts/gpu-check.sh [STAGE ...]   stages: build test kernels bench sparse serve serve-http tp (default: all,
 #                                      in that order), tp-multi (several GPUs), adaptive (issue 19's accuracy
-#                                      sweep, long), adaptive-speed (its decode speed points), profile (Nsight Compute: the kernels
-#                                      of a decode step, decode attention beside SDPA) and fast-paths
-#                                      (decode steps and GEMMs with the opt-in fast paths off and on, A/B in
-#                                      one run): only when named
+#                                      sweep, long), adaptive-speed (its decode speed points) and profile
+#                                      (Nsight Compute: the kernels of a decode step, decode attention beside
+#                                      SDPA): only when named
 #
 # Environment:
 #   RESULTS         results folder (default: $OUT if set, else out/gpu-check)
@@ -41,8 +40,6 @@
 #                   device time in the profiled step, beside the graph-replayed step's time
 #   PROFILE_ATTENTION  the decode attention shape profiled in full, polar's and SDPA's (default 16x3968x32x32x128;
 #                   empty: none)
-#   FAST_PATH_POINTS  the fast-paths stage's decode sweeps as shape:ctx:density (default "llama-2-7b:3968:1
-#                   llama-2-7b:3968:0.5 llama-3-8b:8192:0.625") at batch 1, 8, 16
 #   ADAPTIVE_BENCH  speed points as shape:ctx:density (default "llama-2-7b:3968:0.5 llama-3-8b:8192:0.625"):
 #                   dense, top-k and stat-topk on random routers (c from synthetic normal scores)
 set -euo pipefail
@@ -95,25 +92,16 @@ if has_stage test; then
   cpu_rc=$?
   (cd "$BUILD_DIR" && ctest -j1 -R 'Cuda' --output-on-failure) > "$RESULTS/tests-gpu.log" 2>&1
   gpu_rc=$?
-  # Again with the fast paths that are opt-in until verified (programmatic dependent launch, the skinny
-  # GEMM among the GEMM planner's candidates: README, "Switches"), which the default run leaves off.
-  (cd "$BUILD_DIR" && POLAR_PDL=1 POLAR_SKINNY_GEMM=1 ctest -j1 -R 'Cuda' --output-on-failure) \
-    > "$RESULTS/tests-gpu-fast-paths.log" 2>&1
-  fast_rc=$?
   set -e
   cpu_line=$(grep -E "tests passed" "$RESULTS/tests-cpu.log" || echo "cpu tests: no summary")
   gpu_line=$(grep -E "tests passed" "$RESULTS/tests-gpu.log" || echo "gpu tests: no summary")
-  fast_line=$(grep -E "tests passed" "$RESULTS/tests-gpu-fast-paths.log" || echo "no summary")
-  test_summary="cpu: $cpu_line | gpu: $gpu_line | gpu, POLAR_PDL=1 POLAR_SKINNY_GEMM=1: $fast_line"
+  test_summary="cpu: $cpu_line | gpu: $gpu_line"
   if [ $cpu_rc -ne 0 ]; then
     grep -E "Failed|FAILED|Failure|Expected|Which is|rel_err|error" "$RESULTS/tests-cpu.log" | head -40 || true
   fi
-  for log_file in tests-gpu tests-gpu-fast-paths; do
-    [ "$log_file" = tests-gpu ] && rc=$gpu_rc || rc=$fast_rc
-    if [ "$rc" -ne 0 ]; then
-      grep -E "FAILED|Failure|Expected|Which is|Value of|actual|error|Trace|step|row" "$RESULTS/$log_file.log" | head -80 || true
-    fi
-  done
+  if [ $gpu_rc -ne 0 ]; then
+    grep -E "FAILED|Failure|Expected|Which is|Value of|actual|error|Trace|step|row" "$RESULTS/tests-gpu.log" | head -80 || true
+  fi
 fi
 
 if has_stage kernels; then
@@ -317,29 +305,6 @@ if has_stage adaptive-speed; then
   done
 fi
 
-# The opt-in fast paths (README, "Switches": programmatic dependent launch, the skinny GEMM among the GEMM
-# planner's candidates) off and on, one after the other in this run: decode steps at small batches, where they
-# matter, and the decode GEMMs. Each switch is read once per process, so each side is its own process.
-FAST_PATH_POINTS=${FAST_PATH_POINTS:-"llama-2-7b:3968:1 llama-2-7b:3968:0.5 llama-3-8b:8192:0.625"}
-if has_stage fast-paths; then
-  for side in off on; do
-    env=(POLAR_PDL=0 POLAR_SKINNY_GEMM=0); [ $side = on ] && env=(POLAR_PDL=1 POLAR_SKINNY_GEMM=1)
-    for point in $FAST_PATH_POINTS; do
-      IFS=: read -r shape ctx density <<< "$point"
-      name="fast-paths-$side-$shape-c$ctx-d$density"
-      log "fast paths $side: $shape ctx $ctx density $density"
-      env "${env[@]}" "$BUILD_DIR/src/polar" bench --device cuda --shape "$shape" --ctx "$ctx" --batch 1,8,16 \
-        --density "$density" --csv "$RESULTS/$name.csv" > "$RESULTS/$name.txt" 2> "$RESULTS/$name.log" ||
-        tail -5 "$RESULTS/$name.log"
-    done
-    gemms=()
-    for m in 1 8 16; do for nk in 4096x4096 12288x4096 22016x4096 4096x11008 28672x4096 4096x14336; do
-      gemms+=(--gemm "${m}x$nk"); done; done
-    env "${env[@]}" "$BUILD_DIR/src/polar" bench-kernels --device cuda "${gemms[@]}" --csv "$RESULTS/fast-paths-$side-gemm.csv" \
-      > "$RESULTS/fast-paths-$side-gemm.txt" 2> "$RESULTS/fast-paths-$side-gemm.log" || tail -5 "$RESULTS/fast-paths-$side-gemm.log"
-  done
-fi
-
 # Where a step's time goes (issue 18's small batches), with Nsight Compute (Nsight Systems cannot make
 # reports on these machines: the device tool's KINDS.md): the profiled decode step of `polar bench` (op by
 # op, the span the backend opens with cudaProfilerStart) under `ncu --profile-from-start off`, one duration
@@ -474,26 +439,6 @@ if has_stage tp; then
       [ -f "$RESULTS/tp-$shape-$mode.txt" ] && { echo "-- $shape --tp 1, $mode"; cat "$RESULTS/tp-$shape-$mode.txt"; }
     done
   done
-fi
-if has_stage fast-paths; then
-  echo "-- opt-in fast paths off -> on (POLAR_PDL=1 POLAR_SKINNY_GEMM=1), same run"
-  python3 - "$RESULTS" $FAST_PATH_POINTS <<'PY'
-import csv, os, sys
-res = sys.argv[1]
-def rows(path, key):
-    return {r[key]: r for r in csv.DictReader(open(path))} if os.path.exists(path) else {}
-for point in sys.argv[2:]:
-    shape, ctx, density = point.split(":")
-    off, on = (rows(f"{res}/fast-paths-{s}-{shape}-c{ctx}-d{density}.csv", "batch") for s in ("off", "on"))
-    for b in off:
-        if b in on:
-            a, c = float(off[b]["step_ms"]), float(on[b]["step_ms"])
-            print(f"{shape} ctx {ctx} d {density} B{b}: {a:.3f} -> {c:.3f} ms ({a / c:.3f}x); x_read {on[b]['x_read']}")
-off, on = (rows(f"{res}/fast-paths-{s}-gemm.csv", "shape") for s in ("off", "on"))
-for k in off:
-    if k in on:
-        print(f"gemm {k}: {float(off[k]['ms']):.4f} -> {float(on[k]['ms']):.4f} ms, of read {off[k]['of_read']} -> {on[k]['of_read']}")
-PY
 fi
 if has_stage profile; then
   for point in $PROFILE_POINTS; do

@@ -19,7 +19,6 @@
 #ifdef POLAR_HAVE_CUDA
 #include "ops/cuda/bandwidth.h"
 #include "ops/cuda/cuda_backend.h"
-#include "ops/cuda/skinny_gemm.h"
 #endif
 
 namespace polar {
@@ -164,46 +163,6 @@ TEST_P(CudaOps, LinearMatchesCpuOverOddShapes) {
       }
     }
 }
-
-#ifdef POLAR_HAVE_CUDA
-// Every variant of the skinny GEMM (which the GEMM planner picks by timing, so linear alone would test only
-// the winner on this GPU) against the CPU's linear: m across its two row tiles, k with a partial 32-wide step
-// and fewer steps than a cluster has warps, n with partial column tiles; bias, ReLU and accumulate.
-TEST_P(CudaOps, SkinnyGemmVariantsMatchCpu) {
-  for (int64_t m : {1, 5, 8, 9, 16})
-    for (auto [n, k] : {std::pair<int64_t, int64_t>{5, 8}, {40, 264}, {1000, 1536}, {130, 4104}}) {
-      Tensor x = host_random({m, k}), w = host_random({n, k}, -0.2f, 0.2f), b = host_random({n}), y0 = host_random({m, n});
-      Tensor dx = dev(x), dw = dev(w), db = dev(b);
-      for (int mode = 0; mode < 4; ++mode) {  // plain, + bias, + bias + ReLU, + bias + accumulate
-        Tensor ref = Tensor::empty(DType::F32, {m, n});
-        std::copy(y0.data<float>(), y0.data<float>() + y0.numel(), ref.data<float>());
-        cpu_->linear(x, w, mode ? &b : nullptr, ref, mode == 3);
-        if (mode == 2)
-          for (int64_t i = 0; i < ref.numel(); ++i) ref.data<float>()[i] = std::max(ref.data<float>()[i], 0.0f);
-        for (int variant = 0; variant < cuda::kSkinnyVariants; ++variant) {
-          SCOPED_TRACE(testing::Message() << "m=" << m << " n=" << n << " k=" << k << " mode=" << mode
-                                          << " variant=" << variant);
-          Tensor got = mode == 3 ? dev(y0) : poisoned({m, n});
-          cuda::SkinnyGemm g;
-          g.x = dx.raw();
-          g.w = dw.raw();
-          g.bias = mode ? db.raw() : nullptr;
-          g.y = got.raw();
-          g.m = m;
-          g.n = n;
-          g.k = k;
-          g.relu = mode == 2;
-          g.accumulate = mode == 3;
-          ASSERT_TRUE(cuda::skinny_gemm_supports(g));
-          ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);  // the uploads, on the backend's stream
-          cuda::skinny_gemm(g, variant, dt() == DType::BF16 ? cuda::Elem::BF16 : cuda::Elem::F16, nullptr);
-          ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-          EXPECT_LT(rel_err(back(got), ref), tol());
-        }
-      }
-    }
-}
-#endif
 
 TEST_P(CudaOps, NormsMatchCpu) {
   for (int64_t rows : {1, 3, 17, 129})

@@ -22,7 +22,8 @@
 //   flight moved ~47% of copy bandwidth, three CTAs per SM with 1 tile each ~86%), so address arithmetic
 //   is kept out of the copy loop: a key's cache address costs a multiply-shift division by the block size
 //   (BlockDiv) and 32-bit offsets inside a block's [Hkv, block_size, dh] slab, not two runtime divisions
-//   and 64-bit products per 16-byte copy: 2.5-12% faster decode at every `polar bench-kernels` shape.
+//   and 64-bit products per 16-byte copy: 2.5-12% faster decode at every `polar bench-kernels` shape; and
+//   each thread copies a run of consecutive keys, looking the block table up once per block it enters.
 // - Softmax: fp32, base 2 (scores prescaled by scale*log2e), online per row; a row that has seen no key
 //   yet keeps m = -inf and uses 0 as its reference so that no -inf - -inf is ever evaluated.
 // - Split-K (decode only): splits are sized on the host from the grid (launched heads x tokens, in waves
@@ -35,10 +36,8 @@
 
 #include <algorithm>
 #include <climits>
-#include <cstdlib>
 #include <cstdint>
 #include <numeric>
-#include <string_view>
 #include <type_traits>
 
 #include "core/error.h"
@@ -124,13 +123,7 @@ __device__ __forceinline__ int window_start(int pos, int window) { return window
 // ws_o [T*H][splits][DH] (unnormalised fp32 accumulator). keys_per_split is ignored when splits == 1.
 // Fragment layouts (PTX ISA, mma.m16n8k16): lane = 4*r + c holds rows r and r+8; A pairs at k = 2c(+8);
 // B pairs at k = 2c(+8), n = r; C pairs at n = 2c.
-// How a decode CTA copies K/V tiles into shared memory (an A/B while they are measured: POLAR_KV_LOADER):
-// per_key, 16-byte cp.async with a block-table lookup per key and column; runs, 16-byte cp.async over
-// runs of consecutive keys, one lookup per block a run enters; bulk, one cp.async.bulk per key row (the
-// copy engine, 1 instruction per row instead of DH / 8), completing on an mbarrier per stage.
-enum class KvLoader { per_key, runs, bulk };
-
-template <typename T, int DH, bool kDecode, KvLoader kLoader = KvLoader::per_key>
+template <typename T, int DH, bool kDecode>
 __global__ void __launch_bounds__(kThreads, 2)
     attention_kernel(const PagedAttention a, BlockDiv bdiv, int splits, int keys_per_split, float2* ws_ml, float* ws_o) {
   using D = Dims<DH>;
@@ -139,7 +132,6 @@ __global__ void __launch_bounds__(kThreads, 2)
   T* v_tiles = k_tiles + D::kStages * kTileKeys * D::kPitch;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int r4 = lane >> 2, c4 = lane & 3;
-  pdl_enter();
 
   // Which KV head and which of its query heads this CTA serves.
   const int group = a.H / a.Hkv;
@@ -191,84 +183,37 @@ __global__ void __launch_bounds__(kThreads, 2)
   const T* k_cache = static_cast<const T*>(a.k_cache);
   const T* v_cache = static_cast<const T*>(a.v_cache);
   const int block_elems = a.Hkv * a.block_size * DH, head_elems = g * a.block_size * DH;
-  // Bulk loader: one mbarrier per stage after the tiles (and the merge rows), every thread arriving once a use.
-  const uint32_t bars = smem_u32(smem + D::kSmemBytes);
+  // Thread tid copies 16-byte column tid % kVecs of kRunKeys consecutive keys from row (tid / kVecs) *
+  // kRunKeys: one block-table lookup and division per block the run enters, not per key and column, so the
+  // copy loop is little more than the copies (issue slots are what limits a decode CTA). On an H100 this
+  // took 0-3% off every decode shape against per-key lookups; one cp.async.bulk per key row (the copy
+  // engine, 1 instruction per row) did no better (docs/benchmarks.md, 2026-12-07).
   auto load_tile = [&](int tile, int buf) {
     T* kd = k_tiles + buf * kTileKeys * D::kPitch;
     T* vd = v_tiles + buf * kTileKeys * D::kPitch;
-    const int base = klo + tile * kTileKeys;
-    if constexpr (kLoader == KvLoader::bulk) {
-      // Thread tid copies key row tid % 64 of K (tid < 64) or V: DH elements, contiguous in the block's
-      // head slab, into its padded shared row. Keys >= khi get zeros by plain stores instead.
-      static_assert(kThreads == 2 * kTileKeys);
-      const int row = tid % kTileKeys, p = base + row;
-      T* dst = (tid < kTileKeys ? kd : vd) + row * D::kPitch;
-      const uint32_t bar = bars + 8 * buf;
-      if (p < khi) {
-        const int blk = bdiv.div(p);
-        const T* src = (tid < kTileKeys ? k_cache : v_cache) + int64_t(table[blk]) * block_elems +
-                       (head_elems + (p - blk * a.block_size) * DH);
-        mbarrier_arrive_expect_tx(bar, DH * sizeof(T));
-        bulk_copy_g2s(smem_u32(dst), src, DH * sizeof(T), bar);
-      } else {
+    constexpr int kRunGroups = kThreads / D::kVecs, kRunKeys = (kTileKeys + kRunGroups - 1) / kRunGroups;
+    const int grp = tid / D::kVecs, col = (tid % D::kVecs) * 8, row0 = grp * kRunKeys;
+    if (grp >= kRunGroups) return;  // DH 80 / 96: the threads past whole rows copy nothing
+    int p = klo + tile * kTileKeys + row0;
+    int blk = bdiv.div(p), in_blk = p - blk * a.block_size;
+    int64_t off = p < khi ? int64_t(table[blk]) * block_elems + (head_elems + in_blk * DH + col) : 0;
 #pragma unroll
-        for (int c = 0; c < DH; c += 8) *reinterpret_cast<uint4*>(dst + c) = make_uint4(0, 0, 0, 0);
-        mbarrier_arrive_expect_tx(bar, 0);
+    for (int r = 0; r < kRunKeys; ++r) {
+      if (kRunGroups * kRunKeys == kTileKeys || row0 + r < kTileKeys) {
+        const bool ok = p < khi;
+        cp_async16(kd + (row0 + r) * D::kPitch + col, k_cache + (ok ? off : 0), ok);
+        cp_async16(vd + (row0 + r) * D::kPitch + col, v_cache + (ok ? off : 0), ok);
       }
-    } else if constexpr (kLoader == KvLoader::runs) {
-      // Thread tid copies 16-byte column tid % kVecs of kRunKeys consecutive keys from row
-      // (tid / kVecs) * kRunKeys: one block-table lookup and division per block the run enters, not per
-      // key, so the copy loop is little more than the copies (what limits a decode CTA is issue slots).
-      constexpr int kRunGroups = kThreads / D::kVecs, kRunKeys = (kTileKeys + kRunGroups - 1) / kRunGroups;
-      const int grp = tid / D::kVecs, col = (tid % D::kVecs) * 8, row0 = grp * kRunKeys;
-      if (grp < kRunGroups) {
-        int p = base + row0;
-        int blk = bdiv.div(p), in_blk = p - blk * a.block_size;
-        int64_t off = p < khi ? int64_t(table[blk]) * block_elems + (head_elems + in_blk * DH + col) : 0;
-#pragma unroll
-        for (int r = 0; r < kRunKeys; ++r) {
-          if (kRunGroups * kRunKeys == kTileKeys || row0 + r < kTileKeys) {
-            const bool ok = p < khi;
-            cp_async16(kd + (row0 + r) * D::kPitch + col, k_cache + (ok ? off : 0), ok);
-            cp_async16(vd + (row0 + r) * D::kPitch + col, v_cache + (ok ? off : 0), ok);
-          }
-          ++p;
-          off += DH;
-          if (++in_blk == a.block_size) {
-            in_blk = 0;
-            ++blk;
-            if (p < khi) off = int64_t(table[blk]) * block_elems + (head_elems + col);
-          }
-        }
-      }
-    } else {
-      // Partly unrolled: enough lookups in flight, without the registers of all of them (3 CTAs/SM at dh 128).
-#pragma unroll 4
-      for (int i = 0; i < (kTileKeys * D::kVecs + kThreads - 1) / kThreads; ++i) {
-        const unsigned v = tid + i * kThreads;  // unsigned: the divisions below are shifts for most DH
-        if (kTileKeys * D::kVecs % kThreads == 0 || v < kTileKeys * D::kVecs) {
-          const int row = static_cast<int>(v / D::kVecs), col = static_cast<int>(v % D::kVecs) * 8;
-          const int p = base + row;
-          const bool ok = p < khi;
-          int64_t off = 0;
-          if (ok) {
-            const int blk = bdiv.div(p);
-            off = int64_t(table[blk]) * block_elems + (head_elems + (p - blk * a.block_size) * DH + col);
-          }
-          cp_async16(kd + row * D::kPitch + col, k_cache + off, ok);
-          cp_async16(vd + row * D::kPitch + col, v_cache + off, ok);
-        }
+      ++p;
+      off += DH;
+      if (++in_blk == a.block_size) {
+        in_blk = 0;
+        ++blk;
+        if (p < khi) off = int64_t(table[blk]) * block_elems + (head_elems + col);
       }
     }
   };
   const int ntiles = (khi - klo + kTileKeys - 1) / kTileKeys;
-  if constexpr (kLoader == KvLoader::bulk) {
-    if (tid == 0) {
-      for (int s = 0; s < D::kStages; ++s) mbarrier_init(bars + 8 * s, kThreads);
-      mbarrier_init_fence();
-    }
-    __syncthreads();
-  }
 #pragma unroll
   for (int s = 0; s < D::kStages - 1; ++s) {
     if (s < ntiles) load_tile(s, s);
@@ -392,10 +337,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     warp_hi = __reduce_max_sync(0xffffffffu, max(hi[0], hi[1]));
   }
   for (int it = 0; it < ntiles; ++it) {
-    if constexpr (kLoader == KvLoader::bulk)
-      mbarrier_wait(bars + 8 * (it % D::kStages), (it / D::kStages) & 1);
-    else
-      cp_async_wait<D::kStages - 2>();
+    cp_async_wait<D::kStages - 2>();
     __syncthreads();  // tile `it` is visible to all, and every warp is done with the buffer refilled below
     if (it + D::kStages - 1 < ntiles) load_tile(it + D::kStages - 1, (it + D::kStages - 1) % D::kStages);
     cp_async_commit();
@@ -484,7 +426,6 @@ template <typename T, int DH>
 __global__ void __launch_bounds__(kThreads) combine_kernel(const float2* ws_ml, const float* ws_o, int64_t rows,
                                                            int splits, T* out) {
   constexpr int kPerLane = (DH + 31) / 32;
-  pdl_enter();
   const int64_t row = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (row >= rows) return;
@@ -571,29 +512,6 @@ SplitPlan plan_splits_for(const PagedAttention& a, int resident) {
   return plan;
 }
 
-KvLoader kv_loader() {
-  static const KvLoader loader = [] {
-    const char* v = std::getenv("POLAR_KV_LOADER");
-    const std::string_view name = v ? v : "";
-    return name == "runs" ? KvLoader::runs : name == "bulk" ? KvLoader::bulk : KvLoader::per_key;
-  }();
-  return loader;
-}
-
-// The decode kernel of the chosen loader and its dynamic shared memory (bulk: + its stage barriers).
-template <typename T, int DH> auto decode_kernel(KvLoader loader) {
-  using D = Dims<DH>;
-  struct Choice {
-    void (*kernel)(const PagedAttention, BlockDiv, int, int, float2*, float*);
-    int smem;
-  };
-  switch (loader) {
-    case KvLoader::runs: return Choice{attention_kernel<T, DH, true, KvLoader::runs>, D::kSmemBytes};
-    case KvLoader::bulk: return Choice{attention_kernel<T, DH, true, KvLoader::bulk>, D::kSmemBytes + 8 * D::kStages};
-    default: return Choice{attention_kernel<T, DH, true>, D::kSmemBytes};
-  }
-}
-
 template <typename T, int DH>
 void launch(const PagedAttention& a, const SplitPlan& plan, void* workspace, cudaStream_t stream) {
   using D = Dims<DH>;
@@ -613,16 +531,16 @@ void launch(const PagedAttention& a, const SplitPlan& plan, void* workspace, cud
               : cudaMemsetAsync(a.out, 0, sizeof(T) * size_t(a.T) * a.H * DH, stream);
       if (err != cudaSuccess) fail("attention: clearing skipped heads failed: {}", cudaGetErrorString(err));
     }
-    const auto [kernel, smem] = decode_kernel<T, DH>(kv_loader());
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess)
-      fail("attention: cannot give the decode kernel {} bytes of shared memory (dh {})", smem, DH);
-    launch_pdl("attention decode", kernel, dim3(a.T, y, plan.splits), kThreads, smem, stream, a,
-               BlockDiv::of(a.block_size), plan.splits, plan.keys_per_split, ws_ml, ws_o);
+    const auto kernel = attention_kernel<T, DH, true>;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, D::kSmemBytes) != cudaSuccess)
+      fail("attention: cannot give the decode kernel {} bytes of shared memory (dh {})", D::kSmemBytes, DH);
+    launch_kernel("attention decode", kernel, dim3(a.T, y, plan.splits), kThreads, D::kSmemBytes, stream, a,
+                  BlockDiv::of(a.block_size), plan.splits, plan.keys_per_split, ws_ml, ws_o);
     if (plan.splits > 1) {
       const int64_t rows = int64_t(a.T) * a.H;
-      launch_pdl("attention split-K combine", combine_kernel<T, DH>, static_cast<unsigned>((rows + kWarps - 1) / kWarps),
-                 kThreads, 0, stream, static_cast<const float2*>(ws_ml), static_cast<const float*>(ws_o), rows,
-                 plan.splits, static_cast<T*>(a.out));
+      launch_kernel("attention split-K combine", combine_kernel<T, DH>, static_cast<unsigned>((rows + kWarps - 1) / kWarps),
+                    kThreads, 0, stream, static_cast<const float2*>(ws_ml), static_cast<const float*>(ws_o), rows,
+                    plan.splits, static_cast<T*>(a.out));
     }
   } else {
     if (a.S > 65535) fail("attention: {} sequences in one prefill step exceed the grid's z limit", a.S);
@@ -631,8 +549,8 @@ void launch(const PagedAttention& a, const SplitPlan& plan, void* workspace, cud
     const auto kernel = attention_kernel<T, DH, false>;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, D::kSmemBytes) != cudaSuccess)
       fail("attention: cannot give the prefill kernel {} bytes of shared memory (dh {})", D::kSmemBytes, DH);
-    launch_pdl("attention prefill", kernel, dim3(tiles, y, a.S), kThreads, D::kSmemBytes, stream, a,
-               BlockDiv::of(a.block_size), 1, 0, static_cast<float2*>(nullptr), static_cast<float*>(nullptr));
+    launch_kernel("attention prefill", kernel, dim3(tiles, y, a.S), kThreads, D::kSmemBytes, stream, a,
+                  BlockDiv::of(a.block_size), 1, 0, static_cast<float2*>(nullptr), static_cast<float*>(nullptr));
   }
 }
 
@@ -664,8 +582,7 @@ int resident_decode_ctas(const PagedAttention& a, int num_sms) {
   dispatch(a, [&](auto* tag, auto dh) {
     using T = std::remove_pointer_t<decltype(tag)>;
     constexpr int DH = decltype(dh)::value;
-    const auto [kernel, smem] = decode_kernel<T, DH>(kv_loader());
-    per_sm = ctas_per_sm(kernel, kThreads, smem, "attention decode");
+    per_sm = ctas_per_sm(attention_kernel<T, DH, true>, kThreads, Dims<DH>::kSmemBytes, "attention decode");
   });
   return per_sm * std::max(num_sms, 1);
 }

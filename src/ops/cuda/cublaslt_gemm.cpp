@@ -1,7 +1,6 @@
 #include "ops/cuda/cublaslt_gemm.h"
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstdint>
 #include <vector>
 
@@ -21,20 +20,6 @@ int alignment_of(const void* p) {
   const auto v = reinterpret_cast<uintptr_t>(p);
   for (int a : {256, 128, 64, 32, 16, 8, 4}) if (v % a == 0) return a;
   return 2;
-}
-
-// The skinny GEMM joins the timed candidates only with POLAR_SKINNY_GEMM=1 until its parity test has passed
-// and it has been timed on a GPU: written in a session that got no GPU (docs/benchmarks.md, "Not yet run on
-// a GPU").
-// g as the skinny GEMM's arguments (meaningful for w [n, k] only: callers check !w_kn).
-SkinnyGemm skinny_of(const Gemm& g) { return {g.x, g.w, g.bias, g.y, g.m, g.n, g.k, g.relu, g.accumulate}; }
-
-bool skinny_enabled() {
-  static const bool enabled = [] {
-    const char* v = std::getenv("POLAR_SKINNY_GEMM");
-    return v && v[0] == '1';
-  }();
-  return enabled;
 }
 
 }  // namespace
@@ -58,7 +43,6 @@ void GemmPlanner::run(const Gemm& g, cudaStream_t stream, void* workspace, bool 
   Plan& p = plan({g.m, g.n, g.k, g.bias != nullptr, g.relu, g.w_kn, g.accumulate, alignment_of(g.x),
                   alignment_of(g.w), alignment_of(g.y)},
                  g, at);
-  if (p.skinny >= 0) return skinny_gemm(skinny_of(g), p.skinny, elem(), stream);
   if (g.bias)
     lt_check(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias, sizeof(g.bias)),
              "bias");
@@ -127,7 +111,7 @@ GemmPlanner::Plan& GemmPlanner::plan(const Key& key, const Gemm& g, const Launch
   p.algo = results[0].algo;
   if (!at.capturing) {
     add_split_k_variants(p, results);
-    pick_fastest(p, results, g, skinny_enabled() && !key.w_kn && skinny_gemm_supports(skinny_of(g)), at);
+    pick_fastest(p, results, g, at);
   }
   if (m > kExactTuneRows && !at.capturing) tuned_for_rows_.emplace(row_bucket_key(key), p.algo);
   return plans_.emplace(key, p).first->second;
@@ -172,37 +156,24 @@ void GemmPlanner::add_split_k_variants(const Plan& p, std::vector<cublasLtMatmul
   }
 }
 
-// The fastest of cuBLASLt's candidate algorithms for a plan and, where `skinny`, the skinny GEMM's variants:
-// the heuristic's first pick is made for throughput-sized problems and leaves much of the bandwidth unused on
-// some decode shapes (on an H200, m <= 256 x n = k = 4096 ran at 61% of copy bandwidth). Each candidate is
-// timed (time_variants) into a scratch output; without memory for the scratch (a cache filling the device)
-// the first pick stays.
+// The fastest of cuBLASLt's candidate algorithms for a plan: the heuristic's first pick is made for
+// throughput-sized problems and leaves much of the bandwidth unused on some decode shapes (on an H200,
+// m <= 256 x n = k = 4096 ran at 61% of copy bandwidth). Each candidate is timed (time_variants) into a
+// scratch output; without memory for the scratch (a cache filling the device) the first pick stays.
 void GemmPlanner::pick_fastest(Plan& p, const std::vector<cublasLtMatmulHeuristicResult_t>& results, const Gemm& g,
-                               bool skinny, const Launch& at) {
-  const size_t variants = results.size() + (skinny ? kSkinnyVariants : 0);
-  if (variants == 1) return;
+                               const Launch& at) {
+  if (results.size() == 1) return;
   void* y = nullptr;
   if (cudaMalloc(&y, static_cast<size_t>(g.m * g.n) * 2) != cudaSuccess) {
     cudaGetLastError();
     return;
   }
-  SkinnyGemm s = skinny_of(g);
-  s.y = y;
-  const std::vector<float> ms = time_variants(device_, at.stream, variants, [&](size_t i) {
-    if (i >= results.size()) {
-      skinny_gemm(s, static_cast<int>(i - results.size()), elem(), at.stream);
-      return true;
-    }
+  const std::vector<float> ms = time_variants(device_, at.stream, results.size(), [&](size_t i) {
     return matmul(p, results[i].algo, g.x, g.w, y, g.accumulate, at) == CUBLAS_STATUS_SUCCESS;
   });
   cuda_check(cudaFree(y), "cudaFree");
   if (ms.empty()) return;
-  const size_t best = std::min_element(ms.begin(), ms.end()) - ms.begin();
-  if (best >= results.size()) {
-    p.skinny = static_cast<int>(best - results.size());
-  } else {
-    p.algo = results[best].algo;
-  }
+  p.algo = results[std::min_element(ms.begin(), ms.end()) - ms.begin()].algo;
 }
 
 }  // namespace polar::cuda

@@ -1,7 +1,6 @@
 // GEMMs of the CUDA backend (cuda_backend.cpp: linear, the unselected MLP projections, the dense path of the
-// sparse MLP): one plan per shape, whose kernel is the fastest of cuBLASLt's candidates, their split-K
-// variants and, for decode-sized m, polar's skinny GEMM variants (skinny_gemm.h), timed on the device when
-// the shape is first met.
+// sparse MLP): one plan per shape, whose kernel is the fastest of cuBLASLt's candidates and their split-K
+// variants, timed on the device when the shape is first met.
 #pragma once
 #include <cublasLt.h>
 #include <cuda_runtime.h>
@@ -12,7 +11,6 @@
 #include <vector>
 
 #include "core/tensor.h"
-#include "ops/cuda/skinny_gemm.h"
 
 namespace polar::cuda {
 
@@ -50,7 +48,6 @@ class GemmPlanner {
     cublasLtMatmulDesc_t desc = nullptr;
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
     cublasLtMatmulAlgo_t algo{};
-    int skinny = -1;  // the skinny_gemm variant that ran faster than every cuBLASLt candidate, or -1
   };
 
   // What a GEMM plan depends on: shape, epilogue, weight layout, beta, and the operands' alignments.
@@ -78,11 +75,9 @@ class GemmPlanner {
   static Key row_bucket_key(Key key);
   void add_split_k_variants(const Plan& p, std::vector<cublasLtMatmulHeuristicResult_t>& results);
   void pick_fastest(Plan& p, const std::vector<cublasLtMatmulHeuristicResult_t>& results, const Gemm& g,
-                    bool skinny, const Launch& at);
+                    const Launch& at);
   cublasStatus_t matmul(const Plan& plan, const cublasLtMatmulAlgo_t& algo, const void* x, const void* w, void* y,
                         bool accumulate, const Launch& at);
-
-  Elem elem() const { return dtype_ == DType::BF16 ? Elem::BF16 : Elem::F16; }
 
   int device_;
   DType dtype_;

@@ -51,51 +51,12 @@ inline void check_launch(const char* what) {
   if (err != cudaSuccess) fail("CUDA kernel {} failed to launch: {}", what, cudaGetErrorString(err));
 }
 
-// ---- programmatic dependent launch (PDL, sm_90) ----
-// A decode step is hundreds of short kernels in a row; normally each starts only after the one before it has
-// finished and its writes are flushed, so every boundary leaves the GPU idle for a launch latency. A kernel
-// launched by launch_pdl may start while the kernel before it on the stream is still running: it calls
-// pdl_wait() (griddepcontrol.wait: returns once that kernel has completed and its writes are visible) before
-// it reads anything that kernel wrote or writes anything it reads, so only work that touches neither (index
-// arithmetic, loads of weights, which no step writes) overlaps the other kernel's tail. pdl_trigger() lets
-// the next PDL kernel be launched before this one ends; pdl_enter() is both, for kernels with nothing to
-// overlap. All are no-ops in a kernel launched without the attribute.
-__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
-__device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
-__device__ __forceinline__ void pdl_enter() {
-  pdl_wait();
-  pdl_trigger();
-}
-
-// The launch attribute that makes a launch programmatic-dependent, or (its value 0) an ordinary launch.
-// Programmatic launches are opt-in (POLAR_PDL=1) until they have passed the CUDA tests and been timed on a
-// GPU: written in a session that got no GPU (docs/benchmarks.md, "Not yet run on a GPU").
-inline cudaLaunchAttribute pdl_attribute() {
-  static const bool enabled = [] {
-    const char* v = std::getenv("POLAR_PDL");
-    return v && v[0] == '1';
-  }();
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = enabled ? 1 : 0;
-  return attr;
-}
-
-// kernel<<<grid, block, smem, stream>>>(args...) as a programmatic dependent launch; the kernel must call
-// pdl_wait() (or pdl_enter()) before touching what other kernels write. `what` names it in the error.
+// kernel<<<grid, block, smem, stream>>>(args...), a launch error named by `what`.
 template <typename... Params, typename... Args>
-void launch_pdl(const char* what, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                Args&&... args) {
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr = pdl_attribute();
-  cfg.attrs = &attr;
-  cfg.numAttrs = 1;
-  const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
-  if (err != cudaSuccess) fail("CUDA kernel {} failed to launch: {}", what, cudaGetErrorString(err));
+void launch_kernel(const char* what, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                   Args&&... args) {
+  kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+  check_launch(what);
 }
 
 // How many CTAs of `kernel` (`threads` each, `bytes` of dynamic shared memory, which is reserved for it
@@ -137,34 +98,6 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
 __device__ __forceinline__ void cp_async4(void* dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_u32(dst)), "l"(src));
 }
-// Bulk copies (sm_90): `bytes` (a multiple of 16, both addresses 16-byte aligned) from global to shared by
-// the copy engine, completing as transaction bytes on an mbarrier. A barrier phase completes once `count`
-// threads have arrived and every byte they announced (arrive_expect_tx) has landed; wait with the phase's
-// parity (0, 1, 0, ... for its successive uses).
-__device__ __forceinline__ void mbarrier_init(uint32_t bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-// Makes initialised barriers visible to the copy engine (then a __syncthreads for the other threads).
-__device__ __forceinline__ void mbarrier_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
-__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  } while (!done);
-}
-__device__ __forceinline__ void bulk_copy_g2s(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
-               "l"(src), "r"(bytes), "r"(bar)
-               : "memory");
-}
-
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");

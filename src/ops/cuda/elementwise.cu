@@ -31,7 +31,6 @@ __global__ void convert_kernel(const In* in, Out* out, int64_t n) {
 // Elementwise op over n elements of T: out[i] = op(a[i], b[i]).
 template <typename T, typename Op>
 __global__ void binary_kernel(const T* a, const T* b, T* out, int64_t n, Op op) {
-  pdl_enter();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     out[i] = from_float<T>(op(to_float(a[i]), to_float(b[i])));
 }
@@ -45,8 +44,8 @@ template <typename Op> void launch_binary(const void* a, const void* b, void* ou
   if (n == 0) return;
   dispatch(e, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    launch_pdl(what, binary_kernel<T, Op>, grid_for(n, 4), kGridThreads, 0, stream, static_cast<const T*>(a),
-               static_cast<const T*>(b), static_cast<T*>(out), n, op);
+    launch_kernel(what, binary_kernel<T, Op>, grid_for(n, 4), kGridThreads, 0, stream, static_cast<const T*>(a),
+                  static_cast<const T*>(b), static_cast<T*>(out), n, op);
   });
 }
 
@@ -55,7 +54,6 @@ template <typename Op> void launch_binary(const void* a, const void* b, void* ou
 template <typename T>
 __global__ void embedding_kernel(const T* table, int64_t rows, int64_t d, const int32_t* ids, int64_t id_offset, T* out,
                                  int32_t* error_flag) {
-  pdl_enter();
   const int64_t t = blockIdx.x;
   const int64_t row = ids[t] + id_offset;
   T* dst = out + t * d;
@@ -71,7 +69,6 @@ __global__ void embedding_kernel(const T* table, int64_t rows, int64_t d, const 
 // out[T, F] = silu(gate_up[t, f]) * gate_up[t, F + f], grid-stride over T·F.
 template <typename T>
 __global__ void silu_mul_kernel(const T* gate_up, T* out, int64_t T_, int64_t F) {
-  pdl_enter();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < T_ * F; i += int64_t(gridDim.x) * blockDim.x) {
     const T* row = gate_up + i / F * 2 * F;
     const float g = to_float(row[i % F]), u = to_float(row[F + i % F]);
@@ -117,8 +114,8 @@ void embedding(const void* table, int64_t rows, int64_t d, const int32_t* ids, i
   if (n == 0) return;
   dispatch(e, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    launch_pdl("embedding", embedding_kernel<T>, static_cast<unsigned>(n), row_threads(d), 0, stream,
-               static_cast<const T*>(table), rows, d, ids, id_offset, static_cast<T*>(out), error_flag);
+    launch_kernel("embedding", embedding_kernel<T>, static_cast<unsigned>(n), row_threads(d), 0, stream,
+                  static_cast<const T*>(table), rows, d, ids, id_offset, static_cast<T*>(out), error_flag);
   });
 }
 
@@ -131,8 +128,8 @@ void silu_mul(const void* gate_up, void* out, int64_t T, int64_t F, Elem e, cuda
   if (T * F == 0) return;
   dispatch(e, [&](auto* tag) {
     using Ty = std::remove_pointer_t<decltype(tag)>;
-    launch_pdl("silu_mul", silu_mul_kernel<Ty>, grid_for(T * F, 4), kGridThreads, 0, stream,
-               static_cast<const Ty*>(gate_up), static_cast<Ty*>(out), T, F);
+    launch_kernel("silu_mul", silu_mul_kernel<Ty>, grid_for(T * F, 4), kGridThreads, 0, stream,
+                  static_cast<const Ty*>(gate_up), static_cast<Ty*>(out), T, F);
   });
 }
 

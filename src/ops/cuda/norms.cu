@@ -29,7 +29,6 @@ __device__ float block_sum(float v, float* scratch) {
 template <typename T>
 __global__ void norm_kernel(T* x, const T* delta, const T* w, const T* b, float eps, bool rms, int64_t d, T* out) {
   __shared__ float scratch[32];
-  pdl_enter();
   T* xr = x + blockIdx.x * d;
   T* orow = out + blockIdx.x * d;
   // The residual add: each thread updates the elements it reads below (same stride), so no barrier.
@@ -79,9 +78,9 @@ void norm(void* x, const void* delta, const void* w, const void* b, float eps, b
   if (rows == 0) return;
   dispatch(e, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    launch_pdl(rms ? "rms_norm" : "layer_norm", norm_kernel<T>, static_cast<unsigned>(rows), row_threads(d), 0, stream,
-               static_cast<T*>(x), static_cast<const T*>(delta), static_cast<const T*>(w), static_cast<const T*>(b),
-               eps, rms, d, static_cast<T*>(out));
+    launch_kernel(rms ? "rms_norm" : "layer_norm", norm_kernel<T>, static_cast<unsigned>(rows), row_threads(d), 0, stream,
+                  static_cast<T*>(x), static_cast<const T*>(delta), static_cast<const T*>(w), static_cast<const T*>(b),
+                  eps, rms, d, static_cast<T*>(out));
   });
 }
 

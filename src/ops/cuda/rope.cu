@@ -26,7 +26,6 @@ template <typename T>
 __global__ void rope_kv_append_kernel(const T* qkv, T* q, int64_t H, const int32_t* positions, const float* inv_freq,
                                       const int32_t* slots, int64_t Hkv, int64_t dh, T* k_cache, T* v_cache,
                                       int64_t num_slots, int64_t block_size, int32_t* error_flag) {
-  pdl_enter();
   const int64_t t = blockIdx.x, half = dh / 2, width = H + 2 * Hkv;
   const int64_t slot = slots[t];
   const bool slot_ok = slot >= 0 && slot < num_slots;
@@ -63,10 +62,10 @@ void rope_kv_append(const void* qkv, void* q, int64_t H, const int32_t* position
   if (T == 0) return;
   dispatch(e, [&](auto* tag) {
     using Ty = std::remove_pointer_t<decltype(tag)>;
-    launch_pdl("rope_kv_append", rope_kv_append_kernel<Ty>, static_cast<unsigned>(T),
-               row_threads((H + 2 * Hkv) * dh / 2), 0, stream, static_cast<const Ty*>(qkv), static_cast<Ty*>(q), H,
-               positions, inv_freq, slots, Hkv, dh, static_cast<Ty*>(k_cache), static_cast<Ty*>(v_cache), num_slots,
-               block_size, error_flag);
+    launch_kernel("rope_kv_append", rope_kv_append_kernel<Ty>, static_cast<unsigned>(T),
+                  row_threads((H + 2 * Hkv) * dh / 2), 0, stream, static_cast<const Ty*>(qkv), static_cast<Ty*>(q), H,
+                  positions, inv_freq, slots, Hkv, dh, static_cast<Ty*>(k_cache), static_cast<Ty*>(v_cache), num_slots,
+                  block_size, error_flag);
   });
 }
 

@@ -33,7 +33,6 @@ __global__ void route_heads_kernel(const T* scores, int H, int group, int k, Row
   __shared__ int32_t kept[1024];
   __shared__ double threshold;
   __shared__ int n_kept;
-  pdl_enter();
   const int G = H / group;
   const T* row = scores + int64_t(blockIdx.x) * H;
   for (int g = threadIdx.x; g < G; g += blockDim.x) {
@@ -91,7 +90,6 @@ template <typename T>
 __global__ void keep_heads_kernel(T* out, int H, int group, int dh, const int32_t* heads, int k, int heads_stride,
                                   const int32_t* dense_tokens, int32_t* error_flag) {
   extern __shared__ uint32_t kept_bits[];  // [(U + 31) / 32]
-  pdl_enter();
   const int64_t t = blockIdx.x;
   if (dense_tokens && dense_tokens[t]) return;  // the whole CTA leaves: no barrier is skipped by part of it
   const int U = H / group, words = (U + 31) / 32;
@@ -299,9 +297,9 @@ void route_heads(const void* scores, int64_t R, int64_t H, int64_t group, int64_
   if (R == 0) return;
   dispatch(e, [&](auto* tag) {
     using Ty = std::remove_pointer_t<decltype(tag)>;
-    launch_pdl("route_heads", route_heads_kernel<Ty>, static_cast<unsigned>(R), kGridThreads, 0, stream,
-               static_cast<const Ty*>(scores), static_cast<int>(H), static_cast<int>(group), static_cast<int>(k), cutoff,
-               idx);
+    launch_kernel("route_heads", route_heads_kernel<Ty>, static_cast<unsigned>(R), kGridThreads, 0, stream,
+                  static_cast<const Ty*>(scores), static_cast<int>(H), static_cast<int>(group), static_cast<int>(k), cutoff,
+                  idx);
   });
 }
 
@@ -344,10 +342,10 @@ void keep_heads(void* out, int64_t T, int64_t H, int64_t group, int64_t dh, cons
   if (bytes > 48 * 1024) fail("keep_heads: a bitmap of {} units exceeds 48 KB of shared memory", H / group);
   dispatch(e, [&](auto* tag) {
     using Ty = std::remove_pointer_t<decltype(tag)>;
-    launch_pdl("keep_heads", keep_heads_kernel<Ty>, static_cast<unsigned>(T), row_threads(H * dh),
-               static_cast<size_t>(bytes), stream, static_cast<Ty*>(out), static_cast<int>(H), static_cast<int>(group),
-               static_cast<int>(dh), heads, static_cast<int>(k), static_cast<int>(heads_stride), dense_tokens,
-               error_flag);
+    launch_kernel("keep_heads", keep_heads_kernel<Ty>, static_cast<unsigned>(T), row_threads(H * dh),
+                  static_cast<size_t>(bytes), stream, static_cast<Ty*>(out), static_cast<int>(H), static_cast<int>(group),
+                  static_cast<int>(dh), heads, static_cast<int>(k), static_cast<int>(heads_stride), dense_tokens,
+                  error_flag);
   });
 }
 

@@ -19,7 +19,6 @@ namespace {
 
 template <typename T>
 __global__ void argmax_kernel(const T* logits, int64_t V, int32_t* out) {
-  pdl_enter();
   const T* row = logits + blockIdx.x * V;
   float best = -FLT_MAX;
   int32_t best_i = INT32_MAX;
@@ -258,8 +257,8 @@ void argmax(const void* logits, int64_t R, int64_t V, int32_t* out, Elem e, cuda
   if (R == 0) return;
   dispatch(e, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    launch_pdl("argmax", argmax_kernel<T>, static_cast<unsigned>(R), 1024, 0, stream, static_cast<const T*>(logits), V,
-               out);
+    launch_kernel("argmax", argmax_kernel<T>, static_cast<unsigned>(R), 1024, 0, stream, static_cast<const T*>(logits), V,
+                  out);
   });
 }
 
