@@ -325,7 +325,10 @@ if has_stage profile; then
       log "profile: $shape ctx $ctx batch $batch density $density"
       bench=("$BUILD_DIR/src/polar" bench --device cuda --shape "$shape" --ctx "$ctx" --batch "$batch" --density "$density")
       "${bench[@]}" --steps 20 --csv "$RESULTS/$name-bench.csv" > "$RESULTS/$name.log" 2>&1 || { tail -5 "$RESULTS/$name.log"; continue; }
-      "$ncu" "${ncu_flags[@]}" --metrics gpu__time_duration.sum --csv --page raw --print-units base "${bench[@]}" --steps 1 \
+      # Caches left as the kernel before left them (--cache-control none), as in a step: ncu's default flush
+      # made B1's kernels add up to 7.48 ms against a 6.46 ms graph step (H100, 2026-12-07).
+      "$ncu" "${ncu_flags[@]}" --cache-control none --metrics gpu__time_duration.sum --csv --page raw --print-units base \
+        "${bench[@]}" --steps 1 \
         > "$RESULTS/$name-ncu.csv" 2>> "$RESULTS/$name.log" || tail -5 "$RESULTS/$name.log"
     done
     shape=$PROFILE_ATTENTION
@@ -460,7 +463,7 @@ total = sum(t for _, t in per.values())
 for name, (n, t) in sorted(per.items(), key=lambda kv: -kv[1][1])[:8]:
     print(f"{100 * t / total:5.1f}%  {n:5d} x {t / n / 1e3:8.2f} us  {name[:90]}")
 step = float(next(csv.DictReader(open(sys.argv[2])))["step_ms"])
-print(f"kernels {total / 1e6:.3f} ms in {len(rows)} launches, one at a time, caches flushed (ncu); "
+print(f"kernels {total / 1e6:.3f} ms in {len(rows)} launches, one at a time (ncu); "
       f"the graph-replayed step {step:.3f} ms")
 PY
   done
