@@ -534,13 +534,14 @@ void launch(const PagedAttention& a, const SplitPlan& plan, void* workspace, cud
     const auto kernel = attention_kernel<T, DH, true>;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, D::kSmemBytes) != cudaSuccess)
       fail("attention: cannot give the decode kernel {} bytes of shared memory (dh {})", D::kSmemBytes, DH);
-    launch_kernel("attention decode", kernel, dim3(a.T, y, plan.splits), kThreads, D::kSmemBytes, stream, a,
-                  BlockDiv::of(a.block_size), plan.splits, plan.keys_per_split, ws_ml, ws_o);
+    kernel<<<dim3(a.T, y, plan.splits), kThreads, D::kSmemBytes, stream>>>(a, BlockDiv::of(a.block_size), plan.splits,
+        plan.keys_per_split, ws_ml, ws_o);
+    check_launch("attention decode");
     if (plan.splits > 1) {
       const int64_t rows = int64_t(a.T) * a.H;
-      launch_kernel("attention split-K combine", combine_kernel<T, DH>, static_cast<unsigned>((rows + kWarps - 1) / kWarps),
-                    kThreads, 0, stream, static_cast<const float2*>(ws_ml), static_cast<const float*>(ws_o), rows,
-                    plan.splits, static_cast<T*>(a.out));
+      combine_kernel<T, DH><<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(static_cast<const float2*>(ws_ml),
+          static_cast<const float*>(ws_o), rows, plan.splits, static_cast<T*>(a.out));
+      check_launch("attention split-K combine");
     }
   } else {
     if (a.S > 65535) fail("attention: {} sequences in one prefill step exceed the grid's z limit", a.S);
@@ -549,8 +550,9 @@ void launch(const PagedAttention& a, const SplitPlan& plan, void* workspace, cud
     const auto kernel = attention_kernel<T, DH, false>;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, D::kSmemBytes) != cudaSuccess)
       fail("attention: cannot give the prefill kernel {} bytes of shared memory (dh {})", D::kSmemBytes, DH);
-    launch_kernel("attention prefill", kernel, dim3(tiles, y, a.S), kThreads, D::kSmemBytes, stream, a,
-                  BlockDiv::of(a.block_size), 1, 0, static_cast<float2*>(nullptr), static_cast<float*>(nullptr));
+    kernel<<<dim3(tiles, y, a.S), kThreads, D::kSmemBytes, stream>>>(a, BlockDiv::of(a.block_size), 1, 0,
+        static_cast<float2*>(nullptr), static_cast<float*>(nullptr));
+    check_launch("attention prefill");
   }
 }
 

@@ -51,14 +51,6 @@ inline void check_launch(const char* what) {
   if (err != cudaSuccess) fail("CUDA kernel {} failed to launch: {}", what, cudaGetErrorString(err));
 }
 
-// kernel<<<grid, block, smem, stream>>>(args...), a launch error named by `what`.
-template <typename... Params, typename... Args>
-void launch_kernel(const char* what, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                   Args&&... args) {
-  kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
-  check_launch(what);
-}
-
 // How many CTAs of `kernel` (`threads` each, `bytes` of dynamic shared memory, which is reserved for it
 // here, as a launch needs) one SM holds at once; `what` names the kernel in the error when none fits.
 template <typename Kernel> int ctas_per_sm(Kernel kernel, int threads, int bytes, const char* what) {

@@ -44,8 +44,9 @@ template <typename Op> void launch_binary(const void* a, const void* b, void* ou
   if (n == 0) return;
   dispatch(e, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    launch_kernel(what, binary_kernel<T, Op>, grid_for(n, 4), kGridThreads, 0, stream, static_cast<const T*>(a),
-                  static_cast<const T*>(b), static_cast<T*>(out), n, op);
+    binary_kernel<T, Op><<<grid_for(n, 4), kGridThreads, 0, stream>>>(static_cast<const T*>(a),
+        static_cast<const T*>(b), static_cast<T*>(out), n, op);
+    check_launch(what);
   });
 }
 
@@ -114,8 +115,9 @@ void embedding(const void* table, int64_t rows, int64_t d, const int32_t* ids, i
   if (n == 0) return;
   dispatch(e, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    launch_kernel("embedding", embedding_kernel<T>, static_cast<unsigned>(n), row_threads(d), 0, stream,
-                  static_cast<const T*>(table), rows, d, ids, id_offset, static_cast<T*>(out), error_flag);
+    embedding_kernel<T><<<static_cast<unsigned>(n), row_threads(d), 0, stream>>>(static_cast<const T*>(table), rows, d,
+        ids, id_offset, static_cast<T*>(out), error_flag);
+    check_launch("embedding");
   });
 }
 
@@ -128,8 +130,9 @@ void silu_mul(const void* gate_up, void* out, int64_t T, int64_t F, Elem e, cuda
   if (T * F == 0) return;
   dispatch(e, [&](auto* tag) {
     using Ty = std::remove_pointer_t<decltype(tag)>;
-    launch_kernel("silu_mul", silu_mul_kernel<Ty>, grid_for(T * F, 4), kGridThreads, 0, stream,
-                  static_cast<const Ty*>(gate_up), static_cast<Ty*>(out), T, F);
+    silu_mul_kernel<Ty><<<grid_for(T * F, 4), kGridThreads, 0, stream>>>(static_cast<const Ty*>(gate_up),
+        static_cast<Ty*>(out), T, F);
+    check_launch("silu_mul");
   });
 }
 

@@ -78,9 +78,10 @@ void norm(void* x, const void* delta, const void* w, const void* b, float eps, b
   if (rows == 0) return;
   dispatch(e, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    launch_kernel(rms ? "rms_norm" : "layer_norm", norm_kernel<T>, static_cast<unsigned>(rows), row_threads(d), 0, stream,
-                  static_cast<T*>(x), static_cast<const T*>(delta), static_cast<const T*>(w), static_cast<const T*>(b),
-                  eps, rms, d, static_cast<T*>(out));
+    norm_kernel<T><<<static_cast<unsigned>(rows), row_threads(d), 0, stream>>>(static_cast<T*>(x),
+        static_cast<const T*>(delta), static_cast<const T*>(w), static_cast<const T*>(b), eps, rms, d,
+        static_cast<T*>(out));
+    check_launch(rms ? "rms_norm" : "layer_norm");
   });
 }
 

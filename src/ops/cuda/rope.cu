@@ -62,10 +62,10 @@ void rope_kv_append(const void* qkv, void* q, int64_t H, const int32_t* position
   if (T == 0) return;
   dispatch(e, [&](auto* tag) {
     using Ty = std::remove_pointer_t<decltype(tag)>;
-    launch_kernel("rope_kv_append", rope_kv_append_kernel<Ty>, static_cast<unsigned>(T),
-                  row_threads((H + 2 * Hkv) * dh / 2), 0, stream, static_cast<const Ty*>(qkv), static_cast<Ty*>(q), H,
-                  positions, inv_freq, slots, Hkv, dh, static_cast<Ty*>(k_cache), static_cast<Ty*>(v_cache), num_slots,
-                  block_size, error_flag);
+    rope_kv_append_kernel<Ty><<<static_cast<unsigned>(T), row_threads((H + 2 * Hkv) * dh / 2), 0, stream>>>(static_cast<const Ty*>(qkv),
+        static_cast<Ty*>(q), H, positions, inv_freq, slots, Hkv, dh, static_cast<Ty*>(k_cache),
+        static_cast<Ty*>(v_cache), num_slots, block_size, error_flag);
+    check_launch("rope_kv_append");
   });
 }
 

@@ -297,9 +297,9 @@ void route_heads(const void* scores, int64_t R, int64_t H, int64_t group, int64_
   if (R == 0) return;
   dispatch(e, [&](auto* tag) {
     using Ty = std::remove_pointer_t<decltype(tag)>;
-    launch_kernel("route_heads", route_heads_kernel<Ty>, static_cast<unsigned>(R), kGridThreads, 0, stream,
-                  static_cast<const Ty*>(scores), static_cast<int>(H), static_cast<int>(group), static_cast<int>(k), cutoff,
-                  idx);
+    route_heads_kernel<Ty><<<static_cast<unsigned>(R), kGridThreads, 0, stream>>>(static_cast<const Ty*>(scores),
+        static_cast<int>(H), static_cast<int>(group), static_cast<int>(k), cutoff, idx);
+    check_launch("route_heads");
   });
 }
 
@@ -313,7 +313,8 @@ void route_neurons(const void* logits, int64_t R, int64_t D, const int32_t* live
   const int blocks = static_cast<int>(std::min<int64_t>((D + kGridThreads - 1) / kGridThreads, 1024));
   dispatch(e, [&](auto* tag) {
     using Ty = std::remove_pointer_t<decltype(tag)>;
-    relu_column_sum_kernel<<<blocks, kGridThreads, 0, stream>>>(static_cast<const Ty*>(logits), R, D, live_rows, key, top_hist);
+    relu_column_sum_kernel<<<blocks, kGridThreads, 0, stream>>>(static_cast<const Ty*>(logits), R, D, live_rows, key,
+        top_hist);
   });
   check_launch("route_neurons (scores)");
   // The keys are staged in shared memory when they fit beside the kernel's static arrays.
@@ -342,10 +343,10 @@ void keep_heads(void* out, int64_t T, int64_t H, int64_t group, int64_t dh, cons
   if (bytes > 48 * 1024) fail("keep_heads: a bitmap of {} units exceeds 48 KB of shared memory", H / group);
   dispatch(e, [&](auto* tag) {
     using Ty = std::remove_pointer_t<decltype(tag)>;
-    launch_kernel("keep_heads", keep_heads_kernel<Ty>, static_cast<unsigned>(T), row_threads(H * dh),
-                  static_cast<size_t>(bytes), stream, static_cast<Ty*>(out), static_cast<int>(H), static_cast<int>(group),
-                  static_cast<int>(dh), heads, static_cast<int>(k), static_cast<int>(heads_stride), dense_tokens,
-                  error_flag);
+    keep_heads_kernel<Ty><<<static_cast<unsigned>(T), row_threads(H * dh), static_cast<size_t>(bytes), stream>>>(static_cast<Ty*>(out),
+        static_cast<int>(H), static_cast<int>(group), static_cast<int>(dh), heads, static_cast<int>(k),
+        static_cast<int>(heads_stride), dense_tokens, error_flag);
+    check_launch("keep_heads");
   });
 }
 
@@ -373,7 +374,8 @@ __global__ void localize_indices_kernel(const int32_t* idx, int k, int first, in
 void localize_indices(const int32_t* idx, int64_t R, int64_t k, int64_t first, int64_t count, int32_t* out, int64_t m,
                       cudaStream_t stream) {
   if (R == 0) return;
-  localize_indices_kernel<<<static_cast<unsigned>(R), kGridThreads, 0, stream>>>(idx, static_cast<int>(k), static_cast<int>(first),
+  localize_indices_kernel<<<static_cast<unsigned>(R), kGridThreads, 0, stream>>>(idx, static_cast<int>(k),
+      static_cast<int>(first),
                                                                           static_cast<int>(count), out, static_cast<int>(m));
   check_launch("localize_indices");
 }

@@ -257,8 +257,8 @@ void argmax(const void* logits, int64_t R, int64_t V, int32_t* out, Elem e, cuda
   if (R == 0) return;
   dispatch(e, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    launch_kernel("argmax", argmax_kernel<T>, static_cast<unsigned>(R), 1024, 0, stream, static_cast<const T*>(logits), V,
-                  out);
+    argmax_kernel<T><<<static_cast<unsigned>(R), 1024, 0, stream>>>(static_cast<const T*>(logits), V, out);
+    check_launch("argmax");
   });
 }
 
@@ -278,7 +278,8 @@ void sample(const void* logits, int64_t R, int64_t V, float temperature, int64_t
   if (R == 0) return;
   dispatch(e, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    sample_kernel<<<static_cast<unsigned>(R), kSampleThreads, 0, stream>>>(static_cast<const T*>(logits), V, temperature,
+    sample_kernel<<<static_cast<unsigned>(R), kSampleThreads, 0, stream>>>(static_cast<const T*>(logits), V,
+        temperature,
                                                                             top_k, top_p, uniforms, out);
   });
   check_launch("sample");
