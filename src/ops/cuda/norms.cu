@@ -12,7 +12,7 @@ using namespace detail;
 
 namespace {
 
-// ---- norms: one CTA per row; the row is read twice (statistics, then output), the second time from L1/L2 ----
+// ---- norms: one CTA per row; the row is read from memory once (residual add and statistics), then from L1/L2 ----
 
 __device__ float block_sum(float v, float* scratch) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -31,23 +31,32 @@ __global__ void norm_kernel(T* x, const T* delta, const T* w, const T* b, float 
   __shared__ float scratch[32];
   T* xr = x + blockIdx.x * d;
   T* orow = out + blockIdx.x * d;
-  // The residual add: each thread updates the elements it reads below (same stride), so no barrier.
-  if (delta) {
-    const T* dr = delta + blockIdx.x * d;
-    for (int64_t i = threadIdx.x; i < d; i += blockDim.x) xr[i] = from_float<T>(to_float(xr[i]) + to_float(dr[i]));
-  }
-  float mean = 0.0f;
-  if (!rms) {
-    float s = 0.0f;
-    for (int64_t i = threadIdx.x; i < d; i += blockDim.x) s += to_float(xr[i]);
-    mean = block_sum(s, scratch) / d;
-  }
-  float ss = 0.0f;
+  // The first pass over the row adds the residual delta (when given) and gathers the first statistic: the sum
+  // for LayerNorm, the sum of squares for RMSNorm. Each thread reads back only the elements it wrote (same
+  // stride), so no barrier is needed between the add and the later passes.
+  const T* dr = delta ? delta + blockIdx.x * d : nullptr;
+  float s = 0.0f;
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
-    const float c = to_float(xr[i]) - mean;
-    ss += c * c;
+    float v = to_float(xr[i]);
+    if (dr) {
+      const T sum = from_float<T>(v + to_float(dr[i]));
+      xr[i] = sum;
+      v = to_float(sum);  // the rounded sum, as the CPU reference and the output pass see it
+    }
+    s += rms ? v * v : v;
   }
-  const float inv = rsqrtf(block_sum(ss, scratch) / d + eps);
+  s = block_sum(s, scratch);
+  float mean = 0.0f, ss = s;
+  if (!rms) {
+    mean = s / d;
+    ss = 0.0f;
+    for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+      const float c = to_float(xr[i]) - mean;
+      ss += c * c;
+    }
+    ss = block_sum(ss, scratch);
+  }
+  const float inv = rsqrtf(ss / d + eps);
   // Every thread has its statistics before anyone overwrites x (out may alias x): block_sum ends with
   // values every thread read after the last __syncthreads, and each element is read and written by one thread.
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
