@@ -1,5 +1,5 @@
-// Paged attention (attention.h): one tensor-core flash-attention kernel body in two modes, plus a split-K
-// combine.
+// Paged attention (attention.h): one tensor-core flash-attention kernel body in two modes; in decode with
+// split-K, the last CTA of each row group to finish combines the splits.
 //
 // Design.
 // - Rows. Every CTA works on up to 64 "rows", each a (query token, query head) pair that shares one KV head,
@@ -28,8 +28,11 @@
 //   yet keeps m = -inf and uses 0 as its reference so that no -inf - -inf is ever evaluated.
 // - Split-K (decode only): splits are sized on the host from the grid (launched heads x tokens, in waves
 //   of the CTAs the GPU holds at once) and max_ctx (plan_splits); each split covers a multiple of
-//   lcm(64, block_size) keys. Split CTAs write fp32 partials (m, l, acc)
-//   to the workspace, and the combine kernel merges them; empty splits write m = -inf, l = 0.
+//   lcm(64, block_size) keys. Split CTAs write fp32 partials (m, l, acc) to the workspace (empty splits
+//   write m = -inf, l = 0) and take a ticket from their (token, KV head, head chunk)'s arrival counter; the
+//   CTA that draws the last ticket merges the splits into out and resets the counter for the next launch.
+//   No combine kernel: at batch 1 a step of llama-2-7b ran 64 attention launches a step, each combine a
+//   few µs of launch gap and tail for a few KB of partials.
 // Shared memory rows are padded by 16 bytes so the 8 rows an ldmatrix phase touches fall in distinct banks.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -113,19 +116,90 @@ template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float 
 }
 __device__ __forceinline__ int window_start(int pos, int window) { return window > 0 ? max(0, pos - window + 1) : 0; }
 
+// ---- the split-K combine ----
+//
+// One (t, h) row: out[row] = sum_s w_s acc_s / sum_s w_s l_s with w_s = 2^(m_s - max m), by one warp: lanes
+// first take one split each for the max and the weights, then stride over dh (coalesced fp32 reads) with
+// the split loop unrolled so several splits' loads are in flight. Splits with l = 0 saw no key: weight 0,
+// and their acc (never written) is selected away, not multiplied. ml [splits], acc [splits][DH], written by
+// other CTAs of this launch: read through L2 (__ldcg), never a stale L1 line.
+template <typename T, int DH>
+__device__ void combine_row(const float2* ml, const float* acc_in, int splits, int lane, T* out) {
+  constexpr int kPerLane = (DH + 31) / 32;
+  float mx = -INFINITY;
+  for (int s = lane; s < splits; s += 32) mx = fmaxf(mx, __ldcg(&ml[s].x));
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  float acc[kPerLane] = {}, sum = 0.0f;
+  for (int s0 = 0; s0 < splits; s0 += 32) {
+    float w = 0.0f;  // lane j: weight of split s0 + j
+    if (s0 + lane < splits) {
+      const float2 v = __ldcg(&ml[s0 + lane]);
+      w = v.y > 0.0f ? exp2f(v.x - mx) : 0.0f;
+      sum += w * v.y;
+    }
+    const float* src = acc_in + int64_t(s0) * DH + lane;
+    const int n = min(32, splits - s0);
+#pragma unroll 8
+    for (int j = 0; j < n; ++j) {
+      const float wj = __shfl_sync(0xffffffffu, w, j);
+#pragma unroll
+      for (int k = 0; k < kPerLane; ++k) {
+        if (lane + 32 * k < DH) {
+          const float x = __ldcg(src + j * DH + 32 * k);
+          acc[k] += wj > 0.0f ? wj * x : 0.0f;
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k)
+    if (lane + 32 * k < DH) out[lane + 32 * k] = from_float<T>(acc[k] * inv);
+}
+
+// Called by every thread of a split CTA once its partials for rows [row0, row0 + rows) are written: the
+// threadfence publishes them before the CTA's ticket is drawn (the pattern of the CUDA programming guide's
+// memory-fence example), and the CTA that draws ticket splits - 1 saw every other split's partials
+// published, merges the rows (a warp each) and sets the counter back to 0 for the next launch or replay.
+template <typename T, int DH>
+__device__ void combine_if_last(const float2* ws_ml, const float* ws_o, int splits, int64_t row0, int rows,
+                                unsigned* arrival, T* out) {
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last = atomicAdd(arrival, 1u) == unsigned(splits - 1);
+    if (last) *arrival = 0u;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int j = warp; j < rows; j += kWarps) {
+    const int64_t row = row0 + j;
+    combine_row<T, DH>(ws_ml + row * splits, ws_o + row * splits * DH, splits, lane, out + row * DH);
+  }
+}
+
 // ---- the attention kernel ----
 //
 // q, out [T, H, DH]; caches [num_blocks, Hkv, block_size, DH]; all T (f16/bf16), row-major; bdiv divides
 // by block_size.
 // Decode grid (T, Hkv * head_chunks, splits); prefill grid (query tiles, Hkv * head_chunks, S); 128 threads;
 // Dims<DH>::kSmemBytes of dynamic shared memory: kStages x {K, V} tiles of [64 keys][kPitch].
-// Decode with splits > 1 writes partials instead of out: ws_ml [T*H][splits] (max in log2 units, sum) and
-// ws_o [T*H][splits][DH] (unnormalised fp32 accumulator). keys_per_split is ignored when splits == 1.
+// Decode with splits > 1 writes partials: ws_ml [T*H][splits] (max in log2 units, sum) and ws_o
+// [T*H][splits][DH] (unnormalised fp32 accumulator), then counts itself in arrivals[blockIdx.x * gridDim.y +
+// blockIdx.y] (zero before the launch, zero after it), and the last split merges them into out
+// (combine_splits). keys_per_split and arrivals are ignored when splits == 1.
 // Fragment layouts (PTX ISA, mma.m16n8k16): lane = 4*r + c holds rows r and r+8; A pairs at k = 2c(+8);
 // B pairs at k = 2c(+8), n = r; C pairs at n = 2c.
 template <typename T, int DH, bool kDecode>
 __global__ void __launch_bounds__(kThreads, 2)
-    attention_kernel(const PagedAttention a, BlockDiv bdiv, int splits, int keys_per_split, float2* ws_ml, float* ws_o) {
+    attention_kernel(const PagedAttention a, BlockDiv bdiv, int splits, int keys_per_split, float2* ws_ml, float* ws_o,
+                     unsigned* arrivals) {
   using D = Dims<DH>;
   extern __shared__ __align__(16) unsigned char smem[];
   T* k_tiles = reinterpret_cast<T*>(smem);
@@ -162,6 +236,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       if (klo >= khi) {  // nothing of this token's context in this split: a neutral partial
         for (int j = tid; j < heads; j += kThreads)
           ws_ml[(int64_t(tok0) * a.H + head0 + j) * splits + blockIdx.z] = make_float2(-INFINITY, 0.0f);
+        combine_if_last<T, DH>(ws_ml, ws_o, splits, int64_t(tok0) * a.H + head0, heads,
+                               arrivals + blockIdx.x * gridDim.y + blockIdx.y, static_cast<T*>(a.out));
         return;
       }
     }
@@ -415,53 +491,10 @@ __global__ void __launch_bounds__(kThreads, 2)
         if (d == 0) ws_ml[th * splits + blockIdx.z] = make_float2(mx, sum);
       }
     }
+    if (splits > 1)
+      combine_if_last<T, DH>(ws_ml, ws_o, splits, int64_t(tok0) * a.H + head0, heads,
+                             arrivals + blockIdx.x * gridDim.y + blockIdx.y, out);
   }
-}
-
-// Split-K combine: out[t, h] = sum_s w_s acc_s / sum_s w_s l_s with w_s = 2^(m_s - max m). One warp per
-// (t, h) row of `rows`: lanes first take one split each for the max and the weights, then stride over dh
-// (coalesced fp32 reads) with the split loop unrolled so several splits' loads are in flight. Splits with
-// l = 0 saw no key: weight 0, and their acc (never written) is selected away, not multiplied.
-template <typename T, int DH>
-__global__ void __launch_bounds__(kThreads) combine_kernel(const float2* ws_ml, const float* ws_o, int64_t rows,
-                                                           int splits, T* out) {
-  constexpr int kPerLane = (DH + 31) / 32;
-  const int64_t row = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
-  const int lane = threadIdx.x & 31;
-  if (row >= rows) return;
-  const float2* ml = ws_ml + row * splits;
-  float mx = -INFINITY;
-  for (int s = lane; s < splits; s += 32) mx = fmaxf(mx, ml[s].x);
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-  float acc[kPerLane] = {}, sum = 0.0f;
-  for (int s0 = 0; s0 < splits; s0 += 32) {
-    float w = 0.0f;  // lane j: weight of split s0 + j
-    if (s0 + lane < splits) {
-      const float2 v = ml[s0 + lane];
-      w = v.y > 0.0f ? exp2f(v.x - mx) : 0.0f;
-      sum += w * v.y;
-    }
-    const float* src = ws_o + (row * splits + s0) * DH + lane;
-    const int n = min(32, splits - s0);
-#pragma unroll 8
-    for (int j = 0; j < n; ++j) {
-      const float wj = __shfl_sync(0xffffffffu, w, j);
-#pragma unroll
-      for (int k = 0; k < kPerLane; ++k) {
-        if (lane + 32 * k < DH) {
-          const float x = src[j * DH + 32 * k];
-          acc[k] += wj > 0.0f ? wj * x : 0.0f;
-        }
-      }
-    }
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-  const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-#pragma unroll
-  for (int k = 0; k < kPerLane; ++k)
-    if (lane + 32 * k < DH) out[row * DH + lane + 32 * k] = from_float<T>(acc[k] * inv);
 }
 
 // ---- host side ----
@@ -513,7 +546,7 @@ SplitPlan plan_splits_for(const PagedAttention& a, int resident) {
 }
 
 template <typename T, int DH>
-void launch(const PagedAttention& a, const SplitPlan& plan, void* workspace, cudaStream_t stream) {
+void launch(const PagedAttention& a, const SplitPlan& plan, void* workspace, unsigned* arrivals, cudaStream_t stream) {
   using D = Dims<DH>;
   const bool decode = a.max_chunk == 1;
   const int y = (decode ? launched_kv_heads(a) : a.Hkv) * head_chunks(a, decode);
@@ -522,27 +555,16 @@ void launch(const PagedAttention& a, const SplitPlan& plan, void* workspace, cud
     // Workspace (splits > 1 only): ws_ml [T*H][splits] float2, then ws_o [T*H][splits][DH] float.
     float2* ws_ml = plan.splits > 1 ? static_cast<float2*>(workspace) : nullptr;
     float* ws_o = plan.splits > 1 ? reinterpret_cast<float*>(ws_ml + int64_t(a.T) * a.H * plan.splits) : nullptr;
-    if (a.kv_heads) {
-      // Skipped heads: zero rows. Without splits the kernel writes only selected rows, so out starts at 0;
-      // with splits the combine writes every row, and zeroed partials (l = 0) make it write 0.
-      const cudaError_t err =
-          plan.splits > 1
-              ? cudaMemsetAsync(ws_ml, 0, sizeof(float2) * size_t(a.T) * a.H * plan.splits, stream)
-              : cudaMemsetAsync(a.out, 0, sizeof(T) * size_t(a.T) * a.H * DH, stream);
+    if (a.kv_heads) {  // skipped heads: zero rows; the kernel writes only the selected ones
+      const cudaError_t err = cudaMemsetAsync(a.out, 0, sizeof(T) * size_t(a.T) * a.H * DH, stream);
       if (err != cudaSuccess) fail("attention: clearing skipped heads failed: {}", cudaGetErrorString(err));
     }
     const auto kernel = attention_kernel<T, DH, true>;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, D::kSmemBytes) != cudaSuccess)
       fail("attention: cannot give the decode kernel {} bytes of shared memory (dh {})", D::kSmemBytes, DH);
     kernel<<<dim3(a.T, y, plan.splits), kThreads, D::kSmemBytes, stream>>>(a, BlockDiv::of(a.block_size), plan.splits,
-        plan.keys_per_split, ws_ml, ws_o);
+        plan.keys_per_split, ws_ml, ws_o, arrivals);
     check_launch("attention decode");
-    if (plan.splits > 1) {
-      const int64_t rows = int64_t(a.T) * a.H;
-      combine_kernel<T, DH><<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(static_cast<const float2*>(ws_ml),
-          static_cast<const float*>(ws_o), rows, plan.splits, static_cast<T*>(a.out));
-      check_launch("attention split-K combine");
-    }
   } else {
     if (a.S > 65535) fail("attention: {} sequences in one prefill step exceed the grid's z limit", a.S);
     const int tokens_per_cta = kPrefillRows / heads_per_cta(a, false);
@@ -551,7 +573,7 @@ void launch(const PagedAttention& a, const SplitPlan& plan, void* workspace, cud
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, D::kSmemBytes) != cudaSuccess)
       fail("attention: cannot give the prefill kernel {} bytes of shared memory (dh {})", D::kSmemBytes, DH);
     kernel<<<dim3(tiles, y, a.S), kThreads, D::kSmemBytes, stream>>>(a, BlockDiv::of(a.block_size), 1, 0,
-        static_cast<float2*>(nullptr), static_cast<float*>(nullptr));
+        static_cast<float2*>(nullptr), static_cast<float*>(nullptr), static_cast<unsigned*>(nullptr));
     check_launch("attention prefill");
   }
 }
@@ -608,7 +630,13 @@ size_t attention_workspace_bytes(const PagedAttention& a, int num_sms) {
   return size_t(a.T) * a.H * plan.splits * (sizeof(float2) + sizeof(float) * a.dh);
 }
 
-void paged_attention(const PagedAttention& a, void* workspace, size_t workspace_bytes, int num_sms, cudaStream_t stream) {
+size_t attention_arrival_counters(const PagedAttention& a, int num_sms) {
+  if (plan_splits(a, num_sms).splits == 1) return 0;
+  return size_t(a.T) * launched_kv_heads(a) * head_chunks(a, true);
+}
+
+void paged_attention(const PagedAttention& a, void* workspace, size_t workspace_bytes, unsigned* arrivals,
+                     size_t num_arrivals, int num_sms, cudaStream_t stream) {
   if (a.T == 0) return;
   if (a.H <= 0 || a.Hkv <= 0 || a.H % a.Hkv != 0)
     fail("attention: {} query heads cannot share {} KV heads", a.H, a.Hkv);
@@ -622,9 +650,12 @@ void paged_attention(const PagedAttention& a, void* workspace, size_t workspace_
   const size_t need = attention_workspace_bytes(a, num_sms);
   if (workspace_bytes < need || (need > 0 && workspace == nullptr))
     fail("attention: workspace of {} bytes, {} needed for {} splits", workspace_bytes, need, plan.splits);
+  const size_t need_arrivals = attention_arrival_counters(a, num_sms);
+  if (num_arrivals < need_arrivals || (need_arrivals > 0 && arrivals == nullptr))
+    fail("attention: {} arrival counters, {} needed for {} splits", num_arrivals, need_arrivals, plan.splits);
   dispatch(a, [&](auto* tag, auto dh) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    launch<T, decltype(dh)::value>(a, plan, workspace, stream);
+    launch<T, decltype(dh)::value>(a, plan, workspace, arrivals, stream);
   });
 }
 

@@ -48,10 +48,17 @@ bool attention_supports_head_dim(int dh);
 // never on the data.
 size_t attention_workspace_bytes(const PagedAttention& a, int num_sms);
 
+// Arrival counters (uint32) paged_attention needs for these arguments: one per (token, launched KV head,
+// head chunk) of a split decode step, where the last split to finish merges the others; 0 without splits.
+// They must be zero before the first launch, and every launch leaves them zero, so one buffer serves every
+// launch on a stream, graph replays included. Depends only on the sizes, like the workspace.
+size_t attention_arrival_counters(const PagedAttention& a, int num_sms);
+
 // Enqueues the attention on `stream`. Every launch shape is a function of the arguments' sizes, never of
 // data on the device, so the call can be captured in a CUDA graph and replayed with new positions and
 // block tables (as long as max_ctx and max_chunk still bound them). Decode steps (max_chunk == 1) run the
 // split-K flash-decoding kernel; steps with longer chunks run the tiled causal prefill kernel.
-void paged_attention(const PagedAttention& a, void* workspace, size_t workspace_bytes, int num_sms, cudaStream_t stream);
+void paged_attention(const PagedAttention& a, void* workspace, size_t workspace_bytes, unsigned* arrivals,
+                     size_t num_arrivals, int num_sms, cudaStream_t stream);
 
 }  // namespace polar::cuda

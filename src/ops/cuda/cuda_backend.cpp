@@ -67,6 +67,7 @@ class CudaBackend final : public Backend {
     side_workspace_ = alloc(DType::U8, {cuda::GemmPlanner::kWorkspaceBytes});
     error_flag_ = alloc(DType::I32, {1});
     cuda_check(cudaMemsetAsync(error_flag_.raw(), 0, 4, stream_), "cudaMemset");
+    attention_arrivals(size_t(1) << 16);
   }
 
   ~CudaBackend() override {
@@ -159,6 +160,11 @@ class CudaBackend final : public Backend {
     capturing_ = false;
     cudaGraph_t graph = nullptr;
     cuda_check(cudaStreamEndCapture(stream_, &graph), "cudaStreamEndCapture");
+    // Counters that grew during the capture were zeroed only inside the graph; zero them for eager use too.
+    if (arrivals_grew_in_capture_) {
+      cuda_check(cudaMemsetAsync(arrivals_.raw(), 0, arrivals_.nbytes(), stream_), "cudaMemset");
+      arrivals_grew_in_capture_ = false;
+    }
     cudaGraphExec_t exec = nullptr;
     const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
     cudaGraphDestroy(graph);
@@ -396,7 +402,8 @@ class CudaBackend final : public Backend {
     a.bf16 = dtype_ == DType::BF16;
     const size_t ws = cuda::attention_workspace_bytes(a, num_sms_);
     Tensor workspace = alloc(DType::U8, {static_cast<int64_t>(std::max<size_t>(ws, 1))});
-    cuda::paged_attention(a, workspace.raw(), ws, num_sms_, stream_);
+    const size_t arrivals = cuda::attention_arrival_counters(a, num_sms_);
+    cuda::paged_attention(a, workspace.raw(), ws, attention_arrivals(arrivals), arrivals, num_sms_, stream_);
     if (zero_after) keep_heads(out, *kv_heads, a.H / a.Hkv, dense_tokens);
   }
 
@@ -717,6 +724,20 @@ class CudaBackend final : public Backend {
     gemms_->run(g, stream_, workspace_.raw(), capturing_);
   }
 
+  // The decode attention's split-K arrival counters (attention.h), at least `need` of them: zero between
+  // launches, so one buffer serves every launch on stream_. A buffer outgrown is kept, not freed: graphs
+  // captured with it still use it.
+  unsigned* attention_arrivals(size_t need) {
+    if (need > arrivals_capacity_) {
+      if (arrivals_capacity_ > 0) retired_arrivals_.push_back(arrivals_);
+      arrivals_capacity_ = std::max(need, 2 * arrivals_capacity_);
+      arrivals_ = alloc(DType::I32, {static_cast<int64_t>(arrivals_capacity_)});
+      cuda_check(cudaMemsetAsync(arrivals_.raw(), 0, arrivals_.nbytes(), stream_), "cudaMemset");
+      arrivals_grew_in_capture_ = capturing_;
+    }
+    return static_cast<unsigned*>(arrivals_.raw());
+  }
+
   int device_;
   DType dtype_;
   std::string name_;
@@ -725,6 +746,10 @@ class CudaBackend final : public Backend {
   std::unique_ptr<cuda::GemmPlanner> gemms_;
   std::shared_ptr<DeviceAllocator> alloc_;
   Tensor workspace_, error_flag_;
+  Tensor arrivals_;
+  size_t arrivals_capacity_ = 0;
+  std::vector<Tensor> retired_arrivals_;
+  bool arrivals_grew_in_capture_ = false;
   std::vector<cudaEvent_t> events_;
   size_t next_event_ = 0;
   bool capturing_ = false;
