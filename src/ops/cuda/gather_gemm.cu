@@ -65,14 +65,15 @@ template <int BM_, bool kGatherN_, int WG, int BK, int Stages> struct Cfg {
   static_assert(kXChunks >= 1 && BM * kBK % (8 * kThreads) == 0 && kXStageBytes % 1024 == 0);
 };
 
-// The configuration per BM: one warpgroup and 128-deep K stages (3 in flight) up to BM 64, where shared memory
+// The configuration per BM: one warpgroup and 128-deep K stages (3 in flight) up to BM 32, where shared memory
 // then holds 2-3 CTAs an SM, each selected row is read 256 bytes at a time and a unit's fixed costs are spread
-// over twice the bytes; two warpgroups and 64-deep stages (4 in flight, one CTA an SM) at BM 128 and 256,
-// sharing each x stage between twice the weight rows. (Measured on an H100, docs/benchmarks.md: two
-// warpgroups with 128-deep stages at BM 64, which halves x's L2 traffic per weight byte, ran the B64 gather
-// rows 2-8% faster; not yet the default, because its parity test has not run on a GPU: Cfg<64, G, 2, 128, 3>.)
+// over twice the bytes; at BM 64 two warpgroups with the same stages, which halves x's L2 traffic per weight
+// byte (the B64 gather rows ran 2-8% faster on an H100 than with one warpgroup, docs/benchmarks.md); two
+// warpgroups and 64-deep stages (4 in flight, one CTA an SM) at BM 128 and 256, sharing each x stage between
+// twice the weight rows.
 template <int BM, bool G>
-using ConfigFor = std::conditional_t<(BM <= 64), Cfg<BM, G, 1, 128, 3>, Cfg<BM, G, 2, 64, 4>>;
+using ConfigFor = std::conditional_t<(BM <= 32), Cfg<BM, G, 1, 128, 3>,
+                                     std::conditional_t<(BM == 64), Cfg<BM, G, 2, 128, 3>, Cfg<BM, G, 2, 64, 4>>>;
 
 // Units per CTA at least: fewer, and a CTA spends more time filling its pipeline than computing.
 constexpr int kMinUnitsPerCta = 4;
