@@ -1,7 +1,6 @@
 // Llama family: Llama-2/3.x, Mistral, Qwen2. RMSNorm pre-norm blocks, RoPE (rotate-half), GQA, SwiGLU MLP;
 // q/k/v biases for Qwen2, optional o/MLP biases, tied or untied lm_head.
 #include <cmath>
-#include <cstdlib>
 
 #include <fmt/format.h>
 
@@ -90,9 +89,6 @@ class Llama final : public Model {
     Tensor delta = be.alloc(dt, {T, c.hidden});
     bool pending = false;  // delta holds a projection not yet added to x
     const float eps = static_cast<float>(c.norm_eps);
-    // A/B while measured (POLAR_RESIDUAL_IN_GEMM=1: the projections accumulate into x as before); goes once measured.
-    static const bool in_gemm = std::getenv("POLAR_RESIDUAL_IN_GEMM") != nullptr;
-    Tensor& proj_out = in_gemm ? x : delta;
     auto norm_x = [&](const Tensor& w, Tensor& out) {
       if (pending)
         be.add_rms_norm(x, delta, w, eps, out);
@@ -126,18 +122,18 @@ class Llama final : public Model {
       attend(static_cast<int>(l), in, heads, q, cache[l], scale, c.sliding_window, attn);
       if (probe) report_head_norms(probe, static_cast<int>(l), attn);
       be.region("qkv_o");
-      be.linear(attn.reshape({T, s.heads * c.head_dim}), L.wo, ptr(L.bo), proj_out, in_gemm && accumulates());
-      reduce(proj_out);
-      pending = !in_gemm;
+      be.linear(attn.reshape({T, s.heads * c.head_dim}), L.wo, ptr(L.bo), delta);
+      reduce(delta);
+      pending = true;
       be.region("other");
       norm_x(L.mlp_norm, h);
       be.region("mlp");
       be.linear(h, L.w_gate_up, ptr(L.b_gate_up), gate_up);
       be.silu_mul(gate_up, act);
       if (probe) probe->mlp_act(static_cast<int>(l), be.to_host_f32(act));
-      be.linear(act, L.w_down, ptr(L.b_down), proj_out, in_gemm && accumulates());
-      reduce(proj_out);
-      pending = !in_gemm;
+      be.linear(act, L.w_down, ptr(L.b_down), delta);
+      reduce(delta);
+      pending = true;
       if (probe && l + 1 < c.n_layers) {
         if (pending) be.add(x, delta, x);
         pending = false;

@@ -173,7 +173,8 @@ class Model {
                          int64_t zero_rows = 0);
   // Row-parallel projections (o_proj, down) write rank 0's partial product over the residual x (with the
   // bias: added once) and the other ranks' alone; reduce() then sums them, leaving x + Σ_r partial_r on
-  // every rank. Alone, the projection accumulates and reduce() does nothing.
+  // every rank. Alone, the projection accumulates and reduce() does nothing. (OPT; Llama's projections write a
+  // buffer of their own, summed by reduce() and added to x by the next norm, add_rms_norm.)
   bool accumulates() const { return shard_.rank == 0; }
   void reduce(Tensor& x) const {
     if (shard_.comm) shard_.comm->all_reduce_sum(x);
