@@ -292,6 +292,88 @@ TEST(Runtime, KvCacheAllocatesReleasesAndReusesBlocks) {
   EXPECT_TRUE(cache.blocks(9).empty());
 }
 
+// Prefix caching in the block allocator: published whole blocks outlive their sequence, a new sequence with
+// the same leading tokens attaches them (and only whole blocks that match exactly, parent included), cached
+// blocks count as free and are evicted least recently released first, a chain's tail before its head.
+TEST(Runtime, KvCachePrefixBlocksAreSharedExactlyAndEvictedLast) {
+  auto backend = make_cpu_backend();
+  KVCache cache(*backend, 1, 1, 2, /*num_blocks=*/6, /*block_size=*/4, DType::F32);
+  const std::vector<int32_t> a = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10};  // 2 whole blocks and 2 tokens
+  cache.reserve(0, 10);
+  cache.publish_prefix(0, std::span<const int32_t>(a).first(6));  // 1 whole block written so far
+  EXPECT_EQ(cache.cached_blocks(), 1);
+  cache.publish_prefix(0, a);
+  EXPECT_EQ(cache.cached_blocks(), 2);
+  const std::vector<int32_t> held = cache.blocks(0);
+
+  // While 0 holds them: a second sequence shares them (read-only) and owns the rest.
+  EXPECT_EQ(cache.attach_prefix(1, a), 8);
+  EXPECT_EQ(std::vector<int32_t>(cache.blocks(1).begin(), cache.blocks(1).end()),
+            (std::vector<int32_t>{held[0], held[1]}));
+  cache.reserve(1, 12);
+  EXPECT_NE(cache.blocks(1)[2], held[2]);
+  EXPECT_EQ(cache.free_blocks(), 2);
+  EXPECT_THROW(cache.attach_prefix(1, a), Error) << "a prefix attaches to a new sequence only";
+
+  // Only whole blocks, only exact matches: a different second block stops at the first; a different
+  // first block matches nothing.
+  std::vector<int32_t> b = a;
+  b[5] = 99;
+  EXPECT_EQ(cache.attach_prefix(2, b), 4);
+  std::vector<int32_t> c = a;
+  c[0] = 99;
+  EXPECT_EQ(cache.attach_prefix(3, c), 0);
+  EXPECT_EQ(cache.attach_prefix(4, std::span<const int32_t>(a).first(7)), 4) << "7 tokens: one whole block";
+  for (int64_t s : {1, 2, 3, 4}) cache.release(s);
+  cache.release(0);
+  EXPECT_EQ(cache.free_blocks(), 6) << "cached blocks nobody holds count as free";
+  EXPECT_EQ(cache.cached_blocks(), 2);
+
+  // After every holder left the blocks are still there for a newcomer.
+  EXPECT_EQ(cache.attach_prefix(5, a), 8);
+  EXPECT_EQ(cache.blocks(5)[0], held[0]);
+  cache.release(5);
+
+  // Pressure: 4 never-cached blocks go first, then the chain's tail, then its head.
+  cache.reserve(6, 16);
+  EXPECT_EQ(cache.cached_blocks(), 2);
+  cache.reserve(6, 20);
+  EXPECT_EQ(cache.cached_blocks(), 1) << "the tail was evicted";
+  EXPECT_EQ(cache.attach_prefix(7, a), 4) << "the head is still cached";
+  cache.release(7);
+  cache.reserve(6, 24);
+  EXPECT_EQ(cache.cached_blocks(), 0);
+  EXPECT_EQ(cache.free_blocks(), 0);
+  EXPECT_EQ(cache.attach_prefix(8, a), 0);
+  cache.release(8);
+  cache.release(6);
+
+  // drop_cached forgets them all.
+  cache.reserve(10, 8);
+  cache.publish_prefix(10, std::span<const int32_t>(a).first(8));
+  cache.release(10);
+  EXPECT_EQ(cache.cached_blocks(), 2);
+  cache.drop_cached();
+  EXPECT_EQ(cache.cached_blocks(), 0);
+  EXPECT_EQ(cache.free_blocks(), 6);
+  EXPECT_EQ(cache.attach_prefix(13, a), 0);
+  cache.release(13);
+
+  // Two sequences computing the same prefix: the second's copy stays its own, and the chain goes on
+  // through the first's blocks (its third block, published after, is found behind them).
+  const std::vector<int32_t> d = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12};
+  cache.reserve(20, 8);
+  cache.reserve(21, 12);
+  cache.publish_prefix(20, std::span<const int32_t>(d).first(8));
+  cache.publish_prefix(21, d);
+  EXPECT_EQ(cache.cached_blocks(), 3);
+  EXPECT_EQ(cache.attach_prefix(22, d), 12);
+  EXPECT_EQ(cache.blocks(22)[0], cache.blocks(20)[0]);
+  EXPECT_EQ(cache.blocks(22)[2], cache.blocks(21)[2]);
+  for (int64_t s : {20, 21, 22}) cache.release(s);
+  EXPECT_EQ(cache.free_blocks(), 6);
+}
+
 // A full cache refuses a sequence cleanly; once another leaves, the newcomer reuses its blocks (still
 // holding the old K/V) and gets exactly its alone results.
 TEST(Runtime, EngineReusesReleasedBlocks) {

@@ -198,6 +198,102 @@ TEST(Scheduler, SparseDecodeTokensInMixedStepsSelectAsInDecodeOnlySteps) {
   }
 }
 
+// Automatic prefix caching: requests that share a system prompt read it once; a conversation's next turn
+// (its earlier prompt and answer, then a new message) reuses the earlier turn's blocks — the answer's too
+// with a dense engine, only the prompt's with sparse decoding (a sparse step's K/V are not a prompt's) —,
+// a recomputed (preempted) sequence reuses its own, and every output equals its prompt decoded alone.
+TEST(Scheduler, PrefixCacheReusesSharedPrefixesAndChangesNoOutput) {
+  for (const char* rel : {"models/stories260K/stories260K.gguf", "fixtures/hf/llama3_gqa", "fixtures/hf/opt"}) {
+    SCOPED_TRACE(rel);
+    Loaded m = load(rel);
+    const int64_t V = m.ck.config.vocab_size, bs = 8;
+    const std::vector<int32_t> system = prompts(1, 40, 40, V, 21)[0];  // 5 whole blocks
+    const auto users = prompts(6, 3, 12, V, 22);
+    std::vector<std::vector<int32_t>> ps;
+    for (const auto& u : users) {
+      ps.push_back(system);
+      ps.back().insert(ps.back().end(), u.begin(), u.end());
+    }
+    const Routers routers = random_routers(m.ck.config, model_fingerprint(m.ck), 7, 16);
+    RouterSparsity half(*m.model, routers, 0.5);
+    for (Sparsity* sparsity : {static_cast<Sparsity*>(nullptr), static_cast<Sparsity*>(&half)}) {
+      SCOPED_TRACE(sparsity ? "sparse" : "dense");
+      Scheduler sched(*m.model, {.max_seqs = 4, .max_batch_tokens = 64, .kv_tokens = 2048, .block_size = bs,
+                                 .sparsity = sparsity});
+      auto first = sched.submit(greedy(ps[0], 8));
+      sched.run_until_idle();
+      const std::vector<int32_t> first_out = drain(*first).tokens;
+      EXPECT_EQ(first_out, alone(*m.model, ps[0], 8, sparsity));
+      EXPECT_EQ(sched.stats().prefix_hit_tokens, 0);
+      EXPECT_EQ(sched.stats().prefix_query_tokens, static_cast<int64_t>(ps[0].size()) - 1);
+      // The other users' requests, together (one after another when sparse: OPT's decode batches share one
+      // neuron set, so a batch would not select as each alone does): each finds the system prompt's 5 blocks.
+      std::vector<std::shared_ptr<RequestStream>> streams;
+      for (size_t i = 1; i < ps.size(); ++i) {
+        streams.push_back(sched.submit(greedy(ps[i], 6)));
+        if (sparsity) sched.run_until_idle();
+      }
+      sched.run_until_idle();
+      EXPECT_GE(sched.stats().prefix_hit_tokens, 5 * 40);
+      for (size_t i = 1; i < ps.size(); ++i)
+        EXPECT_EQ(drain(*streams[i - 1]).tokens, alone(*m.model, ps[i], 6, sparsity)) << "request " << i;
+      // The first conversation's next turn: its prompt, the answer (whose last token was never fed), a new
+      // message.
+      std::vector<int32_t> turn = ps[0];
+      turn.insert(turn.end(), first_out.begin(), first_out.end());
+      turn.insert(turn.end(), users[5].begin(), users[5].end());
+      const int64_t computed = static_cast<int64_t>(ps[0].size() + first_out.size()) - 1;
+      const int64_t expect_hit = (sparsity ? static_cast<int64_t>(ps[0].size()) : computed) / bs * bs;
+      const int64_t hits_before = sched.stats().prefix_hit_tokens;
+      auto next = sched.submit(greedy(turn, 5));
+      sched.run_until_idle();
+      EXPECT_EQ(sched.stats().prefix_hit_tokens - hits_before, expect_hit);
+      EXPECT_EQ(drain(*next).tokens, alone(*m.model, turn, 5, sparsity));
+      EXPECT_EQ(sched.cache().free_blocks(), sched.cache().num_blocks()) << "cached blocks count as free";
+      EXPECT_GT(sched.gauges().kv_blocks_cached, 0);
+      // Reset: the same prompt is computed in full.
+      sched.reset_prefix_cache();
+      const int64_t hits_reset = sched.stats().prefix_hit_tokens;
+      auto again = sched.submit(greedy(ps[1], 2));
+      sched.run_until_idle();
+      EXPECT_EQ(sched.stats().prefix_hit_tokens, hits_reset);
+      drain(*again);
+    }
+    // Off: nothing is looked up.
+    Scheduler off(*m.model, {.max_seqs = 4, .max_batch_tokens = 64, .kv_tokens = 2048, .block_size = bs,
+                             .prefix_caching = false});
+    for (int r = 0; r < 2; ++r) {
+      auto s = off.submit(greedy(ps[0], 2));
+      off.run_until_idle();
+      drain(*s);
+    }
+    EXPECT_EQ(off.stats().prefix_query_tokens, 0);
+    EXPECT_EQ(off.stats().prefix_hit_tokens, 0);
+    EXPECT_EQ(off.gauges().kv_blocks_cached, 0);
+  }
+}
+
+// A cache too small for every running sequence at once, with a shared prefix: preempted sequences come back
+// through the prefix cache (their own prompt's blocks, or another's), and nothing changes in the outputs.
+TEST(Scheduler, PreemptionWithPrefixCachingChangesNoOutput) {
+  Loaded& m = stories();
+  const int64_t V = m.ck.config.vocab_size;
+  const std::vector<int32_t> system = prompts(1, 16, 16, V, 31)[0];
+  std::vector<std::vector<int32_t>> ps;
+  for (const auto& u : prompts(10, 2, 9, V, 32)) {
+    ps.push_back(system);
+    ps.back().insert(ps.back().end(), u.begin(), u.end());
+  }
+  Scheduler sched(*m.model, {.max_seqs = 8, .max_batch_tokens = 64, .kv_tokens = 160, .block_size = 8});
+  std::vector<std::shared_ptr<RequestStream>> streams;
+  for (const auto& p : ps) streams.push_back(sched.submit(greedy(p, 30)));
+  sched.run_until_idle();
+  EXPECT_GT(sched.stats().preemptions, 0);
+  EXPECT_GT(sched.stats().prefix_hit_tokens, 0);
+  for (size_t i = 0; i < ps.size(); ++i) EXPECT_EQ(drain(*streams[i]).tokens, alone(*m.model, ps[i], 30)) << i;
+  EXPECT_EQ(sched.cache().free_blocks(), sched.cache().num_blocks());
+}
+
 // Stop strings that span tokens end the text before them; a stop string's first part is held back until
 // it is known not to be one; multi-byte UTF-8 split over tokens arrives whole.
 TEST(Scheduler, StopStringsAcrossTokensAndUtf8AcrossTokens) {

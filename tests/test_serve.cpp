@@ -371,6 +371,8 @@ TEST(Serve, MetricsCountWhatHappenedAndPassPromtool) {
            std::string("polar_requests_running 0"),
            std::string("polar_kv_cache_used_blocks 0"),
            std::string("polar_head_density 1"),
+           "polar_prefix_cache_queries_total " + std::to_string(2 * (std::stoi(prompt) / 2 - 1)),
+           std::string("polar_prefix_cache_hits_total 0"),  // shorter than a block
   };
   // A response is counted just after it is sent (httplib's logger), so the last one may need a moment.
   std::string text;
@@ -390,6 +392,46 @@ TEST(Serve, MetricsCountWhatHappenedAndPassPromtool) {
   std::ifstream out(tmp.path("promtool.txt"));
   const std::string said((std::istreambuf_iterator<char>(out)), {});
   EXPECT_EQ(rc, 0) << "promtool check metrics (scripts/install-deps.sh installs it): " << said << "\n" << text;
+}
+
+// Prefix caching through the API: the same long prompt again reads its cached whole blocks (the counters
+// say how many) and answers the same; after POST /reset_prefix_cache it is computed in full again.
+TEST(Serve, RepeatedPromptsHitThePrefixCacheUntilReset) {
+  Running r;
+  const std::string text =
+      "Once upon a time there was a little girl named Lily. She loved to play outside in the park with her "
+      "friends. One day she saw a big red ball.";
+  const int64_t n = static_cast<int64_t>(stories().ck.tokenizer->encode(text, true).size());
+  ASSERT_GT(n, 33) << "the prompt spans whole blocks of 16";
+  const int64_t cached = (n - 1) / 16 * 16;
+  auto hits = [&] {
+    auto m = r.client.Get("/metrics");
+    const std::string body = m ? m->body : "";
+    const std::string name = "polar_prefix_cache_hits_total ";
+    const size_t at = body.find("\n" + name);
+    return at == std::string::npos ? int64_t(-1) : std::stoll(body.substr(at + 1 + name.size()));
+  };
+  std::vector<std::string> answers;
+  std::vector<int64_t> after;
+  for (int i = 0; i < 3; ++i) {
+    if (i == 2) {
+      auto reset = r.client.Post("/reset_prefix_cache");
+      ASSERT_TRUE(reset);
+      EXPECT_EQ(reset->status, 200) << reset->body;
+    }
+    auto res = r.post("/v1/completions", {{"prompt", text}, {"max_tokens", 6}, {"temperature", 0}});
+    ASSERT_TRUE(res && res->status == 200);
+    answers.push_back(json::parse(res->body)["choices"][0]["text"]);
+    after.push_back(hits());
+  }
+  EXPECT_EQ(after[0], 0);
+  EXPECT_EQ(after[1], cached) << "the second request read its prompt's whole blocks from the cache";
+  EXPECT_EQ(after[2], cached) << "after the reset nothing was cached";
+  EXPECT_EQ(answers[1], answers[0]);
+  EXPECT_EQ(answers[2], answers[0]);
+  auto get = r.client.Get("/reset_prefix_cache");
+  ASSERT_TRUE(get);
+  EXPECT_EQ(get->status, 405);
 }
 
 // bench-serve --url against an in-process server over a tiny synthetic model (no tokenizer: a chunk per

@@ -108,6 +108,9 @@ ServeResult run_serve_bench(Scheduler& scheduler, const std::vector<ServeRequest
   check(!requests.empty(), "no requests to serve");
   check(scheduler.running() == 0 && scheduler.waiting() == 0, "the scheduler is busy");
   scheduler.reset_stats();
+  // Runs serve the same prompts (every rate, dense and sparse, the warm-up's among them): each starts with an
+  // empty prefix cache, so that it measures computing them.
+  scheduler.reset_prefix_cache();
   const size_t graphs_before = scheduler.graph_count();
   const size_t n = requests.size();
   std::vector<std::shared_ptr<RequestStream>> streams;

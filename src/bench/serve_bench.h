@@ -67,7 +67,7 @@ ServeResult summarize_serve_run(const std::vector<ServeRequestSpec>& requests, C
                                 const std::vector<Clock::time_point>& arrivals,
                                 const std::vector<std::vector<Clock::time_point>>& token_times);
 
-// Serves `requests` on `scheduler` (idle; its stats are reset first), submitting each at its arrival time from
+// Serves `requests` on `scheduler` (idle; its stats and prefix cache are reset first), submitting each at its arrival time from
 // the loop thread between steps (its TTFT counts from the arrival, so a request that arrives during a step
 // waits for it, as it would in a server). One scheduler can serve several runs: decode graphs captured in one
 // are replayed in the next (graphs_captured counts the new ones). log gets a progress line every few seconds.

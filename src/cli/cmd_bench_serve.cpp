@@ -310,6 +310,7 @@ void report(const BenchServeArgs& a, const ServeWorkloadOptions& w, const std::s
                                       {"max_seqs", a.batching.max_seqs},
                                       {"max_batch_tokens", a.batching.max_batch_tokens},
                                       {"kv_tokens", kv_tokens},
+                                      {"prefix_caching", a.batching.prefix_caching},
                                       {"warmup_requests", std::min(a.warmup, w.requests)},
                                       {"runs", js},
                                       {"sparse_vs_dense", cmp}}
@@ -369,7 +370,8 @@ int run_bench_serve(BenchServeArgs& a) {
     Scheduler scheduler(*m.model, {.max_seqs = a.batching.max_seqs,
                                    .max_batch_tokens = a.batching.max_batch_tokens,
                                    .kv_tokens = kv_tokens,
-                                   .sparsity = sparsity});
+                                   .sparsity = sparsity,
+                                   .prefix_caching = a.batching.prefix_caching});
     // First use of the device pays for GEMM plans, the allocator, the sparse MLP's path choice and the first
     // decode graphs: a few requests of the workload, short, take it before anything is timed.
     if (a.warmup > 0) {

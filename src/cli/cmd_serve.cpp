@@ -78,7 +78,7 @@ int run_serve(ServeArgs& a) {
   ctx.ignore_eos_default = tok == nullptr;
   server.serve(*m.model,
                {.max_seqs = a.batching.max_seqs, .max_batch_tokens = a.batching.max_batch_tokens, .kv_tokens = kv_tokens,
-                .sparsity = m.sparsity.get(), .tokenizer = tok},
+                .sparsity = m.sparsity.get(), .prefix_caching = a.batching.prefix_caching, .tokenizer = tok},
                ctx, m.sparsity ? m.density : 1.0);
   fmt::print(stderr, "serving {} on http://{}:{}: {} sequences at most, KV cache of {} tokens ({}){}{}\n",
              name, a.server.host, server.port(), a.batching.max_seqs, kv_tokens, kv_cache_size(*m.model, kv_tokens),

@@ -218,6 +218,8 @@ void BatchingOptions::add(CLI::App& app, const std::string& kv_default) {
       ->capture_default_str()->check(at_least(1));
   app.add_option("--kv-tokens", kv_tokens, "KV cache capacity in tokens (0: " + kv_default + ")")
       ->capture_default_str()->check(at_least(0));
+  app.add_flag("!--no-prefix-caching", prefix_caching,
+               "Compute every prompt in full: no reuse of the cached K/V of earlier requests' prefixes");
 }
 
 int64_t BatchingOptions::kv_tokens_for(const LoadedModel& m, int64_t longest) const {

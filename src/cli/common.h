@@ -92,6 +92,7 @@ struct BatchingOptions {
   int64_t max_seqs = 64;
   int64_t max_batch_tokens = 2048;
   int64_t kv_tokens = 0;
+  bool prefix_caching = true;  // SchedulerOptions::prefix_caching; --no-prefix-caching
   void add(CLI::App& app, const std::string& kv_default);
   // --kv-tokens, or default_kv_tokens for sequences of `longest` tokens when it is 0.
   int64_t kv_tokens_for(const LoadedModel& m, int64_t longest) const;

@@ -69,6 +69,20 @@ void Engine::remove_sequence(int64_t seq) {
   lengths_.erase(seq);
 }
 
+int64_t Engine::attach_prefix(int64_t seq, std::span<const int32_t> tokens) {
+  check(length(seq) == 0, "sequence {} already has {} tokens; a cached prefix attaches to a new sequence", seq,
+        length(seq));
+  const int64_t n = cache_.attach_prefix(seq, tokens);
+  lengths_[seq] = n;
+  return n;
+}
+
+void Engine::publish_prefix(int64_t seq, std::span<const int32_t> tokens) {
+  check(static_cast<int64_t>(tokens.size()) <= length(seq), "sequence {}: {} tokens published, {} computed", seq,
+        tokens.size(), length(seq));
+  cache_.publish_prefix(seq, tokens);
+}
+
 int64_t Engine::length(int64_t seq) const {
   auto it = lengths_.find(seq);
   check(it != lengths_.end(), "unknown sequence {}", seq);

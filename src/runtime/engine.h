@@ -57,6 +57,13 @@ class Engine {
   int64_t add_sequence();
   void remove_sequence(int64_t seq);
   int64_t length(int64_t seq) const;  // tokens already in the cache
+  // Prefix caching (KVCache): a new sequence starts with the cached K/V of the longest run of whole blocks of
+  // `tokens`, and its length is that many tokens (returned); publish_prefix offers the whole blocks of its
+  // first tokens.size() positions, which it has computed, to later sequences. Callers publish only positions
+  // whose K/V any computation of the same tokens would give: prompts, which run dense, not the tokens of a
+  // sparse decode step.
+  int64_t attach_prefix(int64_t seq, std::span<const int32_t> tokens);
+  void publish_prefix(int64_t seq, std::span<const int32_t> tokens);
 
   // One forward pass. Returns fp32 host logits: with all_logits, one row per fed token from each chunk's
   // logits_from on, in chunk order; otherwise one row per chunk (its last token). Token ids outside the

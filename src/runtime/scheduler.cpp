@@ -352,6 +352,8 @@ std::vector<TokenLogprob> Scheduler::score(const Tensor& logits, const std::vect
 
 bool Scheduler::step() {
   const Clock::time_point t0 = Clock::now();
+  // Before the submitted requests are taken: one submitted after a reset never sees the old cache.
+  if (reset_prefix_cache_.exchange(false)) engine_.cache().drop_cached();
   admit_submitted();
   // Cancellations, wherever the request is. The flag is read once per sequence: other threads set it at any
   // time, and a sequence dropped on a second reading without being finished would keep its blocks and
@@ -456,11 +458,26 @@ bool Scheduler::step() {
   }
   while (budget > 0 && !waiting_.empty() && static_cast<int64_t>(running_.size()) < options_.max_seqs) {
     Sequence& s = *waiting_.front();
-    if (blocks_for(static_cast<int64_t>(s.tokens.size())) > cache.free_blocks()) break;
+    const int64_t n = static_cast<int64_t>(s.tokens.size());
     s.engine_seq = engine_.add_sequence();
+    // The cached whole blocks of its tokens but the last, which is read in any case: its logits sample.
+    const bool lookup = options_.prefix_caching && !s.echo;
+    const int64_t hit =
+        lookup ? engine_.attach_prefix(s.engine_seq, std::span<const int32_t>(s.tokens).first(static_cast<size_t>(n - 1)))
+               : 0;
+    if (blocks_for(n) - hit / bs > cache.free_blocks()) {
+      engine_.remove_sequence(s.engine_seq);
+      s.engine_seq = -1;
+      break;
+    }
+    if (lookup) {
+      stats_.prefix_query_tokens += n - 1;
+      stats_.prefix_hit_tokens += hit;
+    }
+    s.cached = hit;
     s.admitted = admissions_++;
-    s.prompt_end = static_cast<int64_t>(s.tokens.size());
-    cache.reserve(s.engine_seq, static_cast<int64_t>(s.tokens.size()));
+    s.prompt_end = n;
+    cache.reserve(s.engine_seq, n);
     running_.push_back(std::move(waiting_.front()));
     waiting_.pop_front();
     add_prompt_chunk(s);
@@ -483,6 +500,9 @@ bool Scheduler::step() {
       scored.push_back({&s, row + p - s.cached - from, s.tokens[static_cast<size_t>(p + 1)]});
     s.cached += n;
     row += n - from;
+    if (options_.prefix_caching)  // what may be cached: see SchedulerOptions::prefix_caching
+      engine_.publish_prefix(s.engine_seq, std::span<const int32_t>(s.tokens).first(static_cast<size_t>(
+                                               options_.sparsity ? std::min(s.cached, s.prompt_end) : s.cached)));
     if (r >= static_cast<size_t>(decode_tokens)) stats_.prompt_tokens += n;
     if (s.cached < static_cast<int64_t>(s.tokens.size())) continue;
     if (s.produced == s.request.params.max_tokens) {
@@ -548,6 +568,7 @@ void Scheduler::publish() {
   gauges_.waiting = static_cast<int64_t>(waiting_.size());
   gauges_.kv_blocks_total = cache.num_blocks();
   gauges_.kv_blocks_used = cache.num_blocks() - cache.free_blocks();
+  gauges_.kv_blocks_cached = cache.cached_blocks();
 }
 
 SchedulerGauges Scheduler::gauges() const {

@@ -127,6 +127,12 @@ struct SchedulerOptions {
   int64_t block_size = 16;
   bool graphs = true;
   Sparsity* sparsity = nullptr;  // sparse decode tokens in every step (EngineOptions::sparsity); not owned
+  // Automatic prefix caching (KVCache): a request whose tokens start with whole cached blocks — a shared
+  // system prompt, the earlier turns of a conversation, a preempted sequence coming back — reads only the
+  // rest. What is cached: every whole block of a prompt once read (prompts run dense), and with a dense
+  // engine the produced tokens' blocks too; with sparsity those stay private, since a sparse decode step's
+  // K/V differ from a prompt's. Requests with echo_logprobs read their whole prompt (they score it).
+  bool prefix_caching = true;
   // Text of the events, stop strings and EOS; null: events carry token ids only (stop strings refused), and
   // no token is EOS. Not owned.
   const Tokenizer* tokenizer = nullptr;
@@ -143,6 +149,9 @@ struct SchedulerStats {
   int64_t decode_only_tokens = 0;  // tokens those steps produced
   double schedule_seconds = 0;   // the loop's own host time: forming steps, events, bookkeeping
   int64_t scored_prompt_tokens = 0;  // prompt tokens scored for echo_logprobs (once for all choices of a prompt)
+  // Prefix caching: prompt tokens looked up at admission (each prompt but its last token, recomputed ones
+  // included) and those found cached, whose K/V were not computed again.
+  int64_t prefix_query_tokens = 0, prefix_hit_tokens = 0;
 };
 
 // What a monitor reads from any thread (Scheduler::gauges): the stats and the batch and cache occupancy as
@@ -151,6 +160,7 @@ struct SchedulerGauges {
   SchedulerStats stats;
   int64_t running = 0, waiting = 0;
   int64_t kv_blocks_used = 0, kv_blocks_total = 0;
+  int64_t kv_blocks_cached = 0;  // blocks of the prefix cache, held by running sequences or not
 };
 
 class Scheduler {
@@ -174,6 +184,9 @@ class Scheduler {
   // The loop for a server: steps while there is work, sleeps while there is none, returns after stop().
   void run();
   void stop();
+  // Forgets the prefix cache before the next step admits anything (any thread): benchmarks that serve the
+  // same prompts again, and a server's POST /reset_prefix_cache.
+  void reset_prefix_cache() { reset_prefix_cache_.store(true); }
 
   int64_t waiting() const;  // requests queued, not yet admitted (or preempted)
   int64_t running() const;  // sequences in the batch
@@ -218,6 +231,7 @@ class Scheduler {
   std::vector<std::unique_ptr<Sequence>> submitted_;  // by other threads, taken by the loop
   int64_t next_id_ = 0;
   bool stopping_ = false;
+  std::atomic<bool> reset_prefix_cache_{false};
 
   std::deque<std::unique_ptr<Sequence>> waiting_;   // FCFS; preempted sequences go to the front
   std::vector<std::unique_ptr<Sequence>> running_;  // in admission order

@@ -73,6 +73,15 @@ ServeResult run_http_bench(const std::string& url, const std::vector<ServeReques
   } catch (const std::exception&) {
     fail("--url {}: '{}' is not a port", url, rest.substr(colon + 1));
   }
+  // As in-process runs do (run_serve_bench), each run starts with an empty prefix cache: polar serve (and vLLM
+  // in its development mode) forget theirs on this POST; a server without the route keeps its cache.
+  {
+    httplib::Client client(host, port);
+    const httplib::Result r = client.Post("/reset_prefix_cache");
+    if (log && (!r || r->status != 200))
+      log(fmt::format("  (the server did not reset its prefix cache: {}; repeated prompts may be served from it)",
+                      r ? fmt::format("HTTP {}", r->status) : httplib::to_string(r.error())));
+  }
   const size_t n = requests.size();
   std::vector<Outcome> outcomes(n);
   std::vector<Clock::time_point> arrival(n);

@@ -11,7 +11,8 @@
 namespace polar::serve {
 
 // POSTs each request's token ids to URL/v1/completions (stream, include_usage, ignore_eos, greedy) at its
-// arrival time; a token's time is when its server-sent event arrives. A request that fails (status, a broken
+// arrival time (after asking the server to reset its prefix cache: POST /reset_prefix_cache); a token's time
+// is when its server-sent event arrives. A request that fails (status, a broken
 // stream, fewer tokens than asked) is a polar::Error naming it. The result's scheduler stats stay empty (the
 // server's own are at its /metrics).
 ServeResult run_http_bench(const std::string& url, const std::vector<ServeRequestSpec>& requests,

@@ -44,6 +44,9 @@ ServerMetrics::ServerMetrics(double density) : registry_(std::make_shared<promet
   preemptions_ = &counter("polar_preemptions_total", "Sequences preempted when the KV cache ran out");
   scored_prompt_tokens_ = &counter("polar_scored_prompt_tokens_total",
                                    "Prompt tokens scored for echo with logprobs (once for all choices of a prompt)");
+  prefix_queries_ = &counter("polar_prefix_cache_queries_total",
+                             "Prompt tokens looked up in the prefix cache (each prompt but its last token)");
+  prefix_hits_ = &counter("polar_prefix_cache_hits_total", "Prompt tokens whose K/V came from the prefix cache");
   steps_ = &counter("polar_steps_total", "Engine steps run by the scheduler");
   step_seconds_ = &counter("polar_step_seconds_total", "Time in engine steps and scheduling, seconds");
   ttft_ = &histogram("polar_time_to_first_token_seconds", "Arrival to first token", kLatencyBuckets);
@@ -54,6 +57,8 @@ ServerMetrics::ServerMetrics(double density) : registry_(std::make_shared<promet
   waiting_ = &gauge("polar_requests_waiting", "Requests waiting for a place in the batch");
   kv_usage_ = &gauge("polar_kv_cache_usage_ratio", "Share of the KV cache's blocks in use");
   kv_used_blocks_ = &gauge("polar_kv_cache_used_blocks", "KV cache blocks in use");
+  kv_cached_blocks_ =
+      &gauge("polar_kv_cache_cached_blocks", "KV cache blocks holding a cached prefix, in use or evictable");
   density_ = &gauge("polar_head_density", "Share of attention heads (KV groups) sparse decode steps keep; 1 = dense");
   density_->Set(density);
 }
@@ -86,12 +91,15 @@ std::string ServerMetrics::render(const Scheduler* scheduler) {
     preemptions_->Increment(static_cast<double>(g.stats.preemptions - seen_.preemptions));
     steps_->Increment(static_cast<double>(g.stats.steps - seen_.steps));
     scored_prompt_tokens_->Increment(static_cast<double>(g.stats.scored_prompt_tokens - seen_.scored_prompt_tokens));
+    prefix_queries_->Increment(static_cast<double>(g.stats.prefix_query_tokens - seen_.prefix_query_tokens));
+    prefix_hits_->Increment(static_cast<double>(g.stats.prefix_hit_tokens - seen_.prefix_hit_tokens));
     step_seconds_->Increment((g.stats.engine_seconds + g.stats.schedule_seconds) -
                              (seen_.engine_seconds + seen_.schedule_seconds));
     seen_ = g.stats;
     running_->Set(static_cast<double>(g.running));
     waiting_->Set(static_cast<double>(g.waiting));
     kv_used_blocks_->Set(static_cast<double>(g.kv_blocks_used));
+    kv_cached_blocks_->Set(static_cast<double>(g.kv_blocks_cached));
     kv_usage_->Set(g.kv_blocks_total ? static_cast<double>(g.kv_blocks_used) / static_cast<double>(g.kv_blocks_total) : 0);
   }
   std::ostringstream out;

@@ -41,9 +41,9 @@ class ServerMetrics {
   prometheus::Family<prometheus::Counter>* responses_;
   prometheus::Family<prometheus::Counter>* requests_;
   prometheus::Counter *prompt_tokens_, *generation_tokens_, *preemptions_, *steps_, *step_seconds_,
-      *scored_prompt_tokens_;
+      *scored_prompt_tokens_, *prefix_queries_, *prefix_hits_;
   prometheus::Histogram *ttft_, *tpot_, *e2e_;
-  prometheus::Gauge *running_, *waiting_, *kv_usage_, *kv_used_blocks_, *density_;
+  prometheus::Gauge *running_, *waiting_, *kv_usage_, *kv_used_blocks_, *kv_cached_blocks_, *density_;
   std::mutex mu_;
   SchedulerStats seen_;  // the scheduler totals already added to the counters
 };

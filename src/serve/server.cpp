@@ -154,6 +154,18 @@ void Server::route() {
   h.Post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) {
     handle_generate(Endpoint::chat, req, res);
   });
+  // vLLM's route of the same name: forget the prefix cache, so that a benchmark serving the same prompts
+  // again measures computation, not the cache. Authorized like the API; no body.
+  h.Post("/reset_prefix_cache", [this](const httplib::Request& req, httplib::Response& res) {
+    try {
+      authorize(req);
+      if (!ready_.load()) throw ApiError(503, "service_unavailable", "the model is still loading");
+      scheduler_->reset_prefix_cache();
+      res.set_content(json{{"status", "ok"}}.dump(), "application/json");
+    } catch (const ApiError& e) {
+      send_error(res, e);
+    }
+  });
   // Known routes with the wrong method: 405, naming the allowed one.
   auto wrong_method = [](const char* allowed) {
     return [allowed](const httplib::Request& req, httplib::Response& res) {
@@ -162,7 +174,7 @@ void Server::route() {
                                fmt::format("{} {} is not allowed; use {}", req.method, req.path, allowed)));
     };
   };
-  for (const char* path : {"/v1/completions", "/v1/chat/completions"}) {
+  for (const char* path : {"/v1/completions", "/v1/chat/completions", "/reset_prefix_cache"}) {
     h.Get(path, wrong_method("POST"));
     h.Put(path, wrong_method("POST"));
     h.Delete(path, wrong_method("POST"));
@@ -176,7 +188,8 @@ void Server::route() {
   // Every response, by route (unknown paths as "other") and status.
   h.set_logger([this](const httplib::Request& req, const httplib::Response& res) {
     const bool known = req.path == "/v1/completions" || req.path == "/v1/chat/completions" ||
-                       req.path == "/v1/models" || req.path == "/health" || req.path == "/metrics";
+                       req.path == "/v1/models" || req.path == "/health" || req.path == "/metrics" ||
+                       req.path == "/reset_prefix_cache";
     metrics_->response(known ? req.path : "other", res.status);
   });
   // Whatever httplib answers by itself (an unknown route, a body over --max-body, a malformed request line)
