@@ -63,6 +63,27 @@ TEST(ServeWorkload, SameRequestsAtEveryRateAndArrivalsArePoisson) {
   EXPECT_NE(make_serve_workload(o, 100, kAllAtOnce)[0].prompt, at_once[0].prompt);
 }
 
+// --prefix-len: every prompt starts with the same tokens, and the requests' own tokens are those of the
+// workload without it.
+TEST(ServeWorkload, SharedPrefixLeavesTheRequestsOwnTokensAlone) {
+  ServeWorkloadOptions o;
+  o.requests = 50;
+  o.prompt = {3, 9};
+  o.seed = 3;
+  const auto plain = make_serve_workload(o, 100, kAllAtOnce);
+  o.shared_prefix = 20;
+  const auto shared = make_serve_workload(o, 100, kAllAtOnce);
+  ASSERT_EQ(shared.size(), plain.size());
+  const std::vector<int32_t> prefix(shared[0].prompt.begin(), shared[0].prompt.begin() + 20);
+  EXPECT_NE(prefix, std::vector<int32_t>(shared[1].prompt.begin() + 1, shared[1].prompt.begin() + 21));
+  for (size_t i = 0; i < shared.size(); ++i) {
+    ASSERT_EQ(shared[i].prompt.size(), plain[i].prompt.size() + 20);
+    EXPECT_TRUE(std::equal(prefix.begin(), prefix.end(), shared[i].prompt.begin()));
+    EXPECT_TRUE(std::equal(plain[i].prompt.begin(), plain[i].prompt.end(), shared[i].prompt.begin() + 20));
+    EXPECT_EQ(shared[i].output, plain[i].output);
+  }
+}
+
 TEST(ServeWorkload, PromptsAreCutFromTheCorpus) {
   ServeWorkloadOptions o;
   o.requests = 50;
@@ -133,6 +154,29 @@ TEST(ServeBench, EveryRequestProducesItsOutputLength) {
     EXPECT_EQ(sched.running(), 0);
     EXPECT_EQ(sched.cache().free_blocks(), sched.cache().num_blocks()) << "every block came back";
   }
+}
+
+// A shared prefix is read once per run and served from the prefix cache to the requests admitted after it
+// is; each run starts with an empty cache, so two runs of the same requests hit the same amount.
+TEST(ServeBench, SharedPrefixIsServedFromTheCacheAndEachRunStartsEmpty) {
+  const ModelConfig c = shape_config("tiny-llama");
+  Checkpoint ck = synthetic_checkpoint(c, "tiny", 1);
+  auto backend = make_cpu_backend();
+  auto model = make_model(ck, *backend);
+  ServeWorkloadOptions o;
+  o.requests = 12;
+  o.prompt = {1, 10};
+  o.output = {2, 4};
+  o.shared_prefix = 48;  // 3 blocks of 16
+  Scheduler sched(*model, {.max_seqs = 3, .max_batch_tokens = 64, .kv_tokens = 2048});
+  const auto reqs = make_serve_workload(o, c.vocab_size, kAllAtOnce);
+  const ServeResult first = run_serve_bench(sched, reqs);
+  const ServeResult second = run_serve_bench(sched, reqs);
+  EXPECT_GE(first.stats.prefix_hit_tokens, 48 * (12 - 3)) << "all but the first batch find the prefix";
+  EXPECT_EQ(second.stats.prefix_hit_tokens, first.stats.prefix_hit_tokens);
+  EXPECT_EQ(first.stats.prompt_tokens + first.stats.prefix_hit_tokens, first.prompt_tokens)
+      << "every prompt token is either read or found cached";
+  EXPECT_EQ(first.output_tokens, second.output_tokens);
 }
 
 TEST(BenchServeCli, JsonCsvAndTableAgree) {

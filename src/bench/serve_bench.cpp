@@ -28,10 +28,21 @@ std::vector<ServeRequestSpec> make_serve_workload(const ServeWorkloadOptions& o,
   check(rate > 0, "request rate must be > 0, got {}", rate);
   check(o.corpus.empty() || static_cast<int64_t>(o.corpus.size()) >= o.prompt.hi,
         "the text has {} tokens, fewer than the longest prompt of {}", o.corpus.size(), o.prompt.hi);
-  // Lengths and prompts from one stream, arrivals from another: the requests do not depend on the rate.
-  std::mt19937_64 rng(o.seed), arrivals(o.seed ^ 0x9e3779b97f4a7c15ull);
+  check(o.shared_prefix >= 0, "shared prefix of {} tokens", o.shared_prefix);
+  check(o.corpus.empty() || static_cast<int64_t>(o.corpus.size()) >= o.shared_prefix,
+        "the text has {} tokens, fewer than the shared prefix of {}", o.corpus.size(), o.shared_prefix);
+  // Lengths and prompts from one stream, arrivals from another: the requests do not depend on the rate. The
+  // shared prefix from a third, so that the requests' own tokens do not depend on it.
+  std::mt19937_64 rng(o.seed), arrivals(o.seed ^ 0x9e3779b97f4a7c15ull), prefix_rng(o.seed ^ 0x5851f42d4c957f2dull);
   std::exponential_distribution<double> gap(std::isinf(rate) ? 1.0 : rate);
   std::uniform_int_distribution<int32_t> token(0, static_cast<int32_t>(vocab - 1));
+  std::vector<int32_t> prefix(static_cast<size_t>(o.shared_prefix));
+  if (o.corpus.empty()) {
+    for (auto& id : prefix) id = token(prefix_rng);
+  } else if (o.shared_prefix > 0) {
+    const auto start = std::uniform_int_distribution<size_t>(0, o.corpus.size() - prefix.size())(prefix_rng);
+    std::copy_n(o.corpus.begin() + static_cast<std::ptrdiff_t>(start), prefix.size(), prefix.begin());
+  }
   std::vector<ServeRequestSpec> out;
   double t = 0;
   for (int64_t i = 0; i < o.requests; ++i) {
@@ -46,6 +57,7 @@ std::vector<ServeRequestSpec> make_serve_workload(const ServeWorkloadOptions& o,
       r.prompt.assign(o.corpus.begin() + static_cast<std::ptrdiff_t>(start),
                       o.corpus.begin() + static_cast<std::ptrdiff_t>(start + static_cast<size_t>(len)));
     }
+    r.prompt.insert(r.prompt.begin(), prefix.begin(), prefix.end());
     if (!std::isinf(rate) && i > 0) t += gap(arrivals);
     r.arrival_s = t;
     out.push_back(std::move(r));

@@ -23,6 +23,10 @@ struct ServeWorkloadOptions {
   LengthRange prompt{128, 128};
   LengthRange output{128, 128};
   uint64_t seed = 0;
+  // Tokens every prompt starts with (one draw for the workload, from a stream of its own), before the
+  // request's own `prompt` tokens: a shared system prompt, what prefix caching serves (vLLM's
+  // --random-prefix-len).
+  int64_t shared_prefix = 0;
   // Prompts are cut from here at random offsets (real text for real models); empty: random token ids.
   std::vector<int32_t> corpus;
 };

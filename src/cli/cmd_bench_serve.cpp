@@ -269,6 +269,9 @@ nlohmann::json run_json(const std::string& mode, const ServeResult& r) {
   j["e2e_ms"] = pct(r.e2e_ms);
   j["prompt_tokens"] = r.prompt_tokens;
   j["output_tokens"] = r.output_tokens;
+  // Prefix caching (in-process runs): prompt tokens looked up and found cached, not computed.
+  j["prefix_query_tokens"] = r.stats.prefix_query_tokens;
+  j["prefix_hit_tokens"] = r.stats.prefix_hit_tokens;
   return j;
 }
 
@@ -304,6 +307,7 @@ void report(const BenchServeArgs& a, const ServeWorkloadOptions& w, const std::s
                                       {"workload",
                                        {{"requests", w.requests},
                                         {"prompt_len", a.prompt_len},
+                                        {"prefix_len", w.shared_prefix},
                                         {"output_len", a.output_len},
                                         {"dataset", a.dataset},
                                         {"seed", w.seed}}},
@@ -322,8 +326,9 @@ void report(const BenchServeArgs& a, const ServeWorkloadOptions& w, const std::s
   std::fflush(stdout);
   if (!a.csv.empty()) write_csv(a.csv, label, rows);
   if (!a.plot.empty())
-    write_plot(a.plot, fmt::format("{} on {}: {} requests, prompts {}, outputs {}", label, device, w.requests,
-                                   a.prompt_len, a.output_len),
+    write_plot(a.plot, fmt::format("{} on {}: {} requests, prompts {}{}, outputs {}", label, device, w.requests,
+                                   a.prompt_len, w.shared_prefix ? fmt::format(" after a shared {}", w.shared_prefix) : "",
+                                   a.output_len),
                rows);
 }
 
@@ -348,18 +353,19 @@ int run_bench_serve(BenchServeArgs& a) {
   load_sparsity(m, a.source.model, /*random_allowed=*/true, w.seed);
   check(!a.sparse_only || m.sparsity, "--sparse-only needs sparsity (--routers or --density below 1)");
   const ModelConfig& c = m.model->config();
-  check(w.prompt.hi + w.output.hi <= c.max_positions,
-        "the longest request ({} prompt + {} output tokens) exceeds the model's context length of {}", w.prompt.hi,
-        w.output.hi, c.max_positions);
+  check(w.shared_prefix + w.prompt.hi + w.output.hi <= c.max_positions,
+        "the longest request ({} prompt + {} output tokens) exceeds the model's context length of {}",
+        w.shared_prefix + w.prompt.hi, w.output.hi, c.max_positions);
   if (!a.dataset.empty()) {
     fmt::print(stderr, "tokenizing {}...\n", a.dataset);
     w.corpus = dataset_tokens(m, a.dataset);
   }
   Backend& be = *m.backend;
-  const int64_t kv_tokens = a.batching.kv_tokens_for(m, w.prompt.hi + w.output.hi);
-  fmt::print(stderr, "{}: {}\nKV cache: {} tokens ({}); {} requests, prompts {}, outputs {}, max-seqs {}\n", label,
-             c.describe(), kv_tokens, kv_cache_size(*m.model, kv_tokens), w.requests, a.prompt_len, a.output_len,
-             a.batching.max_seqs);
+  const int64_t kv_tokens = a.batching.kv_tokens_for(m, w.shared_prefix + w.prompt.hi + w.output.hi);
+  fmt::print(stderr, "{}: {}\nKV cache: {} tokens ({}); {} requests, prompts {}{}, outputs {}, max-seqs {}{}\n",
+             label, c.describe(), kv_tokens, kv_cache_size(*m.model, kv_tokens), w.requests, a.prompt_len,
+             w.shared_prefix ? fmt::format(" after a shared {}", w.shared_prefix) : "", a.output_len,
+             a.batching.max_seqs, a.batching.prefix_caching ? "" : ", no prefix caching");
 
   std::vector<std::pair<std::string, ServeResult>> runs;
   std::vector<std::pair<std::string, Sparsity*>> modes;
@@ -382,8 +388,13 @@ int run_bench_serve(BenchServeArgs& a) {
       fmt::print(stderr, "{}, request rate {}:\n", mode, rate_name(rate));
       ServeResult r = run_serve_bench(scheduler, make_serve_workload(w, c.vocab_size, rate), progress);
       r.rate = rate;
-      fmt::print(stderr, "  {:.1f} s, {:.0f} output tokens/s, TTFT p99 {:.1f} ms, TPOT p50 {:.2f} ms\n", r.duration_s,
-                 r.output_tokens_per_s, r.ttft_ms.p99, r.tpot_ms.p50);
+      fmt::print(stderr, "  {:.1f} s, {:.0f} output tokens/s, TTFT p99 {:.1f} ms, TPOT p50 {:.2f} ms{}\n", r.duration_s,
+                 r.output_tokens_per_s, r.ttft_ms.p99, r.tpot_ms.p50,
+                 r.stats.prefix_hit_tokens
+                     ? fmt::format(", {:.0f}% of prompt tokens from the prefix cache",
+                                   100.0 * static_cast<double>(r.stats.prefix_hit_tokens) /
+                                       static_cast<double>(std::max<int64_t>(1, r.prompt_tokens)))
+                     : "");
       runs.push_back({mode, r});
     }
   }
@@ -454,6 +465,10 @@ Command bench_serve_command() {
                 ->check(at_least(1));
             c->add_option("--prompt-len", a->prompt_len, "Prompt tokens: N, or LO-HI for uniform in [LO, HI]")
                 ->capture_default_str();
+            c->add_option("--prefix-len", a->workload.shared_prefix,
+                          "Tokens every prompt starts with, before its --prompt-len own (a shared system prompt: "
+                          "what prefix caching serves)")
+                ->capture_default_str()->check(at_least(0));
             c->add_option("--output-len", a->output_len, "Output tokens: N, or LO-HI for uniform in [LO, HI]")
                 ->capture_default_str();
             c->add_option("--dataset", a->dataset,
