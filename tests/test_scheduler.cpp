@@ -273,6 +273,25 @@ TEST(Scheduler, PrefixCacheReusesSharedPrefixesAndChangesNoOutput) {
   }
 }
 
+// The choices of one prompt (submit_choices) read it once: the later ones wait for the first to read it and
+// attach its whole blocks. Outputs equal the prompt alone; without prefix caching each reads it.
+TEST(Scheduler, ChoicesReadTheirPromptOnceThroughThePrefixCache) {
+  Loaded& m = stories();
+  const std::vector<int32_t> prompt = prompts(1, 45, 45, m.ck.config.vocab_size, 41)[0];
+  const std::vector<int32_t> want = alone(*m.model, prompt, 6);
+  for (bool caching : {true, false}) {
+    SCOPED_TRACE(caching ? "prefix caching" : "off");
+    Scheduler sched(*m.model, {.max_seqs = 4, .max_batch_tokens = 16, .kv_tokens = 1024, .block_size = 8,
+                               .prefix_caching = caching});
+    const auto streams = sched.submit_choices({greedy(prompt, 6), greedy(prompt, 6), greedy(prompt, 6)});
+    sched.run_until_idle();
+    for (const auto& st : streams) EXPECT_EQ(drain(*st).tokens, want);
+    EXPECT_EQ(sched.stats().prefix_hit_tokens, caching ? 2 * 40 : 0) << "44 tokens looked up: 5 whole blocks";
+    EXPECT_EQ(sched.stats().prompt_tokens, caching ? 45 + 2 * 5 : 3 * 45);
+    EXPECT_EQ(sched.cache().free_blocks(), sched.cache().num_blocks());
+  }
+}
+
 // A cache too small for every running sequence at once, with a shared prefix: preempted sequences come back
 // through the prefix cache (their own prompt's blocks, or another's), and nothing changes in the outputs.
 TEST(Scheduler, PreemptionWithPrefixCachingChangesNoOutput) {

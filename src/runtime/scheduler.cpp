@@ -108,6 +108,9 @@ struct Scheduler::Sequence {
   std::string held;  // decoded text not yet sent: it might be the start of a stop string
   std::shared_ptr<PromptScores> echo;  // echo_logprobs: its prompt's scores (null without)
   bool echo_sent = false;
+  // With prefix caching, the later choices of one prompt (submit_choices) wait for the first, `leader` (its
+  // id), to read the prompt, then attach its cached blocks: the prompt is computed once, not n times. -1: none.
+  int64_t leader = -1;
   // Read its prompt (and anything it recomputes): its next step is a decode token, tokens.back().
   bool prefilled() const { return cached >= prompt_end; }
   // The prompt's log-probabilities for the sequence's first event, none for later ones. Once it has read its
@@ -182,9 +185,17 @@ std::vector<std::shared_ptr<RequestStream>> Scheduler::submit_choices(std::vecto
   }
   const auto echo = head.params.echo_logprobs ? std::make_shared<PromptScores>(head.prompt[0]) : nullptr;
   std::vector<std::shared_ptr<RequestStream>> streams;
+  // (Echoed prompts are read by every choice, scored once between them; a prompt shorter than a block has
+  // nothing to share.)
+  const bool follow = options_.prefix_caching && !echo && static_cast<int64_t>(head.prompt.size()) > options_.block_size;
   std::lock_guard lock(submit_mu_);
+  int64_t leader = -1;
   for (Request& r : choices) {
     auto s = std::make_unique<Sequence>(next_id_++, std::move(r), options_.tokenizer, echo);
+    if (follow) {
+      s->leader = leader;
+      if (leader < 0 && s->request.params.max_tokens > 0) leader = s->id;
+    }
     streams.push_back(s->stream);
     s->stream->times_.arrival = Clock::now();
     if (s->request.params.max_tokens == 0 && !echo) {  // nothing to compute: finished on arrival
@@ -458,6 +469,10 @@ bool Scheduler::step() {
   }
   while (budget > 0 && !waiting_.empty() && static_cast<int64_t>(running_.size()) < options_.max_seqs) {
     Sequence& s = *waiting_.front();
+    if (s.leader >= 0) {  // a later choice: not before the first has read the prompt (Sequence::leader)
+      auto lead = std::find_if(running_.begin(), running_.end(), [&](const auto& r) { return r->id == s.leader; });
+      if (lead != running_.end() && !(*lead)->prefilled()) break;
+    }
     const int64_t n = static_cast<int64_t>(s.tokens.size());
     s.engine_seq = engine_.add_sequence();
     // The cached whole blocks of its tokens but the last, which is read in any case: its logits sample.

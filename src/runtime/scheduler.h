@@ -175,7 +175,9 @@ class Scheduler {
   // Queues the choices of one prompt (the API's n): requests with the same prompt and log-probability
   // parameters, sampled each by its own parameters. Under echo_logprobs the prompt is scored once for them
   // all, each position by whichever choice reads it first, and every choice's first event carries the same
-  // scores. A choice that can never run is a polar::Error, as for submit, and then none is queued.
+  // scores. Otherwise, with prefix caching, the later choices are admitted once the first has read the
+  // prompt, and find its whole blocks cached: the prompt is computed once for them all. A choice that can
+  // never run is a polar::Error, as for submit, and then none is queued.
   std::vector<std::shared_ptr<RequestStream>> submit_choices(std::vector<Request> choices);
   // One engine step over what is running and waiting (the loop thread). False when there was nothing to do.
   bool step();
