@@ -374,6 +374,92 @@ TEST(Runtime, KvCachePrefixBlocksAreSharedExactlyAndEvictedLast) {
   EXPECT_EQ(cache.free_blocks(), 6);
 }
 
+// The prefix cache under random use (sequences joining with shared or diverging prefixes, growing a token at a
+// time, leaving; a pool small enough to evict all the time), against what the blocks hold: every block a
+// sequence attaches was written by a computation of exactly the same leading tokens, no block a sequence
+// writes is shared with another sequence, and all blocks come back at the end.
+TEST(Runtime, KvCachePrefixSharingStaysExactUnderRandomUse) {
+  auto backend = make_cpu_backend();
+  constexpr int64_t kBlocks = 14, kBs = 2;
+  KVCache cache(*backend, 1, 1, 2, kBlocks, kBs, DType::F32);
+  struct Live {
+    std::vector<int32_t> tokens;  // computed: positions [0, tokens.size())
+    int64_t attached = 0;         // blocks [0, attached) shared, the rest its own
+  };
+  std::map<int64_t, Live> live;
+  std::map<int32_t, std::vector<int32_t>> wrote;  // block -> the tokens up to its end when it was last filled
+  uint32_t x = 12345;
+  auto rnd = [&](uint32_t n) {
+    x = x * 1664525u + 1013904223u;
+    return (x >> 8) % n;
+  };
+  const std::vector<std::vector<int32_t>> bases = {{1, 2, 1, 2, 1, 2, 1, 2}, {1, 2, 2, 1, 1, 1, 2, 2}, {2, 2, 2, 2, 1, 1, 1, 1}};
+  // The sequence computed its new positions: its own full blocks hold its prefix; then it publishes.
+  auto computed = [&](int64_t id, Live& l) {
+    const std::vector<int32_t>& b = cache.blocks(id);
+    for (int64_t i = l.attached; i < static_cast<int64_t>(l.tokens.size()) / kBs; ++i)
+      wrote[b[static_cast<size_t>(i)]] = std::vector<int32_t>(l.tokens.begin(), l.tokens.begin() + (i + 1) * kBs);
+    cache.publish_prefix(id, l.tokens);
+  };
+  int64_t next = 0, attached_total = 0;
+  for (int op = 0; op < 4000; ++op) {
+    const uint32_t kind = rnd(10);
+    if (kind < 4 || live.empty()) {  // a new sequence: a prefix of a base, then random tokens
+      Live l;
+      const auto& base = bases[rnd(3)];
+      l.tokens.assign(base.begin(), base.begin() + rnd(9));
+      for (uint32_t t = rnd(4); t > 0; --t) l.tokens.push_back(static_cast<int32_t>(1 + rnd(2)));
+      if (l.tokens.empty()) l.tokens.push_back(1);
+      const int64_t id = next++;
+      const int64_t got = cache.attach_prefix(id, std::span<const int32_t>(l.tokens).first(l.tokens.size() - 1));
+      ASSERT_EQ(got % kBs, 0);
+      l.attached = got / kBs;
+      attached_total += l.attached;
+      for (int64_t i = 0; i < l.attached; ++i) {
+        const int32_t b = cache.blocks(id)[static_cast<size_t>(i)];
+        ASSERT_TRUE(wrote.contains(b)) << "attached block " << b << " was never filled";
+        ASSERT_EQ(wrote[b], std::vector<int32_t>(l.tokens.begin(), l.tokens.begin() + (i + 1) * kBs))
+            << "block " << b << " holds another prefix (op " << op << ")";
+      }
+      const int64_t need = (static_cast<int64_t>(l.tokens.size()) + kBs - 1) / kBs - l.attached;
+      if (need > cache.free_blocks()) {
+        cache.release(id);
+        continue;
+      }
+      cache.reserve(id, static_cast<int64_t>(l.tokens.size()));
+      computed(id, l);
+      live[id] = l;
+    } else if (kind < 7) {  // a live sequence decodes a token
+      auto it = std::next(live.begin(), static_cast<std::ptrdiff_t>(rnd(static_cast<uint32_t>(live.size()))));
+      Live& l = it->second;
+      const int64_t n = static_cast<int64_t>(l.tokens.size()) + 1;
+      if ((n + kBs - 1) / kBs > static_cast<int64_t>(cache.blocks(it->first).size()) && cache.free_blocks() == 0) continue;
+      cache.reserve(it->first, n);
+      l.tokens.push_back(static_cast<int32_t>(1 + rnd(2)));
+      computed(it->first, l);
+    } else {  // one leaves
+      auto it = std::next(live.begin(), static_cast<std::ptrdiff_t>(rnd(static_cast<uint32_t>(live.size()))));
+      cache.release(it->first);
+      live.erase(it);
+    }
+    // No block a sequence will still write (one holding a position past its length) is held by anyone else.
+    std::map<int32_t, int> writable, held;
+    for (const auto& [id, l] : live) {
+      const std::vector<int32_t>& b = cache.blocks(id);
+      for (size_t i = 0; i < b.size(); ++i) {
+        held[b[i]]++;
+        if ((static_cast<int64_t>(i) + 1) * kBs > static_cast<int64_t>(l.tokens.size())) writable[b[i]]++;
+      }
+    }
+    for (const auto& [b, n] : writable)
+      ASSERT_EQ(held[b], 1) << "block " << b << " is written by one sequence and held by another (op " << op << ")";
+    ASSERT_LE(static_cast<int64_t>(held.size()) + cache.free_blocks(), kBlocks);
+  }
+  EXPECT_GT(attached_total, 500) << "the prefixes were shared";
+  for (const auto& [id, l] : live) cache.release(id);
+  EXPECT_EQ(cache.free_blocks(), kBlocks);
+}
+
 // A full cache refuses a sequence cleanly; once another leaves, the newcomer reuses its blocks (still
 // holding the old K/V) and gets exactly its alone results.
 TEST(Runtime, EngineReusesReleasedBlocks) {
