@@ -395,7 +395,8 @@ TEST(Serve, MetricsCountWhatHappenedAndPassPromtool) {
 }
 
 // Prefix caching through the API: the same long prompt again reads its cached whole blocks (the counters
-// say how many) and answers the same; after POST /reset_prefix_cache it is computed in full again.
+// and the response's usage.prompt_tokens_details.cached_tokens say how many) and answers the same; after
+// POST /reset_prefix_cache it is computed in full again.
 TEST(Serve, RepeatedPromptsHitThePrefixCacheUntilReset) {
   Running r;
   const std::string text =
@@ -412,7 +413,7 @@ TEST(Serve, RepeatedPromptsHitThePrefixCacheUntilReset) {
     return at == std::string::npos ? int64_t(-1) : std::stoll(body.substr(at + 1 + name.size()));
   };
   std::vector<std::string> answers;
-  std::vector<int64_t> after;
+  std::vector<int64_t> after, reported;
   for (int i = 0; i < 3; ++i) {
     if (i == 2) {
       auto reset = r.client.Post("/reset_prefix_cache");
@@ -421,9 +422,12 @@ TEST(Serve, RepeatedPromptsHitThePrefixCacheUntilReset) {
     }
     auto res = r.post("/v1/completions", {{"prompt", text}, {"max_tokens", 6}, {"temperature", 0}});
     ASSERT_TRUE(res && res->status == 200);
-    answers.push_back(json::parse(res->body)["choices"][0]["text"]);
+    const json body = json::parse(res->body);
+    answers.push_back(body["choices"][0]["text"]);
+    reported.push_back(body["usage"]["prompt_tokens_details"]["cached_tokens"]);
     after.push_back(hits());
   }
+  EXPECT_EQ(reported, (std::vector<int64_t>{0, cached, 0})) << "usage.prompt_tokens_details.cached_tokens";
   EXPECT_EQ(after[0], 0);
   EXPECT_EQ(after[1], cached) << "the second request read its prompt's whole blocks from the cache";
   EXPECT_EQ(after[2], cached) << "after the reset nothing was cached";

@@ -489,6 +489,7 @@ bool Scheduler::step() {
       stats_.prefix_query_tokens += n - 1;
       stats_.prefix_hit_tokens += hit;
     }
+    if (!std::exchange(s.stream->admitted_, true)) s.stream->cached_prompt_tokens_.store(hit);
     s.cached = hit;
     s.admitted = admissions_++;
     s.prompt_end = n;

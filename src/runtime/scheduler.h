@@ -98,6 +98,9 @@ class RequestStream {
   bool finished() const;
   // After the final event: the request's timings (arrival, first token, each token, finish).
   RequestTimes times() const;
+  // Prompt tokens found in the prefix cache when the request was first admitted (0 before, or without the
+  // cache): OpenAI's usage.prompt_tokens_details.cached_tokens.
+  int64_t cached_prompt_tokens() const { return cached_prompt_tokens_.load(); }
   int64_t id() const { return id_; }
 
  private:
@@ -107,6 +110,8 @@ class RequestStream {
 
   const int64_t id_;
   std::atomic<bool> cancelled_{false};
+  std::atomic<int64_t> cached_prompt_tokens_{0};
+  bool admitted_ = false;  // the loop's: cached_prompt_tokens_ is set at the first admission only
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::deque<RequestEvent> events_;

@@ -436,6 +436,13 @@ Usage usage_of(const ParsedRequest& r, const std::vector<ChoiceResult>& choices)
   Usage u;
   for (const auto& p : r.prompts) u.prompt_tokens += static_cast<int64_t>(p.size());
   for (const ChoiceResult& c : choices) u.completion_tokens += c.tokens;
+  const size_t n = static_cast<size_t>(r.n);
+  for (size_t p = 0; p * n < choices.size(); ++p) {
+    int64_t fewest = choices[p * n].cached_prompt_tokens;
+    for (size_t i = p * n; i < std::min(choices.size(), (p + 1) * n); ++i)
+      fewest = std::min(fewest, choices[i].cached_prompt_tokens);
+    u.cached_prompt_tokens += fewest;
+  }
   return u;
 }
 
@@ -443,7 +450,8 @@ namespace {
 json usage_json(const Usage& u) {
   return {{"prompt_tokens", u.prompt_tokens},
           {"completion_tokens", u.completion_tokens},
-          {"total_tokens", u.prompt_tokens + u.completion_tokens}};
+          {"total_tokens", u.prompt_tokens + u.completion_tokens},
+          {"prompt_tokens_details", {{"cached_tokens", u.cached_prompt_tokens}}}};
 }
 json finish_json(const std::optional<FinishReason>& f) {
   // A cancelled request's stream ends without a reason a client knows; it only reaches clients that are gone.

@@ -100,10 +100,14 @@ struct ChoiceResult {
   int64_t tokens = 0;  // tokens produced (a stop token included)
   FinishReason finish = FinishReason::length;
   nlohmann::json logprobs;  // null: not asked for; else LogprobsWriter's object
+  int64_t cached_prompt_tokens = 0;  // RequestStream::cached_prompt_tokens
 };
 
 struct Usage {
   int64_t prompt_tokens = 0, completion_tokens = 0;
+  // Prompt tokens read from the prefix cache: per prompt, the fewest any of its choices found there (the
+  // later choices of a prompt attach what the first computed; that is not a hit from an earlier request).
+  int64_t cached_prompt_tokens = 0;
 };
 Usage usage_of(const ParsedRequest& r, const std::vector<ChoiceResult>& choices);
 

@@ -264,6 +264,7 @@ void Server::handle_generate(Endpoint endpoint, const httplib::Request& req, htt
           if (parsed->params.logprobs >= 0) LogprobsWriter::append(choices[i].logprobs, logprobs.write(*e));
           if (e->finish) {
             choices[i].finish = *e->finish;
+            choices[i].cached_prompt_tokens = (*streams)[i]->cached_prompt_tokens();
             record(*parsed, i, *e->finish, *(*streams)[i]);
           }
         }
@@ -300,6 +301,7 @@ void Server::handle_generate(Endpoint endpoint, const httplib::Request& req, htt
                 if (e->finish) {
                   done[i] = true;
                   --left;
+                  choices[i].cached_prompt_tokens = (*streams)[i]->cached_prompt_tokens();
                   record(*parsed, i, *e->finish, *(*streams)[i]);
                 }
                 const std::string text = (echoed[i] ? "" : echo_text(*parsed, i, ctx_)) + e->text;

@@ -178,6 +178,10 @@ def main():
             check(chunks[0].choices[0].delta.role == "assistant", "the first chunk carries the role")
             check(chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == chat.usage.completion_tokens,
                   "include_usage")
+            # The same prompt again: its whole 16-token blocks come from the prefix cache, and usage says so.
+            details = chunks[-1].usage.prompt_tokens_details
+            check(details is not None and details.cached_tokens == (chat.usage.prompt_tokens - 1) // 16 * 16,
+                  f"cached prompt tokens of a repeated prompt of {chat.usage.prompt_tokens}: {details}")
             streamed = "".join((c.choices[0].delta.content or "") for c in chunks if c.choices)
             check(streamed == reply, f"streamed chat {streamed!r} != whole {reply!r}")
             print(f"chat: {reply!r} (whole = streamed)")
