@@ -19,6 +19,7 @@
 #ifdef POLAR_HAVE_CUDA
 #include "ops/cuda/bandwidth.h"
 #include "ops/cuda/cuda_backend.h"
+#include "ops/cuda/gemv.h"
 #endif
 
 namespace polar {
@@ -162,6 +163,97 @@ TEST_P(CudaOps, LinearMatchesCpuOverOddShapes) {
         EXPECT_LT(rel_err(back(got), ref), tol());
       }
     }
+}
+
+#ifdef POLAR_HAVE_CUDA
+// The decode-sized projection kernel itself (linear uses it only where it is faster than cuBLASLt, so the
+// linear test above may not reach it): every row count it takes, odd shapes, bias and accumulate, and x one
+// element off 16-byte alignment (the element-wise path).
+TEST_P(CudaOps, GemvMatchesCpuOverOddShapes) {
+  int sms = 0;
+  ASSERT_EQ(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, cuda_device(*cuda_)), cudaSuccess);
+  const auto stream = static_cast<cudaStream_t>(cuda_stream(*cuda_));
+  const cuda::Elem elem = dt() == DType::F16 ? cuda::Elem::F16 : cuda::Elem::BF16;
+  for (int64_t m = 1; m <= cuda::kGemvMaxRows; ++m)
+    for (auto [n, k] : {std::pair<int64_t, int64_t>{5, 7}, {64, 48}, {577, 192}, {1000, 1536}, {3, 4104}, {4097, 264}})
+      for (int mode = 0; mode < 4; ++mode) {  // plain, + bias, + bias + accumulate, x unaligned
+        SCOPED_TRACE(testing::Message() << "m=" << m << " n=" << n << " k=" << k << " mode=" << mode);
+        const int64_t shift = mode == 3 ? 1 : 0;
+        Tensor x = host_random({m * k + shift}), w = host_random({n, k}, -0.2f, 0.2f), b = host_random({n});
+        Tensor y0 = host_random({m, n});
+        Tensor ref = Tensor::empty(DType::F32, {m, n});
+        std::copy(y0.data<float>(), y0.data<float>() + y0.numel(), ref.data<float>());
+        Tensor x_rows = Tensor::empty(DType::F32, {m, k});
+        std::copy(x.data<float>() + shift, x.data<float>() + shift + m * k, x_rows.data<float>());
+        cpu_->linear(x_rows, w, mode == 1 || mode == 2 ? &b : nullptr, ref, mode == 2);
+        Tensor dx = dev(x), dw = dev(w), db = dev(b), got = mode == 2 ? dev(y0) : poisoned({m, n});
+        cuda::Gemv g;
+        g.x = static_cast<const char*>(dx.raw()) + shift * 2;
+        g.ldx = k;
+        g.w = dw.raw();
+        g.bias = mode == 1 || mode == 2 ? db.raw() : nullptr;
+        g.y = got.raw();
+        g.ldy = n;
+        g.M = m;
+        g.N = n;
+        g.K = k;
+        g.accumulate = mode == 2;
+        cuda::gemv(g, sms, elem, stream);
+        EXPECT_LT(rel_err(back(got), ref), tol());
+      }
+}
+#endif
+
+// The output projection of selective attention: a's column blocks of the units a token did not select are
+// zero (as the attention op leaves them), the weight columns of units no token selected are NaN on the GPU
+// where it takes the selective kernel (T <= kGemvMaxRows), so reading any of them fails; padding entries
+// and a token flagged dense (every unit: nothing poisoned) included, and T above the kernel's rows (dense).
+TEST_P(CudaOps, LinearSelectedInputsReadsOnlySelectedUnits) {
+  struct Case {
+    int64_t T, units, width, k, n;
+    bool dense_token = false;
+  };
+  for (const Case& c : std::vector<Case>{{1, 8, 16, 3, 40},
+                                          {1, 32, 128, 16, 257},
+                                          {3, 7, 24, 2, 100},
+                                          {4, 4, 5, 1, 33},
+                                          {2, 6, 8, 3, 64, true},
+                                          {6, 8, 16, 2, 96}}) {
+    SCOPED_TRACE(testing::Message() << "T=" << c.T << " units=" << c.units << " width=" << c.width << " k=" << c.k);
+    const int64_t K = c.units * c.width;
+    std::vector<int32_t> sel(static_cast<size_t>(c.T * c.k));
+    std::vector<bool> used(static_cast<size_t>(c.units), false);
+    for (int64_t t = 0; t < c.T; ++t) {
+      std::vector<int32_t> all(static_cast<size_t>(c.units));
+      std::iota(all.begin(), all.end(), 0);
+      std::shuffle(all.begin(), all.end(), rng_);
+      const int64_t real = t == 0 ? c.k : 1 + static_cast<int64_t>(rng_() % c.k);  // the rest: padding
+      std::sort(all.begin(), all.begin() + real);
+      for (int64_t j = 0; j < c.k; ++j) sel[t * c.k + j] = j < real ? all[j] : static_cast<int32_t>(c.units);
+    }
+    std::vector<int32_t> flags(static_cast<size_t>(c.T), 0);
+    if (c.dense_token) flags[1] = 1;
+    Tensor a = host_random({c.T, K}), w = host_random({c.n, K}, -0.2f, 0.2f), b = host_random({c.n});
+    for (int64_t t = 0; t < c.T; ++t)
+      for (int64_t u = 0; u < c.units; ++u) {
+        const bool on = flags[t] || std::find(sel.begin() + t * c.k, sel.begin() + (t + 1) * c.k, u) != sel.begin() + (t + 1) * c.k;
+        used[u] = used[u] || on;
+        if (!on) std::fill(a.data<float>() + t * K + u * c.width, a.data<float>() + t * K + (u + 1) * c.width, 0.0f);
+      }
+    Tensor w_gpu = Tensor::empty(DType::F32, w.shape());
+    std::copy(w.data<float>(), w.data<float>() + w.numel(), w_gpu.data<float>());
+    if (c.T <= 4)
+      for (int64_t u = 0; u < c.units; ++u)
+        for (int64_t i = 0; i < c.n && !used[u]; ++i)
+          std::fill(w_gpu.data<float>() + i * K + u * c.width, w_gpu.data<float>() + i * K + (u + 1) * c.width,
+                    std::numeric_limits<float>::quiet_NaN());
+    Tensor units = host_i32(sel).reshape({c.T, c.k}), dense = host_i32(flags);
+    Tensor ref = host_random({c.T, c.n}), got = dev(ref);
+    cpu_->linear(a, w, &b, ref, /*accumulate=*/true);
+    Tensor db = dev(b), du = dev(units), dd = dev(dense);
+    cuda_->linear_selected_inputs(dev(a), dev(w_gpu), &db, du, c.width, c.dense_token ? &dd : nullptr, got, true);
+    EXPECT_LT(rel_err(back(got), ref), tol());
+  }
 }
 
 TEST_P(CudaOps, NormsMatchCpu) {

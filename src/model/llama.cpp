@@ -122,7 +122,7 @@ class Llama final : public Model {
       attend(static_cast<int>(l), in, heads, q, cache[l], scale, c.sliding_window, attn);
       if (probe) report_head_norms(probe, static_cast<int>(l), attn);
       be.region("qkv_o");
-      be.linear(attn.reshape({T, s.heads * c.head_dim}), L.wo, ptr(L.bo), delta);
+      project_attention(in, heads, attn, L.wo, ptr(L.bo), delta);
       reduce(delta);
       pending = true;
       be.region("other");

@@ -161,15 +161,37 @@ void Model::report_head_norms(Probe* probe, int layer, const Tensor& attn) const
   probe->head_norms(layer, norms);
 }
 
+namespace {
+
+// Whether a step's KV-head selections go to the attention op as kv_heads (selective attention), rather than
+// being applied afterwards (keep_heads).
+bool selective_attention(const StepInput& in, const Tensor& heads) {
+  return heads.defined() && !(in.sparsity && in.sparsity->per_query_head());
+}
+
+const Tensor* dense_tokens_of(const StepInput& in) { return in.dense_tokens.defined() ? &in.dense_tokens : nullptr; }
+
+}  // namespace
+
 void Model::attend(int layer, const StepInput& in, const Tensor& heads, const Tensor& q, const KVLayer& cache,
                    float scale, int64_t window, Tensor& attn) const {
-  const Tensor* dense = in.dense_tokens.defined() ? &in.dense_tokens : nullptr;
+  const Tensor* dense = dense_tokens_of(in);
   const bool per_query_head = in.sparsity && in.sparsity->per_query_head();
-  const bool selective = heads.defined() && !per_query_head;
+  const bool selective = selective_attention(in, heads);
   backend_.attention(q, cache, in.layout, scale, window, attn, selective ? &heads : nullptr, dense);
   if (!in.sparsity || selective) return;
   const Tensor kept = heads.defined() ? heads : in.sparsity->heads_from_attention(layer, attn);
   if (kept.defined()) backend_.keep_heads(attn, kept, per_query_head ? 1 : dims_.heads / dims_.kv_heads, dense);
+}
+
+void Model::project_attention(const StepInput& in, const Tensor& heads, const Tensor& attn, const Tensor& wo,
+                              const Tensor* bo, Tensor& y, bool accumulate) const {
+  const int64_t T = attn.dim(0), H = attn.dim(1), dh = attn.dim(2);
+  const Tensor a = attn.reshape({T, H * dh});
+  if (selective_attention(in, heads))
+    backend_.linear_selected_inputs(a, wo, bo, heads, H / dims_.kv_heads * dh, dense_tokens_of(in), y, accumulate);
+  else
+    backend_.linear(a, wo, bo, y, accumulate);
 }
 
 namespace {

@@ -187,6 +187,11 @@ class Model {
   // unselected heads of a dense attention.
   void attend(int layer, const StepInput& in, const Tensor& heads, const Tensor& q, const KVLayer& cache, float scale,
               int64_t window, Tensor& attn) const;
+  // y (+)= attn [T, H, dh] · woᵀ (+ bo), the output projection of what attend() left in attn. After selective
+  // attention (its unselected KV groups' rows are zero) the backend may read only the selected groups'
+  // columns of wo (linear_selected_inputs).
+  void project_attention(const StepInput& in, const Tensor& heads, const Tensor& attn, const Tensor& wo,
+                         const Tensor* bo, Tensor& y, bool accumulate = false) const;
   ModelConfig config_;
   Backend& backend_;
   TpShard shard_;

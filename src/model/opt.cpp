@@ -140,7 +140,7 @@ class Opt final : public Model {
       if (probe) report_head_norms(probe, static_cast<int>(l), attn);
       be.region("qkv_o");
       be.wait_side_work(neurons_ready);
-      be.linear(attn.reshape({T, s.heads * c.head_dim}), L.wo, ptr(L.bo), x, accumulates());
+      project_attention(in, heads, attn, L.wo, ptr(L.bo), x, accumulates());
       reduce(x);
       be.region("other");
       if (!c.pre_norm) be.layer_norm(x, L.ln1_w, L.ln1_b, eps, x);

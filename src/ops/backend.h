@@ -85,6 +85,17 @@ class Backend {
   virtual void embedding(const Tensor& table, const Tensor& ids, Tensor& out, int64_t id_offset = 0) = 0;
   // y[T, n] = x[T, k] · w[n, k]ᵀ (+ bias[n]) (+ y if accumulate)
   virtual void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y, bool accumulate = false) = 0;
+  // The output projection of selective attention, linear(a, w, bias, y, accumulate) for an a [T, U·width] whose
+  // column block u (width columns: KV group u's query heads) is zero in every token that did not select u, as
+  // the attention op leaves it: units [T, k] (I32) are the kv_heads the attention op got (entries outside [0,
+  // U): padding), tokens flagged 1 in dense_tokens [T] (optional) select every unit. The same values as
+  // linear; a backend may read only the weight columns of units some token selected (CUDA at decode-sized T:
+  // at batch 1 and density 0.5 half of o_proj's weight bytes). The CPU reference computes linear.
+  virtual void linear_selected_inputs(const Tensor& a, const Tensor& w, const Tensor* bias,
+                                      [[maybe_unused]] const Tensor& units, [[maybe_unused]] int64_t width,
+                                      [[maybe_unused]] const Tensor* dense_tokens, Tensor& y, bool accumulate = false) {
+    linear(a, w, bias, y, accumulate);
+  }
   // out = a + b, elementwise over equal shapes; out may alias a or b.
   virtual void add(const Tensor& a, const Tensor& b, Tensor& out) = 0;
   // Row-wise norms over the last dim d: LayerNorm (weight, bias) and RMSNorm (weight). out may alias x.

@@ -1,5 +1,5 @@
 // The CUDA backend: fp16 or bf16 weights, activations and KV cache with fp32 accumulation. GEMMs go to
-// cuBLASLt (cublaslt_gemm.h); everything else is polar's own kernels (the op families of kernels.h,
+// cuBLASLt (cublaslt_gemm.h) or, at decode-sized m, to polar's gemv (gemv.h); everything else is polar's own kernels (the op families of kernels.h,
 // attention.h, gather_gemm.h); memory comes from a caching allocator (device_allocator.h). All work is
 // enqueued on one stream; host synchronisation happens only where the host needs data back (to_host_f32,
 // synchronize).
@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <compare>
 #include <map>
 #include <vector>
@@ -23,6 +24,7 @@
 #include "ops/cuda/cuda_check.h"
 #include "ops/cuda/device_allocator.h"
 #include "ops/cuda/gather_gemm.h"
+#include "ops/cuda/gemv.h"
 #include "ops/cuda/kernels.h"
 #include "ops/cuda/variant_timing.h"
 
@@ -241,9 +243,35 @@ class CudaBackend final : public Backend {
                     error_flag_.data<int32_t>(), elem(), stream_);
   }
 
+  // At m <= kGemvMaxRows the CUDA-core kernel of gemv.h or cuBLASLt, whichever is faster for the shape
+  // (gemv_is_faster); otherwise cuBLASLt.
   void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y, bool accumulate) override {
     expect_act(w, "linear weight");
+    const GemmDims dims = gemm_dims(x, w, /*w_kn=*/false, bias, y, "linear");
+    if (gemv_enabled_ && dims.m >= 1 && dims.m <= cuda::kGemvMaxRows && gemv_is_faster(dims, x, w, bias, y, accumulate))
+      return gemv(dims, x, w, bias, nullptr, 0, nullptr, y, accumulate);
     gemm(x, w, /*w_kn=*/false, bias, /*relu=*/false, y, accumulate, "linear");
+  }
+
+  // At decode-sized T the gemv kernel reads only the selected units' weight columns, always: at full
+  // selection it streams the same bytes as the dense kernels. Larger steps select nearly every unit anyway
+  // (the union of their tokens' selections) and go to linear.
+  void linear_selected_inputs(const Tensor& a, const Tensor& w, const Tensor* bias, const Tensor& units,
+                              int64_t width, const Tensor* dense_tokens, Tensor& y, bool accumulate) override {
+    expect_act(w, "linear_selected_inputs weight");
+    expect_i32(units, "linear_selected_inputs units");
+    const GemmDims dims = gemm_dims(a, w, /*w_kn=*/false, bias, y, "linear_selected_inputs");
+    check(width >= 1 && dims.k % width == 0 && dims.k / width <= cuda::kGemvMaxUnits && units.ndim() == 2 &&
+              units.dim(0) == dims.m,
+          "linear_selected_inputs: units {} of {} columns for a {} (at most {} units)", shape_str(units.shape()),
+          width, shape_str(a.shape()), cuda::kGemvMaxUnits);
+    if (dense_tokens) {
+      expect_i32(*dense_tokens, "linear_selected_inputs dense tokens");
+      check(dense_tokens->numel() == dims.m, "linear_selected_inputs: {} dense-token flags for {} tokens",
+            dense_tokens->numel(), dims.m);
+    }
+    if (!gemv_enabled_ || dims.m > cuda::kGemvMaxRows) return linear(a, w, bias, y, accumulate);
+    gemv(dims, a, w, bias, &units, width, dense_tokens, y, accumulate);
   }
 
   void gather_up_relu(const Tensor& x, const Tensor& w, const Tensor* bias, const Tensor* idx, Tensor& y) override {
@@ -696,11 +724,15 @@ class CudaBackend final : public Backend {
     cuda::gather_gemm(g, workspace.raw(), ws, num_sms_, elem(), stream_);
   }
 
-  // cuda::Gemm's y = x · W (+ bias) (ReLU) (+ y) on checked operands, W = wᵀ for w [n, k] or w for w [k, n] (w_kn).
-  void gemm(const Tensor& x, const Tensor& w, bool w_kn, const Tensor* bias, bool relu, Tensor& y, bool accumulate,
-            const char* what) {
+  // The m, n, k of y[m, n] = x[m, k] · W (+ bias) for W = wᵀ (w [n, k]) or w (w [k, n], w_kn), the operands checked.
+  struct GemmDims {
+    int64_t m, n, k;
+  };
+  GemmDims gemm_dims(const Tensor& x, const Tensor& w, bool w_kn, const Tensor* bias, const Tensor& y,
+                     const char* what) {
     expect_act(x, what);
     expect_act(y, what);
+    check(w.ndim() == 2, "{}: weight {} is not a matrix", what, shape_str(w.shape()));
     const int64_t k = w_kn ? w.dim(0) : w.dim(1), n = w_kn ? w.dim(1) : w.dim(0);
     const int64_t m = x.numel() / std::max<int64_t>(k, 1);
     check(x.numel() == m * k && y.numel() == m * n, "{}: x {} w {} y {} do not agree", what, shape_str(x.shape()),
@@ -709,6 +741,13 @@ class CudaBackend final : public Backend {
       expect_act(*bias, what);
       check(bias->numel() == n, "{}: bias of {} for {} outputs", what, bias->numel(), n);
     }
+    return {m, n, k};
+  }
+
+  // cuda::Gemm's y = x · W (+ bias) (ReLU) (+ y), W = wᵀ for w [n, k] or w for w [k, n] (w_kn).
+  void gemm(const Tensor& x, const Tensor& w, bool w_kn, const Tensor* bias, bool relu, Tensor& y, bool accumulate,
+            const char* what) {
+    const auto [m, n, k] = gemm_dims(x, w, w_kn, bias, y, what);
     if (m == 0) return;
     cuda::Gemm g;
     g.x = x.raw();
@@ -722,6 +761,61 @@ class CudaBackend final : public Backend {
     g.relu = relu;
     g.accumulate = accumulate;
     gemms_->run(g, stream_, workspace_.raw(), capturing_);
+  }
+
+  // cuda::gemv on operands gemm_dims checked; units (with width and dense_tokens): the selected input units.
+  void gemv(const GemmDims& dims, const Tensor& x, const Tensor& w, const Tensor* bias, const Tensor* units,
+            int64_t width, const Tensor* dense_tokens, Tensor& y, bool accumulate) {
+    cuda::Gemv g;
+    g.x = x.raw();
+    g.ldx = dims.k;
+    g.w = w.raw();
+    g.bias = bias ? bias->raw() : nullptr;
+    g.y = y.raw();
+    g.ldy = dims.n;
+    g.M = dims.m;
+    g.N = dims.n;
+    g.K = dims.k;
+    g.accumulate = accumulate;
+    if (units) {
+      g.sel = units->data<int32_t>();
+      g.sel_k = units->dim(1);
+      g.dense_rows = dense_tokens ? dense_tokens->data<int32_t>() : nullptr;
+      g.units = dims.k / width;
+      g.width = width;
+    }
+    cuda::gemv(g, num_sms_, elem(), stream_);
+  }
+
+  // What the linear path choice at m <= kGemvMaxRows depends on, and the choices made (true: gemv).
+  struct GemvKey {
+    int64_t m, n, k;
+    bool bias, accumulate, aligned_x;
+    auto operator<=>(const GemvKey&) const = default;
+  };
+
+  // Whether the gemv kernel beats cuBLASLt's plan for this linear: both timed (time_variants, weights from
+  // HBM) into a scratch output the first time a shape is seen, the answer cached. Met first during a graph
+  // capture (nothing can be timed), a shape takes cuBLASLt; the engine runs each decode batch size op by op
+  // before recording its graph, so its shapes are timed by then.
+  bool gemv_is_faster(const GemmDims& dims, const Tensor& x, const Tensor& w, const Tensor* bias, const Tensor& y,
+                      bool accumulate) {
+    const GemvKey key{dims.m, dims.n, dims.k, bias != nullptr, accumulate,
+                      reinterpret_cast<uintptr_t>(x.raw()) % 16 == 0};
+    if (auto it = gemv_paths_.find(key); it != gemv_paths_.end()) return it->second;
+    if (capturing_) return false;
+    Tensor scratch = alloc(dtype_, y.shape());
+    if (accumulate) cuda_check(cudaMemsetAsync(scratch.raw(), 0, scratch.nbytes(), stream_), "cudaMemset");
+    const std::vector<float> ms = cuda::time_variants(device_, stream_, 2, [&](size_t i) {
+      if (i == 0)
+        gemm(x, w, false, bias, false, scratch, accumulate, "linear");
+      else
+        gemv(dims, x, w, bias, nullptr, 0, nullptr, scratch, accumulate);
+      return true;
+    });
+    const bool faster = ms.size() == 2 && ms[1] < ms[0];
+    gemv_paths_.emplace(key, faster);
+    return faster;
   }
 
   // The decode attention's split-K arrival counters (attention.h), at least `need` of them: zero between
@@ -761,6 +855,10 @@ class CudaBackend final : public Backend {
   bool on_side_ = false;
   SparseMlpPath mlp_path_;
   std::map<SparseMlpKey, bool> mlp_paths_;
+  std::map<GemvKey, bool> gemv_paths_;
+  // POLAR_NO_GEMV=1: cuBLASLt for every linear and no selective o_proj; a temporary switch for the A/B of
+  // the gemv kernel on a GPU (docs/benchmarks.md), to go once it has run.
+  bool gemv_enabled_ = std::getenv("POLAR_NO_GEMV") == nullptr;
 };
 
 }  // namespace
