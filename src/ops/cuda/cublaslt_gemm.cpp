@@ -78,11 +78,13 @@ GemmPlanner::Plan& GemmPlanner::plan(const Key& key, const Gemm& g, const Launch
     lt_check(cublasLtMatrixLayoutCreate(&p.a, t, k, n, k), "layout a");
   lt_check(cublasLtMatrixLayoutCreate(&p.b, t, k, m, k), "layout b");
   lt_check(cublasLtMatrixLayoutCreate(&p.c, t, n, m, n), "layout c");
-  // Prompt-sized GEMMs (m > kExactTuneRows rows: prefill and mixed steps, whose m changes with every prompt)
+  // GEMMs whose m is not tuned exactly (prefill and mixed steps, whose m changes with every prompt chunk)
   // reuse the algorithm tuned for the first m of their row bucket, when cuBLASLt accepts it for this m:
-  // tuning times some 30 candidates, tens of milliseconds per shape, which would land on the step.
-  if (m > kExactTuneRows && !at.capturing) {
-    const auto tuned = tuned_for_rows_.find(row_bucket_key(key));
+  // tuning times some 30 candidates, tens of milliseconds per shape, which would land on the step (with
+  // prefix caching a server meets most token counts below kFineBucketRows too).
+  const Key bucket = row_bucket_key(key);
+  if (bucket.m != m && !at.capturing) {
+    const auto tuned = tuned_for_rows_.find(bucket);
     cublasLtMatmulHeuristicResult_t r{};
     if (tuned != tuned_for_rows_.end() &&
         cublasLtMatmulAlgoCheck(lt_, p.desc, p.a, p.b, p.c, p.c, &tuned->second, &r) == CUBLAS_STATUS_SUCCESS &&
@@ -113,14 +115,20 @@ GemmPlanner::Plan& GemmPlanner::plan(const Key& key, const Gemm& g, const Launch
     add_split_k_variants(p, results);
     pick_fastest(p, results, g, at);
   }
-  if (m > kExactTuneRows && !at.capturing) tuned_for_rows_.emplace(row_bucket_key(key), p.algo);
+  if (!at.capturing) tuned_for_rows_.emplace(bucket, p.algo);
   return plans_.emplace(key, p).first->second;
 }
 
-// The key a prompt-sized GEMM's tuned algorithm is kept under: m rounded up to a power of two (the
-// operands' alignments stay in it: the algorithm was chosen for them).
+// The key a GEMM's tuned algorithm is kept under: m itself up to 8, else m rounded up to a multiple of 8 up
+// to kFineBucketRows (every decode graph's batch is such a multiple, so graphs get their exact m) and to a
+// power of two above (the operands' alignments stay in the key: the algorithm was chosen for them).
 GemmPlanner::Key GemmPlanner::row_bucket_key(Key key) {
-  int64_t bucket = kExactTuneRows;
+  if (key.m <= 8) return key;
+  if (key.m <= kFineBucketRows) {
+    key.m = (key.m + 7) / 8 * 8;
+    return key;
+  }
+  int64_t bucket = kFineBucketRows;
   while (bucket < key.m) bucket *= 2;
   key.m = bucket;
   return key;

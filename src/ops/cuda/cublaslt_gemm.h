@@ -60,9 +60,9 @@ class GemmPlanner {
 
   static constexpr int kGemmCandidates = 16;  // cuBLASLt heuristic results timed per GEMM plan
   static constexpr size_t kSplitKBases = 4;   // heuristic picks that also get split-K variants
-  // GEMMs of up to this many rows (decode batches, graph buckets) are tuned for their exact m; larger ones
-  // per row bucket (row_bucket_key).
-  static constexpr int64_t kExactTuneRows = 256;
+  // GEMMs of up to this many rows are tuned per multiple of 8 rows (every decode graph's batch is one, so
+  // graphs get their exact m; at most 8 rows, per m), larger ones per power of two (row_bucket_key).
+  static constexpr int64_t kFineBucketRows = 256;
 
   // Where a call runs: its stream and cuBLASLt workspace, and whether a graph is being captured there.
   struct Launch {
