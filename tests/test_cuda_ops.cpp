@@ -166,9 +166,9 @@ TEST_P(CudaOps, LinearMatchesCpuOverOddShapes) {
 }
 
 #ifdef POLAR_HAVE_CUDA
-// The decode-sized projection kernel itself (linear and linear_swiglu use it only where it is faster, so their
-// tests may not reach it): every row count it takes, odd shapes, bias and accumulate, x one element off
-// 16-byte alignment (the element-wise path), and the SwiGLU input (x holding gate and up).
+// The decode-sized projection kernel itself (linear uses it only where it is faster than cuBLASLt, so the
+// linear test above may not reach it): every row count it takes, odd shapes, bias and accumulate, and x one
+// element off 16-byte alignment (the element-wise path).
 TEST_P(CudaOps, GemvMatchesCpuOverOddShapes) {
   int sms = 0;
   ASSERT_EQ(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, cuda_device(*cuda_)), cudaSuccess);
@@ -176,30 +176,22 @@ TEST_P(CudaOps, GemvMatchesCpuOverOddShapes) {
   const cuda::Elem elem = dt() == DType::F16 ? cuda::Elem::F16 : cuda::Elem::BF16;
   for (int64_t m = 1; m <= cuda::kGemvMaxRows; ++m)
     for (auto [n, k] : {std::pair<int64_t, int64_t>{5, 7}, {64, 48}, {577, 192}, {1000, 1536}, {3, 4104}, {4097, 264}})
-      for (int mode = 0; mode < 6; ++mode) {  // plain, + bias, + bias + accumulate, x unaligned, SwiGLU (+ bias)
+      for (int mode = 0; mode < 4; ++mode) {  // plain, + bias, + bias + accumulate, x unaligned
         SCOPED_TRACE(testing::Message() << "m=" << m << " n=" << n << " k=" << k << " mode=" << mode);
         const int64_t shift = mode == 3 ? 1 : 0;
-        const bool swiglu = mode >= 4, with_bias = mode == 1 || mode == 2 || mode == 5;
-        const int64_t ldx = swiglu ? 2 * k : k;
-        Tensor x = host_random({m * ldx + shift}, -3, 3), w = host_random({n, k}, -0.2f, 0.2f), b = host_random({n});
+        Tensor x = host_random({m * k + shift}), w = host_random({n, k}, -0.2f, 0.2f), b = host_random({n});
         Tensor y0 = host_random({m, n});
         Tensor ref = Tensor::empty(DType::F32, {m, n});
         std::copy(y0.data<float>(), y0.data<float>() + y0.numel(), ref.data<float>());
-        Tensor x_rows = Tensor::empty(DType::F32, {m, ldx});
-        std::copy(x.data<float>() + shift, x.data<float>() + shift + m * ldx, x_rows.data<float>());
-        if (swiglu) {
-          Tensor act = Tensor::empty(DType::F32, {m, k});
-          cpu_->silu_mul(x_rows, act);
-          x_rows = act;
-        }
-        cpu_->linear(x_rows, w, with_bias ? &b : nullptr, ref, mode == 2);
+        Tensor x_rows = Tensor::empty(DType::F32, {m, k});
+        std::copy(x.data<float>() + shift, x.data<float>() + shift + m * k, x_rows.data<float>());
+        cpu_->linear(x_rows, w, mode == 1 || mode == 2 ? &b : nullptr, ref, mode == 2);
         Tensor dx = dev(x), dw = dev(w), db = dev(b), got = mode == 2 ? dev(y0) : poisoned({m, n});
         cuda::Gemv g;
         g.x = static_cast<const char*>(dx.raw()) + shift * 2;
-        g.ldx = ldx;
-        g.swiglu = swiglu;
+        g.ldx = k;
         g.w = dw.raw();
-        g.bias = with_bias ? db.raw() : nullptr;
+        g.bias = mode == 1 || mode == 2 ? db.raw() : nullptr;
         g.y = got.raw();
         g.ldy = n;
         g.M = m;
@@ -211,21 +203,6 @@ TEST_P(CudaOps, GemvMatchesCpuOverOddShapes) {
       }
 }
 #endif
-
-// The gated MLP's down projection (on CUDA the fused gemv or silu_mul then linear, whichever is faster for the
-// shape) against silu_mul then linear on the CPU, at decode-sized and larger T.
-TEST_P(CudaOps, LinearSwigluMatchesCpu) {
-  for (int64_t T : {1, 2, 4, 5, 17})
-    for (auto [n, F] : {std::pair<int64_t, int64_t>{64, 40}, {576, 1536}, {33, 27}}) {
-      SCOPED_TRACE(testing::Message() << "T=" << T << " n=" << n << " F=" << F);
-      Tensor gate_up = host_random({T, 2 * F}, -3, 3), w = host_random({n, F}, -0.2f, 0.2f), b = host_random({n});
-      Tensor act = Tensor::empty(DType::F32, {T, F}), ref = Tensor::empty(DType::F32, {T, n});
-      cpu_->linear_swiglu(gate_up, w, &b, act, ref);
-      Tensor d_act = cuda_->alloc(dt(), {T, F}), got = poisoned({T, n}), db = dev(b);
-      cuda_->linear_swiglu(dev(gate_up), dev(w), &db, d_act, got);
-      EXPECT_LT(rel_err(back(got), ref), tol());
-    }
-}
 
 // The output projection of selective attention: a's column blocks of the units a token did not select are
 // zero (as the attention op leaves them), the weight columns of units no token selected are NaN on the GPU

@@ -81,7 +81,7 @@ class Llama final : public Model {
     Tensor q = be.alloc(dt, {T, s.heads, c.head_dim});
     Tensor attn = be.alloc(dt, {T, s.heads, c.head_dim});
     Tensor gate_up = be.alloc(dt, {T, 2 * s.ffn});
-    Tensor act = be.alloc(dt, {T, s.ffn});  // the MLP's activation, where the backend forms it
+    Tensor act = be.alloc(dt, {T, s.ffn});
     // The output projections (o_proj, down) write delta; the residual add x += delta happens in the norm
     // that reads x next (add_rms_norm: no accumulating GEMM epilogue, no launch of its own). Under tensor
     // parallelism each rank's delta is its partial product (the bias on rank 0 only) until reduce() sums
@@ -129,11 +129,9 @@ class Llama final : public Model {
       norm_x(L.mlp_norm, h);
       be.region("mlp");
       be.linear(h, L.w_gate_up, ptr(L.b_gate_up), gate_up);
-      if (probe) {
-        be.silu_mul(gate_up, act);
-        probe->mlp_act(static_cast<int>(l), be.to_host_f32(act));
-      }
-      be.linear_swiglu(gate_up, L.w_down, ptr(L.b_down), act, delta);
+      be.silu_mul(gate_up, act);
+      if (probe) probe->mlp_act(static_cast<int>(l), be.to_host_f32(act));
+      be.linear(act, L.w_down, ptr(L.b_down), delta);
       reduce(delta);
       pending = true;
       if (probe && l + 1 < c.n_layers) {

@@ -96,14 +96,6 @@ class Backend {
                                       [[maybe_unused]] const Tensor* dense_tokens, Tensor& y, bool accumulate = false) {
     linear(a, w, bias, y, accumulate);
   }
-  // The down projection of a gated MLP: y[T, n] = (silu(gate_up[:, :F]) * gate_up[:, F:]) · w[n, F]ᵀ (+ bias),
-  // silu_mul into act [T, F] then linear (what this default does); a backend may fuse them (CUDA at
-  // decode-sized T: the activation formed as the projection reads it, never written), so act's contents
-  // afterwards are unspecified.
-  virtual void linear_swiglu(const Tensor& gate_up, const Tensor& w, const Tensor* bias, Tensor& act, Tensor& y) {
-    silu_mul(gate_up, act);
-    linear(act, w, bias, y);
-  }
   // out = a + b, elementwise over equal shapes; out may alias a or b.
   virtual void add(const Tensor& a, const Tensor& b, Tensor& out) = 0;
   // Row-wise norms over the last dim d: LayerNorm (weight, bias) and RMSNorm (weight). out may alias x.

@@ -248,34 +248,9 @@ class CudaBackend final : public Backend {
   void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y, bool accumulate) override {
     expect_act(w, "linear weight");
     const GemmDims dims = gemm_dims(x, w, /*w_kn=*/false, bias, y, "linear");
-    auto kernel = [&](Tensor& out) { gemv(dims, x, w, bias, nullptr, 0, nullptr, out, accumulate); };
-    auto cublaslt = [&](Tensor& out) { gemm(x, w, /*w_kn=*/false, bias, /*relu=*/false, out, accumulate, "linear"); };
-    if (gemv_enabled_ && dims.m >= 1 && dims.m <= cuda::kGemvMaxRows &&
-        gemv_is_faster({dims.m, dims.n, dims.k, bias != nullptr, accumulate, aligned16(x), false}, y, kernel, cublaslt))
-      return kernel(y);
-    cublaslt(y);
-  }
-
-  // At T <= kGemvMaxRows the gemv kernel with the SwiGLU input or silu_mul then linear, whichever is faster for
-  // the shape (gemv_is_faster).
-  void linear_swiglu(const Tensor& gate_up, const Tensor& w, const Tensor* bias, Tensor& act, Tensor& y) override {
-    expect_act(w, "linear_swiglu weight");
-    expect_act(gate_up, "linear_swiglu input");
-    check(gate_up.ndim() == 2 && gate_up.dim(1) == 2 * w.dim(1), "linear_swiglu: gate_up {} for weight {}",
-          shape_str(gate_up.shape()), shape_str(w.shape()));
-    const int64_t T = gate_up.dim(0), F = w.dim(1), n = w.dim(0);
-    check(y.numel() == T * n, "linear_swiglu: output {} for {} rows of {}", shape_str(y.shape()), T, n);
-    if (bias) {
-      expect_act(*bias, "linear_swiglu bias");
-      check(bias->numel() == n, "linear_swiglu: bias of {} for {} outputs", bias->numel(), n);
-    }
-    const GemmDims dims{T, n, F};
-    auto fused = [&](Tensor& out) { gemv(dims, gate_up, w, bias, nullptr, 0, nullptr, out, false, /*swiglu=*/true); };
-    auto unfused = [&](Tensor& out) { Backend::linear_swiglu(gate_up, w, bias, act, out); };
-    if (gemv_enabled_ && T >= 1 && T <= cuda::kGemvMaxRows &&
-        gemv_is_faster({T, n, F, bias != nullptr, false, aligned16(gate_up), true}, y, fused, unfused))
-      return fused(y);
-    unfused(y);
+    if (gemv_enabled_ && dims.m >= 1 && dims.m <= cuda::kGemvMaxRows && gemv_is_faster(dims, x, w, bias, y, accumulate))
+      return gemv(dims, x, w, bias, nullptr, 0, nullptr, y, accumulate);
+    gemm(x, w, /*w_kn=*/false, bias, /*relu=*/false, y, accumulate, "linear");
   }
 
   // At decode-sized T the gemv kernel reads only the selected units' weight columns, always: at full
@@ -788,13 +763,12 @@ class CudaBackend final : public Backend {
     gemms_->run(g, stream_, workspace_.raw(), capturing_);
   }
 
-  // cuda::gemv on operands gemm_dims checked; units (with width and dense_tokens): the selected input units;
-  // swiglu: x is [m, 2k], gate then up.
+  // cuda::gemv on operands gemm_dims checked; units (with width and dense_tokens): the selected input units.
   void gemv(const GemmDims& dims, const Tensor& x, const Tensor& w, const Tensor* bias, const Tensor* units,
-            int64_t width, const Tensor* dense_tokens, Tensor& y, bool accumulate, bool swiglu = false) {
+            int64_t width, const Tensor* dense_tokens, Tensor& y, bool accumulate) {
     cuda::Gemv g;
     g.x = x.raw();
-    g.ldx = swiglu ? 2 * dims.k : dims.k;
+    g.ldx = dims.k;
     g.w = w.raw();
     g.bias = bias ? bias->raw() : nullptr;
     g.y = y.raw();
@@ -803,7 +777,6 @@ class CudaBackend final : public Backend {
     g.N = dims.n;
     g.K = dims.k;
     g.accumulate = accumulate;
-    g.swiglu = swiglu;
     if (units) {
       g.sel = units->data<int32_t>();
       g.sel_k = units->dim(1);
@@ -814,28 +787,30 @@ class CudaBackend final : public Backend {
     cuda::gemv(g, num_sms_, elem(), stream_);
   }
 
-  static bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.raw()) % 16 == 0; }
-
-  // What the choice of the gemv kernel at m <= kGemvMaxRows depends on (linear: against cuBLASLt; linear_swiglu:
-  // against silu_mul then linear), and the choices made (true: gemv).
+  // What the linear path choice at m <= kGemvMaxRows depends on, and the choices made (true: gemv).
   struct GemvKey {
     int64_t m, n, k;
-    bool bias, accumulate, aligned_x, swiglu;
+    bool bias, accumulate, aligned_x;
     auto operator<=>(const GemvKey&) const = default;
   };
 
-  // Whether the gemv kernel (kernel) beats the other path (other) for this shape: both timed (time_variants,
-  // weights from HBM) into a scratch output shaped like y the first time a shape is seen, the answer cached.
-  // Met first during a graph capture (nothing can be timed), a shape takes the other path; the engine runs
-  // each decode batch size op by op before recording its graph, so its shapes are timed by then.
-  template <typename Kernel, typename Other>
-  bool gemv_is_faster(const GemvKey& key, const Tensor& y, const Kernel& kernel, const Other& other) {
+  // Whether the gemv kernel beats cuBLASLt's plan for this linear: both timed (time_variants, weights from
+  // HBM) into a scratch output the first time a shape is seen, the answer cached. Met first during a graph
+  // capture (nothing can be timed), a shape takes cuBLASLt; the engine runs each decode batch size op by op
+  // before recording its graph, so its shapes are timed by then.
+  bool gemv_is_faster(const GemmDims& dims, const Tensor& x, const Tensor& w, const Tensor* bias, const Tensor& y,
+                      bool accumulate) {
+    const GemvKey key{dims.m, dims.n, dims.k, bias != nullptr, accumulate,
+                      reinterpret_cast<uintptr_t>(x.raw()) % 16 == 0};
     if (auto it = gemv_paths_.find(key); it != gemv_paths_.end()) return it->second;
     if (capturing_) return false;
     Tensor scratch = alloc(dtype_, y.shape());
-    if (key.accumulate) cuda_check(cudaMemsetAsync(scratch.raw(), 0, scratch.nbytes(), stream_), "cudaMemset");
+    if (accumulate) cuda_check(cudaMemsetAsync(scratch.raw(), 0, scratch.nbytes(), stream_), "cudaMemset");
     const std::vector<float> ms = cuda::time_variants(device_, stream_, 2, [&](size_t i) {
-      i == 0 ? other(scratch) : kernel(scratch);
+      if (i == 0)
+        gemm(x, w, false, bias, false, scratch, accumulate, "linear");
+      else
+        gemv(dims, x, w, bias, nullptr, 0, nullptr, scratch, accumulate);
       return true;
     });
     const bool faster = ms.size() == 2 && ms[1] < ms[0];

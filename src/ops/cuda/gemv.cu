@@ -14,8 +14,6 @@
 //     partial sums leave the warp (a shuffle reduction, then lane 0 stores).
 //   * Selected input units (gemv.h): each CTA first marks the units its rows selected in shared memory
 //     (sel is M·k entries) and compacts them with ballots; lanes then walk only those units' chunks.
-//   * A SwiGLU input (gemv.h) is formed where x is loaded: the gate and up chunks of the column, silu(g)·u
-//     in fp32, so the activation is never written and its kernel never launched.
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
@@ -75,12 +73,8 @@ template <typename T, bool kVec> struct Chunk {
   }
 };
 
-// What the kernel reads as x (gemv.h): x itself, x restricted to selected units' columns, or silu(gate)·up.
-enum class Input { plain, selected_units, swiglu };
-
 // y[M, N] = x[M, K] · w[N, K]ᵀ (+ bias) (+ y): see the file comment. Grid: up to a wave of kThreads-thread CTAs.
-template <typename T, bool kVec, Input kInput> __global__ void __launch_bounds__(kThreads, 2) gemv_kernel(Gemv g) {
-  constexpr bool kSelected = kInput == Input::selected_units;
+template <typename T, bool kVec, bool kSelected> __global__ void __launch_bounds__(kThreads) gemv_kernel(Gemv g) {
   using C = Chunk<T, kVec>;
   constexpr int E = C::kElems;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -121,13 +115,12 @@ template <typename T, bool kVec, Input kInput> __global__ void __launch_bounds__
     per_unit = static_cast<int>(g.width / E);
     chunks = selected * per_unit;
   }
-  const int width = static_cast<int>(g.width);
-  auto column = [&](int c) -> int {  // 32-bit (K < 2^31): a 64-bit division is a call
+  auto column = [&](int c) -> int64_t {
     if constexpr (kSelected) {
-      const int u = c / per_unit;
-      return unit_list[u] * width + (c - u * per_unit) * E;
+      const int u = c / per_unit;  // 32-bit: a 64-bit division is a call
+      return unit_list[u] * g.width + int64_t(c - u * per_unit) * E;
     } else {
-      return c * E;
+      return int64_t(c) * E;
     }
   };
 
@@ -140,7 +133,7 @@ template <typename T, bool kVec, Input kInput> __global__ void __launch_bounds__
     float acc[kRowsPerWarp][kGemvMaxRows] = {};
     for (int c0 = lane; c0 < chunks; c0 += 32 * kBatch) {
       typename C::Raw wv[kRowsPerWarp][kBatch];
-      int col[kBatch];
+      int64_t col[kBatch];
 #pragma unroll
       for (int j = 0; j < kBatch; ++j) {
         const int c = c0 + 32 * j;
@@ -160,12 +153,6 @@ template <typename T, bool kVec, Input kInput> __global__ void __launch_bounds__
           if (m >= M) break;
           float xf[E];
           C::to_float(C::load_cached(x + m * g.ldx + col[j]), xf);
-          if constexpr (kInput == Input::swiglu) {
-            float up[E];
-            C::to_float(C::load_cached(x + m * g.ldx + g.K + col[j]), up);
-#pragma unroll
-            for (int e = 0; e < E; ++e) xf[e] = xf[e] / (1.0f + __expf(-xf[e])) * up[e];
-          }
 #pragma unroll
           for (int r = 0; r < kRowsPerWarp; ++r)
 #pragma unroll
@@ -200,12 +187,12 @@ template <typename T, bool kVec, Input kInput> __global__ void __launch_bounds__
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
-template <typename T, bool kVec, Input kInput> void launch(const Gemv& g, int num_sms, cudaStream_t stream) {
-  static const int per_sm = ctas_per_sm(gemv_kernel<T, kVec, kInput>, kThreads, 0, "gemv");
+template <typename T, bool kVec, bool kSelected> void launch(const Gemv& g, int num_sms, cudaStream_t stream) {
+  static const int per_sm = ctas_per_sm(gemv_kernel<T, kVec, kSelected>, kThreads, 0, "gemv");
   const int64_t pairs = (g.N + kRowsPerWarp - 1) / kRowsPerWarp;
   const int64_t wave = int64_t(per_sm) * std::max(num_sms, 1);
   const int ctas = static_cast<int>(std::clamp<int64_t>((pairs + kWarps - 1) / kWarps, 1, wave));
-  gemv_kernel<T, kVec, kInput><<<ctas, kThreads, 0, stream>>>(g);
+  gemv_kernel<T, kVec, kSelected><<<ctas, kThreads, 0, stream>>>(g);
 }
 
 }  // namespace
@@ -213,25 +200,16 @@ template <typename T, bool kVec, Input kInput> void launch(const Gemv& g, int nu
 void gemv(const Gemv& g, int num_sms, Elem e, cudaStream_t stream) {
   if (g.M == 0 || g.N == 0) return;
   const bool selected = g.sel != nullptr;
-  if (g.M > kGemvMaxRows || g.K >= (int64_t(1) << 31) || (selected && g.swiglu) ||
-      (selected && (g.units < 1 || g.units > kGemvMaxUnits || g.units * g.width != g.K)) ||
-      g.ldx < (g.swiglu ? 2 * g.K : g.K))
-    fail("gemv: {} rows (at most {}) of {} ({} units of {} columns{}) for K = {}", g.M, kGemvMaxRows, g.ldx, g.units,
-         g.width, g.swiglu ? ", SwiGLU" : "", g.K);
+  if (g.M > kGemvMaxRows || g.K >= (int64_t(1) << 31) || (selected && (g.units < 1 || g.units > kGemvMaxUnits || g.units * g.width != g.K)))
+    fail("gemv: {} rows (at most {}), {} units of {} columns for K = {}", g.M, kGemvMaxRows, g.units, g.width, g.K);
   const bool vec = g.K % 8 == 0 && g.ldx % 8 == 0 && (!selected || g.width % 8 == 0) && aligned16(g.x) &&
                    aligned16(g.w);
-  const Input input = selected ? Input::selected_units : g.swiglu ? Input::swiglu : Input::plain;
   dispatch(e, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    auto run = [&](auto vec_tag) {
-      constexpr bool kVec = decltype(vec_tag)::value;
-      switch (input) {
-        case Input::plain: return launch<T, kVec, Input::plain>(g, num_sms, stream);
-        case Input::selected_units: return launch<T, kVec, Input::selected_units>(g, num_sms, stream);
-        case Input::swiglu: return launch<T, kVec, Input::swiglu>(g, num_sms, stream);
-      }
-    };
-    vec ? run(std::true_type{}) : run(std::false_type{});
+    if (vec)
+      selected ? launch<T, true, true>(g, num_sms, stream) : launch<T, true, false>(g, num_sms, stream);
+    else
+      selected ? launch<T, false, true>(g, num_sms, stream) : launch<T, false, false>(g, num_sms, stream);
   });
   check_launch("gemv");
 }

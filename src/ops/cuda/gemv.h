@@ -1,5 +1,5 @@
-// Decode-sized projections on CUDA cores (gemv.cu), for cuda_backend.cpp's linear and linear_swiglu at m <=
-// kGemvMaxRows (where it beats cuBLASLt's best for the shape, measured) and the o_proj of selective attention
+// Decode-sized projections on CUDA cores (gemv.cu), for cuda_backend.cpp's linear at m <= kGemvMaxRows (where
+// it beats cuBLASLt's best for the shape, measured) and the o_proj of selective attention
 // (linear_selected_inputs): the weight is streamed from HBM once, 16-byte loads with many in flight per
 // thread, fp32 arithmetic.
 //
@@ -10,9 +10,6 @@
 // outside [0, units) being padding; rows flagged 1 in dense_rows [M] (optional) select every unit. Only the
 // weight columns of units that some row selected are read; x's columns of the units a row did not select
 // must be zero (the attention op leaves them so), which makes the result the dense product's.
-//
-// SwiGLU input (the MLP's down projection): x [M, ldx >= 2K] holds gate [M, K] then up [M, K] per row, and the
-// product is over silu(gate)·up, formed in fp32 as x is read (no selected units with it).
 //
 // x [M, ldx] and y [M, ldy] row-major; x, w, bias, y in the activation dtype. Rows and unit blocks that are
 // 16-byte aligned (K, ldx, width multiples of 8, pointers aligned) stream 8 elements a load; other shapes load
@@ -39,7 +36,6 @@ struct Gemv {
   int64_t ldy = 0;
   int64_t M = 0, N = 0, K = 0;
   bool accumulate = false;
-  bool swiglu = false;
   // Selected input units; sel == nullptr: every column is read.
   const int32_t* sel = nullptr;
   int64_t sel_k = 0;
