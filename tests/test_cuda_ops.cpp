@@ -19,7 +19,7 @@
 #ifdef POLAR_HAVE_CUDA
 #include "ops/cuda/bandwidth.h"
 #include "ops/cuda/cuda_backend.h"
-#include "ops/cuda/gemv.h"
+#include "ops/cuda/selected_gemv.h"
 #endif
 
 namespace polar {
@@ -165,95 +165,116 @@ TEST_P(CudaOps, LinearMatchesCpuOverOddShapes) {
     }
 }
 
+// Selective attention's output for o_proj tests: a [T, units·width] with each token's units (sel [T, k], a
+// random count of real entries, the rest padding = units; row 0 full) and the column blocks of units a token
+// did not select zeroed, tokens flagged in dense [T] keeping all; used[u]: some token reads unit u.
+struct SelectedInputs {
+  Tensor a, sel, dense;
+  std::vector<bool> used;
+};
+
+SelectedInputs selected_inputs(std::mt19937_64& rng, const Tensor& a_full, int64_t units, int64_t width, int64_t k,
+                               const std::vector<int32_t>& dense_flags) {
+  const int64_t T = a_full.dim(0), K = units * width;
+  std::vector<int32_t> sel(static_cast<size_t>(T * k));
+  SelectedInputs s{a_full, {}, {}, std::vector<bool>(static_cast<size_t>(units), false)};
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<int32_t> all(static_cast<size_t>(units));
+    std::iota(all.begin(), all.end(), 0);
+    std::shuffle(all.begin(), all.end(), rng);
+    const int64_t real = t == 0 ? k : 1 + static_cast<int64_t>(rng() % static_cast<uint64_t>(k));
+    std::sort(all.begin(), all.begin() + real);
+    for (int64_t j = 0; j < k; ++j) sel[t * k + j] = j < real ? all[j] : static_cast<int32_t>(units);
+    for (int64_t u = 0; u < units; ++u) {
+      const bool on = dense_flags[t] || std::find(sel.begin() + t * k, sel.begin() + (t + 1) * k, u) != sel.begin() + (t + 1) * k;
+      s.used[u] = s.used[u] || on;
+      if (!on) std::fill(s.a.data<float>() + t * K + u * width, s.a.data<float>() + t * K + (u + 1) * width, 0.0f);
+    }
+  }
+  s.sel = Tensor::empty(DType::I32, {T, k});
+  std::copy(sel.begin(), sel.end(), s.sel.data<int32_t>());
+  s.dense = Tensor::empty(DType::I32, {T});
+  std::copy(dense_flags.begin(), dense_flags.end(), s.dense.data<int32_t>());
+  return s;
+}
+
 #ifdef POLAR_HAVE_CUDA
-// The decode-sized projection kernel itself (linear uses it only where it is faster than cuBLASLt, so the
-// linear test above may not reach it): every row count it takes, odd shapes, bias and accumulate, and x one
-// element off 16-byte alignment (the element-wise path).
-TEST_P(CudaOps, GemvMatchesCpuOverOddShapes) {
+// The selective o_proj kernel itself (linear_selected_inputs takes it only where it is faster than cuBLASLt,
+// so the test below may not reach it): every row count it takes, odd shapes, unit widths that are not 16-byte
+// multiples and x one element off alignment (the element-wise path), bias and accumulate, padding entries
+// and a token flagged dense. The weight columns of units no token selected are NaN, so reading any of them
+// fails the comparison.
+TEST_P(CudaOps, SelectedGemvReadsOnlySelectedUnits) {
   int sms = 0;
   ASSERT_EQ(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, cuda_device(*cuda_)), cudaSuccess);
   const auto stream = static_cast<cudaStream_t>(cuda_stream(*cuda_));
   const cuda::Elem elem = dt() == DType::F16 ? cuda::Elem::F16 : cuda::Elem::BF16;
-  for (int64_t m = 1; m <= cuda::kGemvMaxRows; ++m)
-    for (auto [n, k] : {std::pair<int64_t, int64_t>{5, 7}, {64, 48}, {577, 192}, {1000, 1536}, {3, 4104}, {4097, 264}})
-      for (int mode = 0; mode < 4; ++mode) {  // plain, + bias, + bias + accumulate, x unaligned
-        SCOPED_TRACE(testing::Message() << "m=" << m << " n=" << n << " k=" << k << " mode=" << mode);
-        const int64_t shift = mode == 3 ? 1 : 0;
-        Tensor x = host_random({m * k + shift}), w = host_random({n, k}, -0.2f, 0.2f), b = host_random({n});
-        Tensor y0 = host_random({m, n});
-        Tensor ref = Tensor::empty(DType::F32, {m, n});
+  struct Case {
+    int64_t units, width, k, n;
+  };
+  for (int64_t T = 1; T <= cuda::kSelectedGemvMaxRows; ++T)
+    for (const Case& c : std::vector<Case>{{8, 16, 3, 40}, {32, 128, 16, 257}, {7, 24, 2, 100}, {4, 5, 1, 33},
+                                           {8, 512, 5, 4097}, {3, 8, 3, 6}})
+      for (int mode = 0; mode < 4; ++mode) {  // plain, bias + accumulate, x unaligned, a token flagged dense
+        SCOPED_TRACE(testing::Message() << "T=" << T << " units=" << c.units << " width=" << c.width << " k=" << c.k
+                                        << " n=" << c.n << " mode=" << mode);
+        const int64_t K = c.units * c.width, shift = mode == 2 ? 1 : 0;
+        std::vector<int32_t> flags(static_cast<size_t>(T), 0);
+        if (mode == 3) flags[static_cast<size_t>(T - 1)] = 1;
+        SelectedInputs in = selected_inputs(rng_, host_random({T, K}), c.units, c.width, c.k, flags);
+        Tensor w = host_random({c.n, K}, -0.2f, 0.2f), b = host_random({c.n}), y0 = host_random({T, c.n});
+        Tensor w_gpu = Tensor::empty(DType::F32, w.shape());
+        std::copy(w.data<float>(), w.data<float>() + w.numel(), w_gpu.data<float>());
+        for (int64_t u = 0; u < c.units; ++u)
+          for (int64_t i = 0; i < c.n && !in.used[u]; ++i)
+            std::fill(w_gpu.data<float>() + i * K + u * c.width, w_gpu.data<float>() + i * K + (u + 1) * c.width,
+                      std::numeric_limits<float>::quiet_NaN());
+        Tensor ref = Tensor::empty(DType::F32, {T, c.n});
         std::copy(y0.data<float>(), y0.data<float>() + y0.numel(), ref.data<float>());
-        Tensor x_rows = Tensor::empty(DType::F32, {m, k});
-        std::copy(x.data<float>() + shift, x.data<float>() + shift + m * k, x_rows.data<float>());
-        cpu_->linear(x_rows, w, mode == 1 || mode == 2 ? &b : nullptr, ref, mode == 2);
-        Tensor dx = dev(x), dw = dev(w), db = dev(b), got = mode == 2 ? dev(y0) : poisoned({m, n});
-        cuda::Gemv g;
+        cpu_->linear(in.a, w, mode == 1 ? &b : nullptr, ref, mode == 1);
+        Tensor x = Tensor::zeros(DType::F32, {T * K + shift});
+        std::copy(in.a.data<float>(), in.a.data<float>() + T * K, x.data<float>() + shift);
+        Tensor dx = dev(x), dw = dev(w_gpu), db = dev(b), dsel = dev(in.sel), ddense = dev(in.dense);
+        Tensor got = mode == 1 ? dev(y0) : poisoned({T, c.n});
+        cuda::SelectedGemv g;
         g.x = static_cast<const char*>(dx.raw()) + shift * 2;
-        g.ldx = k;
+        g.ldx = K;
         g.w = dw.raw();
-        g.bias = mode == 1 || mode == 2 ? db.raw() : nullptr;
+        g.bias = mode == 1 ? db.raw() : nullptr;
         g.y = got.raw();
-        g.ldy = n;
-        g.M = m;
-        g.N = n;
-        g.K = k;
-        g.accumulate = mode == 2;
-        cuda::gemv(g, sms, elem, stream);
+        g.ldy = c.n;
+        g.M = T;
+        g.N = c.n;
+        g.accumulate = mode == 1;
+        g.sel = dsel.data<int32_t>();
+        g.sel_k = c.k;
+        g.dense_rows = mode == 3 ? ddense.data<int32_t>() : nullptr;
+        g.units = c.units;
+        g.width = c.width;
+        cuda::selected_gemv(g, sms, elem, stream);
         EXPECT_LT(rel_err(back(got), ref), tol());
       }
 }
 #endif
 
-// The output projection of selective attention: a's column blocks of the units a token did not select are
-// zero (as the attention op leaves them), the weight columns of units no token selected are NaN on the GPU
-// where it takes the selective kernel (T <= kGemvMaxRows), so reading any of them fails; padding entries
-// and a token flagged dense (every unit: nothing poisoned) included, and T above the kernel's rows (dense).
-TEST_P(CudaOps, LinearSelectedInputsReadsOnlySelectedUnits) {
-  struct Case {
-    int64_t T, units, width, k, n;
-    bool dense_token = false;
-  };
-  for (const Case& c : std::vector<Case>{{1, 8, 16, 3, 40},
-                                          {1, 32, 128, 16, 257},
-                                          {3, 7, 24, 2, 100},
-                                          {4, 4, 5, 1, 33},
-                                          {2, 6, 8, 3, 64, true},
-                                          {6, 8, 16, 2, 96}}) {
-    SCOPED_TRACE(testing::Message() << "T=" << c.T << " units=" << c.units << " width=" << c.width << " k=" << c.k);
-    const int64_t K = c.units * c.width;
-    std::vector<int32_t> sel(static_cast<size_t>(c.T * c.k));
-    std::vector<bool> used(static_cast<size_t>(c.units), false);
-    for (int64_t t = 0; t < c.T; ++t) {
-      std::vector<int32_t> all(static_cast<size_t>(c.units));
-      std::iota(all.begin(), all.end(), 0);
-      std::shuffle(all.begin(), all.end(), rng_);
-      const int64_t real = t == 0 ? c.k : 1 + static_cast<int64_t>(rng_() % c.k);  // the rest: padding
-      std::sort(all.begin(), all.begin() + real);
-      for (int64_t j = 0; j < c.k; ++j) sel[t * c.k + j] = j < real ? all[j] : static_cast<int32_t>(c.units);
+// The output projection of selective attention through the backend (on CUDA selected_gemv or cuBLASLt,
+// whichever is faster for the shape) equals linear on the CPU, at decode-sized and larger T, with padding
+// entries and a token flagged dense.
+TEST_P(CudaOps, LinearSelectedInputsMatchesCpu) {
+  for (int64_t T : {1, 2, 4, 6})
+    for (bool dense_token : {false, true}) {
+      SCOPED_TRACE(testing::Message() << "T=" << T << " dense_token=" << dense_token);
+      const int64_t units = 8, width = 64, k = 3, n = 96;
+      std::vector<int32_t> flags(static_cast<size_t>(T), 0);
+      if (dense_token) flags[0] = 1;
+      SelectedInputs in = selected_inputs(rng_, host_random({T, units * width}), units, width, k, flags);
+      Tensor w = host_random({n, units * width}, -0.2f, 0.2f), b = host_random({n});
+      Tensor ref = host_random({T, n}), got = dev(ref);
+      cpu_->linear(in.a, w, &b, ref, /*accumulate=*/true);
+      Tensor db = dev(b), dsel = dev(in.sel), ddense = dev(in.dense);
+      cuda_->linear_selected_inputs(dev(in.a), dev(w), &db, dsel, width, dense_token ? &ddense : nullptr, got, true);
+      EXPECT_LT(rel_err(back(got), ref), tol());
     }
-    std::vector<int32_t> flags(static_cast<size_t>(c.T), 0);
-    if (c.dense_token) flags[1] = 1;
-    Tensor a = host_random({c.T, K}), w = host_random({c.n, K}, -0.2f, 0.2f), b = host_random({c.n});
-    for (int64_t t = 0; t < c.T; ++t)
-      for (int64_t u = 0; u < c.units; ++u) {
-        const bool on = flags[t] || std::find(sel.begin() + t * c.k, sel.begin() + (t + 1) * c.k, u) != sel.begin() + (t + 1) * c.k;
-        used[u] = used[u] || on;
-        if (!on) std::fill(a.data<float>() + t * K + u * c.width, a.data<float>() + t * K + (u + 1) * c.width, 0.0f);
-      }
-    Tensor w_gpu = Tensor::empty(DType::F32, w.shape());
-    std::copy(w.data<float>(), w.data<float>() + w.numel(), w_gpu.data<float>());
-    if (c.T <= 4)
-      for (int64_t u = 0; u < c.units; ++u)
-        for (int64_t i = 0; i < c.n && !used[u]; ++i)
-          std::fill(w_gpu.data<float>() + i * K + u * c.width, w_gpu.data<float>() + i * K + (u + 1) * c.width,
-                    std::numeric_limits<float>::quiet_NaN());
-    Tensor units = host_i32(sel).reshape({c.T, c.k}), dense = host_i32(flags);
-    Tensor ref = host_random({c.T, c.n}), got = dev(ref);
-    cpu_->linear(a, w, &b, ref, /*accumulate=*/true);
-    Tensor db = dev(b), du = dev(units), dd = dev(dense);
-    cuda_->linear_selected_inputs(dev(a), dev(w_gpu), &db, du, c.width, c.dense_token ? &dd : nullptr, got, true);
-    EXPECT_LT(rel_err(back(got), ref), tol());
-  }
 }
 
 TEST_P(CudaOps, NormsMatchCpu) {

@@ -1,5 +1,5 @@
 // The CUDA backend: fp16 or bf16 weights, activations and KV cache with fp32 accumulation. GEMMs go to
-// cuBLASLt (cublaslt_gemm.h) or, at decode-sized m, to polar's gemv (gemv.h); everything else is polar's own kernels (the op families of kernels.h,
+// cuBLASLt (cublaslt_gemm.h), the selective o_proj at decode-sized m possibly to polar's selected_gemv.h; everything else is polar's own kernels (the op families of kernels.h,
 // attention.h, gather_gemm.h); memory comes from a caching allocator (device_allocator.h). All work is
 // enqueued on one stream; host synchronisation happens only where the host needs data back (to_host_f32,
 // synchronize).
@@ -24,8 +24,8 @@
 #include "ops/cuda/cuda_check.h"
 #include "ops/cuda/device_allocator.h"
 #include "ops/cuda/gather_gemm.h"
-#include "ops/cuda/gemv.h"
 #include "ops/cuda/kernels.h"
+#include "ops/cuda/selected_gemv.h"
 #include "ops/cuda/variant_timing.h"
 
 namespace polar {
@@ -243,35 +243,52 @@ class CudaBackend final : public Backend {
                     error_flag_.data<int32_t>(), elem(), stream_);
   }
 
-  // At m <= kGemvMaxRows the CUDA-core kernel of gemv.h or cuBLASLt, whichever is faster for the shape
-  // (gemv_is_faster); otherwise cuBLASLt.
   void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y, bool accumulate) override {
     expect_act(w, "linear weight");
-    const GemmDims dims = gemm_dims(x, w, /*w_kn=*/false, bias, y, "linear");
-    if (gemv_enabled_ && dims.m >= 1 && dims.m <= cuda::kGemvMaxRows && gemv_is_faster(dims, x, w, bias, y, accumulate))
-      return gemv(dims, x, w, bias, nullptr, 0, nullptr, y, accumulate);
     gemm(x, w, /*w_kn=*/false, bias, /*relu=*/false, y, accumulate, "linear");
   }
 
-  // At decode-sized T the gemv kernel reads only the selected units' weight columns, always: at full
-  // selection it streams the same bytes as the dense kernels. Larger steps select nearly every unit anyway
-  // (the union of their tokens' selections) and go to linear.
+  // At T <= kSelectedGemvMaxRows the selected_gemv kernel, which reads only the selected units' weight
+  // columns, or cuBLASLt's dense GEMM, whichever is faster for the shape with the step's selection
+  // (selected_gemv_is_faster); larger steps select nearly every unit anyway (the union of their tokens'
+  // selections) and go to cuBLASLt.
   void linear_selected_inputs(const Tensor& a, const Tensor& w, const Tensor* bias, const Tensor& units,
                               int64_t width, const Tensor* dense_tokens, Tensor& y, bool accumulate) override {
     expect_act(w, "linear_selected_inputs weight");
     expect_i32(units, "linear_selected_inputs units");
     const GemmDims dims = gemm_dims(a, w, /*w_kn=*/false, bias, y, "linear_selected_inputs");
-    check(width >= 1 && dims.k % width == 0 && dims.k / width <= cuda::kGemvMaxUnits && units.ndim() == 2 &&
+    check(width >= 1 && dims.k % width == 0 && dims.k / width <= cuda::kSelectedGemvMaxUnits && units.ndim() == 2 &&
               units.dim(0) == dims.m,
           "linear_selected_inputs: units {} of {} columns for a {} (at most {} units)", shape_str(units.shape()),
-          width, shape_str(a.shape()), cuda::kGemvMaxUnits);
+          width, shape_str(a.shape()), cuda::kSelectedGemvMaxUnits);
     if (dense_tokens) {
       expect_i32(*dense_tokens, "linear_selected_inputs dense tokens");
       check(dense_tokens->numel() == dims.m, "linear_selected_inputs: {} dense-token flags for {} tokens",
             dense_tokens->numel(), dims.m);
     }
-    if (!gemv_enabled_ || dims.m > cuda::kGemvMaxRows) return linear(a, w, bias, y, accumulate);
-    gemv(dims, a, w, bias, &units, width, dense_tokens, y, accumulate);
+    auto kernel = [&](Tensor& out) {
+      cuda::SelectedGemv g;
+      g.x = a.raw();
+      g.ldx = dims.k;
+      g.w = w.raw();
+      g.bias = bias ? bias->raw() : nullptr;
+      g.y = out.raw();
+      g.ldy = dims.n;
+      g.M = dims.m;
+      g.N = dims.n;
+      g.accumulate = accumulate;
+      g.sel = units.data<int32_t>();
+      g.sel_k = units.dim(1);
+      g.dense_rows = dense_tokens ? dense_tokens->data<int32_t>() : nullptr;
+      g.units = dims.k / width;
+      g.width = width;
+      cuda::selected_gemv(g, num_sms_, elem(), stream_);
+    };
+    auto dense = [&](Tensor& out) { linear(a, w, bias, out, accumulate); };
+    if (gemv_enabled_ && dims.m >= 1 && dims.m <= cuda::kSelectedGemvMaxRows &&
+        selected_gemv_is_faster({dims.m, dims.n, dims.k, width, bias != nullptr, accumulate}, y, kernel, dense))
+      return kernel(y);
+    dense(y);
   }
 
   void gather_up_relu(const Tensor& x, const Tensor& w, const Tensor* bias, const Tensor* idx, Tensor& y) override {
@@ -763,58 +780,30 @@ class CudaBackend final : public Backend {
     gemms_->run(g, stream_, workspace_.raw(), capturing_);
   }
 
-  // cuda::gemv on operands gemm_dims checked; units (with width and dense_tokens): the selected input units.
-  void gemv(const GemmDims& dims, const Tensor& x, const Tensor& w, const Tensor* bias, const Tensor* units,
-            int64_t width, const Tensor* dense_tokens, Tensor& y, bool accumulate) {
-    cuda::Gemv g;
-    g.x = x.raw();
-    g.ldx = dims.k;
-    g.w = w.raw();
-    g.bias = bias ? bias->raw() : nullptr;
-    g.y = y.raw();
-    g.ldy = dims.n;
-    g.M = dims.m;
-    g.N = dims.n;
-    g.K = dims.k;
-    g.accumulate = accumulate;
-    if (units) {
-      g.sel = units->data<int32_t>();
-      g.sel_k = units->dim(1);
-      g.dense_rows = dense_tokens ? dense_tokens->data<int32_t>() : nullptr;
-      g.units = dims.k / width;
-      g.width = width;
-    }
-    cuda::gemv(g, num_sms_, elem(), stream_);
-  }
-
-  // What the linear path choice at m <= kGemvMaxRows depends on, and the choices made (true: gemv).
-  struct GemvKey {
-    int64_t m, n, k;
-    bool bias, accumulate, aligned_x;
-    auto operator<=>(const GemvKey&) const = default;
+  // What the choice of linear_selected_inputs' path depends on, and the choices made (true: selected_gemv).
+  struct SelectedGemvKey {
+    int64_t m, n, k, width;
+    bool bias, accumulate;
+    auto operator<=>(const SelectedGemvKey&) const = default;
   };
 
-  // Whether the gemv kernel beats cuBLASLt's plan for this linear: both timed (time_variants, weights from
-  // HBM) into a scratch output the first time a shape is seen, the answer cached. Met first during a graph
-  // capture (nothing can be timed), a shape takes cuBLASLt; the engine runs each decode batch size op by op
-  // before recording its graph, so its shapes are timed by then.
-  bool gemv_is_faster(const GemmDims& dims, const Tensor& x, const Tensor& w, const Tensor* bias, const Tensor& y,
-                      bool accumulate) {
-    const GemvKey key{dims.m, dims.n, dims.k, bias != nullptr, accumulate,
-                      reinterpret_cast<uintptr_t>(x.raw()) % 16 == 0};
-    if (auto it = gemv_paths_.find(key); it != gemv_paths_.end()) return it->second;
+  // Whether selected_gemv (kernel) beats the dense GEMM (dense) for this shape: both timed (time_variants,
+  // weights from HBM) into a scratch output shaped like y the first time a shape is seen, with the selection
+  // of that step (the engine's op-by-op run of a decode batch size before its graph is recorded: the
+  // routers' selections of real or random-weight tokens), the answer cached. Met first during a graph
+  // capture (nothing can be timed), a shape takes the dense GEMM.
+  template <typename Kernel, typename Dense>
+  bool selected_gemv_is_faster(const SelectedGemvKey& key, const Tensor& y, const Kernel& kernel, const Dense& dense) {
+    if (auto it = selected_gemv_paths_.find(key); it != selected_gemv_paths_.end()) return it->second;
     if (capturing_) return false;
     Tensor scratch = alloc(dtype_, y.shape());
-    if (accumulate) cuda_check(cudaMemsetAsync(scratch.raw(), 0, scratch.nbytes(), stream_), "cudaMemset");
+    if (key.accumulate) cuda_check(cudaMemsetAsync(scratch.raw(), 0, scratch.nbytes(), stream_), "cudaMemset");
     const std::vector<float> ms = cuda::time_variants(device_, stream_, 2, [&](size_t i) {
-      if (i == 0)
-        gemm(x, w, false, bias, false, scratch, accumulate, "linear");
-      else
-        gemv(dims, x, w, bias, nullptr, 0, nullptr, scratch, accumulate);
+      i == 0 ? dense(scratch) : kernel(scratch);
       return true;
     });
     const bool faster = ms.size() == 2 && ms[1] < ms[0];
-    gemv_paths_.emplace(key, faster);
+    selected_gemv_paths_.emplace(key, faster);
     return faster;
   }
 
@@ -855,9 +844,9 @@ class CudaBackend final : public Backend {
   bool on_side_ = false;
   SparseMlpPath mlp_path_;
   std::map<SparseMlpKey, bool> mlp_paths_;
-  std::map<GemvKey, bool> gemv_paths_;
-  // POLAR_NO_GEMV=1: cuBLASLt for every linear and no selective o_proj; a temporary switch for the A/B of
-  // the gemv kernel on a GPU (docs/benchmarks.md), to go once it has run.
+  std::map<SelectedGemvKey, bool> selected_gemv_paths_;
+  // POLAR_NO_GEMV=1: no selected_gemv (cuBLASLt's dense o_proj everywhere); a temporary switch for its A/B on
+  // a GPU (docs/benchmarks.md), to go once it has run.
   bool gemv_enabled_ = std::getenv("POLAR_NO_GEMV") == nullptr;
 };
 

@@ -1,25 +1,24 @@
-// The decode-sized projection kernel (see gemv.h for the operation and layouts).
+// The selective o_proj kernel (see selected_gemv.h for the operation and layouts).
 //
 // At m <= 4 a projection is a stream of weight bytes with 2·m flops each, so the kernel is written for the
 // memory system alone:
+//   * Each CTA first marks the units its rows selected in shared memory (sel is M·k entries) and compacts
+//     them with ballots into the list of columns blocks to read.
 //   * One warp computes kRowsPerWarp = 2 adjacent output rows for every row of x: lane l takes the 16-byte
-//     chunks l, l + 32, l + 64, ... of both weight rows, kBatch = 8 chunks of each row loaded before any is
-//     used, so every thread has 16 loads (256 bytes) in flight, a warp 8 KB, an SM (16 warps) 128 KB: far
-//     more than the ~30 KB per SM that HBM's latency-bandwidth product asks for, so the weights stream at
-//     the read rate with no pipeline to fill.
+//     chunks l, l + 32, l + 64, ... of the selected columns of both weight rows, kBatch = 8 chunks of each
+//     row loaded before any is used, so every thread has 16 loads (256 bytes) in flight, a warp 8 KB, an SM
+//     (16 warps) 128 KB: more than HBM's latency-bandwidth product asks for.
 //   * Weights are loaded with the streaming hint (ld.global.cs: used once, evicted first); x (at most 4 rows)
 //     through the read-only path, where every warp of an SM finds it in L1.
-//   * Work is grid-strided: at most as many CTAs as fit on the GPU at once, warps walking row pairs, so a
-//     launch is one wave and no warp waits on a half-empty last one; a row pair is the whole K, so no
-//     partial sums leave the warp (a shuffle reduction, then lane 0 stores).
-//   * Selected input units (gemv.h): each CTA first marks the units its rows selected in shared memory
-//     (sel is M·k entries) and compacts them with ballots; lanes then walk only those units' chunks.
+//   * Work is grid-strided: at most as many CTAs as fit on the GPU at once, warps walking row pairs; a row
+//     pair covers all selected columns, so no partial sums leave the warp (a shuffle reduction, then lane 0
+//     stores).
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
 #include "ops/cuda/device_util.cuh"
-#include "ops/cuda/gemv.h"
+#include "ops/cuda/selected_gemv.h"
 
 namespace polar::cuda {
 
@@ -73,55 +72,50 @@ template <typename T, bool kVec> struct Chunk {
   }
 };
 
-// y[M, N] = x[M, K] · w[N, K]ᵀ (+ bias) (+ y): see the file comment. Grid: up to a wave of kThreads-thread CTAs.
-template <typename T, bool kVec, bool kSelected> __global__ void __launch_bounds__(kThreads) gemv_kernel(Gemv g) {
+// y[M, N] = x[M, K] · w[N, K]ᵀ (+ bias) (+ y) over the selected units' columns: see the file comment. Grid: up
+// to a wave of kThreads-thread CTAs.
+template <typename T, bool kVec> __global__ void __launch_bounds__(kThreads) selected_gemv_kernel(SelectedGemv g) {
   using C = Chunk<T, kVec>;
   constexpr int E = C::kElems;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const T* x = static_cast<const T*>(g.x);
   const T* w = static_cast<const T*>(g.w);
   const int M = static_cast<int>(g.M);
+  const int width = static_cast<int>(g.width);
+  const int64_t K = g.units * g.width;
 
-  // The chunks this launch reads along K, and where chunk c lies: column c·E, or with selected units column
-  // units[c / per_unit]·width + (c % per_unit)·E.
-  int chunks = static_cast<int>(g.K / E);  // K < 2^31 (the host checks)
-  int per_unit = 1;
-  __shared__ int32_t unit_list[kSelected ? kGemvMaxUnits : 1];
-  if constexpr (kSelected) {
-    __shared__ uint8_t marked[kGemvMaxUnits];
-    __shared__ int selected;
-    for (int64_t u = threadIdx.x; u < g.units; u += kThreads) marked[u] = 0;
-    __syncthreads();
-    for (int64_t i = threadIdx.x; i < g.M * g.sel_k; i += kThreads) {
-      const int32_t u = g.sel[i];
-      if (u >= 0 && u < g.units) marked[u] = 1;
-    }
-    if (g.dense_rows)
-      for (int m = 0; m < M; ++m)
-        if (g.dense_rows[m])
-          for (int64_t u = threadIdx.x; u < g.units; u += kThreads) marked[u] = 1;
-    __syncthreads();
-    if (warp == 0) {
-      int count = 0;
-      for (int64_t u0 = 0; u0 < g.units; u0 += 32) {
-        const bool on = u0 + lane < g.units && marked[u0 + lane];
-        const unsigned ballot = __ballot_sync(0xffffffffu, on);
-        if (on) unit_list[count + __popc(ballot & ((1u << lane) - 1))] = static_cast<int32_t>(u0 + lane);
-        count += __popc(ballot);
-      }
-      if (lane == 0) selected = count;
-    }
-    __syncthreads();
-    per_unit = static_cast<int>(g.width / E);
-    chunks = selected * per_unit;
+  // The selected units, ascending: unit_list[0, selected).
+  __shared__ int32_t unit_list[kSelectedGemvMaxUnits];
+  __shared__ uint8_t marked[kSelectedGemvMaxUnits];
+  __shared__ int selected;
+  for (int64_t u = threadIdx.x; u < g.units; u += kThreads) marked[u] = 0;
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < g.M * g.sel_k; i += kThreads) {
+    const int32_t u = g.sel[i];
+    if (u >= 0 && u < g.units) marked[u] = 1;
   }
-  auto column = [&](int c) -> int64_t {
-    if constexpr (kSelected) {
-      const int u = c / per_unit;  // 32-bit: a 64-bit division is a call
-      return unit_list[u] * g.width + int64_t(c - u * per_unit) * E;
-    } else {
-      return int64_t(c) * E;
+  if (g.dense_rows)
+    for (int m = 0; m < M; ++m)
+      if (g.dense_rows[m])
+        for (int64_t u = threadIdx.x; u < g.units; u += kThreads) marked[u] = 1;
+  __syncthreads();
+  if (warp == 0) {
+    int count = 0;
+    for (int64_t u0 = 0; u0 < g.units; u0 += 32) {
+      const bool on = u0 + lane < g.units && marked[u0 + lane];
+      const unsigned ballot = __ballot_sync(0xffffffffu, on);
+      if (on) unit_list[count + __popc(ballot & ((1u << lane) - 1))] = static_cast<int32_t>(u0 + lane);
+      count += __popc(ballot);
     }
+    if (lane == 0) selected = count;
+  }
+  __syncthreads();
+  // Chunk c of the selected columns is column unit_list[c / per_unit]·width + (c % per_unit)·E (32-bit: K <
+  // 2^31, and a 64-bit division is a call).
+  const int per_unit = width / E, chunks = selected * per_unit;
+  auto column = [&](int c) {
+    const int u = c / per_unit;
+    return unit_list[u] * width + (c - u * per_unit) * E;
   };
 
   const int64_t pairs = (g.N + kRowsPerWarp - 1) / kRowsPerWarp;
@@ -129,11 +123,11 @@ template <typename T, bool kVec, bool kSelected> __global__ void __launch_bounds
     const int64_t n0 = pair * kRowsPerWarp;
     const T* rows[kRowsPerWarp];
 #pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) rows[r] = w + min(n0 + r, g.N - 1) * g.K;
-    float acc[kRowsPerWarp][kGemvMaxRows] = {};
+    for (int r = 0; r < kRowsPerWarp; ++r) rows[r] = w + min(n0 + r, g.N - 1) * K;
+    float acc[kRowsPerWarp][kSelectedGemvMaxRows] = {};
     for (int c0 = lane; c0 < chunks; c0 += 32 * kBatch) {
       typename C::Raw wv[kRowsPerWarp][kBatch];
-      int64_t col[kBatch];
+      int col[kBatch];
 #pragma unroll
       for (int j = 0; j < kBatch; ++j) {
         const int c = c0 + 32 * j;
@@ -149,7 +143,7 @@ template <typename T, bool kVec, bool kSelected> __global__ void __launch_bounds
 #pragma unroll
         for (int r = 0; r < kRowsPerWarp; ++r) C::to_float(wv[r][j], wf[r]);
 #pragma unroll
-        for (int m = 0; m < kGemvMaxRows; ++m) {
+        for (int m = 0; m < kSelectedGemvMaxRows; ++m) {
           if (m >= M) break;
           float xf[E];
           C::to_float(C::load_cached(x + m * g.ldx + col[j]), xf);
@@ -163,7 +157,7 @@ template <typename T, bool kVec, bool kSelected> __global__ void __launch_bounds
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r)
 #pragma unroll
-      for (int m = 0; m < kGemvMaxRows; ++m)
+      for (int m = 0; m < kSelectedGemvMaxRows; ++m)
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) acc[r][m] += __shfl_xor_sync(0xffffffffu, acc[r][m], off);
     if (lane == 0) {
@@ -173,7 +167,7 @@ template <typename T, bool kVec, bool kSelected> __global__ void __launch_bounds
         if (n >= g.N) break;
         const float b = g.bias ? detail::to_float(static_cast<const T*>(g.bias)[n]) : 0.0f;
 #pragma unroll
-        for (int m = 0; m < kGemvMaxRows; ++m) {
+        for (int m = 0; m < kSelectedGemvMaxRows; ++m) {
           if (m >= M) break;
           T* out = static_cast<T*>(g.y) + m * g.ldy + n;
           float v = acc[r][m] + b;
@@ -187,31 +181,29 @@ template <typename T, bool kVec, bool kSelected> __global__ void __launch_bounds
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
-template <typename T, bool kVec, bool kSelected> void launch(const Gemv& g, int num_sms, cudaStream_t stream) {
-  static const int per_sm = ctas_per_sm(gemv_kernel<T, kVec, kSelected>, kThreads, 0, "gemv");
+template <typename T, bool kVec> void launch(const SelectedGemv& g, int num_sms, cudaStream_t stream) {
+  static const int per_sm = ctas_per_sm(selected_gemv_kernel<T, kVec>, kThreads, 0, "selected_gemv");
   const int64_t pairs = (g.N + kRowsPerWarp - 1) / kRowsPerWarp;
   const int64_t wave = int64_t(per_sm) * std::max(num_sms, 1);
   const int ctas = static_cast<int>(std::clamp<int64_t>((pairs + kWarps - 1) / kWarps, 1, wave));
-  gemv_kernel<T, kVec, kSelected><<<ctas, kThreads, 0, stream>>>(g);
+  selected_gemv_kernel<T, kVec><<<ctas, kThreads, 0, stream>>>(g);
 }
 
 }  // namespace
 
-void gemv(const Gemv& g, int num_sms, Elem e, cudaStream_t stream) {
+void selected_gemv(const SelectedGemv& g, int num_sms, Elem e, cudaStream_t stream) {
   if (g.M == 0 || g.N == 0) return;
-  const bool selected = g.sel != nullptr;
-  if (g.M > kGemvMaxRows || g.K >= (int64_t(1) << 31) || (selected && (g.units < 1 || g.units > kGemvMaxUnits || g.units * g.width != g.K)))
-    fail("gemv: {} rows (at most {}), {} units of {} columns for K = {}", g.M, kGemvMaxRows, g.units, g.width, g.K);
-  const bool vec = g.K % 8 == 0 && g.ldx % 8 == 0 && (!selected || g.width % 8 == 0) && aligned16(g.x) &&
-                   aligned16(g.w);
+  const int64_t K = g.units * g.width;
+  if (g.M > kSelectedGemvMaxRows || g.units < 1 || g.units > kSelectedGemvMaxUnits || g.width < 1 ||
+      K >= (int64_t(1) << 31) || g.ldx < K || !g.sel)
+    fail("selected_gemv: {} rows (at most {}) of {} units of {} columns (at most {} units)", g.M, kSelectedGemvMaxRows,
+         g.units, g.width, kSelectedGemvMaxUnits);
+  const bool vec = g.width % 8 == 0 && g.ldx % 8 == 0 && aligned16(g.x) && aligned16(g.w);
   dispatch(e, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    if (vec)
-      selected ? launch<T, true, true>(g, num_sms, stream) : launch<T, true, false>(g, num_sms, stream);
-    else
-      selected ? launch<T, false, true>(g, num_sms, stream) : launch<T, false, false>(g, num_sms, stream);
+    vec ? launch<T, true>(g, num_sms, stream) : launch<T, false>(g, num_sms, stream);
   });
-  check_launch("gemv");
+  check_launch("selected_gemv");
 }
 
 }  // namespace polar::cuda
