@@ -8,7 +8,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <compare>
 #include <map>
 #include <vector>
@@ -285,7 +284,7 @@ class CudaBackend final : public Backend {
       cuda::selected_gemv(g, num_sms_, elem(), stream_);
     };
     auto dense = [&](Tensor& out) { linear(a, w, bias, out, accumulate); };
-    if (gemv_enabled_ && dims.m >= 1 && dims.m <= cuda::kSelectedGemvMaxRows &&
+    if (dims.m >= 1 && dims.m <= cuda::kSelectedGemvMaxRows &&
         selected_gemv_is_faster({dims.m, dims.n, dims.k, width, bias != nullptr, accumulate}, y, kernel, dense))
       return kernel(y);
     dense(y);
@@ -845,9 +844,6 @@ class CudaBackend final : public Backend {
   SparseMlpPath mlp_path_;
   std::map<SparseMlpKey, bool> mlp_paths_;
   std::map<SelectedGemvKey, bool> selected_gemv_paths_;
-  // POLAR_NO_GEMV=1: no selected_gemv (cuBLASLt's dense o_proj everywhere); a temporary switch for its A/B on
-  // a GPU (docs/benchmarks.md), to go once it has run.
-  bool gemv_enabled_ = std::getenv("POLAR_NO_GEMV") == nullptr;
 };
 
 }  // namespace
