@@ -1,8 +1,8 @@
 // The CUDA backend: fp16 or bf16 weights, activations and KV cache with fp32 accumulation. GEMMs go to
-// cuBLASLt (cublaslt_gemm.h), the selective o_proj at decode-sized m possibly to polar's selected_gemv.h; everything else is polar's own kernels (the op families of kernels.h,
-// attention.h, gather_gemm.h); memory comes from a caching allocator (device_allocator.h). All work is
-// enqueued on one stream; host synchronisation happens only where the host needs data back (to_host_f32,
-// synchronize).
+// cuBLASLt (cublaslt_gemm.h); everything else is polar's own kernels (the op families of kernels.h,
+// attention.h, gather_gemm.h, selected_gemv.h: the selective o_proj at decode-sized m); memory comes from a
+// caching allocator (device_allocator.h). All work is enqueued on one stream; host synchronisation happens
+// only where the host needs data back (to_host_f32, synchronize).
 #include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 
@@ -285,7 +285,8 @@ class CudaBackend final : public Backend {
     };
     auto dense = [&](Tensor& out) { linear(a, w, bias, out, accumulate); };
     if (dims.m >= 1 && dims.m <= cuda::kSelectedGemvMaxRows &&
-        selected_gemv_is_faster({dims.m, dims.n, dims.k, width, bias != nullptr, accumulate}, y, kernel, dense))
+        selected_gemv_is_faster({dims.m, dims.n, dims.k, width, bias != nullptr, accumulate, dense_tokens != nullptr},
+                                y, kernel, dense))
       return kernel(y);
     dense(y);
   }
@@ -780,9 +781,11 @@ class CudaBackend final : public Backend {
   }
 
   // What the choice of linear_selected_inputs' path depends on, and the choices made (true: selected_gemv).
+  // with_dense: some token of the step is a prompt token and selects every unit (the engine passes
+  // dense_tokens only then), so steps with prompt tokens are timed apart from pure decode steps.
   struct SelectedGemvKey {
     int64_t m, n, k, width;
-    bool bias, accumulate;
+    bool bias, accumulate, with_dense;
     auto operator<=>(const SelectedGemvKey&) const = default;
   };
 
