@@ -437,11 +437,12 @@ Usage usage_of(const ParsedRequest& r, const std::vector<ChoiceResult>& choices)
   for (const auto& p : r.prompts) u.prompt_tokens += static_cast<int64_t>(p.size());
   for (const ChoiceResult& c : choices) u.completion_tokens += c.tokens;
   const size_t n = static_cast<size_t>(r.n);
-  for (size_t p = 0; p * n < choices.size(); ++p) {
-    int64_t fewest = choices[p * n].cached_prompt_tokens;
-    for (size_t i = p * n; i < std::min(choices.size(), (p + 1) * n); ++i)
-      fewest = std::min(fewest, choices[i].cached_prompt_tokens);
-    u.cached_prompt_tokens += fewest;
+  for (size_t first = 0; first < choices.size(); first += n) {  // a prompt's n choices: the fewest cached
+    const auto end = choices.begin() + static_cast<std::ptrdiff_t>(std::min(choices.size(), first + n));
+    u.cached_prompt_tokens +=
+        std::min_element(choices.begin() + static_cast<std::ptrdiff_t>(first), end, [](const auto& a, const auto& b) {
+          return a.cached_prompt_tokens < b.cached_prompt_tokens;
+        })->cached_prompt_tokens;
   }
   return u;
 }

@@ -248,8 +248,9 @@ class CudaBackend final : public Backend {
   }
 
   // At T <= kSelectedGemvMaxRows the selected_gemv kernel, which reads only the selected units' weight
-  // columns, or cuBLASLt's dense GEMM, whichever is faster for the shape with the step's selection
-  // (selected_gemv_is_faster); larger steps select nearly every unit anyway (the union of their tokens'
+  // columns, or cuBLASLt's dense GEMM, whichever is faster for the shape (second_is_faster), timed with the
+  // selection of the step that first meets it: for a decode batch size, the engine's op-by-op run before
+  // its graph is recorded. Larger steps select nearly every unit anyway (the union of their tokens'
   // selections) and go to cuBLASLt.
   void linear_selected_inputs(const Tensor& a, const Tensor& w, const Tensor* bias, const Tensor& units,
                               int64_t width, const Tensor* dense_tokens, Tensor& y, bool accumulate) override {
@@ -285,8 +286,9 @@ class CudaBackend final : public Backend {
     };
     auto dense = [&](Tensor& out) { linear(a, w, bias, out, accumulate); };
     if (dims.m >= 1 && dims.m <= cuda::kSelectedGemvMaxRows &&
-        selected_gemv_is_faster({dims.m, dims.n, dims.k, width, bias != nullptr, accumulate, dense_tokens != nullptr},
-                                y, kernel, dense))
+        second_is_faster(selected_gemv_paths_,
+                         {dims.m, dims.n, dims.k, width, bias != nullptr, accumulate, dense_tokens != nullptr}, y,
+                         dense, kernel))
       return kernel(y);
     dense(y);
   }
@@ -696,22 +698,30 @@ class CudaBackend final : public Backend {
     auto operator<=>(const SparseMlpKey&) const = default;
   };
 
-  // Whether the dense GEMM path beats the gather kernel for this shape: each is timed (time_variants) into
-  // a scratch output shaped like y the first time a shape is seen; the answer is cached. A shape first met
-  // while a graph is being captured cannot be timed and takes the gather kernel (the engine runs each
-  // decode batch size op by op before recording its graph, so its shapes are timed by then).
+  // Whether the dense GEMM path beats the gather kernel for this shape (second_is_faster), unless mlp_path_
+  // fixes the path.
   template <typename Kernel, typename Dense>
   bool dense_is_faster(const SparseMlpKey& key, const Tensor& y, const Kernel& kernel, const Dense& dense) {
     if (mlp_path_ != SparseMlpPath::fastest) return mlp_path_ == SparseMlpPath::dense_gemm;
-    if (auto it = mlp_paths_.find(key); it != mlp_paths_.end()) return it->second;
+    return second_is_faster(mlp_paths_, key, y, kernel, dense);
+  }
+
+  // Whether `second` beats `first`, two ways of computing the same output: each is timed (time_variants,
+  // weights from HBM) into a scratch output shaped like y the first time `key` is seen, the answer cached in
+  // `choices`. A key first met while a graph is being captured cannot be timed and takes `first` (the engine
+  // runs each decode batch size op by op before recording its graph, so its shapes are timed by then).
+  template <typename Key, typename First, typename Second>
+  bool second_is_faster(std::map<Key, bool>& choices, const Key& key, const Tensor& y, const First& first,
+                        const Second& second) {
+    if (auto it = choices.find(key); it != choices.end()) return it->second;
     if (capturing_) return false;
     Tensor scratch = alloc(dtype_, y.shape());
     const std::vector<float> ms = cuda::time_variants(device_, stream_, 2, [&](size_t i) {
-      i == 0 ? kernel(scratch) : dense(scratch);
+      i == 0 ? first(scratch) : second(scratch);
       return true;
     });
     const bool faster = ms.size() == 2 && ms[1] < ms[0];
-    mlp_paths_.emplace(key, faster);
+    choices.emplace(key, faster);
     return faster;
   }
 
@@ -788,26 +798,6 @@ class CudaBackend final : public Backend {
     bool bias, accumulate, with_dense;
     auto operator<=>(const SelectedGemvKey&) const = default;
   };
-
-  // Whether selected_gemv (kernel) beats the dense GEMM (dense) for this shape: both timed (time_variants,
-  // weights from HBM) into a scratch output shaped like y the first time a shape is seen, with the selection
-  // of that step (the engine's op-by-op run of a decode batch size before its graph is recorded: the
-  // routers' selections of real or random-weight tokens), the answer cached. Met first during a graph
-  // capture (nothing can be timed), a shape takes the dense GEMM.
-  template <typename Kernel, typename Dense>
-  bool selected_gemv_is_faster(const SelectedGemvKey& key, const Tensor& y, const Kernel& kernel, const Dense& dense) {
-    if (auto it = selected_gemv_paths_.find(key); it != selected_gemv_paths_.end()) return it->second;
-    if (capturing_) return false;
-    Tensor scratch = alloc(dtype_, y.shape());
-    if (key.accumulate) cuda_check(cudaMemsetAsync(scratch.raw(), 0, scratch.nbytes(), stream_), "cudaMemset");
-    const std::vector<float> ms = cuda::time_variants(device_, stream_, 2, [&](size_t i) {
-      i == 0 ? dense(scratch) : kernel(scratch);
-      return true;
-    });
-    const bool faster = ms.size() == 2 && ms[1] < ms[0];
-    selected_gemv_paths_.emplace(key, faster);
-    return faster;
-  }
 
   // The decode attention's split-K arrival counters (attention.h), at least `need` of them: zero between
   // launches, so one buffer serves every launch on stream_. A buffer outgrown is kept, not freed: graphs
