@@ -17,6 +17,7 @@
 #include "ops/backend.h"
 #include "ops/cuda_devices.h"
 #ifdef POLAR_HAVE_CUDA
+#include "ops/cuda/attention.h"
 #include "ops/cuda/bandwidth.h"
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/selected_gemv.h"
@@ -497,6 +498,54 @@ TEST_P(CudaOps, RopeKvAppendAndAttentionMatchCpu) {
     cuda_->attention(gq, gpu_cache, gpu_l, scale, pc.window, got);
     EXPECT_LT(rel_err(back(got), ref), tol()) << "attention";
     if (max_chunk > 1) continue;
+    // Every split plan the backend may time and pick for this decode step gives the same result.
+    {
+      int sms = 0;
+      ASSERT_EQ(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, cuda_device(*cuda_)), cudaSuccess);
+      cuda::PagedAttention a;
+      a.q = gq.raw();
+      a.k_cache = gpu_cache.k.raw();
+      a.v_cache = gpu_cache.v.raw();
+      a.positions = gpu_l.positions.data<int32_t>();
+      a.token_seq = gpu_l.token_seq.data<int32_t>();
+      a.block_tables = gpu_l.block_tables.data<int32_t>();
+      a.seq_starts = gpu_l.seq_starts.data<int32_t>();
+      a.T = static_cast<int>(T);
+      a.S = static_cast<int>(S);
+      a.H = static_cast<int>(H);
+      a.Hkv = static_cast<int>(Hkv);
+      a.dh = static_cast<int>(dh);
+      a.block_size = static_cast<int>(bs);
+      a.max_blocks = static_cast<int>(max_blocks);
+      a.max_ctx = static_cast<int>(max_ctx);
+      a.max_chunk = 1;
+      a.window = static_cast<int>(pc.window);
+      a.scale = scale;
+      a.bf16 = dt() == DType::BF16;
+      const std::vector<cuda::AttentionPlan> plans = cuda::attention_plans(a, sms);
+      EXPECT_GE(plans.size(), 2u) << "decode steps have a model plan and fill plans";
+      for (const cuda::AttentionPlan& plan : plans) {
+        SCOPED_TRACE(testing::Message() << plan.splits << " splits of " << plan.keys_per_split << " keys");
+        const size_t ws = cuda::attention_workspace_bytes(a, plan), n = cuda::attention_arrival_counters(a, plan);
+        Tensor workspace = cuda_->upload(Tensor::zeros(DType::F32, {static_cast<int64_t>(ws / 4 + 1)}), DType::F32);
+        Tensor arrivals = dev(Tensor::zeros(DType::I32, {static_cast<int64_t>(n + 1)}));
+        Tensor out = poisoned({T, H, dh});
+        a.out = out.raw();
+        cuda::paged_attention(a, plan, workspace.raw(), ws, static_cast<unsigned*>(arrivals.raw()), n,
+                              static_cast<cudaStream_t>(cuda_stream(*cuda_)));
+        EXPECT_LT(rel_err(back(out), ref), tol()) << "attention";
+        const Tensor left = cuda_->to_host_f32(arrivals);  // every launch leaves its counters at zero
+        for (int64_t i = 0; i < left.numel(); ++i) EXPECT_EQ(left.data<int32_t>()[i], 0) << "arrival counter " << i;
+      }
+      // A plan whose splits do not cover the context is refused.
+      if (max_ctx > 128) {
+        Tensor out = poisoned({T, H, dh});
+        a.out = out.raw();
+        EXPECT_THROW(cuda::paged_attention(a, cuda::AttentionPlan{2, 64}, nullptr, 0, nullptr, 0,
+                                           static_cast<cudaStream_t>(cuda_stream(*cuda_))),
+                     Error);
+      }
+    }
     // Selective decode: a random, ascending set of k KV heads per token (k = 1 .. Hkv over the cases).
     const int64_t k = 1 + case_index % Hkv;
     Tensor kv = Tensor::empty(DType::I32, {T, k});

@@ -26,9 +26,9 @@
 //   each thread copies a run of consecutive keys, looking the block table up once per block it enters.
 // - Softmax: fp32, base 2 (scores prescaled by scale*log2e), online per row; a row that has seen no key
 //   yet keeps m = -inf and uses 0 as its reference so that no -inf - -inf is ever evaluated.
-// - Split-K (decode only): splits are sized on the host from the grid (launched heads x tokens, in waves
-//   of the CTAs the GPU holds at once) and max_ctx (plan_splits); each split covers a multiple of
-//   lcm(64, block_size) keys. Split CTAs write fp32 partials (m, l, acc) to the workspace (empty splits
+// - Split-K (decode only): the split plan is one of attention_plans' candidates, which the backend times
+//   on the step's inputs (a cost model's pick from the grid and max_ctx, and the most splits that fit 1, 2,
+//   ... CTAs per SM in one wave); each split covers a multiple of lcm(64, block_size) keys. Split CTAs write fp32 partials (m, l, acc) to the workspace (empty splits
 //   write m = -inf, l = 0) and take a ticket from their (token, KV head, head chunk)'s arrival counter; the
 //   CTA that draws the last ticket merges the splits into out and resets the counter for the next launch.
 //   No combine kernel: at batch 1 a step of llama-2-7b ran 64 attention launches a step, each combine a
@@ -42,6 +42,7 @@
 #include <cstdint>
 #include <numeric>
 #include <type_traits>
+#include <vector>
 
 #include "core/error.h"
 #include "ops/cuda/attention.h"
@@ -58,7 +59,7 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kTileKeys = 64;       // keys per pipeline stage; decode: 16 per warp
 constexpr int kDecodeRows = 16;     // decode: query heads per CTA (the MMA's M; all warps share them)
 constexpr int kPrefillRows = 64;    // prefill: (token, head) rows per CTA, 16 per warp
-// Split-K sizing (decode, plan_splits): at least kMinSplitKeys keys a split; a CTA's fixed cost (prologue,
+// Split-K sizing (decode, the cost model's plan, plan_splits_for): at least kMinSplitKeys keys a split; a CTA's fixed cost (prologue,
 // pipeline fill, writing its partials) counted as kCtaCostKeys keys, and each split of a row as
 // kSplitCostKeys more in the combine, which walks a row's splits one after another. Values picked from H200
 // timings and checked against the CTA-count rule they replaced (A/B over batch 1..128, contexts
@@ -499,11 +500,6 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 // ---- host side ----
 
-struct SplitPlan {
-  int splits = 1;
-  int keys_per_split = 0;  // multiple of lcm(kTileKeys, block_size); unused when splits == 1
-};
-
 int heads_per_cta(const PagedAttention& a, bool decode) {
   return std::min(a.H / a.Hkv, decode ? kDecodeRows : kPrefillRows);
 }
@@ -515,6 +511,28 @@ int head_chunks(const PagedAttention& a, bool decode) {
 // KV heads a decode step launches CTAs for per token: the selected ones, or all.
 int launched_kv_heads(const PagedAttention& a) { return a.kv_heads ? a.kv_heads_per_token : a.Hkv; }
 
+// The decode split plans of up to `most` splits the context allows (each split >= kMinSplitKeys keys, whole
+// 64-key tiles and KV blocks; `most` = 0: up to max_ctx / kMinSplitKeys of them), each passed to f(plan,
+// keys a split covers), in order of more splits.
+template <typename F> void for_each_split_plan(const PagedAttention& a, int64_t most, F&& f) {
+  const int64_t grain = std::lcm(int64_t(kTileKeys), int64_t(a.block_size));
+  const int64_t min_keys = (kMinSplitKeys + grain - 1) / grain * grain;
+  const int64_t by_ctx = most > 0 ? most : std::max<int64_t>(1, a.max_ctx / min_keys);
+  for (int64_t s = 1; s <= by_ctx; ++s) {
+    const int64_t keys = ((a.max_ctx + s - 1) / s + grain - 1) / grain * grain;
+    if (s > 1 && keys < min_keys) break;
+    const int64_t splits = (a.max_ctx + keys - 1) / keys;
+    f(AttentionPlan{static_cast<int>(splits), splits > 1 ? static_cast<int>(keys) : 0}, keys);
+  }
+}
+
+bool is_split_decode(const PagedAttention& a) {
+  return a.max_chunk == 1 && a.max_ctx > 0 && a.Hkv > 0 && a.block_size > 0;
+}
+
+// Decode CTAs per split: (token, launched KV head, head chunk).
+int64_t ctas_per_split(const PagedAttention& a) { return int64_t(a.T) * launched_kv_heads(a) * head_chunks(a, true); }
+
 // Split count for a decode step on a GPU that holds `resident` decode CTAs at once. A decode step's CTAs
 // carry about the same work each (equal contexts in a batch are the common case), so they run in waves of
 // `resident`, and a last wave that is mostly empty costs nearly a whole one (B16 x 16 selected heads at
@@ -522,31 +540,25 @@ int launched_kv_heads(const PagedAttention& a) { return a.kv_heads ? a.kv_heads_
 // split counts the context allows (each split >= kMinSplitKeys keys, whole 64-key tiles and KV blocks),
 // the one with the least waves x (keys per split + kCtaCostKeys) + splits x kSplitCostKeys wins, the fewer
 // splits on a tie. A function of the sizes and the device only.
-SplitPlan plan_splits_for(const PagedAttention& a, int resident) {
-  SplitPlan plan;
-  if (a.max_chunk > 1 || a.max_ctx <= 0 || a.Hkv <= 0 || a.block_size <= 0) return plan;
-  const int64_t ctas = int64_t(a.T) * launched_kv_heads(a) * head_chunks(a, true);
-  const int64_t grain = std::lcm(int64_t(kTileKeys), int64_t(a.block_size));
-  const int64_t min_keys = (kMinSplitKeys + grain - 1) / grain * grain;
-  const int64_t by_ctx = std::max<int64_t>(1, a.max_ctx / min_keys);
+AttentionPlan plan_splits_for(const PagedAttention& a, int resident) {
+  AttentionPlan plan;
+  if (!is_split_decode(a)) return plan;
+  const int64_t ctas = ctas_per_split(a);
   const int64_t waves_of = std::max(resident, 1);
   int64_t best_cost = INT64_MAX;
-  for (int64_t s = 1; s <= by_ctx; ++s) {
-    const int64_t keys = ((a.max_ctx + s - 1) / s + grain - 1) / grain * grain;
-    const int64_t splits = (a.max_ctx + keys - 1) / keys;
-    const int64_t cost = (ctas * splits + waves_of - 1) / waves_of * (keys + kCtaCostKeys) +
-                         (splits > 1 ? splits * kSplitCostKeys : 0);
+  for_each_split_plan(a, 0, [&](const AttentionPlan& p, int64_t keys) {
+    const int64_t cost = (ctas * p.splits + waves_of - 1) / waves_of * (keys + kCtaCostKeys) +
+                         (p.splits > 1 ? p.splits * kSplitCostKeys : 0);
     if (cost < best_cost) {
       best_cost = cost;
-      plan.splits = static_cast<int>(splits);
-      plan.keys_per_split = splits > 1 ? static_cast<int>(keys) : 0;
+      plan = p;
     }
-  }
+  });
   return plan;
 }
 
 template <typename T, int DH>
-void launch(const PagedAttention& a, const SplitPlan& plan, void* workspace, unsigned* arrivals, cudaStream_t stream) {
+void launch(const PagedAttention& a, const AttentionPlan& plan, void* workspace, unsigned* arrivals, cudaStream_t stream) {
   using D = Dims<DH>;
   const bool decode = a.max_chunk == 1;
   const int y = (decode ? launched_kv_heads(a) : a.Hkv) * head_chunks(a, decode);
@@ -611,10 +623,6 @@ int resident_decode_ctas(const PagedAttention& a, int num_sms) {
   return per_sm * std::max(num_sms, 1);
 }
 
-SplitPlan plan_splits(const PagedAttention& a, int num_sms) {
-  return plan_splits_for(a, a.max_chunk == 1 ? resident_decode_ctas(a, num_sms) : 1);
-}
-
 }  // namespace
 
 bool attention_supports_head_dim(int dh) {
@@ -624,19 +632,35 @@ bool attention_supports_head_dim(int dh) {
   }
 }
 
-size_t attention_workspace_bytes(const PagedAttention& a, int num_sms) {
-  const SplitPlan plan = plan_splits(a, num_sms);
-  if (plan.splits == 1) return 0;
+std::vector<AttentionPlan> attention_plans(const PagedAttention& a, int num_sms) {
+  if (!is_split_decode(a)) return {AttentionPlan{}};
+  const int resident = resident_decode_ctas(a, num_sms), sms = std::max(num_sms, 1), per_sm = resident / sms;
+  std::vector<AttentionPlan> plans = {plan_splits_for(a, resident)};
+  const int64_t ctas = ctas_per_split(a);
+  const int64_t grain = std::lcm(int64_t(kTileKeys), int64_t(a.block_size));
+  const int64_t min_keys = (kMinSplitKeys + grain - 1) / grain * grain;
+  for (int per = 1; per <= per_sm; ++per) {
+    AttentionPlan fill;
+    for_each_split_plan(a, (a.max_ctx + min_keys - 1) / min_keys, [&](const AttentionPlan& p, int64_t) {
+      if (ctas * p.splits <= int64_t(per) * sms) fill = p;
+    });
+    plans.push_back(fill);
+  }
+  return plans;
+}
+
+size_t attention_workspace_bytes(const PagedAttention& a, const AttentionPlan& plan) {
+  if (plan.splits <= 1) return 0;
   return size_t(a.T) * a.H * plan.splits * (sizeof(float2) + sizeof(float) * a.dh);
 }
 
-size_t attention_arrival_counters(const PagedAttention& a, int num_sms) {
-  if (plan_splits(a, num_sms).splits == 1) return 0;
+size_t attention_arrival_counters(const PagedAttention& a, const AttentionPlan& plan) {
+  if (plan.splits <= 1) return 0;
   return size_t(a.T) * launched_kv_heads(a) * head_chunks(a, true);
 }
 
-void paged_attention(const PagedAttention& a, void* workspace, size_t workspace_bytes, unsigned* arrivals,
-                     size_t num_arrivals, int num_sms, cudaStream_t stream) {
+void paged_attention(const PagedAttention& a, const AttentionPlan& plan, void* workspace, size_t workspace_bytes,
+                     unsigned* arrivals, size_t num_arrivals, cudaStream_t stream) {
   if (a.T == 0) return;
   if (a.H <= 0 || a.Hkv <= 0 || a.H % a.Hkv != 0)
     fail("attention: {} query heads cannot share {} KV heads", a.H, a.Hkv);
@@ -646,11 +670,15 @@ void paged_attention(const PagedAttention& a, void* workspace, size_t workspace_
     fail("attention: a KV block of {} heads x {} tokens x {} exceeds 2^31 elements", a.Hkv, a.block_size, a.dh);
   if (a.max_ctx <= 0 || a.max_chunk <= 0) fail("attention: max_ctx {} and max_chunk {} must be positive", a.max_ctx, a.max_chunk);
   if (a.max_chunk > 1 && a.S <= 0) fail("attention: prefill step with {} sequences", a.S);
-  const SplitPlan plan = plan_splits(a, num_sms);
-  const size_t need = attention_workspace_bytes(a, num_sms);
+  if (plan.splits < 1 || (plan.splits > 1 && (a.max_chunk > 1 || plan.keys_per_split <= 0 ||
+                                              plan.keys_per_split % std::lcm(kTileKeys, a.block_size) != 0 ||
+                                              int64_t(plan.splits) * plan.keys_per_split < a.max_ctx)))
+    fail("attention: a plan of {} splits of {} keys does not cover a context of {} (chunks of up to {})", plan.splits,
+         plan.keys_per_split, a.max_ctx, a.max_chunk);
+  const size_t need = attention_workspace_bytes(a, plan);
   if (workspace_bytes < need || (need > 0 && workspace == nullptr))
     fail("attention: workspace of {} bytes, {} needed for {} splits", workspace_bytes, need, plan.splits);
-  const size_t need_arrivals = attention_arrival_counters(a, num_sms);
+  const size_t need_arrivals = attention_arrival_counters(a, plan);
   if (num_arrivals < need_arrivals || (need_arrivals > 0 && arrivals == nullptr))
     fail("attention: {} arrival counters, {} needed for {} splits", num_arrivals, need_arrivals, plan.splits);
   dispatch(a, [&](auto* tag, auto dh) {

@@ -14,6 +14,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 namespace polar::cuda {
 
@@ -42,23 +43,37 @@ struct PagedAttention {
 // Head dims the kernels are built for; others are rejected by the backend with a clear error.
 bool attention_supports_head_dim(int dh);
 
-// Scratch bytes paged_attention needs for these arguments on a device with `num_sms` SMs (split-K
-// partial results). Depends only on the sizes (T, H, Hkv, dh, block_size, max_ctx, max_chunk), num_sms and
-// how many decode CTAs an SM of this device holds,
-// never on the data.
-size_t attention_workspace_bytes(const PagedAttention& a, int num_sms);
+// How a decode step splits each row's keys (split-K): `splits` CTAs per (token, launched KV head, head
+// chunk), each over keys_per_split keys (a multiple of lcm(64, block_size)), and the last to finish merges
+// them. One split: no partials (keys_per_split unused); prefill steps always run one.
+struct AttentionPlan {
+  int splits = 1;
+  int keys_per_split = 0;
+};
 
-// Arrival counters (uint32) paged_attention needs for these arguments: one per (token, launched KV head,
-// head chunk) of a split decode step, where the last split to finish merges the others; 0 without splits.
-// They must be zero before the first launch, and every launch leaves them zero, so one buffer serves every
-// launch on a stream, graph replays included. Depends only on the sizes, like the workspace.
-size_t attention_arrival_counters(const PagedAttention& a, int num_sms);
+// The split plans worth timing for these arguments on a device with `num_sms` SMs, always in this order
+// (a choice made for one context can be made again by index for another): [0] the cost model's (waves of
+// the CTAs the GPU holds at once, a fixed cost per CTA and per split), then for c = 1 .. the decode CTAs
+// an SM holds, the most splits whose CTAs fit c per SM in one wave (at batch 1 the model's choice leaves
+// latency on the table: docs/benchmarks.md). Entries may repeat. Prefill steps and decode steps without a
+// context: the single plan of one split. Functions of the sizes and the device only, never of the data.
+std::vector<AttentionPlan> attention_plans(const PagedAttention& a, int num_sms);
 
-// Enqueues the attention on `stream`. Every launch shape is a function of the arguments' sizes, never of
-// data on the device, so the call can be captured in a CUDA graph and replayed with new positions and
-// block tables (as long as max_ctx and max_chunk still bound them). Decode steps (max_chunk == 1) run the
-// split-K flash-decoding kernel; steps with longer chunks run the tiled causal prefill kernel.
-void paged_attention(const PagedAttention& a, void* workspace, size_t workspace_bytes, unsigned* arrivals,
-                     size_t num_arrivals, int num_sms, cudaStream_t stream);
+// Scratch bytes paged_attention needs for `plan` (split-K partial results; 0 for one split).
+size_t attention_workspace_bytes(const PagedAttention& a, const AttentionPlan& plan);
+
+// Arrival counters (uint32) paged_attention needs for `plan`: one per (token, launched KV head, head chunk)
+// of a split decode step, where the last split to finish merges the others; 0 without splits. They must be
+// zero before the first launch, and every launch leaves them zero, so one buffer serves every launch on a
+// stream, graph replays included.
+size_t attention_arrival_counters(const PagedAttention& a, const AttentionPlan& plan);
+
+// Enqueues the attention on `stream` with `plan` (one of attention_plans(a, ...), or any plan whose splits
+// cover max_ctx; anything else is rejected). Every launch shape is a function of the arguments' sizes and
+// the plan, never of data on the device, so the call can be captured in a CUDA graph and replayed with new
+// positions and block tables (as long as max_ctx and max_chunk still bound them). Decode steps (max_chunk ==
+// 1) run the split-K flash-decoding kernel; steps with longer chunks run the tiled causal prefill kernel.
+void paged_attention(const PagedAttention& a, const AttentionPlan& plan, void* workspace, size_t workspace_bytes,
+                     unsigned* arrivals, size_t num_arrivals, cudaStream_t stream);
 
 }  // namespace polar::cuda

@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <compare>
 #include <map>
@@ -447,10 +448,12 @@ class CudaBackend final : public Backend {
     a.window = static_cast<int>(window);
     a.scale = scale;
     a.bf16 = dtype_ == DType::BF16;
-    const size_t ws = cuda::attention_workspace_bytes(a, num_sms_);
+    const std::vector<cuda::AttentionPlan> plans = cuda::attention_plans(a, num_sms_);
+    const cuda::AttentionPlan& plan = plans[attention_plan_choice(a, plans)];
+    const size_t ws = cuda::attention_workspace_bytes(a, plan);
     Tensor workspace = alloc(DType::U8, {static_cast<int64_t>(std::max<size_t>(ws, 1))});
-    const size_t arrivals = cuda::attention_arrival_counters(a, num_sms_);
-    cuda::paged_attention(a, workspace.raw(), ws, attention_arrivals(arrivals), arrivals, num_sms_, stream_);
+    const size_t arrivals = cuda::attention_arrival_counters(a, plan);
+    cuda::paged_attention(a, plan, workspace.raw(), ws, attention_arrivals(arrivals), arrivals, stream_);
     if (zero_after) keep_heads(out, *kv_heads, a.H / a.Hkv, dense_tokens);
   }
 
@@ -706,6 +709,51 @@ class CudaBackend final : public Backend {
     return second_is_faster(mlp_paths_, key, y, kernel, dense);
   }
 
+  struct AttentionKey {
+    int T, launched_kv_heads, H, Hkv, dh, block_size;
+    unsigned ctx_bucket;  // max_ctx rounded up to a power of two
+    int window;
+    bool bf16;
+    auto operator<=>(const AttentionKey&) const = default;
+  };
+
+  // Which of `plans` (cuda::attention_plans: the split-K plans of a decode step) the step runs. The first
+  // time its sizes are met, every distinct plan is timed on the step's own inputs (time_variants: KV from
+  // HBM; each run rewrites the output the chosen plan then writes again), and the fastest is remembered by
+  // its index for these sizes with max_ctx rounded up to a power of two, so that eager steps and the graphs
+  // of a context bucket share it. Met first while a graph is being captured: the cost model's plan ([0]).
+  size_t attention_plan_choice(const cuda::PagedAttention& a, const std::vector<cuda::AttentionPlan>& plans) {
+    if (plans.size() == 1) return 0;
+    const AttentionKey key{a.T,         a.kv_heads ? a.kv_heads_per_token : a.Hkv,
+                           a.H,         a.Hkv,
+                           a.dh,        a.block_size,
+                           std::bit_ceil(static_cast<unsigned>(a.max_ctx)), a.window,
+                           a.bf16};
+    if (auto it = attention_plans_.find(key); it != attention_plans_.end()) return it->second;
+    if (capturing_) return 0;
+    size_t ws = 0, counters = 0;
+    for (const cuda::AttentionPlan& p : plans) {
+      ws = std::max(ws, cuda::attention_workspace_bytes(a, p));
+      counters = std::max(counters, cuda::attention_arrival_counters(a, p));
+    }
+    Tensor workspace = alloc(DType::U8, {static_cast<int64_t>(std::max<size_t>(ws, 1))});
+    unsigned* arrivals = attention_arrivals(counters);
+    auto same = [](const cuda::AttentionPlan& x, const cuda::AttentionPlan& y) {
+      return x.splits == y.splits && x.keys_per_split == y.keys_per_split;
+    };
+    const std::vector<float> ms = cuda::time_variants(device_, stream_, plans.size(), [&](size_t i) {
+      for (size_t j = 0; j < i; ++j)
+        if (same(plans[j], plans[i])) return false;  // timed already
+      cuda::paged_attention(a, plans[i], workspace.raw(), ws, arrivals, counters, stream_);
+      return true;
+    });
+    size_t best = 0;
+    for (size_t i = 1; i < ms.size(); ++i)
+      if (ms[i] < ms[best]) best = i;
+    attention_plans_.emplace(key, best);
+    return best;
+  }
+
   // Whether `second` beats `first`, two ways of computing the same output: each is timed (time_variants,
   // weights from HBM) into a scratch output shaped like y the first time `key` is seen, the answer cached in
   // `choices`. A key first met while a graph is being captured cannot be timed and takes `first` (the engine
@@ -837,6 +885,7 @@ class CudaBackend final : public Backend {
   SparseMlpPath mlp_path_;
   std::map<SparseMlpKey, bool> mlp_paths_;
   std::map<SelectedGemvKey, bool> selected_gemv_paths_;
+  std::map<AttentionKey, size_t> attention_plans_;
 };
 
 }  // namespace
