@@ -28,9 +28,10 @@
 //   yet keeps m = -inf and uses 0 as its reference so that no -inf - -inf is ever evaluated.
 // - Split-K (decode only): the split plan is one of attention_plans' candidates, which the backend times
 //   on the step's inputs (a cost model's pick from the grid and max_ctx, and the most splits that fit 1, 2,
-//   ... CTAs per SM in one wave); each split covers a multiple of lcm(64, block_size) keys. Split CTAs write fp32 partials (m, l, acc) to the workspace (empty splits
-//   write m = -inf, l = 0) and take a ticket from their (token, KV head, head chunk)'s arrival counter; the
-//   CTA that draws the last ticket merges the splits into out and resets the counter for the next launch.
+//   ... CTAs per SM in one wave); each split covers a multiple of lcm(64, block_size) keys. Split CTAs
+//   write fp32 partials (m, l, acc) to the workspace (empty splits write m = -inf, l = 0) and take a
+//   ticket from their (token, KV head, head chunk)'s arrival counter; the CTA that draws the last ticket
+//   merges the splits into out and resets the counter for the next launch.
 //   No combine kernel: at batch 1 a step of llama-2-7b ran 64 attention launches a step, each combine a
 //   few µs of launch gap and tail for a few KB of partials.
 // Shared memory rows are padded by 16 bytes so the 8 rows an ldmatrix phase touches fall in distinct banks.
@@ -59,11 +60,11 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kTileKeys = 64;       // keys per pipeline stage; decode: 16 per warp
 constexpr int kDecodeRows = 16;     // decode: query heads per CTA (the MMA's M; all warps share them)
 constexpr int kPrefillRows = 64;    // prefill: (token, head) rows per CTA, 16 per warp
-// Split-K sizing (decode, the cost model's plan, plan_splits_for): at least kMinSplitKeys keys a split; a CTA's fixed cost (prologue,
-// pipeline fill, writing its partials) counted as kCtaCostKeys keys, and each split of a row as
-// kSplitCostKeys more in the combine, which walks a row's splits one after another. Values picked from H200
-// timings and checked against the CTA-count rule they replaced (A/B over batch 1..128, contexts
-// 512..32768, MHA and GQA, densities 1 / 0.5 / 0.3: docs/benchmarks.md).
+// Split-K sizing (decode, the cost model's plan, plan_splits_for): at least kMinSplitKeys keys a split; a
+// CTA's fixed cost (prologue, pipeline fill, writing its partials) counted as kCtaCostKeys keys, and each
+// split of a row as kSplitCostKeys more in the combine, which walks a row's splits one after another.
+// Values picked from H200 timings and checked against the CTA-count rule they replaced (A/B over batch
+// 1..128, contexts 512..32768, MHA and GQA, densities 1 / 0.5 / 0.3: docs/benchmarks.md).
 constexpr int kMinSplitKeys = 256;
 constexpr int kCtaCostKeys = 64;
 constexpr int kSplitCostKeys = 32;
@@ -511,13 +512,14 @@ int head_chunks(const PagedAttention& a, bool decode) {
 // KV heads a decode step launches CTAs for per token: the selected ones, or all.
 int launched_kv_heads(const PagedAttention& a) { return a.kv_heads ? a.kv_heads_per_token : a.Hkv; }
 
-// The decode split plans of up to `most` splits the context allows (each split >= kMinSplitKeys keys, whole
-// 64-key tiles and KV blocks; `most` = 0: up to max_ctx / kMinSplitKeys of them), each passed to f(plan,
-// keys a split covers), in order of more splits.
-template <typename F> void for_each_split_plan(const PagedAttention& a, int64_t most, F&& f) {
+// The decode split plans the context allows (each split >= kMinSplitKeys keys, whole 64-key tiles and KV
+// blocks), each passed to f(plan, keys a split covers), in order of more splits: split counts up to
+// max_ctx / kMinSplitKeys, rounded down (the cost model's range) or, with `round_up`, up (a last, shorter
+// split allowed).
+template <typename F> void for_each_split_plan(const PagedAttention& a, bool round_up, F&& f) {
   const int64_t grain = std::lcm(int64_t(kTileKeys), int64_t(a.block_size));
   const int64_t min_keys = (kMinSplitKeys + grain - 1) / grain * grain;
-  const int64_t by_ctx = most > 0 ? most : std::max<int64_t>(1, a.max_ctx / min_keys);
+  const int64_t by_ctx = round_up ? (a.max_ctx + min_keys - 1) / min_keys : std::max<int64_t>(1, a.max_ctx / min_keys);
   for (int64_t s = 1; s <= by_ctx; ++s) {
     const int64_t keys = ((a.max_ctx + s - 1) / s + grain - 1) / grain * grain;
     if (s > 1 && keys < min_keys) break;
@@ -546,7 +548,7 @@ AttentionPlan plan_splits_for(const PagedAttention& a, int resident) {
   const int64_t ctas = ctas_per_split(a);
   const int64_t waves_of = std::max(resident, 1);
   int64_t best_cost = INT64_MAX;
-  for_each_split_plan(a, 0, [&](const AttentionPlan& p, int64_t keys) {
+  for_each_split_plan(a, false, [&](const AttentionPlan& p, int64_t keys) {
     const int64_t cost = (ctas * p.splits + waves_of - 1) / waves_of * (keys + kCtaCostKeys) +
                          (p.splits > 1 ? p.splits * kSplitCostKeys : 0);
     if (cost < best_cost) {
@@ -637,11 +639,9 @@ std::vector<AttentionPlan> attention_plans(const PagedAttention& a, int num_sms)
   const int resident = resident_decode_ctas(a, num_sms), sms = std::max(num_sms, 1), per_sm = resident / sms;
   std::vector<AttentionPlan> plans = {plan_splits_for(a, resident)};
   const int64_t ctas = ctas_per_split(a);
-  const int64_t grain = std::lcm(int64_t(kTileKeys), int64_t(a.block_size));
-  const int64_t min_keys = (kMinSplitKeys + grain - 1) / grain * grain;
   for (int per = 1; per <= per_sm; ++per) {
     AttentionPlan fill;
-    for_each_split_plan(a, (a.max_ctx + min_keys - 1) / min_keys, [&](const AttentionPlan& p, int64_t) {
+    for_each_split_plan(a, true, [&](const AttentionPlan& p, int64_t) {
       if (ctas * p.splits <= int64_t(per) * sms) fill = p;
     });
     plans.push_back(fill);

@@ -49,6 +49,7 @@ bool attention_supports_head_dim(int dh);
 struct AttentionPlan {
   int splits = 1;
   int keys_per_split = 0;
+  bool operator==(const AttentionPlan& o) const { return splits == o.splits && keys_per_split == o.keys_per_split; }
 };
 
 // The split plans worth timing for these arguments on a device with `num_sms` SMs, always in this order

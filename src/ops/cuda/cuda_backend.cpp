@@ -723,10 +723,7 @@ class CudaBackend final : public Backend {
   // its index for these sizes with max_ctx rounded up to a power of two, so that eager steps and the graphs
   // of a context bucket share it. Met first while a graph is being captured: the cost model's plan ([0]).
   size_t attention_plan_choice(const cuda::PagedAttention& a, const std::vector<cuda::AttentionPlan>& plans) {
-    auto same = [](const cuda::AttentionPlan& x, const cuda::AttentionPlan& y) {
-      return x.splits == y.splits && x.keys_per_split == y.keys_per_split;
-    };
-    if (std::all_of(plans.begin(), plans.end(), [&](const cuda::AttentionPlan& p) { return same(p, plans[0]); }))
+    if (std::all_of(plans.begin(), plans.end(), [&](const cuda::AttentionPlan& p) { return p == plans[0]; }))
       return 0;  // nothing to choose (large batches: every plan is one split)
     const AttentionKey key{a.T,         a.kv_heads ? a.kv_heads_per_token : a.Hkv,
                            a.H,         a.Hkv,
@@ -743,8 +740,7 @@ class CudaBackend final : public Backend {
     Tensor workspace = alloc(DType::U8, {static_cast<int64_t>(std::max<size_t>(ws, 1))});
     unsigned* arrivals = attention_arrivals(counters);
     const std::vector<float> ms = cuda::time_variants(device_, stream_, plans.size(), [&](size_t i) {
-      for (size_t j = 0; j < i; ++j)
-        if (same(plans[j], plans[i])) return false;  // timed already
+      if (std::find(plans.begin(), plans.begin() + i, plans[i]) != plans.begin() + i) return false;  // timed already
       cuda::paged_attention(a, plans[i], workspace.raw(), ws, arrivals, counters, stream_);
       return true;
     });
