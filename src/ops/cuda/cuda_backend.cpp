@@ -10,6 +10,7 @@
 #include <bit>
 #include <cmath>
 #include <compare>
+#include <cstdlib>
 #include <map>
 #include <vector>
 
@@ -243,9 +244,19 @@ class CudaBackend final : public Backend {
                     error_flag_.data<int32_t>(), elem(), stream_);
   }
 
+  // At m <= kSelectedGemvMaxRows (decode batches) the CUDA-core GEMV (selected_gemv without a selection) or
+  // cuBLASLt, whichever is faster for the weight's shape: timed the first time the shape is met at such an m,
+  // and kept for every such m, so a token's output does not depend on whether it is decoded alone or in a
+  // batch of up to kSelectedGemvMaxRows (the GEMV sums each output in an order that does not depend on m).
   void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y, bool accumulate) override {
     expect_act(w, "linear weight");
-    gemm(x, w, /*w_kn=*/false, bias, /*relu=*/false, y, accumulate, "linear");
+    const GemmDims dims = gemm_dims(x, w, /*w_kn=*/false, bias, y, "linear");
+    auto dense = [&](Tensor& out) { gemm(x, w, /*w_kn=*/false, bias, /*relu=*/false, out, accumulate, "linear"); };
+    auto kernel = [&](Tensor& out) { gemv(x, dims, w, bias, nullptr, 1, nullptr, out, accumulate); };
+    if (dims.m >= 1 && dims.m <= cuda::kSelectedGemvMaxRows && !no_gemv_ &&
+        second_is_faster(gemv_paths_, GemvKey{dims.n, dims.k, bias != nullptr, accumulate}, y, dense, kernel))
+      return kernel(y);
+    dense(y);
   }
 
   // At T <= kSelectedGemvMaxRows the selected_gemv kernel, which reads only the selected units' weight
@@ -267,24 +278,7 @@ class CudaBackend final : public Backend {
       check(dense_tokens->numel() == dims.m, "linear_selected_inputs: {} dense-token flags for {} tokens",
             dense_tokens->numel(), dims.m);
     }
-    auto kernel = [&](Tensor& out) {
-      cuda::SelectedGemv g;
-      g.x = a.raw();
-      g.ldx = dims.k;
-      g.w = w.raw();
-      g.bias = bias ? bias->raw() : nullptr;
-      g.y = out.raw();
-      g.ldy = dims.n;
-      g.M = dims.m;
-      g.N = dims.n;
-      g.accumulate = accumulate;
-      g.sel = units.data<int32_t>();
-      g.sel_k = units.dim(1);
-      g.dense_rows = dense_tokens ? dense_tokens->data<int32_t>() : nullptr;
-      g.units = dims.k / width;
-      g.width = width;
-      cuda::selected_gemv(g, num_sms_, elem(), stream_);
-    };
+    auto kernel = [&](Tensor& out) { gemv(a, dims, w, bias, &units, width, dense_tokens, out, accumulate); };
     auto dense = [&](Tensor& out) { linear(a, w, bias, out, accumulate); };
     if (dims.m >= 1 && dims.m <= cuda::kSelectedGemvMaxRows &&
         second_is_faster(selected_gemv_paths_,
@@ -835,6 +829,35 @@ class CudaBackend final : public Backend {
     gemms_->run(g, stream_, workspace_.raw(), capturing_);
   }
 
+  // y = a·wᵀ through selected_gemv (operands checked by the caller): over the columns of `units` (each
+  // `width` wide) when given, else every column.
+  void gemv(const Tensor& a, const GemmDims& dims, const Tensor& w, const Tensor* bias, const Tensor* units,
+            int64_t width, const Tensor* dense_tokens, Tensor& y, bool accumulate) {
+    cuda::SelectedGemv g;
+    g.x = a.raw();
+    g.ldx = dims.k;
+    g.w = w.raw();
+    g.bias = bias ? bias->raw() : nullptr;
+    g.y = y.raw();
+    g.ldy = dims.n;
+    g.M = dims.m;
+    g.N = dims.n;
+    g.accumulate = accumulate;
+    g.sel = units ? units->data<int32_t>() : nullptr;
+    g.sel_k = units ? units->dim(1) : 0;
+    g.dense_rows = dense_tokens ? dense_tokens->data<int32_t>() : nullptr;
+    g.units = units ? dims.k / width : 1;
+    g.width = units ? width : dims.k;
+    cuda::selected_gemv(g, num_sms_, elem(), stream_);
+  }
+
+  // What the choice of linear's path at decode-sized m depends on, and the choices made (true: the GEMV).
+  struct GemvKey {
+    int64_t n, k;
+    bool bias, accumulate;
+    auto operator<=>(const GemvKey&) const = default;
+  };
+
   // What the choice of linear_selected_inputs' path depends on, and the choices made (true: selected_gemv).
   // with_dense: some token of the step is a prompt token and selects every unit (the engine passes
   // dense_tokens only then), so steps with prompt tokens are timed apart from pure decode steps.
@@ -882,6 +905,8 @@ class CudaBackend final : public Backend {
   SparseMlpPath mlp_path_;
   std::map<SparseMlpKey, bool> mlp_paths_;
   std::map<SelectedGemvKey, bool> selected_gemv_paths_;
+  std::map<GemvKey, bool> gemv_paths_;
+  bool no_gemv_ = std::getenv("POLAR_EXP_NO_GEMV") != nullptr;  // temporary A/B switch: cuBLASLt at every m
   std::map<AttentionKey, size_t> attention_plans_;
 };
 
