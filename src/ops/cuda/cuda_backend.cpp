@@ -244,19 +244,17 @@ class CudaBackend final : public Backend {
                     error_flag_.data<int32_t>(), elem(), stream_);
   }
 
-  // At m <= kSelectedGemvMaxRows (decode batches) the CUDA-core GEMV (selected_gemv without a selection) or
-  // cuBLASLt, whichever is faster for the weight's shape: timed the first time the shape is met at such an m,
-  // and kept for every such m, so a token's output does not depend on whether it is decoded alone or in a
-  // batch of up to kSelectedGemvMaxRows (the GEMV sums each output in an order that does not depend on m).
+  // At m <= kSelectedGemvMaxRows (decode batches) the CUDA-core GEMV (selected_gemv without a selection) where
+  // it beats cuBLASLt for the weight (gemv_is_faster), else cuBLASLt. One choice for every such m, so a
+  // token's output does not depend on whether it is decoded alone or in a batch of up to kSelectedGemvMaxRows
+  // (the GEMV sums each output in an order that does not depend on m).
   void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y, bool accumulate) override {
     expect_act(w, "linear weight");
     const GemmDims dims = gemm_dims(x, w, /*w_kn=*/false, bias, y, "linear");
-    auto dense = [&](Tensor& out) { gemm(x, w, /*w_kn=*/false, bias, /*relu=*/false, out, accumulate, "linear"); };
-    auto kernel = [&](Tensor& out) { gemv(x, dims, w, bias, nullptr, 1, nullptr, out, accumulate); };
     if (dims.m >= 1 && dims.m <= cuda::kSelectedGemvMaxRows && !no_gemv_ &&
-        second_is_faster(gemv_paths_, GemvKey{dims.n, dims.k, bias != nullptr, accumulate}, y, dense, kernel))
-      return kernel(y);
-    dense(y);
+        gemv_is_faster({dims.n, dims.k, bias != nullptr, accumulate}, w, bias))
+      return gemv(x, dims, w, bias, nullptr, 1, nullptr, y, accumulate);
+    gemm(x, w, /*w_kn=*/false, bias, /*relu=*/false, y, accumulate, "linear");
   }
 
   // At T <= kSelectedGemvMaxRows the selected_gemv kernel, which reads only the selected units' weight
@@ -857,6 +855,31 @@ class CudaBackend final : public Backend {
     bool bias, accumulate;
     auto operator<=>(const GemvKey&) const = default;
   };
+
+  // Whether the GEMV beats cuBLASLt for a weight at both ends of the m it would serve, 1 and
+  // kSelectedGemvMaxRows (timed with time_variants on scratch rows the first time the weight's shape is met,
+  // weights from HBM): the one choice serves every m in between. A shape first met while a graph is being
+  // captured cannot be timed and takes cuBLASLt.
+  bool gemv_is_faster(const GemvKey& key, const Tensor& w, const Tensor* bias) {
+    if (auto it = gemv_paths_.find(key); it != gemv_paths_.end()) return it->second;
+    if (capturing_) return false;
+    bool faster = true;
+    for (int64_t m : {int64_t(1), cuda::kSelectedGemvMaxRows}) {
+      const GemmDims dims{m, key.n, key.k};
+      Tensor x = alloc(dtype_, {m, key.k}), y = alloc(dtype_, {m, key.n});
+      cuda_check(cudaMemsetAsync(x.raw(), 0, x.nbytes(), stream_), "cudaMemset");
+      const std::vector<float> ms = cuda::time_variants(device_, stream_, 2, [&](size_t i) {
+        if (i == 0)
+          gemm(x, w, /*w_kn=*/false, bias, /*relu=*/false, y, key.accumulate, "linear");
+        else
+          gemv(x, dims, w, bias, nullptr, 1, nullptr, y, key.accumulate);
+        return true;
+      });
+      faster = faster && ms.size() == 2 && ms[1] < ms[0];
+    }
+    gemv_paths_.emplace(key, faster);
+    return faster;
+  }
 
   // What the choice of linear_selected_inputs' path depends on, and the choices made (true: selected_gemv).
   // with_dense: some token of the step is a prompt token and selects every unit (the engine passes

@@ -28,8 +28,13 @@ using namespace detail;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kRowGroup = 8;  // weight rows a CTA works on at once
-constexpr int kChunks = 2;    // 16-byte chunks of each row in flight per thread: 16 loads, 256 bytes
+// A CTA works on kRows weight rows at once, each thread on kChunks chunks of each: 16 loads in flight per
+// thread (256 bytes at 16-byte chunks), and kRows·M accumulators, fewer rows at larger M to stay within the
+// 128 registers that let two CTAs share an SM.
+template <int kM> struct RowGroup {
+  static constexpr int kRows = kM <= 2 ? 8 : 4;
+  static constexpr int kChunks = 16 / kRows;
+};
 
 // A chunk: 8 elements (16 bytes) where the rows allow it, else 1.
 template <typename T, bool kVec> struct Chunk {
@@ -88,7 +93,7 @@ __global__ void __launch_bounds__(kThreads, 2) selected_gemv_kernel(SelectedGemv
   __shared__ int32_t unit_list[kSelectedGemvMaxUnits];
   __shared__ uint8_t marked[kSelectedGemvMaxUnits];
   __shared__ int selected;
-  __shared__ float partial[kWarps][kRowGroup * kM];
+  __shared__ float partial[kWarps][RowGroup<kM>::kRows * kM];
   if (g.sel) {
     for (int64_t u = tid; u < g.units; u += kThreads) marked[u] = 0;
     __syncthreads();
@@ -123,51 +128,64 @@ __global__ void __launch_bounds__(kThreads, 2) selected_gemv_kernel(SelectedGemv
     return unit_list[u] * width + (c - u * per_unit) * E;
   };
 
+  // The CTA's rows in groups of R, each group's chunks in steps of kThreads·S; the loads of step s + 1 are
+  // issued as soon as step s's values are used, so they are in flight through the group's reduction.
+  constexpr int R = RowGroup<kM>::kRows, S = RowGroup<kM>::kChunks;
   const int64_t r0 = blockIdx.x * g.N / gridDim.x, r1 = (blockIdx.x + 1) * g.N / gridDim.x;
-  for (int64_t n0 = r0; n0 < r1; n0 += kRowGroup) {
-    const int rows = static_cast<int>(r1 - n0 < kRowGroup ? r1 - n0 : kRowGroup);
-    float acc[kRowGroup][kM] = {};
-    for (int c0 = tid; c0 < chunks; c0 += kThreads * kChunks) {
-      typename C::Raw wv[kChunks][kRowGroup];
-      int col[kChunks];
+  const int iters = (chunks + kThreads * S - 1) / (kThreads * S), groups = static_cast<int>((r1 - r0 + R - 1) / R);
+  const int steps = iters * groups;
+  typename C::Raw wv[S][R];
+  int col[S];
+  auto load = [&](int step) {
+    const int grp = step / iters;
+    const int64_t n0 = r0 + int64_t(grp) * R;
+    const int c0 = tid + (step - grp * iters) * kThreads * S;
 #pragma unroll
-      for (int j = 0; j < kChunks; ++j) {
-        const int c = c0 + kThreads * j;
-        col[j] = c < chunks ? column(c) : -1;
+    for (int j = 0; j < S; ++j) {
+      const int c = c0 + kThreads * j;
+      col[j] = c < chunks ? column(c) : -1;
 #pragma unroll
-        for (int r = 0; r < kRowGroup; ++r)
-          wv[j][r] = col[j] >= 0 && r < rows ? C::load_streaming(w + (n0 + r) * K + col[j]) : C::zero();
-      }
+      for (int r = 0; r < R; ++r)
+        wv[j][r] = col[j] >= 0 && n0 + r < r1 ? C::load_streaming(w + (n0 + r) * K + col[j]) : C::zero();
+    }
+  };
+  if (steps > 0) load(0);
+  float acc[R][kM] = {};
+  for (int step = 0; step < steps; ++step) {
 #pragma unroll
-      for (int j = 0; j < kChunks; ++j) {
-        if (col[j] < 0) break;
-        float xf[kM][E];
+    for (int j = 0; j < S; ++j) {
+      if (col[j] < 0) break;
+      float xf[kM][E];
 #pragma unroll
-        for (int m = 0; m < kM; ++m) C::to_float(C::load_cached(x + m * g.ldx + col[j]), xf[m]);
+      for (int m = 0; m < kM; ++m) C::to_float(C::load_cached(x + m * g.ldx + col[j]), xf[m]);
 #pragma unroll
-        for (int r = 0; r < kRowGroup; ++r) {
-          float wf[E];
-          C::to_float(wv[j][r], wf);
+      for (int r = 0; r < R; ++r) {
+        float wf[E];
+        C::to_float(wv[j][r], wf);
 #pragma unroll
-          for (int m = 0; m < kM; ++m)
+        for (int m = 0; m < kM; ++m)
 #pragma unroll
-            for (int e = 0; e < E; ++e) acc[r][m] = fmaf(wf[e], xf[m][e], acc[r][m]);
-        }
+          for (int e = 0; e < E; ++e) acc[r][m] = fmaf(wf[e], xf[m][e], acc[r][m]);
       }
     }
-    // Sum over the warp's lanes, then over the warps in a fixed order: every (row, x row) sums the same
-    // partial products in the same order whatever M is, so a token's output does not depend on the batch.
+    if (step + 1 < steps) load(step + 1);
+    if ((step + 1) % iters != 0) continue;
+    // The group is done. Sum over the warp's lanes, then over the warps in a fixed order: every (row, x row)
+    // sums the same partial products in the same order whatever M is (a thread takes chunks tid, tid +
+    // kThreads, ... in turn for any R and S), so a token's output does not depend on the batch.
 #pragma unroll
-    for (int r = 0; r < kRowGroup; ++r)
+    for (int r = 0; r < R; ++r)
 #pragma unroll
       for (int m = 0; m < kM; ++m) {
         float v = acc[r][m];
+        acc[r][m] = 0.0f;
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
         if (lane == 0) partial[warp][r * kM + m] = v;
       }
     __syncthreads();
-    if (tid < rows * kM) {
+    const int64_t n0 = r0 + int64_t(step / iters) * R;
+    if (tid < R * kM && n0 + tid / kM < r1) {
       const int r = tid / kM, m = tid % kM;
       float v = 0.0f;
 #pragma unroll
@@ -187,7 +205,8 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 
 template <typename T, bool kVec, int kM> void launch_rows(const SelectedGemv& g, int num_sms, cudaStream_t stream) {
   static const int per_sm = ctas_per_sm(selected_gemv_kernel<T, kVec, kM>, kThreads, 0, "selected_gemv");
   const int64_t wave = int64_t(per_sm) * std::max(num_sms, 1);
-  const int ctas = static_cast<int>(std::clamp<int64_t>((g.N + kRowGroup - 1) / kRowGroup, 1, wave));
+  constexpr int R = RowGroup<kM>::kRows;
+  const int ctas = static_cast<int>(std::clamp<int64_t>((g.N + R - 1) / R, 1, wave));
   selected_gemv_kernel<T, kVec, kM><<<ctas, kThreads, 0, stream>>>(g);
 }
 
