@@ -256,52 +256,6 @@ TEST_P(CudaOps, SelectedGemvReadsOnlySelectedUnits) {
         EXPECT_LT(rel_err(back(got), ref), tol());
       }
 }
-
-// The same kernel without a selection, as linear takes it at decode-sized m: every column, odd shapes (the
-// element-wise path where K is not a multiple of 8), bias and accumulate. Each token's output row is
-// bit-identical whatever the number of rows it is computed with (batch invariance up to kSelectedGemvMaxRows).
-TEST_P(CudaOps, GemvMatchesCpuAndDoesNotDependOnBatch) {
-  int sms = 0;
-  ASSERT_EQ(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, cuda_device(*cuda_)), cudaSuccess);
-  const auto stream = static_cast<cudaStream_t>(cuda_stream(*cuda_));
-  const cuda::Elem elem = dt() == DType::F16 ? cuda::Elem::F16 : cuda::Elem::BF16;
-  for (auto [n, K] : std::vector<std::pair<int64_t, int64_t>>{{40, 24}, {257, 4096}, {4097, 136}, {33, 5}, {6, 8}})
-    for (bool bias_acc : {false, true}) {
-      SCOPED_TRACE(testing::Message() << "n=" << n << " K=" << K << " bias+accumulate=" << bias_acc);
-      const int64_t T = cuda::kSelectedGemvMaxRows;
-      Tensor x = host_random({T, K}), w = host_random({n, K}, -0.2f, 0.2f), b = host_random({n}), y0 = host_random({T, n});
-      Tensor ref = Tensor::empty(DType::F32, {T, n});
-      std::copy(y0.data<float>(), y0.data<float>() + y0.numel(), ref.data<float>());
-      cpu_->linear(x, w, bias_acc ? &b : nullptr, ref, bias_acc);
-      Tensor dx = dev(x), dw = dev(w), db = dev(b);
-      std::vector<uint16_t> first_rows;  // row 0 of the output computed with M = 1 .. T rows
-      for (int64_t M = 1; M <= T; ++M) {
-        Tensor got = bias_acc ? dev(y0) : poisoned({T, n});
-        cuda::SelectedGemv g;
-        g.x = dx.raw();
-        g.ldx = K;
-        g.w = dw.raw();
-        g.bias = bias_acc ? db.raw() : nullptr;
-        g.y = got.raw();
-        g.ldy = n;
-        g.M = M;
-        g.N = n;
-        g.accumulate = bias_acc;
-        g.units = 1;
-        g.width = K;
-        cuda::selected_gemv(g, sms, elem, stream);
-        Tensor host = back(got);
-        Tensor ref_rows = Tensor::empty(DType::F32, {M, n}), got_rows = Tensor::empty(DType::F32, {M, n});
-        std::copy(ref.data<float>(), ref.data<float>() + M * n, ref_rows.data<float>());
-        std::copy(host.data<float>(), host.data<float>() + M * n, got_rows.data<float>());
-        EXPECT_LT(rel_err(got_rows, ref_rows), tol()) << "M=" << M;
-        std::vector<uint16_t> raw(static_cast<size_t>(n));
-        ASSERT_EQ(cudaMemcpy(raw.data(), got.raw(), n * 2, cudaMemcpyDeviceToHost), cudaSuccess);
-        if (M == 1) first_rows = raw;
-        else EXPECT_EQ(raw, first_rows) << "row 0 with M=" << M << " differs from M=1";
-      }
-    }
-}
 #endif
 
 // The output projection of selective attention through the backend (on CUDA selected_gemv or cuBLASLt,

@@ -10,7 +10,6 @@
 #include <bit>
 #include <cmath>
 #include <compare>
-#include <cstdlib>
 #include <map>
 #include <vector>
 
@@ -244,16 +243,8 @@ class CudaBackend final : public Backend {
                     error_flag_.data<int32_t>(), elem(), stream_);
   }
 
-  // At m <= kSelectedGemvMaxRows (decode batches) the CUDA-core GEMV (selected_gemv without a selection) where
-  // it beats cuBLASLt for the weight (gemv_is_faster), else cuBLASLt. One choice for every such m, so a
-  // token's output does not depend on whether it is decoded alone or in a batch of up to kSelectedGemvMaxRows
-  // (the GEMV sums each output in an order that does not depend on m).
   void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y, bool accumulate) override {
     expect_act(w, "linear weight");
-    const GemmDims dims = gemm_dims(x, w, /*w_kn=*/false, bias, y, "linear");
-    if (dims.m >= 1 && dims.m <= cuda::kSelectedGemvMaxRows && !no_gemv_ &&
-        gemv_is_faster({dims.n, dims.k, bias != nullptr, accumulate}, w, bias))
-      return gemv(x, dims, w, bias, nullptr, 1, nullptr, y, accumulate);
     gemm(x, w, /*w_kn=*/false, bias, /*relu=*/false, y, accumulate, "linear");
   }
 
@@ -276,7 +267,24 @@ class CudaBackend final : public Backend {
       check(dense_tokens->numel() == dims.m, "linear_selected_inputs: {} dense-token flags for {} tokens",
             dense_tokens->numel(), dims.m);
     }
-    auto kernel = [&](Tensor& out) { gemv(a, dims, w, bias, &units, width, dense_tokens, out, accumulate); };
+    auto kernel = [&](Tensor& out) {
+      cuda::SelectedGemv g;
+      g.x = a.raw();
+      g.ldx = dims.k;
+      g.w = w.raw();
+      g.bias = bias ? bias->raw() : nullptr;
+      g.y = out.raw();
+      g.ldy = dims.n;
+      g.M = dims.m;
+      g.N = dims.n;
+      g.accumulate = accumulate;
+      g.sel = units.data<int32_t>();
+      g.sel_k = units.dim(1);
+      g.dense_rows = dense_tokens ? dense_tokens->data<int32_t>() : nullptr;
+      g.units = dims.k / width;
+      g.width = width;
+      cuda::selected_gemv(g, num_sms_, elem(), stream_);
+    };
     auto dense = [&](Tensor& out) { linear(a, w, bias, out, accumulate); };
     if (dims.m >= 1 && dims.m <= cuda::kSelectedGemvMaxRows &&
         second_is_faster(selected_gemv_paths_,
@@ -827,60 +835,6 @@ class CudaBackend final : public Backend {
     gemms_->run(g, stream_, workspace_.raw(), capturing_);
   }
 
-  // y = a·wᵀ through selected_gemv (operands checked by the caller): over the columns of `units` (each
-  // `width` wide) when given, else every column.
-  void gemv(const Tensor& a, const GemmDims& dims, const Tensor& w, const Tensor* bias, const Tensor* units,
-            int64_t width, const Tensor* dense_tokens, Tensor& y, bool accumulate) {
-    cuda::SelectedGemv g;
-    g.x = a.raw();
-    g.ldx = dims.k;
-    g.w = w.raw();
-    g.bias = bias ? bias->raw() : nullptr;
-    g.y = y.raw();
-    g.ldy = dims.n;
-    g.M = dims.m;
-    g.N = dims.n;
-    g.accumulate = accumulate;
-    g.sel = units ? units->data<int32_t>() : nullptr;
-    g.sel_k = units ? units->dim(1) : 0;
-    g.dense_rows = dense_tokens ? dense_tokens->data<int32_t>() : nullptr;
-    g.units = units ? dims.k / width : 1;
-    g.width = units ? width : dims.k;
-    cuda::selected_gemv(g, num_sms_, elem(), stream_);
-  }
-
-  // What the choice of linear's path at decode-sized m depends on, and the choices made (true: the GEMV).
-  struct GemvKey {
-    int64_t n, k;
-    bool bias, accumulate;
-    auto operator<=>(const GemvKey&) const = default;
-  };
-
-  // Whether the GEMV beats cuBLASLt for a weight at both ends of the m it would serve, 1 and
-  // kSelectedGemvMaxRows (timed with time_variants on scratch rows the first time the weight's shape is met,
-  // weights from HBM): the one choice serves every m in between. A shape first met while a graph is being
-  // captured cannot be timed and takes cuBLASLt.
-  bool gemv_is_faster(const GemvKey& key, const Tensor& w, const Tensor* bias) {
-    if (auto it = gemv_paths_.find(key); it != gemv_paths_.end()) return it->second;
-    if (capturing_) return false;
-    bool faster = true;
-    for (int64_t m : {int64_t(1), cuda::kSelectedGemvMaxRows}) {
-      const GemmDims dims{m, key.n, key.k};
-      Tensor x = alloc(dtype_, {m, key.k}), y = alloc(dtype_, {m, key.n});
-      cuda_check(cudaMemsetAsync(x.raw(), 0, x.nbytes(), stream_), "cudaMemset");
-      const std::vector<float> ms = cuda::time_variants(device_, stream_, 2, [&](size_t i) {
-        if (i == 0)
-          gemm(x, w, /*w_kn=*/false, bias, /*relu=*/false, y, key.accumulate, "linear");
-        else
-          gemv(x, dims, w, bias, nullptr, 1, nullptr, y, key.accumulate);
-        return true;
-      });
-      faster = faster && ms.size() == 2 && ms[1] < ms[0];
-    }
-    gemv_paths_.emplace(key, faster);
-    return faster;
-  }
-
   // What the choice of linear_selected_inputs' path depends on, and the choices made (true: selected_gemv).
   // with_dense: some token of the step is a prompt token and selects every unit (the engine passes
   // dense_tokens only then), so steps with prompt tokens are timed apart from pure decode steps.
@@ -928,8 +882,6 @@ class CudaBackend final : public Backend {
   SparseMlpPath mlp_path_;
   std::map<SparseMlpKey, bool> mlp_paths_;
   std::map<SelectedGemvKey, bool> selected_gemv_paths_;
-  std::map<GemvKey, bool> gemv_paths_;
-  bool no_gemv_ = std::getenv("POLAR_EXP_NO_GEMV") != nullptr;  // temporary A/B switch: cuBLASLt at every m
   std::map<AttentionKey, size_t> attention_plans_;
 };
 

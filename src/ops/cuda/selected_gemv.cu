@@ -28,13 +28,8 @@ using namespace detail;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-// A CTA works on kRows weight rows at once, each thread on kChunks chunks of each: 16 loads in flight per
-// thread (256 bytes at 16-byte chunks), and kRows·M accumulators, fewer rows at larger M to stay within the
-// 128 registers that let two CTAs share an SM.
-template <int kM> struct RowGroup {
-  static constexpr int kRows = kM <= 2 ? 8 : 4;
-  static constexpr int kChunks = 16 / kRows;
-};
+constexpr int kRowsPerWarp = 2;
+constexpr int kBatch = 8;  // chunks of each row in flight per lane
 
 // A chunk: 8 elements (16 bytes) where the rows allow it, else 1.
 template <typename T, bool kVec> struct Chunk {
@@ -77,147 +72,121 @@ template <typename T, bool kVec> struct Chunk {
   }
 };
 
-// y[M, N] = x[M, K] · w[N, K]ᵀ (+ bias) (+ y) over the selected units' columns: see the file comment. Grid:
-// one wave of kThreads-thread CTAs, CTA b owning rows [b·N/G, (b+1)·N/G).
-template <typename T, bool kVec, int kM>
-__global__ void __launch_bounds__(kThreads, 2) selected_gemv_kernel(SelectedGemv g) {
+// y[M, N] = x[M, K] · w[N, K]ᵀ (+ bias) (+ y) over the selected units' columns: see the file comment. Grid: up
+// to a wave of kThreads-thread CTAs.
+template <typename T, bool kVec> __global__ void __launch_bounds__(kThreads) selected_gemv_kernel(SelectedGemv g) {
   using C = Chunk<T, kVec>;
   constexpr int E = C::kElems;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const T* x = static_cast<const T*>(g.x);
   const T* w = static_cast<const T*>(g.w);
+  const int M = static_cast<int>(g.M);
   const int width = static_cast<int>(g.width);
   const int64_t K = g.units * g.width;
 
-  // The selected units, ascending: unit_list[0, selected) (every unit without a selection).
+  // The selected units, ascending: unit_list[0, selected).
   __shared__ int32_t unit_list[kSelectedGemvMaxUnits];
   __shared__ uint8_t marked[kSelectedGemvMaxUnits];
   __shared__ int selected;
-  __shared__ float partial[kWarps][RowGroup<kM>::kRows * kM];
-  if (g.sel) {
-    for (int64_t u = tid; u < g.units; u += kThreads) marked[u] = 0;
-    __syncthreads();
-    for (int64_t i = tid; i < g.M * g.sel_k; i += kThreads) {
-      const int32_t u = g.sel[i];
-      if (u >= 0 && u < g.units) marked[u] = 1;
-    }
-    if (g.dense_rows)
-      for (int m = 0; m < kM; ++m)
-        if (g.dense_rows[m])
-          for (int64_t u = tid; u < g.units; u += kThreads) marked[u] = 1;
-    __syncthreads();
-    if (warp == 0) {
-      int count = 0;
-      for (int64_t u0 = 0; u0 < g.units; u0 += 32) {
-        const bool on = u0 + lane < g.units && marked[u0 + lane];
-        const unsigned ballot = __ballot_sync(0xffffffffu, on);
-        if (on) unit_list[count + __popc(ballot & ((1u << lane) - 1))] = static_cast<int32_t>(u0 + lane);
-        count += __popc(ballot);
-      }
-      if (lane == 0) selected = count;
-    }
-    __syncthreads();
+  for (int64_t u = threadIdx.x; u < g.units; u += kThreads) marked[u] = 0;
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < g.M * g.sel_k; i += kThreads) {
+    const int32_t u = g.sel[i];
+    if (u >= 0 && u < g.units) marked[u] = 1;
   }
+  if (g.dense_rows)
+    for (int m = 0; m < M; ++m)
+      if (g.dense_rows[m])
+        for (int64_t u = threadIdx.x; u < g.units; u += kThreads) marked[u] = 1;
+  __syncthreads();
+  if (warp == 0) {
+    int count = 0;
+    for (int64_t u0 = 0; u0 < g.units; u0 += 32) {
+      const bool on = u0 + lane < g.units && marked[u0 + lane];
+      const unsigned ballot = __ballot_sync(0xffffffffu, on);
+      if (on) unit_list[count + __popc(ballot & ((1u << lane) - 1))] = static_cast<int32_t>(u0 + lane);
+      count += __popc(ballot);
+    }
+    if (lane == 0) selected = count;
+  }
+  __syncthreads();
   // Chunk c of the selected columns is column unit_list[c / per_unit]·width + (c % per_unit)·E (32-bit: K <
-  // 2^31, and a 64-bit division is a call); without a selection, column c·E.
-  const int per_unit = width / E;
-  const int chunks = g.sel ? selected * per_unit : static_cast<int>(K / E);
+  // 2^31, and a 64-bit division is a call).
+  const int per_unit = width / E, chunks = selected * per_unit;
   auto column = [&](int c) {
-    if (!g.sel) return c * E;
     const int u = c / per_unit;
     return unit_list[u] * width + (c - u * per_unit) * E;
   };
 
-  // The CTA's rows in groups of R, each group's chunks in steps of kThreads·S; the loads of step s + 1 are
-  // issued as soon as step s's values are used, so they are in flight through the group's reduction.
-  constexpr int R = RowGroup<kM>::kRows, S = RowGroup<kM>::kChunks;
-  const int64_t r0 = blockIdx.x * g.N / gridDim.x, r1 = (blockIdx.x + 1) * g.N / gridDim.x;
-  const int iters = (chunks + kThreads * S - 1) / (kThreads * S), groups = static_cast<int>((r1 - r0 + R - 1) / R);
-  const int steps = iters * groups;
-  typename C::Raw wv[S][R];
-  int col[S];
-  auto load = [&](int step) {
-    const int grp = step / iters;
-    const int64_t n0 = r0 + int64_t(grp) * R;
-    const int c0 = tid + (step - grp * iters) * kThreads * S;
+  const int64_t pairs = (g.N + kRowsPerWarp - 1) / kRowsPerWarp;
+  for (int64_t pair = blockIdx.x * int64_t(kWarps) + warp; pair < pairs; pair += int64_t(gridDim.x) * kWarps) {
+    const int64_t n0 = pair * kRowsPerWarp;
+    const T* rows[kRowsPerWarp];
 #pragma unroll
-    for (int j = 0; j < S; ++j) {
-      const int c = c0 + kThreads * j;
-      col[j] = c < chunks ? column(c) : -1;
+    for (int r = 0; r < kRowsPerWarp; ++r) rows[r] = w + min(n0 + r, g.N - 1) * K;
+    float acc[kRowsPerWarp][kSelectedGemvMaxRows] = {};
+    for (int c0 = lane; c0 < chunks; c0 += 32 * kBatch) {
+      typename C::Raw wv[kRowsPerWarp][kBatch];
+      int col[kBatch];
 #pragma unroll
-      for (int r = 0; r < R; ++r)
-        wv[j][r] = col[j] >= 0 && n0 + r < r1 ? C::load_streaming(w + (n0 + r) * K + col[j]) : C::zero();
-    }
-  };
-  if (steps > 0) load(0);
-  float acc[R][kM] = {};
-  for (int step = 0; step < steps; ++step) {
+      for (int j = 0; j < kBatch; ++j) {
+        const int c = c0 + 32 * j;
+        col[j] = c < chunks ? column(c) : -1;
 #pragma unroll
-    for (int j = 0; j < S; ++j) {
-      if (col[j] < 0) break;
-      float xf[kM][E];
+        for (int r = 0; r < kRowsPerWarp; ++r)
+          wv[r][j] = col[j] >= 0 ? C::load_streaming(rows[r] + col[j]) : C::zero();
+      }
 #pragma unroll
-      for (int m = 0; m < kM; ++m) C::to_float(C::load_cached(x + m * g.ldx + col[j]), xf[m]);
+      for (int j = 0; j < kBatch; ++j) {
+        if (col[j] < 0) break;
+        float wf[kRowsPerWarp][E];
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        float wf[E];
-        C::to_float(wv[j][r], wf);
+        for (int r = 0; r < kRowsPerWarp; ++r) C::to_float(wv[r][j], wf[r]);
 #pragma unroll
-        for (int m = 0; m < kM; ++m)
+        for (int m = 0; m < kSelectedGemvMaxRows; ++m) {
+          if (m >= M) break;
+          float xf[E];
+          C::to_float(C::load_cached(x + m * g.ldx + col[j]), xf);
 #pragma unroll
-          for (int e = 0; e < E; ++e) acc[r][m] = fmaf(wf[e], xf[m][e], acc[r][m]);
+          for (int r = 0; r < kRowsPerWarp; ++r)
+#pragma unroll
+            for (int e = 0; e < E; ++e) acc[r][m] = fmaf(wf[r][e], xf[e], acc[r][m]);
+        }
       }
     }
-    if (step + 1 < steps) load(step + 1);
-    if ((step + 1) % iters != 0) continue;
-    // The group is done. Sum over the warp's lanes, then over the warps in a fixed order: every (row, x row)
-    // sums the same partial products in the same order whatever M is (a thread takes chunks tid, tid +
-    // kThreads, ... in turn for any R and S), so a token's output does not depend on the batch.
 #pragma unroll
-    for (int r = 0; r < R; ++r)
+    for (int r = 0; r < kRowsPerWarp; ++r)
 #pragma unroll
-      for (int m = 0; m < kM; ++m) {
-        float v = acc[r][m];
-        acc[r][m] = 0.0f;
+      for (int m = 0; m < kSelectedGemvMaxRows; ++m)
 #pragma unroll
-        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-        if (lane == 0) partial[warp][r * kM + m] = v;
+        for (int off = 16; off > 0; off >>= 1) acc[r][m] += __shfl_xor_sync(0xffffffffu, acc[r][m], off);
+    if (lane == 0) {
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) {
+        const int64_t n = n0 + r;
+        if (n >= g.N) break;
+        const float b = g.bias ? detail::to_float(static_cast<const T*>(g.bias)[n]) : 0.0f;
+#pragma unroll
+        for (int m = 0; m < kSelectedGemvMaxRows; ++m) {
+          if (m >= M) break;
+          T* out = static_cast<T*>(g.y) + m * g.ldy + n;
+          float v = acc[r][m] + b;
+          if (g.accumulate) v += detail::to_float(*out);
+          *out = from_float<T>(v);
+        }
       }
-    __syncthreads();
-    const int64_t n0 = r0 + int64_t(step / iters) * R;
-    if (tid < R * kM && n0 + tid / kM < r1) {
-      const int r = tid / kM, m = tid % kM;
-      float v = 0.0f;
-#pragma unroll
-      for (int k = 0; k < kWarps; ++k) v += partial[k][tid];
-      const int64_t n = n0 + r;
-      if (g.bias) v += detail::to_float(static_cast<const T*>(g.bias)[n]);
-      T* out = static_cast<T*>(g.y) + m * g.ldy + n;
-      if (g.accumulate) v += detail::to_float(*out);
-      *out = from_float<T>(v);
     }
-    __syncthreads();
   }
 }
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
-template <typename T, bool kVec, int kM> void launch_rows(const SelectedGemv& g, int num_sms, cudaStream_t stream) {
-  static const int per_sm = ctas_per_sm(selected_gemv_kernel<T, kVec, kM>, kThreads, 0, "selected_gemv");
-  const int64_t wave = int64_t(per_sm) * std::max(num_sms, 1);
-  constexpr int R = RowGroup<kM>::kRows;
-  const int ctas = static_cast<int>(std::clamp<int64_t>((g.N + R - 1) / R, 1, wave));
-  selected_gemv_kernel<T, kVec, kM><<<ctas, kThreads, 0, stream>>>(g);
-}
-
 template <typename T, bool kVec> void launch(const SelectedGemv& g, int num_sms, cudaStream_t stream) {
-  static_assert(kSelectedGemvMaxRows == 4);
-  switch (g.M) {
-    case 1: return launch_rows<T, kVec, 1>(g, num_sms, stream);
-    case 2: return launch_rows<T, kVec, 2>(g, num_sms, stream);
-    case 3: return launch_rows<T, kVec, 3>(g, num_sms, stream);
-    default: return launch_rows<T, kVec, 4>(g, num_sms, stream);
-  }
+  static const int per_sm = ctas_per_sm(selected_gemv_kernel<T, kVec>, kThreads, 0, "selected_gemv");
+  const int64_t pairs = (g.N + kRowsPerWarp - 1) / kRowsPerWarp;
+  const int64_t wave = int64_t(per_sm) * std::max(num_sms, 1);
+  const int ctas = static_cast<int>(std::clamp<int64_t>((pairs + kWarps - 1) / kWarps, 1, wave));
+  selected_gemv_kernel<T, kVec><<<ctas, kThreads, 0, stream>>>(g);
 }
 
 }  // namespace
@@ -226,7 +195,7 @@ void selected_gemv(const SelectedGemv& g, int num_sms, Elem e, cudaStream_t stre
   if (g.M == 0 || g.N == 0) return;
   const int64_t K = g.units * g.width;
   if (g.M > kSelectedGemvMaxRows || g.units < 1 || g.units > kSelectedGemvMaxUnits || g.width < 1 ||
-      K >= (int64_t(1) << 31) || g.ldx < K)
+      K >= (int64_t(1) << 31) || g.ldx < K || !g.sel)
     fail("selected_gemv: {} rows (at most {}) of {} units of {} columns (at most {} units)", g.M, kSelectedGemvMaxRows,
          g.units, g.width, kSelectedGemvMaxUnits);
   const bool vec = g.width % 8 == 0 && g.ldx % 8 == 0 && aligned16(g.x) && aligned16(g.w);
