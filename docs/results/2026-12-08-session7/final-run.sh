@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The session's last GPU call: the tree with the L2 prefetch hint in the attention loader only (GEMV v3
 # reverted). Builds, runs the CUDA tests, then decode attention at the anchor shapes beside SDPA in the same
-# call (polar scattered, SDPA, polar contiguous blocks, polar scattered again) and llama-2-7b steps.
+# call and llama-2-7b steps; each stage saved as it ends (the call's device time is short).
 set -u
 R=/tmp/final; rm -rf $R; mkdir -p $R
 save() { tar czf "$OUT/final.tgz" -C /tmp final; }
@@ -11,15 +11,12 @@ RESULTS=$R scripts/gpu-check.sh build 2>&1 | tail -1
 grep -E "tests passed|FAILED|Expected|differs" $R/tests-gpu.log | head -20; save
 P=$BUILD_DIR/src/polar
 ATT="1x4096x32x32x128 16x3968x32x32x128 64x1920x72x72x128 128x1920x32x32x128 64x1920x32x8x128 128x4096x32x8x128"
-$P bench-kernels --device cuda --attention $ATT --density 1,0.5 --csv $R/att-1.csv > /dev/null 2> $R/att-1.log
+$P bench-kernels --device cuda --attention $ATT --density 1,0.5 --csv $R/att-1.csv > /dev/null 2> $R/att-1.log; save
 python3 scripts/torch_reference.py --attention $ATT --csv $R/sdpa.csv 2> $R/sdpa.log
-$P bench-kernels --device cuda --attention $ATT --density 1 --kv-blocks contiguous --csv $R/att-contig.csv > /dev/null 2> $R/att-contig.log
-$P bench-kernels --device cuda --attention $ATT --density 1,0.5 --csv $R/att-2.csv > /dev/null 2> $R/att-2.log
 save
 timeout 100 $P bench --device cuda --shape llama-2-7b --ctx 3968 --batch 1,16 --csv $R/dense.csv > /dev/null 2> $R/dense.log
-timeout 100 $P bench --device cuda --shape llama-2-7b --ctx 3968 --batch 1,16 --density 0.5 --csv $R/sparse.csv > /dev/null 2> $R/sparse.log
 save
-for f in att-1 att-2 att-contig sdpa; do echo "== $f"; cut -d, -f1-3,7 $R/$f.csv | tail -n +2; done
-for f in dense sparse; do echo "== $f"; python3 -c "
+for f in att-1 sdpa; do echo "== $f"; cut -d, -f1-3,7 $R/$f.csv | tail -n +2; done
+for f in dense; do echo "== $f"; python3 -c "
 import csv
 for r in csv.DictReader(open('$R/$f.csv')): print(r['batch'], r['step_ms'], r['x_read'], r['attention_ms'])"; done

@@ -7,7 +7,7 @@
 //   columns       move_columns (the sparse MLP's dense-GEMM path)
 //   sampling      argmax, sample, logprobs
 //   bandwidth     the streaming-read probe
-// Raw pointers and sizes only; the backend (cuda_backend.cpp) validates tensors before it calls these.
+// Raw pointers and sizes only; the backend (cuda_backend_impl.h) validates tensors before it calls these.
 // Every launcher enqueues on `stream` and checks the launch.
 #pragma once
 #include "ops/cuda/bandwidth.h"

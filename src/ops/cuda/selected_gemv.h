@@ -1,5 +1,5 @@
 // The output projection of selective attention at decode-sized batches (selected_gemv.cu), behind
-// cuda_backend.cpp's linear_selected_inputs where it beats cuBLASLt's dense GEMM for the shape (measured):
+// cuda_backend_linear.cpp's linear_selected_inputs where it beats cuBLASLt's dense GEMM for the shape (measured):
 // it reads only the weight columns of the KV groups some row selected, streamed from HBM once (16-byte loads,
 // many in flight per thread), fp32 arithmetic.
 //
