@@ -1,5 +1,6 @@
 // Timing alternatives of one operation on the device, for choices made by measurement (cuBLASLt's
-// algorithms, the sparse MLP's path, attention split plans): cuda_backend_linear.cpp, cuda_backend_attention.cpp and cublaslt_gemm.cpp.
+// algorithms, the sparse MLP's path, attention split plans): cuda_backend_linear.cpp,
+// cuda_backend_attention.cpp and cublaslt_gemm.cpp.
 #pragma once
 #include <cuda_runtime.h>
 
