@@ -13,9 +13,12 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <compare>
+#include <cstdint>
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "ops/backend.h"
