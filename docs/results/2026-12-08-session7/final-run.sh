@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The session's last GPU call: the tree with the L2 prefetch hint in the attention loader only (GEMV v3
+# The next GPU call (refused this session for lack of device time): the tree with the L2 prefetch hint in the attention loader only (GEMV v3
 # reverted). Builds, runs the CUDA tests, then decode attention at the anchor shapes beside SDPA in the same
 # call and llama-2-7b steps; each stage saved as it ends (the call's device time is short).
 set -u
@@ -14,7 +14,7 @@ ATT="1x4096x32x32x128 16x3968x32x32x128 64x1920x72x72x128 128x1920x32x32x128 64x
 $P bench-kernels --device cuda --attention $ATT --density 1,0.5 --csv $R/att-1.csv > /dev/null 2> $R/att-1.log; save
 python3 scripts/torch_reference.py --attention $ATT --csv $R/sdpa.csv 2> $R/sdpa.log
 save
-timeout 100 $P bench --device cuda --shape llama-2-7b --ctx 3968 --batch 1,16 --csv $R/dense.csv > /dev/null 2> $R/dense.log
+timeout 100 $P bench --device cuda --shape llama-2-7b --ctx 3968 --batch 1,8,16 --csv $R/dense.csv > /dev/null 2> $R/dense.log
 save
 for f in att-1 sdpa; do echo "== $f"; cut -d, -f1-3,7 $R/$f.csv | tail -n +2; done
 for f in dense; do echo "== $f"; python3 -c "
