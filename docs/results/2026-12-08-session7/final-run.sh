@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The next GPU call (refused in the seventh session for lack of device time): the tree with the L2 prefetch
-# hint in the attention loader only and the backend split into files (GEMV v3 not applied). Builds, runs the CUDA tests, then decode attention at the anchor shapes beside SDPA in the same
-# call and llama-2-7b steps; each stage saved as it ends (the call's device time is short).
+# hint in the attention loader only and the backend split into files (GEMV v3 not applied). Builds, runs the
+# CUDA tests, then decode attention at the anchor shapes beside SDPA in the same call and llama-2-7b steps;
+# each stage saved as it ends (the call's device time is short).
 set -u
 R=/tmp/final; rm -rf $R; mkdir -p $R
 save() { tar czf "$OUT/final.tgz" -C /tmp final; }
