@@ -286,7 +286,7 @@ void CudaBackend::add_rms_norm(Tensor& x, const Tensor& delta, const Tensor& w, 
 }
 
 void CudaBackend::rope_kv_append(const Tensor& qkv, KVLayer& cache, const StepLayout& layout, const Tensor& inv_freq,
-                    Tensor& q) {
+                                 Tensor& q) {
   expect_act(qkv, "rope_kv_append qkv");
   expect_act(q, "rope_kv_append q");
   expect_act(cache.k, "K cache");

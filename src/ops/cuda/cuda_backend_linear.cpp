@@ -26,7 +26,7 @@ void CudaBackend::linear(const Tensor& x, const Tensor& w, const Tensor* bias, T
 // its graph is recorded. Larger steps select nearly every unit anyway (the union of their tokens'
 // selections) and go to cuBLASLt.
 void CudaBackend::linear_selected_inputs(const Tensor& a, const Tensor& w, const Tensor* bias, const Tensor& units,
-                            int64_t width, const Tensor* dense_tokens, Tensor& y, bool accumulate) {
+                                         int64_t width, const Tensor* dense_tokens, Tensor& y, bool accumulate) {
   expect_act(w, "linear_selected_inputs weight");
   expect_i32(units, "linear_selected_inputs units");
   const GemmDims dims = gemm_dims(a, w, /*w_kn=*/false, bias, y, "linear_selected_inputs");
@@ -73,7 +73,7 @@ void CudaBackend::gather_up_relu(const Tensor& x, const Tensor& w, const Tensor*
 }
 
 void CudaBackend::gather_down(const Tensor& a, const Tensor& wt, const Tensor* idx, const Tensor* bias, Tensor& y,
-                 bool accumulate) {
+                              bool accumulate) {
   expect_act(wt, "gather_down weight");
   if (!idx) return gemm(a, wt, /*w_kn=*/true, bias, false, y, accumulate, "gather_down");
   sparse_projection(a, wt, *idx, bias, y, /*up=*/false, accumulate, "gather_down");
@@ -137,7 +137,7 @@ bool CudaBackend::dense_is_faster(const SparseMlpKey& key, const Tensor& y, cons
 // runs each decode batch size op by op before recording its graph, so its shapes are timed by then).
 template <typename Key, typename First, typename Second>
 bool CudaBackend::second_is_faster(std::map<Key, bool>& choices, const Key& key, const Tensor& y, const First& first,
-                      const Second& second) {
+                                   const Second& second) {
   if (auto it = choices.find(key); it != choices.end()) return it->second;
   if (capturing_) return false;
   Tensor scratch = alloc(dtype_, y.shape());
