@@ -80,10 +80,8 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
 // 16-byte global -> shared copy that bypasses L1; valid = false writes zeros and reads nothing. The
 // destination as a generic pointer or as a shared-window address (smem_u32), which loops can step without
 // converting again. kL2Prefetch = 256 adds the L2 prefetch-size hint (.L2::256B: a miss fetches the whole
-// aligned 256-byte segment into L2), for loaders whose neighbouring copies read that segment soon anyway.
-// Measured on an H100 (docs/benchmarks.md, 2026-12-08): decode attention 0.8-1.5% faster at every shape
-// from B16 up, the gather GEMM's down projection at B16 28% slower, so it is the attention loader's choice
-// alone.
+// aligned 256-byte segment into L2), for loaders whose neighbouring copies read that segment soon anyway:
+// decode attention takes it; it made the gather GEMM slower (docs/benchmarks.md, 2026-12-08).
 template <int kL2Prefetch = 0> __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
   static_assert(kL2Prefetch == 0 || kL2Prefetch == 256, "cp_async16: L2 prefetch size 0 or 256");
   if constexpr (kL2Prefetch == 256)
